@@ -1,0 +1,78 @@
+//! Builds the eBPF object (`profiler-ebpf`, for bpfel-unknown-none with the
+//! nightly toolchain and bpf-linker) so that `include_bytes_aligned!` can
+//! embed it: the profiler ships as one file.
+use std::{env, path::PathBuf};
+
+use anyhow::{Context as _, anyhow};
+
+fn main() -> anyhow::Result<()> {
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
+    let root = manifest
+        .parent()
+        .context("profiler crate has no parent dir")?;
+    let ebpf_dir = root.join("profiler-ebpf");
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("profiler-common").display()
+    );
+    println!("cargo:rerun-if-env-changed=PATH");
+    println!("cargo:rerun-if-env-changed=PROFILER_TOOLCHAIN_DIR");
+
+    // bpf-linker is kept by `cargo xtask bootstrap` under the cache
+    // directory; put it on PATH for the nested eBPF build if it is not there.
+    if which_on_path("bpf-linker").is_none() {
+        if let Some(dir) = cached_linker_dir() {
+            let path = env::var_os("PATH").unwrap_or_default();
+            let mut dirs = vec![dir];
+            dirs.extend(env::split_paths(&path));
+            // SAFETY: build scripts are single-threaded at this point.
+            unsafe { env::set_var("PATH", env::join_paths(dirs)?) };
+        } else {
+            return Err(anyhow!(
+                "bpf-linker not found: run `cargo xtask bootstrap` (or `cargo xtask build`), \
+                 which builds it against the nightly toolchain's LLVM"
+            ));
+        }
+    }
+
+    // The nested cargo's progress lines would come back as build warnings.
+    // SAFETY: build scripts are single-threaded at this point.
+    unsafe { env::set_var("CARGO_TERM_QUIET", "true") };
+
+    let ebpf_dir_str = ebpf_dir.to_str().context("non-UTF-8 path")?;
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "profiler-ebpf",
+            root_dir: ebpf_dir_str,
+            ..Default::default()
+        }],
+        aya_build::Toolchain::default(),
+    )
+}
+
+fn which_on_path(bin: &str) -> Option<PathBuf> {
+    env::split_paths(&env::var_os("PATH")?)
+        .map(|d| d.join(bin))
+        .find(|p| p.is_file())
+}
+
+/// `$PROFILER_TOOLCHAIN_DIR` or `~/.cache/profiler`: the newest
+/// `bpf-linker-*/bin` directory holding a bpf-linker.
+fn cached_linker_dir() -> Option<PathBuf> {
+    let base = env::var_os("PROFILER_TOOLCHAIN_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .map(|c| c.join("profiler"))
+        })?;
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&base)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin"))
+        .filter(|d| d.join("bpf-linker").is_file())
+        .collect();
+    dirs.sort();
+    dirs.pop()
+}

@@ -1,0 +1,149 @@
+//! The fold stage: symbolized stacks to folded lines
+//! (`process;outer;...;leaf COUNT`), the input of every flame graph tool.
+
+use std::{collections::BTreeMap, io};
+
+use crate::symbolize::{Frame, FrameKind, sanitize};
+
+/// One symbolized stack and how often it was sampled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SymbolizedStack {
+    /// Root frame: the process name.
+    pub process: String,
+    /// User frames, outermost first.
+    pub user: Vec<Frame>,
+    /// Kernel frames, outermost first.
+    pub kernel: Vec<Frame>,
+    /// Samples.
+    pub count: u64,
+}
+
+/// Folded stacks: line (without count) to count, sorted so that output is
+/// deterministic.
+pub type Folded = BTreeMap<String, u64>;
+
+/// The name of a frame as folded: annotated `_[k]` (kernel), `_[i]`
+/// (inlined) or `_[j]` (JIT), the annotations flame graph tools colour by.
+pub fn folded_name(frame: &Frame) -> String {
+    let name = sanitize(&frame.name);
+    match frame.kind {
+        FrameKind::Kernel | FrameKind::KernelUnknown => format!("{name}_[k]"),
+        FrameKind::Inlined => format!("{name}_[i]"),
+        FrameKind::Jit => format!("{name}_[j]"),
+        FrameKind::User | FrameKind::Unknown(_) => name,
+    }
+}
+
+/// Folds stacks; identical lines add up.
+pub fn fold<'a>(stacks: impl IntoIterator<Item = &'a SymbolizedStack>) -> Folded {
+    let mut out = Folded::new();
+    for s in stacks {
+        let mut line = sanitize(&s.process);
+        if line.is_empty() {
+            line.push_str("[unknown]");
+        }
+        for f in s.user.iter().chain(&s.kernel) {
+            line.push(';');
+            line.push_str(&folded_name(f));
+        }
+        *out.entry(line).or_default() += s.count;
+    }
+    out
+}
+
+/// Writes folded stacks, one `frames COUNT` line each.
+pub fn write_folded(folded: &Folded, mut w: impl io::Write) -> io::Result<()> {
+    for (line, count) in folded {
+        writeln!(w, "{line} {count}")?;
+    }
+    Ok(())
+}
+
+/// Total samples of folded stacks.
+pub fn total(folded: &Folded) -> u64 {
+    folded.values().sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::symbolize::UnknownReason;
+
+    fn f(name: &str, kind: FrameKind) -> Frame {
+        Frame {
+            name: name.into(),
+            kind,
+        }
+    }
+
+    /// Golden test: re-bless with `BLESS=1 cargo test -p profiler fold`.
+    #[test]
+    fn golden_folded_output() {
+        let stacks = vec![
+            SymbolizedStack {
+                process: "app".into(),
+                user: vec![
+                    f("main", FrameKind::User),
+                    f("run", FrameKind::User),
+                    f("helper", FrameKind::Inlined),
+                ],
+                kernel: vec![],
+                count: 7,
+            },
+            SymbolizedStack {
+                process: "app".into(),
+                user: vec![
+                    f("main", FrameKind::User),
+                    f("run", FrameKind::User),
+                    f("helper", FrameKind::Inlined),
+                ],
+                kernel: vec![],
+                count: 3,
+            },
+            SymbolizedStack {
+                process: "node".into(),
+                user: vec![
+                    f("node::Start", FrameKind::User),
+                    f("LazyCompile:*hot;loop /a.js:1:1", FrameKind::Jit),
+                ],
+                kernel: vec![
+                    f("asm_sysvec_apic_timer_interrupt", FrameKind::Kernel),
+                    f(
+                        "[unknown kernel 0xffffffff81000000]",
+                        FrameKind::KernelUnknown,
+                    ),
+                ],
+                count: 2,
+            },
+            SymbolizedStack {
+                process: "swapper".into(),
+                user: vec![],
+                kernel: vec![
+                    f("do_idle", FrameKind::Kernel),
+                    f("default_idle", FrameKind::Kernel),
+                ],
+                count: 40,
+            },
+            SymbolizedStack {
+                process: "stripped".into(),
+                user: vec![
+                    f(
+                        "libfoo.so+0x1a2b",
+                        FrameKind::Unknown(UnknownReason::NoSymbols),
+                    ),
+                    f(
+                        "[unknown: JIT code without a perf map]",
+                        FrameKind::Unknown(UnknownReason::JitWithoutPerfMap),
+                    ),
+                ],
+                kernel: vec![],
+                count: 1,
+            },
+        ];
+        let folded = fold(&stacks);
+        assert_eq!(total(&folded), 53);
+        let mut out = Vec::new();
+        write_folded(&folded, &mut out).unwrap();
+        crate::golden::check("fold.folded", &out);
+    }
+}

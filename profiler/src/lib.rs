@@ -1,0 +1,19 @@
+//! `profiler`: a kernel-level profiler for Linux hosts.
+//!
+//! The pipeline, one module per stage (see ARCHITECTURE.md):
+//! [`capture`] (eBPF + loader) -> [`procmaps`]/[`procs`] (normalize) ->
+//! [`symbolize`] -> [`fold`] -> [`render`]. [`record`] drives it for the
+//! one-shot `profiler record`.
+
+pub mod capture;
+pub mod cli;
+pub mod fold;
+#[cfg(test)]
+mod golden;
+pub mod perfmap;
+pub mod preflight;
+pub mod procmaps;
+pub mod procs;
+pub mod record;
+pub mod render;
+pub mod symbolize;

@@ -1,0 +1,273 @@
+//! What the profiler keeps of each sampled process while it lives, so that
+//! its stacks can be symbolized after it exits: its name, its memory maps,
+//! its pid inside its own pid namespace (perf maps are named by it), and a
+//! handle on its root directory when it runs in another mount namespace
+//! (a container), through which its files stay reachable.
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::fd::{AsRawFd, OwnedFd},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use crate::procmaps::{MapEntry, parse_maps};
+
+/// Most processes kept at once; past it new processes are counted, not kept.
+pub const MAX_PROCESSES: usize = 32 * 1024;
+/// Most distinct mount namespaces whose root we hold open.
+pub const MAX_ROOTS: usize = 512;
+
+/// An open handle on a process's root directory (`/proc/PID/root`), shared
+/// by every process of the same mount namespace. Paths resolved through it
+/// keep working after the process exits.
+#[derive(Debug)]
+pub struct RootDir {
+    fd: OwnedFd,
+}
+
+impl RootDir {
+    /// The host path of `path`, a path inside that mount namespace.
+    pub fn resolve(&self, path: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}{}", self.fd.as_raw_fd(), path))
+    }
+}
+
+/// What is known of one process.
+#[derive(Debug, Clone)]
+pub struct ProcessInfo {
+    /// Thread-group id, in the profiler's pid namespace.
+    pub pid: u32,
+    /// Its id in its own (innermost) pid namespace.
+    pub ns_pid: u32,
+    /// Name of the process (its main thread's comm).
+    pub name: String,
+    /// Start time in clock ticks since boot, telling a reused pid apart.
+    pub start_time: u64,
+    /// Memory maps, sorted by address.
+    pub maps: Vec<MapEntry>,
+    /// Root directory when the process runs in another mount namespace.
+    pub root: Option<Arc<RootDir>>,
+    /// The process had exited when last looked at.
+    pub exited: bool,
+}
+
+impl ProcessInfo {
+    /// The host path of a file as the process sees it.
+    pub fn host_path(&self, path: &str) -> PathBuf {
+        match &self.root {
+            Some(root) => root.resolve(path),
+            None => PathBuf::from(path),
+        }
+    }
+}
+
+/// Field 22 (`starttime`) of `/proc/PID/stat`; the command name in field 2
+/// may hold spaces and parentheses, so parse after its last `)`.
+pub fn parse_start_time(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After ")" come fields 3.. ; starttime is field 22, i.e. the 20th here.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The innermost pid of the `NSpid:` line of `/proc/PID/status`.
+pub fn parse_ns_pid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|v| v.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Processes seen during a capture.
+#[derive(Debug)]
+pub struct ProcessTable {
+    procs: HashMap<u32, ProcessInfo>,
+    roots: HashMap<String, Arc<RootDir>>,
+    own_mnt_ns: Option<String>,
+    /// Processes not kept because the table was full.
+    pub dropped: u64,
+    /// Processes that were gone before they could be read.
+    pub missed: u64,
+}
+
+impl Default for ProcessTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ProcessTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        ProcessTable {
+            procs: HashMap::new(),
+            roots: HashMap::new(),
+            own_mnt_ns: fs::read_link("/proc/self/ns/mnt")
+                .ok()
+                .map(|p| p.to_string_lossy().into_owned()),
+            dropped: 0,
+            missed: 0,
+        }
+    }
+
+    /// Reads (or re-reads) a process from /proc. A process already known
+    /// that has exited keeps what was read while it lived.
+    pub fn observe(&mut self, pid: u32) {
+        if !self.procs.contains_key(&pid) && self.procs.len() >= MAX_PROCESSES {
+            self.dropped += 1;
+            return;
+        }
+        match self.read(pid) {
+            Some(info) => {
+                // A pid reused by a new process replaces the old one's
+                // record: the new one is what samples from now on belong to.
+                self.procs.insert(pid, info);
+            }
+            None => match self.procs.get_mut(&pid) {
+                Some(known) => known.exited = true,
+                None => self.missed += 1,
+            },
+        }
+    }
+
+    /// Re-reads every known process that still lives (for code loaded
+    /// since it was first seen) and marks the others exited.
+    pub fn refresh_all(&mut self) {
+        let pids: Vec<u32> = self.procs.keys().copied().collect();
+        for pid in pids {
+            let start = self.procs[&pid].start_time;
+            match self.read(pid) {
+                Some(info) if info.start_time == start => {
+                    self.procs.insert(pid, info);
+                }
+                _ => self.procs.get_mut(&pid).expect("known pid").exited = true,
+            }
+        }
+    }
+
+    /// What is known of `pid`.
+    pub fn get(&self, pid: u32) -> Option<&ProcessInfo> {
+        self.procs.get(&pid)
+    }
+
+    /// Number of processes known.
+    pub fn len(&self) -> usize {
+        self.procs.len()
+    }
+
+    /// True when no process is known.
+    pub fn is_empty(&self) -> bool {
+        self.procs.is_empty()
+    }
+
+    fn read(&mut self, pid: u32) -> Option<ProcessInfo> {
+        let dir = format!("/proc/{pid}");
+        let stat = fs::read_to_string(format!("{dir}/stat")).ok()?;
+        let start_time = parse_start_time(&stat)?;
+        let maps_text = fs::read_to_string(format!("{dir}/maps")).ok()?;
+        let (maps, _bad) = parse_maps(&maps_text);
+        let name = fs::read_to_string(format!("{dir}/comm"))
+            .map(|s| s.trim_end().to_string())
+            .unwrap_or_default();
+        let ns_pid = fs::read_to_string(format!("{dir}/status"))
+            .ok()
+            .and_then(|s| parse_ns_pid(&s))
+            .unwrap_or(pid);
+        let root = self.root_of(pid);
+        Some(ProcessInfo {
+            pid,
+            ns_pid,
+            name,
+            start_time,
+            maps,
+            root,
+            exited: false,
+        })
+    }
+
+    fn root_of(&mut self, pid: u32) -> Option<Arc<RootDir>> {
+        let ns = fs::read_link(format!("/proc/{pid}/ns/mnt"))
+            .ok()?
+            .to_string_lossy()
+            .into_owned();
+        if Some(&ns) == self.own_mnt_ns.as_ref() {
+            return None;
+        }
+        if let Some(root) = self.roots.get(&ns) {
+            return Some(root.clone());
+        }
+        if self.roots.len() >= MAX_ROOTS {
+            // Fall back to the path through /proc: good while it lives.
+            return None;
+        }
+        let path = std::ffi::CString::new(format!("/proc/{pid}/root")).ok()?;
+        // SAFETY: plain open(2) of a NUL-terminated path.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: fd was just opened and is owned by nobody else.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let root = Arc::new(RootDir { fd });
+        self.roots.insert(ns, root.clone());
+        Some(root)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_survives_odd_command_names() {
+        let stat = "4242 (my (odd) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 1 0 987654 1000 200 18446744073709551615";
+        assert_eq!(parse_start_time(stat), Some(987654));
+        assert_eq!(parse_start_time("garbage"), None);
+    }
+
+    #[test]
+    fn ns_pid_is_the_innermost() {
+        let status = "Name:\tnode\nTgid:\t4242\nNSpid:\t4242\t17\n";
+        assert_eq!(parse_ns_pid(status), Some(17));
+        assert_eq!(parse_ns_pid("NSpid:\t99\n"), Some(99));
+        assert_eq!(parse_ns_pid("Name: x\n"), None);
+    }
+
+    #[test]
+    fn reads_this_very_process() {
+        let mut table = ProcessTable::new();
+        let me = std::process::id();
+        table.observe(me);
+        let info = table.get(me).expect("own process readable");
+        assert!(!info.exited);
+        assert!(info.root.is_none(), "same mount namespace");
+        assert!(info.maps.iter().any(|m| m.exec));
+        assert!(info.start_time > 0);
+    }
+
+    #[test]
+    fn an_exited_process_keeps_its_maps() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        let mut table = ProcessTable::new();
+        table.observe(pid);
+        assert!(!table.get(pid).unwrap().maps.is_empty());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        table.refresh_all();
+        let info = table.get(pid).unwrap();
+        assert!(info.exited);
+        assert!(!info.maps.is_empty());
+        assert_eq!(info.name, "sleep");
+    }
+}

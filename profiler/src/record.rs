@@ -1,0 +1,352 @@
+//! `profiler record`: one capture, from preflight checks to the files.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    process::ExitStatus,
+    time::{Duration, Instant},
+};
+
+use profiler_common::Counter;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    capture::{Capture, CaptureConfig, CaptureError, RawProfile},
+    cli::RecordArgs,
+    fold::{self, Folded},
+    preflight::{self, PreflightError},
+    render,
+    symbolize::symbolize_profile,
+};
+
+/// Why `record` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// Bad input or an unmet requirement, found before capturing.
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    /// The capture could not start.
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    /// The command to profile could not be started.
+    #[error("cannot start {cmd:?}: {source}. Check the command name and that it is on PATH")]
+    Spawn {
+        /// The command.
+        cmd: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing an output failed.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Anything else of the runtime.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl RecordError {
+    /// True for errors of the user's input (exit code 2), false for
+    /// failures while running (exit code 1).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, RecordError::Preflight(_) | RecordError::Spawn { .. })
+    }
+}
+
+/// What ended the capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The duration elapsed.
+    Duration,
+    /// SIGINT.
+    Interrupted,
+    /// SIGTERM.
+    Terminated,
+    /// The command exited.
+    CommandExited,
+    /// Every -p process exited.
+    TargetsExited,
+}
+
+/// What a finished capture produced.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Output directory.
+    pub dir: PathBuf,
+    /// Samples in the flame graph.
+    pub samples: u64,
+    /// Distinct folded stacks.
+    pub unique_stacks: usize,
+    /// Exit status of the profiled command, if one was started.
+    pub command_status: Option<ExitStatus>,
+}
+
+fn default_output_dir() -> PathBuf {
+    // SAFETY: time(2) and localtime_r(3) on a zeroed tm.
+    let stamp = unsafe {
+        let t = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        libc::localtime_r(&t, &mut tm);
+        format!(
+            "{:04}{:02}{:02}-{:02}{:02}{:02}",
+            tm.tm_year + 1900,
+            tm.tm_mon + 1,
+            tm.tm_mday,
+            tm.tm_hour,
+            tm.tm_min,
+            tm.tm_sec
+        )
+    };
+    PathBuf::from(format!("profile-{stamp}"))
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// Writes a file under a temporary name, then renames it: a file with the
+/// final name is always complete.
+fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut io::BufWriter<fs::File>) -> io::Result<()>,
+) -> Result<(), RecordError> {
+    let err = |source| RecordError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let res = (|| {
+        let mut w = io::BufWriter::new(fs::File::create(&tmp)?);
+        write(&mut w)?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res.map_err(err)
+}
+
+fn peak_rss_kib() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// True while a process exists and is not a zombie (a zombie has exited;
+/// only its parent has not reaped it yet).
+fn process_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Runs `profiler record`.
+pub fn run(args: &RecordArgs) -> Result<Outcome, RecordError> {
+    // Bad input first, before anything is loaded.
+    preflight::check_frequency(args.frequency, preflight::max_sample_rate())?;
+    let mut tgids = Vec::new();
+    for &pid in &args.pids {
+        let tgid = preflight::resolve_pid(pid)?;
+        if !tgids.contains(&tgid) {
+            tgids.push(tgid);
+        }
+    }
+    let dir = args.output.clone().unwrap_or_else(default_output_dir);
+    preflight::prepare_output(&dir)?;
+    preflight::check_capabilities(preflight::effective_caps())?;
+    if preflight::ensure_tracefs()? {
+        eprintln!("profiler: mounted tracefs at {}", preflight::TRACEFS);
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(record(args, tgids, dir))
+}
+
+async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outcome, RecordError> {
+    let has_command = !args.command.is_empty();
+    let cfg = CaptureConfig {
+        frequency_hz: args.frequency,
+        pids: tgids.clone(),
+        filter: has_command || !tgids.is_empty(),
+        follow_forks: has_command,
+        ..Default::default()
+    };
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+
+    let mut capture = Capture::start(&cfg)?;
+    let started = Instant::now();
+
+    // Start the command with our own pid in the filter, so the fork
+    // tracepoint adds the child before it runs a single instruction of
+    // the command; then take ourselves out again.
+    let own_pid = std::process::id();
+    let mut child = None;
+    if has_command {
+        capture.add_pid(own_pid)?;
+        let spawned = tokio::process::Command::new(&args.command[0])
+            .args(&args.command[1..])
+            .spawn();
+        capture.remove_pid(own_pid);
+        let c = spawned.map_err(|source| RecordError::Spawn {
+            cmd: args.command.join(" "),
+            source,
+        })?;
+        if let Some(pid) = c.id() {
+            capture.add_pid(pid)?;
+        }
+        child = Some(c);
+    }
+
+    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut liveness = tokio::time::interval(Duration::from_millis(250));
+    let mut command_status = None;
+    let reason = loop {
+        tokio::select! {
+            r = capture.events_ready() => { r?; capture.drain_events(); }
+            _ = sigint.recv() => break StopReason::Interrupted,
+            _ = sigterm.recv() => break StopReason::Terminated,
+            _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => break StopReason::Duration,
+            status = async { child.as_mut().unwrap().wait().await }, if child.is_some() => {
+                command_status = status.ok();
+                break StopReason::CommandExited;
+            }
+            _ = liveness.tick(), if !tgids.is_empty() && !has_command => {
+                if tgids.iter().all(|&p| !process_alive(p)) {
+                    break StopReason::TargetsExited;
+                }
+            }
+        }
+    };
+    capture.stop();
+    let stopped = Instant::now();
+    let elapsed = stopped - started;
+
+    // A second Ctrl-C or SIGTERM while writing aborts at once.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigint.recv() => {},
+            _ = sigterm.recv() => {},
+        }
+        eprintln!("profiler: interrupted again, aborting without writing");
+        std::process::exit(130);
+    });
+
+    if matches!(reason, StopReason::Interrupted | StopReason::Terminated) {
+        eprintln!(
+            "profiler: stopping ({}), writing what was captured",
+            if reason == StopReason::Interrupted {
+                "Ctrl-C"
+            } else {
+                "SIGTERM"
+            }
+        );
+    }
+    if let Some(c) = child.as_mut()
+        && command_status.is_none()
+    {
+        command_status = c.try_wait().ok().flatten();
+    }
+
+    let raw = capture.collect()?;
+    capture.procs.refresh_all();
+    let exclude = has_command.then_some(own_pid);
+    let stacks = symbolize_profile(&raw, &capture.procs, exclude);
+    let folded = fold::fold(&stacks);
+    let samples = fold::total(&folded);
+
+    let folded_path = dir.join("stacks.folded");
+    write_atomic(&folded_path, |w| fold::write_folded(&folded, w))?;
+    let svg_path = dir.join("flamegraph.svg");
+    let title = render::Title {
+        host: hostname(),
+        duration_s: elapsed.as_secs_f64(),
+        frequency_hz: args.frequency,
+        samples,
+    };
+    write_atomic(&svg_path, |w| render::flamegraph(&folded, &title, w))?;
+    let written = Instant::now();
+
+    print_summary(
+        &raw,
+        &folded,
+        samples,
+        elapsed,
+        args.frequency,
+        &folded_path,
+        &svg_path,
+        written - stopped,
+    );
+    Ok(Outcome {
+        dir,
+        samples,
+        unique_stacks: folded.len(),
+        command_status,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn print_summary(
+    raw: &RawProfile,
+    folded: &Folded,
+    samples: u64,
+    elapsed: Duration,
+    hz: u64,
+    folded_path: &Path,
+    svg_path: &Path,
+    post: Duration,
+) {
+    let lost = raw.counter(Counter::CountMapFull);
+    let dropped_user = raw.counter(Counter::UserStackDropped);
+    let dropped_kernel = raw.counter(Counter::KernelStackDropped);
+    let no_stack = raw.counter(Counter::NoStack);
+    eprintln!(
+        "profiler: {samples} samples in {:.1} s at {hz} Hz on {} CPUs; {} unique stacks",
+        elapsed.as_secs_f64(),
+        raw.cpus,
+        folded.len()
+    );
+    eprintln!(
+        "profiler: lost {lost} samples (count map full); stacks dropped: {dropped_user} user, {dropped_kernel} kernel (stack map full or collision); {no_stack} samples without any stack"
+    );
+    let events_lost = raw.counter(Counter::EventsLost);
+    if events_lost > 0 {
+        eprintln!(
+            "profiler: {events_lost} new-process notifications lost: those processes may show unnamed frames"
+        );
+    }
+    let forks_dropped = raw.counter(Counter::ForksDropped);
+    if forks_dropped > 0 {
+        eprintln!(
+            "profiler: {forks_dropped} forked children could not be followed (pid filter full)"
+        );
+    }
+    eprintln!(
+        "profiler: symbolized and written in {} ms; peak RSS {} MiB",
+        post.as_millis(),
+        peak_rss_kib() / 1024
+    );
+    eprintln!("profiler: wrote {}", folded_path.display());
+    eprintln!("profiler: wrote {}", svg_path.display());
+}

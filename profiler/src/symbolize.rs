@@ -1,0 +1,464 @@
+//! The symbolize stage: addresses to frame names.
+//!
+//! Kernel frames come from kallsyms, user frames from each mapped file's
+//! ELF symbols and DWARF (inlined functions as frames of their own,
+//! Rust/C++ names demangled) through blazesym, and JIT frames from the
+//! process's perf map. An address that cannot be named becomes a frame
+//! that says where it is (`libfoo.so+0x1a2b`) or why it is unknown.
+
+use std::{
+    collections::HashMap,
+    fmt, fs,
+    path::{Path, PathBuf},
+};
+
+use blazesym::symbolize::{
+    Symbolized, Symbolizer as Blaze,
+    source::{Elf, Kernel, Source},
+};
+use blazesym::{Addr, MaybeDefault};
+
+use crate::{
+    perfmap::PerfMap,
+    procmaps::{Backing, Normalized, basename, normalize},
+    procs::ProcessInfo,
+};
+
+/// Why a frame could not be named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum UnknownReason {
+    /// The file has no symbol covering the address (stripped, or not code).
+    NoSymbols,
+    /// The file could not be opened or parsed.
+    FileUnreadable,
+    /// Anonymous executable memory with no perf map naming it (JIT code).
+    JitWithoutPerfMap,
+    /// The address is in no mapping of the process.
+    Unmapped,
+    /// The process was gone before its memory maps could be read.
+    ProcessExited,
+    /// The stack walk was dropped (stack map full or hash collision).
+    StackDropped,
+    /// The kernel address is not in kallsyms.
+    KernelUnknown,
+}
+
+impl UnknownReason {
+    /// A short name, used in frame names and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnknownReason::NoSymbols => "no symbols",
+            UnknownReason::FileUnreadable => "file unreadable",
+            UnknownReason::JitWithoutPerfMap => "JIT code without a perf map",
+            UnknownReason::Unmapped => "unmapped address",
+            UnknownReason::ProcessExited => "process exited before it was read",
+            UnknownReason::StackDropped => "stack dropped",
+            UnknownReason::KernelUnknown => "not in kallsyms",
+        }
+    }
+}
+
+impl fmt::Display for UnknownReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What kind of code a frame is in; decides its annotation when folded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FrameKind {
+    /// Native user code.
+    User,
+    /// A function inlined into its caller (folded with `_[i]`).
+    Inlined,
+    /// JIT-compiled code named by a perf map (folded with `_[j]`).
+    Jit,
+    /// Kernel code (folded with `_[k]`).
+    Kernel,
+    /// A user frame that could not be named, and why.
+    Unknown(UnknownReason),
+    /// A kernel frame that could not be named (folded with `_[k]`).
+    KernelUnknown,
+}
+
+/// One frame of a symbolized stack.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Frame {
+    /// Function name, or where the frame is when it has none.
+    pub name: String,
+    /// What kind of code it is.
+    pub kind: FrameKind,
+}
+
+impl Frame {
+    fn new(name: impl Into<String>, kind: FrameKind) -> Self {
+        Frame {
+            name: name.into(),
+            kind,
+        }
+    }
+}
+
+/// Strips the `::h0123456789abcdef` hash of a demangled Rust legacy name.
+fn strip_rust_hash(name: &str) -> &str {
+    if let Some(idx) = name.rfind("::h") {
+        let hash = &name[idx + 3..];
+        if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return &name[..idx];
+        }
+    }
+    name
+}
+
+/// The frames (outermost first) for one symbolized address.
+fn frames_of(sym: &blazesym::symbolize::Sym<'_>, kind: FrameKind) -> Vec<Frame> {
+    let mut out = Vec::with_capacity(1 + sym.inlined.len());
+    out.push(Frame::new(strip_rust_hash(&sym.name), kind));
+    let inlined_kind = if kind == FrameKind::Kernel {
+        FrameKind::Kernel
+    } else {
+        FrameKind::Inlined
+    };
+    for f in sym.inlined.iter() {
+        out.push(Frame::new(strip_rust_hash(&f.name), inlined_kind));
+    }
+    out
+}
+
+/// Symbolizes addresses, caching parsed files and perf maps across calls.
+pub struct Symbolizer {
+    blaze: Blaze,
+    perf_maps: HashMap<u32, Option<PerfMap>>,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Symbolizer {
+    /// A symbolizer with DWARF, inlined functions and demangling on.
+    pub fn new() -> Self {
+        Symbolizer {
+            blaze: Blaze::builder()
+                .enable_code_info(true)
+                .enable_inlined_fns(true)
+                .enable_demangling(true)
+                .enable_auto_reload(false)
+                .build(),
+            perf_maps: HashMap::new(),
+        }
+    }
+
+    /// Names kernel addresses (already adjusted to point into their call
+    /// instruction). Every address gets an entry.
+    pub fn kernel(&self, addrs: &[u64]) -> HashMap<u64, Vec<Frame>> {
+        let src = Source::Kernel(Kernel {
+            vmlinux: MaybeDefault::None,
+            debug_syms: false,
+            ..Kernel::default()
+        });
+        let results = self
+            .blaze
+            .symbolize(&src, blazesym::symbolize::Input::AbsAddr(addrs));
+        let mut out = HashMap::with_capacity(addrs.len());
+        match results {
+            Ok(results) => {
+                for (addr, res) in addrs.iter().zip(results) {
+                    let frames = match res {
+                        Symbolized::Sym(sym) => frames_of(&sym, FrameKind::Kernel),
+                        Symbolized::Unknown(_) => vec![unknown_kernel(*addr)],
+                    };
+                    out.insert(*addr, frames);
+                }
+            }
+            Err(_) => {
+                for addr in addrs {
+                    out.insert(*addr, vec![unknown_kernel(*addr)]);
+                }
+            }
+        }
+        out
+    }
+
+    /// Names the user addresses of one process. `process` is what was read
+    /// of it while it lived (None: it was never read).
+    pub fn user(
+        &mut self,
+        process: Option<&ProcessInfo>,
+        addrs: &[u64],
+    ) -> HashMap<u64, Vec<Frame>> {
+        let mut out: HashMap<u64, Vec<Frame>> = HashMap::with_capacity(addrs.len());
+        let Some(process) = process else {
+            for &a in addrs {
+                out.insert(
+                    a,
+                    vec![Frame::new(
+                        format!("[unknown: {}]", UnknownReason::ProcessExited),
+                        FrameKind::Unknown(UnknownReason::ProcessExited),
+                    )],
+                );
+            }
+            return out;
+        };
+
+        // Group file-backed addresses by file, so each file is parsed once.
+        let mut by_file: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+        for &addr in addrs {
+            match normalize(&process.maps, addr) {
+                Normalized::File { entry, file_offset } => {
+                    let Backing::File { path, .. } = &entry.backing else {
+                        unreachable!("normalize gives File for file backings")
+                    };
+                    by_file
+                        .entry(path.as_str())
+                        .or_default()
+                        .push((addr, file_offset));
+                }
+                // JIT code is in anonymous memory; the maps read may also
+                // predate the region (mapped after the last look).
+                Normalized::Anonymous(_) | Normalized::Unmapped => {
+                    let unmapped = matches!(normalize(&process.maps, addr), Normalized::Unmapped);
+                    let frame = match self.perf_map(process).and_then(|m| m.lookup(addr)) {
+                        Some(sym) => Frame::new(sanitize(&sym.name), FrameKind::Jit),
+                        None if unmapped => Frame::new(
+                            format!("[unknown: {}]", UnknownReason::Unmapped),
+                            FrameKind::Unknown(UnknownReason::Unmapped),
+                        ),
+                        None => Frame::new(
+                            format!("[unknown: {}]", UnknownReason::JitWithoutPerfMap),
+                            FrameKind::Unknown(UnknownReason::JitWithoutPerfMap),
+                        ),
+                    };
+                    out.insert(addr, vec![frame]);
+                }
+                Normalized::Special { entry, offset } => {
+                    out.insert(
+                        addr,
+                        vec![Frame::new(
+                            format!("{}+{offset:#x}", entry.backing),
+                            FrameKind::Unknown(UnknownReason::NoSymbols),
+                        )],
+                    );
+                }
+            }
+        }
+
+        for (path, items) in by_file {
+            let host = process.host_path(path);
+            let offsets: Vec<u64> = items.iter().map(|(_, off)| *off).collect();
+            let resolved = self.file(&host, &offsets);
+            let name = basename(path);
+            for ((addr, off), res) in items.into_iter().zip(resolved) {
+                let frames = match res {
+                    Ok(frames) => frames,
+                    Err(reason) => vec![Frame::new(
+                        format!("{name}+{off:#x}"),
+                        FrameKind::Unknown(reason),
+                    )],
+                };
+                out.insert(addr, frames);
+            }
+        }
+        out
+    }
+
+    fn file(&self, path: &Path, offsets: &[u64]) -> Vec<Result<Vec<Frame>, UnknownReason>> {
+        let src = Source::Elf(Elf::new(path));
+        match self
+            .blaze
+            .symbolize(&src, blazesym::symbolize::Input::FileOffset(offsets))
+        {
+            Ok(results) => results
+                .into_iter()
+                .map(|r| match r {
+                    Symbolized::Sym(sym) => Ok(frames_of(&sym, FrameKind::User)),
+                    Symbolized::Unknown(_) => Err(UnknownReason::NoSymbols),
+                })
+                .collect(),
+            Err(_) => vec![Err(UnknownReason::FileUnreadable); offsets.len()],
+        }
+    }
+
+    fn perf_map(&mut self, process: &ProcessInfo) -> Option<&PerfMap> {
+        self.perf_maps
+            .entry(process.pid)
+            .or_insert_with(|| {
+                let path = perf_map_path(process);
+                fs::read_to_string(path).ok().map(|t| PerfMap::parse(&t))
+            })
+            .as_ref()
+    }
+}
+
+/// Where a process's perf map is, as seen from the host.
+pub fn perf_map_path(process: &ProcessInfo) -> PathBuf {
+    process.host_path(&format!("/tmp/perf-{}.map", process.ns_pid))
+}
+
+fn unknown_kernel(addr: Addr) -> Frame {
+    Frame::new(
+        format!("[unknown kernel {addr:#x}]"),
+        FrameKind::KernelUnknown,
+    )
+}
+
+/// Frame names go into `;`-separated folded lines: no `;` or newline.
+pub fn sanitize(name: &str) -> String {
+    name.replace(';', ":").replace(['\n', '\r'], " ")
+}
+
+/// Symbolizes every stack of a capture. `exclude` drops one thread group
+/// (the profiler itself while it starts a command).
+pub fn symbolize_profile(
+    raw: &crate::capture::RawProfile,
+    procs: &crate::procs::ProcessTable,
+    exclude: Option<u32>,
+) -> Vec<crate::fold::SymbolizedStack> {
+    use std::collections::HashSet;
+    let stacks: Vec<_> = raw
+        .stacks
+        .iter()
+        .filter(|s| Some(s.tgid) != exclude)
+        .collect();
+
+    // A return address points after its call: step back one byte so it
+    // names the call's function and line (not for the leaf, the IP itself).
+    fn adjusted(addrs: &[u64]) -> impl Iterator<Item = u64> + '_ {
+        addrs
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| if i == 0 { a } else { a.saturating_sub(1) })
+    }
+
+    let mut sym = Symbolizer::new();
+    let kernel_addrs: Vec<u64> = stacks
+        .iter()
+        .filter_map(|s| s.kernel.as_ref().ok())
+        .flat_map(|k| adjusted(k))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let kernel = sym.kernel(&kernel_addrs);
+
+    let mut user_addrs: HashMap<u32, HashSet<u64>> = HashMap::new();
+    for s in &stacks {
+        if let Ok(u) = &s.user {
+            user_addrs.entry(s.tgid).or_default().extend(adjusted(u));
+        }
+    }
+    let mut user: HashMap<u32, HashMap<u64, Vec<Frame>>> = HashMap::new();
+    for (tgid, addrs) in user_addrs {
+        let addrs: Vec<u64> = addrs.into_iter().collect();
+        user.insert(tgid, sym.user(procs.get(tgid), &addrs));
+    }
+
+    let dropped =
+        |kind: FrameKind| Frame::new(format!("[unknown: {}]", UnknownReason::StackDropped), kind);
+    stacks
+        .iter()
+        .map(|s| {
+            let process = match (s.tgid, procs.get(s.tgid)) {
+                (0, _) => "swapper".to_string(),
+                (_, Some(p)) if !p.name.is_empty() => p.name.clone(),
+                _ => s.thread.clone(),
+            };
+            let expand = |part: &crate::capture::RawStackPart,
+                          table: Option<&HashMap<u64, Vec<Frame>>>,
+                          lost: FrameKind|
+             -> Vec<Frame> {
+                match part {
+                    Ok(addrs) => {
+                        let mut frames = Vec::new();
+                        let adj: Vec<u64> = adjusted(addrs).collect();
+                        for a in adj.iter().rev() {
+                            if let Some(fs) = table.and_then(|t| t.get(a)) {
+                                frames.extend(fs.iter().cloned());
+                            }
+                        }
+                        frames
+                    }
+                    // -EFAULT: no stack of this kind (kernel thread, or a
+                    // sample in user mode); anything else was dropped.
+                    Err(e) if *e == -libc::EFAULT => Vec::new(),
+                    Err(_) => vec![dropped(lost)],
+                }
+            };
+            crate::fold::SymbolizedStack {
+                process,
+                user: expand(
+                    &s.user,
+                    user.get(&s.tgid),
+                    FrameKind::Unknown(UnknownReason::StackDropped),
+                ),
+                kernel: expand(&s.kernel, Some(&kernel), FrameKind::KernelUnknown),
+                count: s.count,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rust_hashes_are_stripped() {
+        assert_eq!(
+            strip_rust_hash("core::fmt::write::h0123456789abcdef"),
+            "core::fmt::write"
+        );
+        assert_eq!(strip_rust_hash("foo::hello"), "foo::hello");
+        assert_eq!(strip_rust_hash("foo::h0123"), "foo::h0123");
+    }
+
+    #[test]
+    fn names_a_function_of_this_test_binary() {
+        let mut table = crate::procs::ProcessTable::new();
+        let me = std::process::id();
+        table.observe(me);
+        let addr = names_a_function_of_this_test_binary as *const () as u64;
+        let mut sym = Symbolizer::new();
+        let frames = sym.user(table.get(me), &[addr]);
+        let names: Vec<&str> = frames[&addr].iter().map(|f| f.name.as_str()).collect();
+        assert!(
+            names
+                .iter()
+                .any(|n| n.ends_with("names_a_function_of_this_test_binary")),
+            "{names:?}"
+        );
+    }
+
+    #[test]
+    fn a_missing_file_still_says_where() {
+        let info = ProcessInfo {
+            pid: 1,
+            ns_pid: 1,
+            name: "x".into(),
+            start_time: 1,
+            maps: crate::procmaps::parse_maps(
+                "1000-2000 r-xp 00003000 fd:01 7 /nonexistent/libfoo.so\n",
+            )
+            .0,
+            root: None,
+            exited: true,
+        };
+        let mut sym = Symbolizer::new();
+        let frames = sym.user(Some(&info), &[0x1a2b, 0x5000]);
+        assert_eq!(frames[&0x1a2b][0].name, "libfoo.so+0x3a2b");
+        assert_eq!(
+            frames[&0x1a2b][0].kind,
+            FrameKind::Unknown(UnknownReason::FileUnreadable)
+        );
+        assert_eq!(
+            frames[&0x5000][0].kind,
+            FrameKind::Unknown(UnknownReason::Unmapped)
+        );
+        let none = sym.user(None, &[0x10]);
+        assert_eq!(
+            none[&0x10][0].kind,
+            FrameKind::Unknown(UnknownReason::ProcessExited)
+        );
+    }
+}

@@ -1,0 +1,263 @@
+//! End-to-end: `profiler record` against workloads whose profile is known.
+
+use std::{process::Command, thread, time::Duration};
+
+use tests::*;
+
+const FP_FLAGS: &[&str] = &[
+    "-O2",
+    "-g",
+    "-fno-omit-frame-pointer",
+    "-mno-omit-leaf-frame-pointer",
+];
+
+/// The known workload, profiled as a command: each function's share of
+/// the process's samples within 3 points of what it was built to take.
+#[test]
+fn known_workload_shares_are_right() {
+    if !require_root("known_workload_shares_are_right") {
+        return;
+    }
+    let dir = scratch("known");
+    let exe = build_c("known.c", &dir.join("known"), FP_FLAGS);
+    let out_dir = dir.join("out");
+    let out = record_ok(
+        &dir,
+        &[
+            "-F",
+            "999",
+            "-o",
+            out_dir.to_str().unwrap(),
+            "--",
+            exe.to_str().unwrap(),
+            "4",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("samples in"), "no summary: {stderr}");
+    assert!(out_dir.join("flamegraph.svg").is_file());
+
+    let folded = read_folded(&out_dir);
+    let total = samples_where(&folded, "known", |_| true);
+    assert!(
+        total > 2500,
+        "too few samples of the workload: {total}\n{folded:#?}"
+    );
+    // Only the workload was profiled: every stack is rooted at it.
+    assert!(
+        folded.keys().all(|l| l.starts_with("known;")),
+        "{folded:#?}"
+    );
+
+    let share = |f: &dyn Fn(&[&str]) -> bool| pct(samples_where(&folded, "known", f), total);
+    let path_has =
+        |names: &'static [&'static str]| move |fr: &[&str]| names.iter().all(|n| fr.contains(n));
+    let alpha = share(&path_has(&["main", "work_alpha"]));
+    let beta = share(&path_has(&["main", "work_beta"]));
+    // delta must be seen under gamma: the caller of a framed leaf is kept.
+    let delta = share(&|fr: &[&str]| {
+        let g = fr.iter().position(|f| *f == "work_gamma");
+        let d = fr.iter().position(|f| *f == "work_delta");
+        matches!((g, d), (Some(g), Some(d)) if d == g + 1) && fr.contains(&"main")
+    });
+    eprintln!("shares: alpha {alpha:.1}% beta {beta:.1}% delta {delta:.1}% of {total} samples");
+    for (name, got, want) in [
+        ("work_alpha", alpha, 50.0),
+        ("work_beta", beta, 30.0),
+        ("work_gamma;work_delta", delta, 20.0),
+    ] {
+        assert!(
+            (got - want).abs() <= 3.0,
+            "{name}: {got:.1}% of samples, expected {want}% ± 3\n{folded:#?}"
+        );
+    }
+}
+
+/// A process that exits two seconds before the capture ends is still
+/// named: its maps were read while it lived.
+#[test]
+fn exited_process_is_still_symbolized() {
+    if !require_root("exited_process_is_still_symbolized") {
+        return;
+    }
+    let dir = scratch("exits");
+    let exe = build_c("known.c", &dir.join("shortlived"), FP_FLAGS);
+    let out_dir = dir.join("out");
+    let profiler = Command::new(profiler_bin())
+        .args([
+            "record",
+            "-F",
+            "499",
+            "-d",
+            "4",
+            "-o",
+            out_dir.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(700));
+    let status = Command::new(&exe)
+        .arg("1.2")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = profiler.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let folded = read_folded(&out_dir);
+    let total = samples_where(&folded, "shortlived", |_| true);
+    let named = samples_where(&folded, "shortlived", |f| {
+        f.contains(&"work_alpha") || f.contains(&"work_beta") || f.contains(&"work_delta")
+    });
+    assert!(
+        total > 300,
+        "too few samples of the exited workload: {total}"
+    );
+    assert!(
+        pct(named, total) > 90.0,
+        "only {named} of {total} samples named after exit:\n{folded:#?}"
+    );
+}
+
+/// Node.js with --perf-basic-prof: the JS functions are named from the
+/// perf map, with the shares they were written to take (70/30).
+#[test]
+fn nodejs_functions_are_named_with_their_shares() {
+    if !require_root("nodejs_functions_are_named_with_their_shares") {
+        return;
+    }
+    let node = ["node", "nodejs"].into_iter().find(|n| {
+        Command::new(n)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let Some(node) = node else {
+        panic!("Node.js is needed for this test (apt-get install nodejs); .ci/run installs it");
+    };
+    let dir = scratch("node");
+    let out_dir = dir.join("out");
+    let script = workspace().join("tests/workloads/busy.js");
+    record_ok(
+        &dir,
+        &[
+            "-F",
+            "999",
+            "-o",
+            out_dir.to_str().unwrap(),
+            "--",
+            node,
+            "--perf-basic-prof",
+            "--interpreted-frames-native-stack",
+            "--allow-natives-syntax",
+            script.to_str().unwrap(),
+            "4",
+        ],
+    );
+    let folded = read_folded(&out_dir);
+    let has = |name: &'static str| {
+        move |f: &[&str]| {
+            f.iter()
+                .any(|fr| fr.contains(name) && fr.contains("busy.js"))
+        }
+    };
+    let a = samples_where(&folded, "node", has("hotA"));
+    let b = samples_where(&folded, "node", has("hotB"));
+    let total = samples_where(&folded, "node", |_| true);
+    eprintln!("node: hotA {a}, hotB {b}, of {total} samples");
+    assert!(
+        a + b > 1500,
+        "JS functions named in too few samples ({a} + {b} of {total}):\n{folded:#?}"
+    );
+    let share_a = pct(a, a + b);
+    assert!(
+        (share_a - 70.0).abs() <= 5.0,
+        "hotA took {share_a:.1}% of the JS samples, expected 70 ± 5"
+    );
+    // JS frames are annotated as JIT code.
+    assert!(
+        folded
+            .keys()
+            .any(|l| l.contains("hotA") && l.contains("_[j]"))
+    );
+}
+
+/// SIGTERM and Ctrl-C (SIGINT) end an open-ended capture early and still
+/// write everything.
+#[test]
+fn signals_end_the_capture_and_outputs_are_written() {
+    if !require_root("signals_end_the_capture_and_outputs_are_written") {
+        return;
+    }
+    for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "Ctrl-C")] {
+        let dir = scratch(&format!("signal-{sig}"));
+        let out_dir = dir.join("out");
+        let child = Command::new(profiler_bin())
+            .args(["record", "-F", "199", "-o", out_dir.to_str().unwrap()])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        thread::sleep(Duration::from_millis(1500));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {err}");
+        assert!(err.contains(name), "{name} not reported: {err}");
+        let folded = read_folded(&out_dir);
+        assert!(
+            folded.values().sum::<u64>() > 0,
+            "{name}: no samples written"
+        );
+        assert!(
+            std::fs::read_to_string(out_dir.join("flamegraph.svg"))
+                .unwrap()
+                .contains("</svg>")
+        );
+        assert!(!out_dir.join("stacks.tmp").exists() && !out_dir.join("flamegraph.tmp").exists());
+    }
+}
+
+/// `-p PID` profiles that process only, all its threads, and the capture
+/// ends when it exits.
+#[test]
+fn pid_filter_keeps_only_that_process() {
+    if !require_root("pid_filter_keeps_only_that_process") {
+        return;
+    }
+    let dir = scratch("pid");
+    let exe = build_c("known.c", &dir.join("target_proc"), FP_FLAGS);
+    let mut target = Command::new(&exe)
+        .arg("2")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Noise that must not show up.
+    let mut noise = Command::new(&exe)
+        .arg("2")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out_dir = dir.join("out");
+    let pid = target.id().to_string();
+    let out = record_ok(
+        &dir,
+        &["-F", "499", "-p", &pid, "-o", out_dir.to_str().unwrap()],
+    );
+    target.wait().unwrap();
+    noise.wait().unwrap();
+    let folded = read_folded(&out_dir);
+    assert!(folded.values().sum::<u64>() > 300, "{folded:#?}");
+    assert!(
+        folded.keys().all(|l| l.starts_with("target_proc;")),
+        "other processes sampled: {folded:#?}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("samples in"), "{err}");
+}

@@ -1,0 +1,73 @@
+/* A workload whose CPU profile is known in advance.
+ *
+ * Each round calls work_alpha, work_beta and work_gamma -> work_delta,
+ * which spin on the time-stamp counter for 5, 3 and 2 units of time: the
+ * profile must give them 50%, 30% and 20% of the process's samples.
+ * (Spinning by time, not by iteration count: the same loop runs at
+ * different speeds in different functions, by stack alignment and the
+ * like, so counts would not give known shares.)
+ *
+ * Every leaf keeps a volatile counter on its stack, so with
+ * -fno-omit-frame-pointer -mno-omit-leaf-frame-pointer each leaf sets up
+ * its own frame and frame-pointer unwinding sees its caller ("framed
+ * leaves").
+ *
+ * Usage: known SECONDS
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+static unsigned long long ticks_per_unit;
+
+static inline unsigned long long tsc(void) {
+  unsigned int lo, hi;
+  __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+  return ((unsigned long long)hi << 32) | lo;
+}
+
+#define SPIN(units)                                                            \
+  do {                                                                         \
+    volatile unsigned long long end = tsc() + (units) * ticks_per_unit / 16;        \
+    while (tsc() < end)                                                        \
+      ;                                                                        \
+  } while (0)
+
+__attribute__((noinline)) void work_alpha(unsigned long long u) { SPIN(5 * u); }
+__attribute__((noinline)) void work_beta(unsigned long long u) { SPIN(3 * u); }
+__attribute__((noinline)) void work_delta(unsigned long long u) { SPIN(2 * u); }
+__attribute__((noinline)) void work_gamma(unsigned long long u) {
+  work_delta(u);
+  __asm__ volatile("" ::: "memory"); /* no tail call: keep gamma's frame */
+}
+
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+int main(int argc, char **argv) {
+  double seconds = argc > 1 ? atof(argv[1]) : 3.0;
+  /* One unit is 0.37 ms of time-stamp counter, calibrated over 50 ms; each
+   * round scales it by a random factor in [0.5, 1.5) (the SPIN macro divides
+   * by 16), so the round length never locks in step with a sampling period:
+   * a periodic sampler would otherwise alias with a periodic workload. */
+  double t0 = now();
+  unsigned long long c0 = tsc();
+  while (now() < t0 + 0.05)
+    ;
+  ticks_per_unit = (unsigned long long)((tsc() - c0) / (now() - t0) * 0.00037);
+  srand(42);
+  double end = now() + seconds;
+  unsigned long rounds = 0;
+  while (now() < end) {
+    unsigned long long u = 8 + rand() % 16;
+    work_alpha(u);
+    work_beta(u);
+    work_gamma(u);
+    rounds++;
+  }
+  printf("%lu rounds\n", rounds);
+  return 0;
+}

@@ -1,0 +1,284 @@
+//! Workflows of the profiler project: `cargo xtask <command>`.
+//!
+//! - `bootstrap`: rust-src for nightly and a bpf-linker built against
+//!   nightly's own LLVM, kept under `~/.cache/profiler` (idempotent).
+//! - `build`: bootstrap if needed, then `target/release/profiler`.
+//! - `capture [-- RECORD ARGS]`: build, then a 10 s system-wide capture.
+//! - `test`: lints, then every test, privileged ones included.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install rust-src for nightly and build bpf-linker (once).
+    Bootstrap,
+    /// Bootstrap, then build target/release/profiler.
+    Build,
+    /// Build, then run a 10-second system-wide `profiler record` as root.
+    Capture {
+        /// Arguments passed on to `profiler record` (after `--`).
+        #[arg(last = true)]
+        record_args: Vec<String>,
+    },
+    /// Lints (fmt, clippy), then every test of the workspace.
+    Test {
+        /// Extra arguments for the test binaries (after `--`), e.g. a filter.
+        #[arg(last = true)]
+        test_args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Bootstrap => bootstrap().map(|_| ()),
+        Cmd::Build => build().map(|_| ()),
+        Cmd::Capture { record_args } => capture(&record_args),
+        Cmd::Test { test_args } => test(&test_args),
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask in workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Where the toolchain pieces are kept: `$PROFILER_TOOLCHAIN_DIR`, or
+/// `$XDG_CACHE_HOME/profiler`, or `~/.cache/profiler` (profiler/build.rs
+/// looks in the same place).
+fn toolchain_dir() -> Result<PathBuf> {
+    if let Some(d) = env::var_os("PROFILER_TOOLCHAIN_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let cache = match env::var_os("XDG_CACHE_HOME") {
+        Some(c) => PathBuf::from(c),
+        None => PathBuf::from(env::var_os("HOME").context("HOME is not set")?).join(".cache"),
+    };
+    Ok(cache.join("profiler"))
+}
+
+/// Makes sure rust-src and bpf-linker are there; returns bpf-linker's bin dir.
+fn bootstrap() -> Result<PathBuf> {
+    let t0 = Instant::now();
+    let sysroot = PathBuf::from(
+        output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context(
+            "the nightly toolchain is needed to build eBPF: `rustup toolchain install nightly`",
+        )?,
+    );
+    let mut did = Vec::new();
+
+    if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        eprintln!("xtask: installing rust-src for nightly");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+        did.push("rust-src");
+    }
+
+    // bpf-linker must load the same LLVM that produced the bitcode: the
+    // nightly's own libLLVM. Name the directory after it, so a new nightly
+    // gets its own linker.
+    let libllvm = std::fs::read_dir(sysroot.join("lib"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .context("nightly toolchain has no libLLVM.so.*")?;
+    let llvm_version = libllvm.trim_start_matches("libLLVM.so.");
+    let major = llvm_version
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let dir = toolchain_dir()?.join(format!("bpf-linker-{llvm_version}"));
+    let bin = dir.join("bin");
+    let linker = bin.join("bpf-linker");
+    let works = linker.is_file()
+        && Command::new(&linker)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !works {
+        eprintln!(
+            "xtask: building bpf-linker against nightly's LLVM {llvm_version} into {} (about a minute)",
+            dir.display()
+        );
+        let lib = dir.join("lib");
+        std::fs::create_dir_all(&lib)?;
+        for name in ["libLLVM.so", libllvm.as_str()] {
+            let link = lib.join(name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(sysroot.join("lib").join(&libllvm), &link)?;
+        }
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                "0.13.0",
+                "--locked",
+                "--no-default-features",
+            ])
+            .arg("--features")
+            .arg(format!("llvm-{major}"))
+            .arg("--root")
+            .arg(&dir)
+            .env("LLVM_PREFIX", &dir))?;
+        run(Command::new(&linker).arg("--version"))?;
+        did.push("bpf-linker");
+    }
+    if did.is_empty() {
+        eprintln!(
+            "xtask: toolchain ready (rust-src, {}), nothing to do ({} ms)",
+            linker.display(),
+            t0.elapsed().as_millis()
+        );
+    } else {
+        eprintln!(
+            "xtask: installed {} in {:.0} s",
+            did.join(" and "),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(bin)
+}
+
+/// PATH with bpf-linker's directory first.
+fn path_with(bin: &Path) -> Result<std::ffi::OsString> {
+    let mut dirs = vec![bin.to_path_buf()];
+    dirs.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    Ok(env::join_paths(dirs)?)
+}
+
+fn build() -> Result<PathBuf> {
+    let bin = bootstrap()?;
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["build", "--release", "-p", "profiler"])
+        .env("PATH", path_with(&bin)?))?;
+    let exe = root().join("target/release/profiler");
+    eprintln!("xtask: built {}", exe.display());
+    Ok(exe)
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|v| v.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn capture(record_args: &[String]) -> Result<()> {
+    let exe = build()?;
+    let mut cmd = if is_root() {
+        Command::new(&exe)
+    } else {
+        eprintln!("xtask: not root, running the capture with sudo");
+        let mut c = Command::new("sudo");
+        c.arg(&exe);
+        c
+    };
+    cmd.arg("record");
+    if !record_args
+        .iter()
+        .any(|a| a == "-d" || a.starts_with("--duration"))
+    {
+        cmd.args(["-d", "10"]);
+    }
+    cmd.args(record_args);
+    eprintln!("xtask: capturing the whole system for 10 s (Ctrl-C ends it early)");
+    run(&mut cmd)
+}
+
+fn test(test_args: &[String]) -> Result<()> {
+    let exe = build()?;
+    let bin = bootstrap()?;
+    let path = path_with(&bin)?;
+    let ws = root();
+    let cargo = |args: &[&str]| -> Result<()> {
+        run(Command::new("cargo")
+            .current_dir(&ws)
+            .args(args)
+            .env("PATH", &path)
+            .env("PROFILER_BIN", &exe))
+    };
+    cargo(&["fmt", "--all", "--", "--check"]).context("formatting: run `cargo fmt --all`")?;
+    cargo(&[
+        "clippy",
+        "--release",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    if !is_root() {
+        eprintln!(
+            "xtask: not root: the privileged tests will say they were skipped; run as root (CI does) for the full suite"
+        );
+    }
+    // Unit and golden tests in parallel; the end-to-end tests one at a time,
+    // since they measure CPU shares on a small machine.
+    let mut unit = vec![
+        "test",
+        "--release",
+        "-p",
+        "profiler",
+        "-p",
+        "profiler-common",
+        "-p",
+        "xtask",
+        "--",
+    ];
+    unit.extend(test_args.iter().map(String::as_str));
+    cargo(&unit)?;
+    let mut e2e = vec!["test", "--release", "-p", "tests", "--", "--test-threads=1"];
+    e2e.extend(test_args.iter().map(String::as_str));
+    cargo(&e2e)
+}
