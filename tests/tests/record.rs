@@ -261,3 +261,61 @@ fn pid_filter_keeps_only_that_process() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("samples in"), "{err}");
 }
+
+/// A process in a mount namespace of its own (as in a container), running
+/// a binary that exists only there, and in a pid namespace of its own: its
+/// frames are named through /proc/PID/root.
+#[test]
+fn process_in_another_mount_namespace_is_symbolized() {
+    if !require_root("process_in_another_mount_namespace_is_symbolized") {
+        return;
+    }
+    let dir = scratch("container");
+    let exe = build_c("known.c", &dir.join("known-src"), FP_FLAGS);
+    let mnt = dir.join("ctr");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let script = format!(
+        "mount -t tmpfs tmpfs {m} && cp {e} {m}/incontainer && exec {m}/incontainer 4",
+        m = mnt.display(),
+        e = exe.display()
+    );
+    let mut ctr = Command::new("unshare")
+        .args([
+            "-m",
+            "-p",
+            "-f",
+            "--mount-proc",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("unshare (util-linux) is needed");
+    thread::sleep(Duration::from_millis(500));
+    // The binary is not visible from the host's mount namespace.
+    assert!(!mnt.join("incontainer").exists());
+    let out_dir = dir.join("out");
+    record_ok(
+        &dir,
+        &["-F", "499", "-d", "2.5", "-o", out_dir.to_str().unwrap()],
+    );
+    ctr.wait().unwrap();
+
+    let folded = read_folded(&out_dir);
+    let total = samples_where(&folded, "incontainer", |_| true);
+    let named = samples_where(&folded, "incontainer", |f| {
+        f.contains(&"main")
+            && (f.contains(&"work_alpha") || f.contains(&"work_beta") || f.contains(&"work_delta"))
+    });
+    assert!(
+        total > 500,
+        "too few samples of the contained process: {total}\n{folded:#?}"
+    );
+    assert!(
+        pct(named, total) > 90.0,
+        "only {named} of {total} samples named:\n{folded:#?}"
+    );
+}
