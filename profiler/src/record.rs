@@ -172,6 +172,8 @@ pub fn run(args: &RecordArgs) -> Result<Outcome, RecordError> {
     }
     let dir = args.output.clone().unwrap_or_else(default_output_dir);
     preflight::prepare_output(&dir)?;
+    // Say where the files are in full, wherever the command was run from.
+    let dir = fs::canonicalize(&dir).unwrap_or(dir);
     preflight::check_capabilities(preflight::effective_caps())?;
     if preflight::ensure_tracefs()? {
         eprintln!("profiler: mounted tracefs at {}", preflight::TRACEFS);
