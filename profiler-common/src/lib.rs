@@ -31,13 +31,31 @@ pub mod names {
     pub const MAP_SEEN: &str = "SEEN";
     /// Ring buffer of [`crate::ProcessEvent`].
     pub const MAP_EVENTS: &str = "EVENTS";
-    /// Read-only global: non-zero to sample only the tgids in [`MAP_PIDS`].
-    pub const GLOBAL_FILTER: &str = "FILTER_PIDS";
-    /// Read-only global: nanoseconds between two announcements of a process.
-    pub const GLOBAL_REANNOUNCE_NS: &str = "REANNOUNCE_NS";
-    /// Read-only global: non-zero to add the children of profiled processes
-    /// to [`MAP_PIDS`] as they fork.
-    pub const GLOBAL_FOLLOW_FORKS: &str = "FOLLOW_FORKS";
+    /// Read-only global [`crate::Config`].
+    pub const GLOBAL_CONFIG: &str = "CONFIG";
+    /// Tracepoint program of sched_wakeup and sched_wakeup_new.
+    pub const PROG_WAKEUP: &str = "sched_wakeup";
+    /// sched_switch program.
+    pub const PROG_SWITCH: &str = "sched_switch";
+    /// tcp_retransmit_skb program.
+    pub const PROG_RETRANSMIT: &str = "tcp_retransmit";
+    /// Program recording which process uses a socket.
+    pub const PROG_SOCK_OWNER: &str = "sock_owner";
+    /// oom:mark_victim program.
+    pub const PROG_OOM: &str = "oom_victim";
+    /// Per-CPU array: run-queue latency histogram ([`crate::LATENCY_SLOTS`]
+    /// buckets, then the longest wait in microseconds).
+    pub const MAP_RUNQ_LAT: &str = "RUNQ_LAT";
+    /// Per-CPU array: run-queue depth histogram ([`crate::DEPTH_SLOTS`]).
+    pub const MAP_RUNQ_DEPTH: &str = "RUNQ_DEPTH";
+    /// Hash map tid -> time it became runnable.
+    pub const MAP_RUNQ_START: &str = "RUNQ_START";
+    /// Per-CPU hash map [`crate::RetransKey`] -> [`crate::RetransValue`].
+    pub const MAP_RETRANS: &str = "RETRANS";
+    /// LRU hash map socket address -> [`crate::SockOwner`].
+    pub const MAP_SOCK_OWNERS: &str = "SOCK_OWNERS";
+    /// Ring buffer of [`crate::OomEvent`].
+    pub const MAP_OOM_EVENTS: &str = "OOM_EVENTS";
 }
 
 /// Key of the in-kernel aggregation: one entry per distinct
@@ -101,11 +119,28 @@ pub enum Counter {
     ForksFollowed = 6,
     /// Forked children that did not fit in the pid filter.
     ForksDropped = 7,
+    /// cpu-clock ticks seen on this CPU, before any filter.
+    CpuTicks = 8,
+    /// Of those, ticks that found a task other than idle running.
+    CpuBusyTicks = 9,
+    /// Wakeups not timed because the run-queue start map was full.
+    RunqStartFull = 10,
+    /// Run-queue depth reads that failed.
+    RunqDepthFailed = 11,
+    /// Retransmits on connections that did not fit in the map (counted
+    /// in the total all the same).
+    RetransMapFull = 12,
+    /// Every TCP retransmit seen (exact, whatever fit in the maps).
+    Retransmits = 13,
+    /// OOM kills seen.
+    OomKills = 14,
+    /// OOM kill events lost (ring buffer full).
+    OomEventsLost = 15,
 }
 
 impl Counter {
     /// Number of counters (the size of [`names::MAP_COUNTERS`]).
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 16;
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Samples,
@@ -116,8 +151,204 @@ impl Counter {
         Counter::EventsLost,
         Counter::ForksFollowed,
         Counter::ForksDropped,
+        Counter::CpuTicks,
+        Counter::CpuBusyTicks,
+        Counter::RunqStartFull,
+        Counter::RunqDepthFailed,
+        Counter::RetransMapFull,
+        Counter::Retransmits,
+        Counter::OomKills,
+        Counter::OomEventsLost,
     ];
 }
+
+/// Buckets of the log2 run-queue latency histogram: bucket `i` counts
+/// latencies `d` (in microseconds) with `log2(d) == i` (`0` and `1` both
+/// fall in bucket 0), as libbpf-tools' runqlat does.
+pub const LATENCY_SLOTS: u32 = 27;
+
+/// Buckets of the run-queue depth histogram: bucket `i` counts samples that
+/// found `i` tasks waiting; the last bucket counts `>= DEPTH_SLOTS - 1`.
+pub const DEPTH_SLOTS: u32 = 64;
+
+/// Settings of the kernel programs, set once before load as the read-only
+/// global [`names::GLOBAL_CONFIG`]. Offsets come from the tracepoints'
+/// format files and the kernel's BTF, read at run time, so the programs
+/// work across kernel versions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Non-zero: sample only the thread groups in `PIDS`.
+    pub filter_pids: u8,
+    /// Non-zero: add the children of profiled processes to `PIDS`.
+    pub follow_forks: u8,
+    /// Non-zero: take stacks in the sampler (zero: `--no-stacks`).
+    pub take_stacks: u8,
+    /// Non-zero: read the run-queue depth in the sampler.
+    pub runqueue_depth: u8,
+    /// sched_process_fork: offset of `child_pid`.
+    pub fork_child_pid: u32,
+    /// Nanoseconds between two announcements of the same process.
+    pub reannounce_ns: u64,
+    /// Run-queue depth: offset in `task_struct` of `se.cfs_rq` (a pointer
+    /// to the task's CFS run queue).
+    pub task_cfs_rq: u32,
+    /// Offset in `cfs_rq` of `rq` (a pointer to the CPU's run queue).
+    pub cfs_rq_rq: u32,
+    /// Offset in `rq` of the count of runnable CFS tasks of the CPU:
+    /// `cfs.h_nr_runnable` (6.14+), `cfs.h_nr_running` (older) or
+    /// `cfs.h_nr_queued`; a u32.
+    pub rq_nr_runnable: u32,
+    /// sched_switch: offset of `prev_pid`.
+    pub switch_prev_pid: u32,
+    /// sched_switch: offset of `prev_state`.
+    pub switch_prev_state: u32,
+    /// sched_switch: offset of `next_pid`.
+    pub switch_next_pid: u32,
+    /// sched_wakeup(_new): offset of `pid`.
+    pub wakeup_pid: u32,
+    /// Padding, zero.
+    pub _pad: u32,
+    /// `prev_state & runnable_mask == 0` means the task was preempted or
+    /// yielded while still runnable (state R or R+).
+    pub switch_runnable_mask: u64,
+    /// oom:mark_victim offsets: pid, comm (`__data_loc`, 0: none), total_vm,
+    /// anon_rss, file_rss, shmem_rss, uid, oom_score_adj; `u32::MAX` for a
+    /// field this kernel's tracepoint lacks.
+    pub oom: [u32; 8],
+    /// tcp_retransmit_skb offsets: skaddr, state, sport, dport, family,
+    /// saddr, daddr, saddr_v6, daddr_v6.
+    pub retrans: [u32; 9],
+    /// inet_sock_set_state / sock_send_length: offset of the socket pointer.
+    pub sock_owner_sk: u32,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 128);
+
+/// Indexes into [`Config::oom`].
+pub mod oom_field {
+    /// pid
+    pub const PID: usize = 0;
+    /// comm (`__data_loc char[]`)
+    pub const COMM: usize = 1;
+    /// total_vm (pages)
+    pub const TOTAL_VM: usize = 2;
+    /// anon_rss (pages)
+    pub const ANON_RSS: usize = 3;
+    /// file_rss (pages)
+    pub const FILE_RSS: usize = 4;
+    /// shmem_rss (pages)
+    pub const SHMEM_RSS: usize = 5;
+    /// uid
+    pub const UID: usize = 6;
+    /// oom_score_adj (short)
+    pub const SCORE_ADJ: usize = 7;
+}
+
+/// Indexes into [`Config::retrans`].
+pub mod retrans_field {
+    /// skaddr
+    pub const SKADDR: usize = 0;
+    /// state
+    pub const STATE: usize = 1;
+    /// sport (host order)
+    pub const SPORT: usize = 2;
+    /// dport (host order)
+    pub const DPORT: usize = 3;
+    /// family
+    pub const FAMILY: usize = 4;
+    /// saddr (4 bytes)
+    pub const SADDR: usize = 5;
+    /// daddr (4 bytes)
+    pub const DADDR: usize = 6;
+    /// saddr_v6 (16 bytes)
+    pub const SADDR6: usize = 7;
+    /// daddr_v6 (16 bytes)
+    pub const DADDR6: usize = 8;
+}
+
+/// A field a tracepoint of this kernel lacks.
+pub const NO_FIELD: u32 = u32::MAX;
+
+/// Key of the per-connection retransmit counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RetransKey {
+    /// Source address (IPv4 in the first 4 bytes).
+    pub saddr: [u8; 16],
+    /// Destination address.
+    pub daddr: [u8; 16],
+    /// Source port, host order.
+    pub sport: u16,
+    /// Destination port, host order.
+    pub dport: u16,
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u16,
+    /// TCP state at the retransmit (TCP_ESTABLISHED = 1, ...).
+    pub state: u16,
+}
+const _: () = assert!(core::mem::size_of::<RetransKey>() == 40);
+
+/// Per-connection retransmit record: count, first/last time, and the
+/// owner of the socket where known (recorded in process context).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetransValue {
+    /// Retransmits on this CPU.
+    pub count: u64,
+    /// First one (ns, CLOCK_MONOTONIC).
+    pub first_ns: u64,
+    /// Last one.
+    pub last_ns: u64,
+    /// Owning thread group, 0 if unknown.
+    pub owner_tgid: u32,
+    /// Padding, zero.
+    pub _pad: u32,
+    /// Owner's cgroup (v2 id), 0 if unknown.
+    pub owner_cgroup: u64,
+}
+const _: () = assert!(core::mem::size_of::<RetransValue>() == 40);
+
+/// The process that last used a socket in process context.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOwner {
+    /// Thread-group id.
+    pub tgid: u32,
+    /// Padding, zero.
+    pub _pad: u32,
+    /// cgroup v2 id of the task.
+    pub cgroup: u64,
+}
+const _: () = assert!(core::mem::size_of::<SockOwner>() == 16);
+
+/// An OOM kill, as the kernel reported it (oom:mark_victim).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OomEvent {
+    /// When (ns, CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// Victim pid.
+    pub pid: u32,
+    /// Victim uid (`u32::MAX` if unknown).
+    pub uid: u32,
+    /// Pages of virtual memory.
+    pub total_vm: u64,
+    /// Pages of anonymous RSS.
+    pub anon_rss: u64,
+    /// Pages of file RSS.
+    pub file_rss: u64,
+    /// Pages of shared-memory RSS.
+    pub shmem_rss: u64,
+    /// cgroup v2 id of the task that triggered the kill.
+    pub trigger_cgroup: u64,
+    /// oom_score_adj.
+    pub oom_score_adj: i16,
+    /// Padding, zero.
+    pub _pad: [u8; 6],
+    /// Victim's comm, NUL-padded.
+    pub comm: [u8; COMM_LEN],
+}
+const _: () = assert!(core::mem::size_of::<OomEvent>() == 80);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -126,4 +357,14 @@ mod pod {
     unsafe impl aya::Pod for super::StackKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ProcessEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RetransKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RetransValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockOwner {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OomEvent {}
 }

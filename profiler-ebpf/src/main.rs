@@ -1,30 +1,50 @@
 //! The profiler's kernel programs.
 //!
 //! Thin by design: each program records what happened into bounded maps and
-//! counts what did not fit. Settings arrive as read-only globals set by the
-//! loader before load. All symbolization and folding happen in userspace.
+//! counts what did not fit. Settings (including every field offset, read
+//! from tracepoint format files and BTF at run time) arrive in the
+//! read-only global `CONFIG`, set by the loader before load. All
+//! symbolization, folding and statistics happen in userspace.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
     macros::{map, perf_event, tracepoint},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
     programs::{PerfEventContext, TracePointContext, tracing::StackIdContext},
 };
-use profiler_common::{COMM_LEN, Counter, ProcessEvent, ProcessEventKind, StackKey};
+use profiler_common::{
+    COMM_LEN, Config, Counter, DEPTH_SLOTS, LATENCY_SLOTS, NO_FIELD, OomEvent, ProcessEvent,
+    ProcessEventKind, RetransKey, RetransValue, SockOwner, StackKey, oom_field, retrans_field,
+};
 
-/// Non-zero: sample only the thread groups listed in `PIDS`.
+/// Everything the loader tells the programs (see [`Config`]).
 #[unsafe(no_mangle)]
-static FILTER_PIDS: u8 = 0;
-/// Non-zero: add the children of listed processes to `PIDS` when they fork.
-#[unsafe(no_mangle)]
-static FOLLOW_FORKS: u8 = 0;
-/// Offset of `child_pid` in the sched_process_fork record (from its format
-/// file: it moved when `parent_comm` became a `__data_loc` string).
-#[unsafe(no_mangle)]
-static FORK_CHILD_PID_OFFSET: u32 = 20;
+static CONFIG: Config = Config {
+    filter_pids: 0,
+    follow_forks: 0,
+    take_stacks: 1,
+    runqueue_depth: 0,
+    fork_child_pid: 20,
+    reannounce_ns: 1_000_000_000,
+    task_cfs_rq: 0,
+    cfs_rq_rq: 0,
+    rq_nr_runnable: 0,
+    switch_prev_pid: 24,
+    switch_prev_state: 32,
+    switch_next_pid: 56,
+    wakeup_pid: 24,
+    _pad: 0,
+    switch_runnable_mask: 0xff,
+    oom: [NO_FIELD; 8],
+    retrans: [NO_FIELD; 9],
+    sock_owner_sk: NO_FIELD,
+};
 
 // Sizes here are defaults; the loader resizes the maps before load.
 #[map]
@@ -35,35 +55,58 @@ static COUNTS: PerCpuHashMap<StackKey, u64> = PerCpuHashMap::with_max_entries(40
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 #[map]
 static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(8192, 0);
-/// Nanoseconds between two announcements of the same process: userspace
-/// re-reads the maps of processes that keep running (new JIT regions,
-/// libraries loaded later), and only of those.
-#[unsafe(no_mangle)]
-static REANNOUNCE_NS: u64 = 1_000_000_000;
-
 #[map]
 static SEEN: HashMap<u32, u64> = HashMap::with_max_entries(32768, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+#[map]
+static RUNQ_LAT: PerCpuArray<u64> = PerCpuArray::with_max_entries(LATENCY_SLOTS + 1, 0);
+#[map]
+static RUNQ_DEPTH: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEPTH_SLOTS, 0);
+#[map]
+static RUNQ_START: HashMap<u32, u64> = HashMap::with_max_entries(32768, 0);
+#[map]
+static RETRANS: PerCpuHashMap<RetransKey, RetransValue> = PerCpuHashMap::with_max_entries(4096, 0);
+#[map]
+static SOCK_OWNERS: LruHashMap<u64, SockOwner> = LruHashMap::with_max_entries(65536, 0);
+#[map]
+static OOM_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 const EEXIST: i32 = 17;
 const ENOMEM: i32 = 12;
 const E2BIG: i32 = 7;
 
 #[inline(always)]
+fn config() -> &'static Config {
+    // SAFETY: read-only global set before load; volatile so the compiler
+    // keeps the load instead of folding in the defaults above.
+    unsafe { &*core::ptr::read_volatile(&&CONFIG) }
+}
+
+#[inline(always)]
 fn bump(counter: Counter) {
-    if let Some(v) = COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot, this program cannot be preempted by itself
-        // on this CPU, so the increment is exact.
-        unsafe { *v += 1 };
+    add(&COUNTERS, counter as u32, 1);
+}
+
+#[inline(always)]
+fn add(map: &PerCpuArray<u64>, idx: u32, n: u64) {
+    if let Some(v) = map.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, and a program does not preempt itself on a
+        // CPU, so the increment is exact.
+        unsafe { *v += n };
     }
 }
 
 #[inline(always)]
-fn global(v: &u8) -> bool {
-    // SAFETY: reading a global that the loader set before load; volatile so
-    // the compiler keeps the load instead of folding the default value.
-    unsafe { core::ptr::read_volatile(v) != 0 }
+fn now() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// floor(log2(v)), 0 for 0 and 1 (libbpf-tools' `log2l`).
+#[inline(always)]
+fn log2(v: u64) -> u32 {
+    if v == 0 { 0 } else { 63 - v.leading_zeros() }
 }
 
 /// True when a stack walk failed for lack of room rather than for lack of
@@ -82,9 +125,25 @@ pub fn sample_stack(ctx: PerfEventContext) -> u32 {
 
 #[inline(always)]
 fn try_sample(ctx: &PerfEventContext) {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let cfg = config();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+
+    // Utilization and run-queue depth see every tick, whatever the filter.
+    bump(Counter::CpuTicks);
+    if tid != 0 {
+        bump(Counter::CpuBusyTicks);
+    }
+    if cfg.runqueue_depth != 0 {
+        runqueue_depth(cfg, tid);
+    }
+    if cfg.take_stacks == 0 {
+        return;
+    }
+
     // SAFETY: lookups in a hash map of plain integers.
-    if global(&FILTER_PIDS) && unsafe { PIDS.get(&tgid) }.is_none() {
+    if cfg.filter_pids != 0 && unsafe { PIDS.get(&tgid) }.is_none() {
         return;
     }
     bump(Counter::Samples);
@@ -129,19 +188,54 @@ fn try_sample(ctx: &PerfEventContext) {
     }
 
     // Tell userspace about a process when it is first sampled, and again
-    // every REANNOUNCE_NS while it keeps being sampled, so that it reads the
-    // process's memory maps while the process lives.
+    // every `reannounce_ns` while it keeps being sampled, so that it reads
+    // the process's memory maps while the process lives.
     if tgid != 0 {
-        announce(tgid);
+        announce(cfg, tgid);
     }
 }
 
+/// Tasks waiting on this CPU's run queue, excluding the running one:
+/// task->se.cfs_rq->rq->cfs.<h_nr_runnable | h_nr_running | h_nr_queued>
+/// (every runnable CFS task of the CPU, whatever its cgroup), the offsets
+/// of that chain found in BTF by the loader.
 #[inline(always)]
-fn announce(tgid: u32) {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
-    // SAFETY: read-only global set before load.
-    let every = unsafe { core::ptr::read_volatile(&REANNOUNCE_NS) };
+fn runqueue_depth(cfg: &Config, tid: u32) {
+    // SAFETY: probe reads of kernel memory at offsets from BTF; a bad
+    // pointer makes the helper fail, it cannot fault.
+    let nr = unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let Ok(cfs_rq) =
+            bpf_probe_read_kernel(task.add(cfg.task_cfs_rq as usize) as *const *const u8)
+        else {
+            bump(Counter::RunqDepthFailed);
+            return;
+        };
+        let Ok(rq) = bpf_probe_read_kernel(cfs_rq.add(cfg.cfs_rq_rq as usize) as *const *const u8)
+        else {
+            bump(Counter::RunqDepthFailed);
+            return;
+        };
+        match bpf_probe_read_kernel(rq.add(cfg.rq_nr_runnable as usize) as *const u32) {
+            Ok(n) => n,
+            Err(_) => {
+                bump(Counter::RunqDepthFailed);
+                return;
+            }
+        }
+    };
+    let waiting = if tid == 0 { nr } else { nr.saturating_sub(1) };
+    let slot = if waiting >= DEPTH_SLOTS {
+        DEPTH_SLOTS - 1
+    } else {
+        waiting
+    };
+    add(&RUNQ_DEPTH, slot, 1);
+}
+
+#[inline(always)]
+fn announce(cfg: &Config, tgid: u32) {
+    let now = now();
     let kind = match SEEN.get_ptr_mut(&tgid) {
         None => {
             // BPF_NOEXIST: only the first CPU to insert announces it.
@@ -154,7 +248,7 @@ fn announce(tgid: u32) {
             // SAFETY: pointer into the map's value; a racing CPU at worst
             // announces the same process twice.
             unsafe {
-                if now.wrapping_sub(*last) < every {
+                if now.wrapping_sub(*last) < cfg.reannounce_ns {
                     return;
                 }
                 *last = now;
@@ -171,33 +265,205 @@ fn announce(tgid: u32) {
     }
 }
 
-#[tracepoint]
-pub fn follow_fork(ctx: TracePointContext) -> u32 {
-    try_follow_fork(&ctx);
-    0
+#[inline(always)]
+fn read<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
+    if offset == NO_FIELD {
+        return None;
+    }
+    // SAFETY: bounds-checked probe read of the tracepoint record.
+    unsafe { ctx.read_at::<T>(offset as usize) }.ok()
 }
 
-#[inline(always)]
-fn try_follow_fork(ctx: &TracePointContext) {
-    if !global(&FOLLOW_FORKS) {
-        return;
+#[tracepoint]
+pub fn follow_fork(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    if cfg.follow_forks == 0 {
+        return 0;
     }
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: lookup in a hash map of plain integers.
     if unsafe { PIDS.get(&parent) }.is_none() {
-        return;
+        return 0;
     }
-    // SAFETY: the offset comes from the tracepoint's format file; read_at
-    // is a bounds-checked probe read.
-    let offset = unsafe { core::ptr::read_volatile(&FORK_CHILD_PID_OFFSET) } as usize;
-    let Ok(child) = (unsafe { ctx.read_at::<i32>(offset) }) else {
-        return;
+    let Some(child) = read::<i32>(&ctx, cfg.fork_child_pid) else {
+        return 0;
     };
     if PIDS.insert(&(child as u32), &1, 0).is_ok() {
         bump(Counter::ForksFollowed);
     } else {
         bump(Counter::ForksDropped);
     }
+    0
+}
+
+/// sched_wakeup and sched_wakeup_new: the task becomes runnable.
+#[tracepoint]
+pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
+    if let Some(pid) = read::<i32>(&ctx, config().wakeup_pid) {
+        enqueued(pid as u32);
+    }
+    0
+}
+
+#[inline(always)]
+fn enqueued(pid: u32) {
+    if pid == 0 {
+        return;
+    }
+    if RUNQ_START.insert(&pid, &now(), 0).is_err() {
+        bump(Counter::RunqStartFull);
+    }
+}
+
+/// sched_switch: a task preempted while runnable waits again; the next
+/// task's wait ends.
+#[tracepoint]
+pub fn sched_switch(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    if let (Some(state), Some(prev)) = (
+        read::<i64>(&ctx, cfg.switch_prev_state),
+        read::<i32>(&ctx, cfg.switch_prev_pid),
+    ) && (state as u64) & cfg.switch_runnable_mask == 0
+    {
+        enqueued(prev as u32);
+    }
+    let Some(next) = read::<i32>(&ctx, cfg.switch_next_pid) else {
+        return 0;
+    };
+    let next = next as u32;
+    if next == 0 {
+        return 0;
+    }
+    // SAFETY: lookup in a hash map of plain integers.
+    let Some(&start) = (unsafe { RUNQ_START.get(&next) }) else {
+        return 0;
+    };
+    let _ = RUNQ_START.remove(&next);
+    let delta_us = now().saturating_sub(start) / 1000;
+    let slot = log2(delta_us);
+    let slot = if slot >= LATENCY_SLOTS {
+        LATENCY_SLOTS - 1
+    } else {
+        slot
+    };
+    add(&RUNQ_LAT, slot, 1);
+    // The slot after the histogram keeps this CPU's longest wait.
+    if let Some(max) = RUNQ_LAT.get_ptr_mut(LATENCY_SLOTS) {
+        // SAFETY: per-CPU slot of this CPU.
+        unsafe {
+            if delta_us > *max {
+                *max = delta_us;
+            }
+        }
+    }
+    0
+}
+
+/// inet_sock_set_state and sock_send_length, in process context: remember
+/// which process uses the socket, for the retransmits that fire later from
+/// a timer.
+#[tracepoint]
+pub fn sock_owner(ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if tgid == 0 {
+        return 0; // softirq on an idle CPU: not the owner
+    }
+    let Some(sk) = read::<u64>(&ctx, config().sock_owner_sk) else {
+        return 0;
+    };
+    let owner = SockOwner {
+        tgid,
+        _pad: 0,
+        // SAFETY: no preconditions.
+        cgroup: unsafe { bpf_get_current_cgroup_id() },
+    };
+    let _ = SOCK_OWNERS.insert(&sk, &owner, 0);
+    0
+}
+
+#[tracepoint]
+pub fn tcp_retransmit(ctx: TracePointContext) -> u32 {
+    let f = &config().retrans;
+    bump(Counter::Retransmits);
+    let mut key = RetransKey {
+        saddr: [0; 16],
+        daddr: [0; 16],
+        sport: read::<u16>(&ctx, f[retrans_field::SPORT]).unwrap_or(0),
+        dport: read::<u16>(&ctx, f[retrans_field::DPORT]).unwrap_or(0),
+        family: read::<u16>(&ctx, f[retrans_field::FAMILY]).unwrap_or(0),
+        state: read::<i32>(&ctx, f[retrans_field::STATE]).unwrap_or(0) as u16,
+    };
+    if key.family == 10 {
+        key.saddr = read::<[u8; 16]>(&ctx, f[retrans_field::SADDR6]).unwrap_or([0; 16]);
+        key.daddr = read::<[u8; 16]>(&ctx, f[retrans_field::DADDR6]).unwrap_or([0; 16]);
+    } else {
+        let s = read::<[u8; 4]>(&ctx, f[retrans_field::SADDR]).unwrap_or([0; 4]);
+        let d = read::<[u8; 4]>(&ctx, f[retrans_field::DADDR]).unwrap_or([0; 4]);
+        key.saddr[..4].copy_from_slice(&s);
+        key.daddr[..4].copy_from_slice(&d);
+    }
+    let now = now();
+    if let Some(v) = RETRANS.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value of this CPU: no concurrent writer.
+        unsafe {
+            (*v).count += 1;
+            (*v).last_ns = now;
+        }
+        return 0;
+    }
+    let mut value = RetransValue {
+        count: 1,
+        first_ns: now,
+        last_ns: now,
+        ..RetransValue::default()
+    };
+    if let Some(sk) = read::<u64>(&ctx, f[retrans_field::SKADDR])
+        // SAFETY: lookup of a plain struct.
+        && let Some(owner) = unsafe { SOCK_OWNERS.get(&sk) }
+    {
+        value.owner_tgid = owner.tgid;
+        value.owner_cgroup = owner.cgroup;
+    }
+    if RETRANS.insert(&key, &value, 0).is_err() {
+        bump(Counter::RetransMapFull);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn oom_victim(ctx: TracePointContext) -> u32 {
+    let f = &config().oom;
+    bump(Counter::OomKills);
+    let Some(mut entry) = OOM_EVENTS.reserve::<OomEvent>(0) else {
+        bump(Counter::OomEventsLost);
+        return 0;
+    };
+    let mut comm = [0u8; COMM_LEN];
+    if let Some(loc) = read::<u32>(&ctx, f[oom_field::COMM]) {
+        // __data_loc: low 16 bits offset, high 16 bits length.
+        let off = (loc & 0xffff) as usize;
+        // SAFETY: bounds-checked probe read of the record.
+        if let Ok(c) = unsafe { ctx.read_at::<[u8; COMM_LEN]>(off) } {
+            comm = c;
+        }
+    }
+    let event = OomEvent {
+        ts_ns: now(),
+        pid: read::<i32>(&ctx, f[oom_field::PID]).unwrap_or(0) as u32,
+        uid: read::<u32>(&ctx, f[oom_field::UID]).unwrap_or(u32::MAX),
+        total_vm: read::<u64>(&ctx, f[oom_field::TOTAL_VM]).unwrap_or(0),
+        anon_rss: read::<u64>(&ctx, f[oom_field::ANON_RSS]).unwrap_or(0),
+        file_rss: read::<u64>(&ctx, f[oom_field::FILE_RSS]).unwrap_or(0),
+        shmem_rss: read::<u64>(&ctx, f[oom_field::SHMEM_RSS]).unwrap_or(0),
+        // SAFETY: no preconditions.
+        trigger_cgroup: unsafe { bpf_get_current_cgroup_id() },
+        oom_score_adj: read::<i16>(&ctx, f[oom_field::SCORE_ADJ]).unwrap_or(0),
+        _pad: [0; 6],
+        comm,
+    };
+    entry.write(event);
+    entry.submit(0);
+    0
 }
 
 #[cfg(not(test))]

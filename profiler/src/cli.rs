@@ -45,9 +45,21 @@ pub struct RecordArgs {
     #[arg(short = 'o', long = "output", value_name = "DIR")]
     pub output: Option<PathBuf>,
 
+    /// Collect only the USE signals (run queues, retransmits, OOM kills,
+    /// utilization): no stacks, no flame graph, the lowest overhead.
+    #[arg(long = "no-stacks")]
+    pub no_stacks: bool,
+
     /// Start this command and profile it (and its children) until it exits.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+impl RecordArgs {
+    /// Whether stacks are taken.
+    pub fn stacks(&self) -> bool {
+        !self.no_stacks
+    }
 }
 
 /// Parses `10`, `10s`, `2m`, `1h`, `500ms`.

@@ -6,10 +6,13 @@
 //! one-shot `profiler record`.
 
 pub mod capture;
+pub mod cgroups;
 pub mod cli;
 pub mod fold;
 #[cfg(test)]
 mod golden;
+pub mod hostsnap;
+pub mod kbtf;
 pub mod perfmap;
 pub mod preflight;
 pub mod procmaps;
@@ -17,3 +20,5 @@ pub mod procs;
 pub mod record;
 pub mod render;
 pub mod symbolize;
+pub mod tracefs;
+pub mod usereport;

@@ -1,7 +1,8 @@
 //! `profiler record`: one capture, from preflight checks to the files.
 
 use std::{
-    fs, io,
+    fs,
+    io::{self, Write as _},
     path::{Path, PathBuf},
     process::ExitStatus,
     time::{Duration, Instant},
@@ -14,9 +15,11 @@ use crate::{
     capture::{Capture, CaptureConfig, CaptureError, RawProfile},
     cli::RecordArgs,
     fold::{self, Folded},
+    hostsnap,
     preflight::{self, PreflightError},
     render,
     symbolize::symbolize_profile,
+    usereport,
 };
 
 /// Why `record` failed.
@@ -192,6 +195,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         pids: tgids.clone(),
         filter: has_command || !tgids.is_empty(),
         follow_forks: has_command,
+        stacks: args.stacks(),
         ..Default::default()
     };
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -199,6 +203,8 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
 
     let mut capture = Capture::start(&cfg)?;
     let started = Instant::now();
+    let clock = usereport::Clock::now();
+    let host_start = hostsnap::snapshot();
 
     // Start the command with our own pid in the filter, so the fork
     // tracepoint adds the child before it runs a single instruction of
@@ -241,9 +247,10 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
             }
         }
     };
-    capture.stop();
     let stopped = Instant::now();
     let elapsed = stopped - started;
+    capture.stop();
+    let host_end = hostsnap::snapshot();
 
     // A second Ctrl-C or SIGTERM while writing aborts at once.
     tokio::spawn(async move {
@@ -273,50 +280,80 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
 
     let raw = capture.collect()?;
     capture.procs.refresh_all();
-    let exclude = has_command.then_some(own_pid);
-    let stacks = symbolize_profile(&raw, &capture.procs, exclude);
-    let folded = fold::fold(&stacks);
-    let samples = fold::total(&folded);
 
-    let folded_path = dir.join("stacks.folded");
-    write_atomic(&folded_path, |w| fold::write_folded(&folded, w))?;
-    let svg_path = dir.join("flamegraph.svg");
-    let title = render::Title {
-        host: hostname(),
-        duration_s: elapsed.as_secs_f64(),
-        frequency_hz: args.frequency,
-        samples,
-    };
-    write_atomic(&svg_path, |w| render::flamegraph(&folded, &title, w))?;
+    // The USE report: table on stderr, use.json and events.jsonl.
+    let report = usereport::build(
+        &raw,
+        &host_start,
+        &host_end,
+        elapsed,
+        args.frequency,
+        &clock,
+    );
+    let use_path = dir.join("use.json");
+    write_atomic(&use_path, |w| {
+        serde_json::to_writer_pretty(&mut *w, &report).map_err(io::Error::other)?;
+        writeln!(w)
+    })?;
+    let events_path = dir.join("events.jsonl");
+    write_atomic(&events_path, |w| {
+        for line in usereport::events_jsonl(&report) {
+            writeln!(w, "{line}")?;
+        }
+        Ok(())
+    })?;
+
+    let mut written_paths = vec![use_path, events_path];
+    let (mut samples, mut unique_stacks) = (0, 0);
+    let mut folded = Folded::new();
+    if args.stacks() {
+        let exclude = has_command.then_some(own_pid);
+        let stacks = symbolize_profile(&raw, &capture.procs, exclude);
+        folded = fold::fold(&stacks);
+        samples = fold::total(&folded);
+        unique_stacks = folded.len();
+
+        let folded_path = dir.join("stacks.folded");
+        write_atomic(&folded_path, |w| fold::write_folded(&folded, w))?;
+        let svg_path = dir.join("flamegraph.svg");
+        let title = render::Title {
+            host: hostname(),
+            duration_s: elapsed.as_secs_f64(),
+            frequency_hz: args.frequency,
+            samples,
+        };
+        write_atomic(&svg_path, |w| render::flamegraph(&folded, &title, w))?;
+        written_paths.insert(0, svg_path);
+        written_paths.insert(0, folded_path);
+    }
     let written = Instant::now();
+    capture.detach();
 
+    eprint!("{}", usereport::render_table(&report));
     print_summary(
         &raw,
         &folded,
         samples,
         elapsed,
         args.frequency,
-        &folded_path,
-        &svg_path,
+        &written_paths,
         written - stopped,
     );
     Ok(Outcome {
         dir,
         samples,
-        unique_stacks: folded.len(),
+        unique_stacks,
         command_status,
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 fn print_summary(
     raw: &RawProfile,
     folded: &Folded,
     samples: u64,
     elapsed: Duration,
     hz: u64,
-    folded_path: &Path,
-    svg_path: &Path,
+    paths: &[PathBuf],
     post: Duration,
 ) {
     let lost = raw.counter(Counter::CountMapFull);
@@ -332,23 +369,39 @@ fn print_summary(
     eprintln!(
         "profiler: lost {lost} samples (count map full); stacks dropped: {dropped_user} user, {dropped_kernel} kernel (stack map full or collision); {no_stack} samples without any stack"
     );
-    let events_lost = raw.counter(Counter::EventsLost);
-    if events_lost > 0 {
-        eprintln!(
-            "profiler: {events_lost} new-process notifications lost: those processes may show unnamed frames"
-        );
-    }
-    let forks_dropped = raw.counter(Counter::ForksDropped);
-    if forks_dropped > 0 {
-        eprintln!(
-            "profiler: {forks_dropped} forked children could not be followed (pid filter full)"
-        );
-    }
+    let warn = |c: Counter, what: &str| {
+        let n = raw.counter(c);
+        if n > 0 {
+            eprintln!("profiler: {n} {what}");
+        }
+    };
+    warn(
+        Counter::EventsLost,
+        "new-process notifications lost: those processes may show unnamed frames",
+    );
+    warn(
+        Counter::ForksDropped,
+        "forked children could not be followed (pid filter full)",
+    );
+    warn(
+        Counter::RunqStartFull,
+        "wakeups not timed (run-queue map full)",
+    );
+    warn(Counter::RunqDepthFailed, "run-queue depth reads failed");
+    warn(
+        Counter::RetransMapFull,
+        "retransmits on connections beyond the per-connection map (in the total, not per connection)",
+    );
+    warn(
+        Counter::OomEventsLost,
+        "OOM kill events lost (ring buffer full; in the count, without details)",
+    );
     eprintln!(
-        "profiler: symbolized and written in {} ms; peak RSS {} MiB",
+        "profiler: analysed and written in {} ms; peak RSS {} MiB",
         post.as_millis(),
         peak_rss_kib() / 1024
     );
-    eprintln!("profiler: wrote {}", folded_path.display());
-    eprintln!("profiler: wrote {}", svg_path.display());
+    for p in paths {
+        eprintln!("profiler: wrote {}", p.display());
+    }
 }

@@ -16,7 +16,10 @@ use aya::{
         trace_point::TracePointLinkId,
     },
 };
-use profiler_common::{Counter, ProcessEvent, StackKey, names};
+use profiler_common::{
+    Config, Counter, DEPTH_SLOTS, LATENCY_SLOTS, OomEvent, ProcessEvent, RetransKey, RetransValue,
+    StackKey, names, oom_field, retrans_field,
+};
 use tokio::io::unix::AsyncFd;
 
 use crate::procs::ProcessTable;
@@ -44,6 +47,8 @@ pub struct CaptureConfig {
     pub stack_map_entries: u32,
     /// Entries of the count map (distinct process/stack keys).
     pub count_map_entries: u32,
+    /// Take stacks (false: `--no-stacks`, only the USE signals).
+    pub stacks: bool,
 }
 
 impl Default for CaptureConfig {
@@ -55,6 +60,7 @@ impl Default for CaptureConfig {
             follow_forks: false,
             stack_map_entries: 16 * 1024,
             count_map_entries: 40 * 1024,
+            stacks: true,
         }
     }
 }
@@ -111,6 +117,24 @@ pub struct RawStack {
     pub count: u64,
 }
 
+/// An OOM kill as seen, with what userspace added while the victim lived.
+#[derive(Clone, Debug)]
+pub struct OomKill {
+    /// The kernel's record.
+    pub event: OomEvent,
+    /// Victim's cgroup path(s) from /proc/PID/cgroup, read at once.
+    pub victim_cgroup: Option<String>,
+}
+
+/// A signal that could not be collected, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unavailable {
+    /// Which signal (`runqueue_latency`, `runqueue_depth`, ...).
+    pub signal: &'static str,
+    /// Why, in words that say what would fix it.
+    pub reason: String,
+}
+
 /// Everything the kernel side recorded.
 #[derive(Clone, Debug, Default)]
 pub struct RawProfile {
@@ -120,6 +144,26 @@ pub struct RawProfile {
     pub counters: HashMap<&'static str, u64>,
     /// Online CPUs sampled.
     pub cpus: usize,
+    /// Online CPU ids.
+    pub cpu_ids: Vec<u32>,
+    /// cpu-clock ticks per CPU (index: CPU id).
+    pub cpu_ticks: Vec<u64>,
+    /// Ticks per CPU that found a task other than idle.
+    pub cpu_busy_ticks: Vec<u64>,
+    /// Run-queue latency histogram per CPU (`[cpu][slot]`, log2 us).
+    pub runq_latency: Vec<Vec<u64>>,
+    /// Longest run-queue wait seen, in microseconds.
+    pub runq_latency_max_us: u64,
+    /// Run-queue depth histogram per CPU (`[cpu][depth]`).
+    pub runq_depth: Vec<Vec<u64>>,
+    /// Retransmits per connection (summed over CPUs; owner where known).
+    pub retransmits: Vec<(RetransKey, RetransValue)>,
+    /// OOM kills, in order.
+    pub oom_kills: Vec<OomKill>,
+    /// Signals not collected, with the reason.
+    pub unavailable: Vec<Unavailable>,
+    /// Name of the cfs_rq count field the depth was read from.
+    pub depth_field: Option<&'static str>,
 }
 
 impl RawProfile {
@@ -140,6 +184,14 @@ pub fn counter_name(c: Counter) -> &'static str {
         Counter::EventsLost => "process_events_lost",
         Counter::ForksFollowed => "forks_followed",
         Counter::ForksDropped => "forks_not_followed",
+        Counter::CpuTicks => "cpu_ticks",
+        Counter::CpuBusyTicks => "cpu_busy_ticks",
+        Counter::RunqStartFull => "runqueue_wakeups_untimed_map_full",
+        Counter::RunqDepthFailed => "runqueue_depth_reads_failed",
+        Counter::RetransMapFull => "retransmit_connections_not_kept_map_full",
+        Counter::Retransmits => "tcp_retransmits",
+        Counter::OomKills => "oom_kills",
+        Counter::OomEventsLost => "oom_events_lost",
     }
 }
 
@@ -147,10 +199,14 @@ pub fn counter_name(c: Counter) -> &'static str {
 pub struct Capture {
     ebpf: Ebpf,
     perf_links: Vec<PerfEventLinkId>,
-    fork_link: Option<TracePointLinkId>,
+    tp_links: Vec<(&'static str, TracePointLinkId)>,
     events: AsyncFd<RingBuf<MapData>>,
+    oom_events: AsyncFd<RingBuf<MapData>>,
+    oom_kills: Vec<OomKill>,
     pids: BpfHashMap<MapData, u32, u8>,
     cpus: Vec<u32>,
+    unavailable: Vec<Unavailable>,
+    depth_field: Option<&'static str>,
     /// Processes read while they lived.
     pub procs: ProcessTable,
 }
@@ -173,45 +229,144 @@ pub fn parse_cpu_list(s: &str) -> Option<Vec<u32>> {
     Some(out)
 }
 
-/// Offset of `field` in a tracepoint's format file text.
-pub fn tracepoint_field_offset(format: &str, field: &str) -> Option<u32> {
-    format.lines().find_map(|l| {
-        let l = l.trim();
-        let decl = l.strip_prefix("field:")?.split(';').next()?;
-        let name = decl.split_whitespace().last()?.split('[').next()?;
-        if name != field {
-            return None;
+/// A USE signal: its name, its program, and the tracepoints it attaches to.
+type Signal = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
+fn prog_err(what: impl Into<String>) -> impl FnOnce(aya::programs::ProgramError) -> CaptureError {
+    let what = what.into();
+    move |source| CaptureError::Program { what, source }
+}
+
+/// Reads the layouts of every tracepoint used and fills in [`Config`]; a
+/// tracepoint missing from this kernel marks its signal unavailable.
+fn build_config(
+    cfg: &CaptureConfig,
+    unavailable: &mut Vec<Unavailable>,
+) -> (Config, Option<&'static str>) {
+    use crate::tracefs::{Format, switch_runnable_mask};
+    let mut c = Config {
+        filter_pids: cfg.filter.into(),
+        follow_forks: cfg.follow_forks.into(),
+        take_stacks: cfg.stacks.into(),
+        runqueue_depth: 0,
+        fork_child_pid: 20,
+        reannounce_ns: REANNOUNCE_NS,
+        task_cfs_rq: 0,
+        cfs_rq_rq: 0,
+        rq_nr_runnable: 0,
+        switch_prev_pid: 0,
+        switch_prev_state: 0,
+        switch_next_pid: 0,
+        wakeup_pid: 0,
+        _pad: 0,
+        switch_runnable_mask: 0xff,
+        oom: [profiler_common::NO_FIELD; 8],
+        retrans: [profiler_common::NO_FIELD; 9],
+        sock_owner_sk: profiler_common::NO_FIELD,
+    };
+    if let Ok(f) = Format::read("sched", "sched_process_fork") {
+        c.fork_child_pid = f.offset_or_none("child_pid");
+    }
+    match (
+        Format::read("sched", "sched_switch"),
+        Format::read("sched", "sched_wakeup"),
+    ) {
+        (Ok(sw), Ok(wk)) => {
+            c.switch_prev_pid = sw.offset_or_none("prev_pid");
+            c.switch_prev_state = sw.offset_or_none("prev_state");
+            c.switch_next_pid = sw.offset_or_none("next_pid");
+            c.switch_runnable_mask = switch_runnable_mask(&sw.print_fmt);
+            c.wakeup_pid = wk.offset_or_none("pid");
         }
-        let off = l
-            .split(';')
-            .find_map(|p| p.trim().strip_prefix("offset:"))?;
-        off.trim().parse().ok()
-    })
+        (Err(e), _) | (_, Err(e)) => unavailable.push(Unavailable {
+            signal: "runqueue_latency",
+            reason: e,
+        }),
+    }
+    let mut depth_field = None;
+    match crate::kbtf::load().and_then(|btf| crate::kbtf::depth_offsets(&btf)) {
+        Ok(d) => {
+            c.runqueue_depth = 1;
+            c.task_cfs_rq = d.task_cfs_rq;
+            c.cfs_rq_rq = d.cfs_rq_rq;
+            c.rq_nr_runnable = d.rq_nr_runnable;
+            depth_field = Some(d.count_field);
+        }
+        Err(reason) => unavailable.push(Unavailable {
+            signal: "runqueue_depth",
+            reason,
+        }),
+    }
+    match Format::read("tcp", "tcp_retransmit_skb") {
+        Ok(f) => {
+            let names = [
+                "skaddr", "state", "sport", "dport", "family", "saddr", "daddr", "saddr_v6",
+                "daddr_v6",
+            ];
+            for (i, n) in names.iter().enumerate() {
+                c.retrans[i] = f.offset_or_none(n);
+            }
+            debug_assert_eq!(names[retrans_field::DADDR6], "daddr_v6");
+        }
+        Err(reason) => unavailable.push(Unavailable {
+            signal: "tcp_retransmits",
+            reason,
+        }),
+    }
+    if let Ok(f) = Format::read("sock", "inet_sock_set_state") {
+        c.sock_owner_sk = f.offset_or_none("skaddr");
+    }
+    match Format::read("oom", "mark_victim") {
+        Ok(f) => {
+            let names = [
+                "pid",
+                "comm",
+                "total_vm",
+                "anon_rss",
+                "file_rss",
+                "shmem_rss",
+                "uid",
+                "oom_score_adj",
+            ];
+            for (i, n) in names.iter().enumerate() {
+                c.oom[i] = f.offset_or_none(n);
+            }
+            debug_assert_eq!(names[oom_field::SCORE_ADJ], "oom_score_adj");
+        }
+        Err(reason) => unavailable.push(Unavailable {
+            signal: "oom_kills",
+            reason,
+        }),
+    }
+    (c, depth_field)
 }
 
 impl Capture {
-    /// Loads the programs and starts sampling.
+    /// Loads the programs and starts sampling. A signal whose program
+    /// cannot be loaded or attached on this kernel is reported in
+    /// [`RawProfile::unavailable`]; the others go on.
     pub fn start(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
         let cpus_text = fs::read_to_string("/sys/devices/system/cpu/online")
             .map_err(|e| CaptureError::Cpus(e.to_string()))?;
         let cpus = parse_cpu_list(&cpus_text)
             .ok_or_else(|| CaptureError::Cpus(format!("unparsable {cpus_text:?}")))?;
 
-        let filter: u8 = cfg.filter.into();
-        let follow: u8 = cfg.follow_forks.into();
-        let fork_offset = fs::read_to_string(
-            crate::preflight::TRACEFS.to_string() + "/events/sched/sched_process_fork/format",
-        )
-        .ok()
-        .and_then(|f| tracepoint_field_offset(&f, "child_pid"))
-        .unwrap_or(20);
+        let mut unavailable = Vec::new();
+        let (config, depth_field) = build_config(cfg, &mut unavailable);
         let mut ebpf = EbpfLoader::new()
-            .override_global(names::GLOBAL_FILTER, &filter, true)
-            .override_global(names::GLOBAL_FOLLOW_FORKS, &follow, true)
-            .override_global("FORK_CHILD_PID_OFFSET", &fork_offset, true)
-            .override_global(names::GLOBAL_REANNOUNCE_NS, &REANNOUNCE_NS, true)
-            .map_max_entries(names::MAP_STACKS, cfg.stack_map_entries)
-            .map_max_entries(names::MAP_COUNTS, cfg.count_map_entries)
+            .override_global(names::GLOBAL_CONFIG, &config, true)
+            .map_max_entries(
+                names::MAP_STACKS,
+                if cfg.stacks { cfg.stack_map_entries } else { 1 },
+            )
+            .map_max_entries(
+                names::MAP_COUNTS,
+                if cfg.stacks { cfg.count_map_entries } else { 1 },
+            )
             .load(EBPF_OBJECT)
             .map_err(CaptureError::Load)?;
 
@@ -227,33 +382,83 @@ impl Capture {
         // the RingBuf, and always reports that same fd.
         let events =
             unsafe { AsyncFd::register(events) }.map_err(|e| CaptureError::Io(e.into()))?;
+        let oom_events: RingBuf<MapData> = take_map(&mut ebpf, names::MAP_OOM_EVENTS)?;
+        // SAFETY: as above.
+        let oom_events =
+            unsafe { AsyncFd::register(oom_events) }.map_err(|e| CaptureError::Io(e.into()))?;
 
         let mut procs = ProcessTable::new();
         for pid in &cfg.pids {
             procs.observe(*pid);
         }
 
-        let mut fork_link = None;
+        let mut tp_links = Vec::new();
         if cfg.follow_forks {
             let prog: &mut TracePoint = program(&mut ebpf, names::PROG_FORK)?;
-            prog.load().map_err(|source| CaptureError::Program {
-                what: "load the fork tracepoint program".into(),
-                source,
-            })?;
-            fork_link = Some(
-                prog.attach("sched", "sched_process_fork")
-                    .map_err(|source| CaptureError::Program {
-                        what: "attach to tracepoint sched:sched_process_fork".into(),
-                        source,
-                    })?,
-            );
+            prog.load()
+                .map_err(prog_err("load the fork tracepoint program"))?;
+            let link = prog
+                .attach("sched", "sched_process_fork")
+                .map_err(prog_err("attach to tracepoint sched:sched_process_fork"))?;
+            tp_links.push((names::PROG_FORK, link));
+        }
+
+        // The USE signals: each one that fails is reported and skipped.
+        let signals: [Signal; 5] = [
+            (
+                "runqueue_latency",
+                names::PROG_WAKEUP,
+                &[("sched", "sched_wakeup"), ("sched", "sched_wakeup_new")],
+            ),
+            (
+                "runqueue_latency",
+                names::PROG_SWITCH,
+                &[("sched", "sched_switch")],
+            ),
+            (
+                "tcp_retransmits",
+                names::PROG_RETRANSMIT,
+                &[("tcp", "tcp_retransmit_skb")],
+            ),
+            (
+                "tcp_retransmit_owners",
+                names::PROG_SOCK_OWNER,
+                &[
+                    ("sock", "inet_sock_set_state"),
+                    ("sock", "sock_send_length"),
+                ],
+            ),
+            ("oom_kills", names::PROG_OOM, &[("oom", "mark_victim")]),
+        ];
+        for (signal, prog_name, points) in signals {
+            if unavailable.iter().any(|u| u.signal == signal) {
+                continue;
+            }
+            let prog: &mut TracePoint = program(&mut ebpf, prog_name)?;
+            if let Err(e) = prog.load() {
+                unavailable.push(Unavailable {
+                    signal,
+                    reason: format!("the kernel refused program {prog_name}: {e}"),
+                });
+                continue;
+            }
+            for (cat, name) in points {
+                // sock_send_length (6.3+) only adds owners; the others are needed.
+                match prog.attach(cat, name) {
+                    Ok(link) => tp_links.push((prog_name, link)),
+                    Err(e) if *name == "sock_send_length" => {
+                        let _ = e;
+                    }
+                    Err(e) => unavailable.push(Unavailable {
+                        signal,
+                        reason: format!("cannot attach to tracepoint {cat}:{name}: {e}"),
+                    }),
+                }
+            }
         }
 
         let prog: &mut PerfEvent = program(&mut ebpf, names::PROG_SAMPLE)?;
-        prog.load().map_err(|source| CaptureError::Program {
-            what: "load the sampling program".into(),
-            source,
-        })?;
+        prog.load().map_err(prog_err("load the sampling program"))?;
         let mut perf_links = Vec::with_capacity(cpus.len());
         // cpu-clock counts nanoseconds: a fixed period gives exactly
         // `frequency_hz` samples per second per CPU, with no ramp-up.
@@ -266,21 +471,24 @@ impl Capture {
                     SamplePolicy::Period(period),
                     false,
                 )
-                .map_err(|source| CaptureError::Program {
-                    what: format!("attach the sampler to the cpu-clock of CPU {cpu}"),
-                    source,
-                })?;
+                .map_err(prog_err(format!(
+                    "attach the sampler to the cpu-clock of CPU {cpu}"
+                )))?;
             perf_links.push(link);
         }
 
         Ok(Capture {
             ebpf,
             perf_links,
-            fork_link,
+            tp_links,
             events,
+            oom_events,
+            oom_kills: Vec::new(),
             pids,
             cpus,
             procs,
+            unavailable,
+            depth_field,
         })
     }
 
@@ -301,14 +509,17 @@ impl Capture {
         let _ = self.pids.remove(&pid);
     }
 
-    /// Waits until the kernel has announced new processes.
+    /// Waits until the kernel has announced new processes or OOM kills.
     pub async fn events_ready(&self) -> std::io::Result<()> {
-        let mut guard = self.events.readable().await?;
-        guard.clear_ready();
+        tokio::select! {
+            g = self.events.readable() => { g?.clear_ready(); }
+            g = self.oom_events.readable() => { g?.clear_ready(); }
+        }
         Ok(())
     }
 
-    /// Reads the memory maps of every newly announced process.
+    /// Reads the memory maps of every newly announced process, and the
+    /// cgroup of every OOM victim while it can still be read.
     pub fn drain_events(&mut self) {
         let mut new = Vec::new();
         let rb = self.events.get_mut();
@@ -323,22 +534,41 @@ impl Capture {
         for pid in new {
             self.procs.observe(pid);
         }
+        let rb = self.oom_events.get_mut();
+        while let Some(item) = rb.next() {
+            if item.len() >= std::mem::size_of::<OomEvent>() {
+                // SAFETY: as above, an OomEvent of plain integers.
+                let event: OomEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                let victim_cgroup = crate::cgroups::cgroup_of(event.pid);
+                self.oom_kills.push(OomKill {
+                    event,
+                    victim_cgroup,
+                });
+            }
+        }
     }
 
-    /// Stops sampling (the maps keep what was recorded).
+    /// Stops sampling (the maps keep what was recorded). The tracepoints
+    /// stay attached until [`Capture::detach`]: unregistering one waits for
+    /// an RCU grace period, about 0.1 s each, which [`Capture::collect`]
+    /// need not wait for.
     pub fn stop(&mut self) {
         if let Ok(prog) = program::<PerfEvent>(&mut self.ebpf, names::PROG_SAMPLE) {
             for link in self.perf_links.drain(..) {
                 let _ = prog.detach(link);
             }
         }
-        if let Some(link) = self.fork_link.take()
-            && let Ok(prog) = program::<TracePoint>(&mut self.ebpf, names::PROG_FORK)
-        {
-            let _ = prog.detach(link);
-        }
-        // Processes announced just before the stop.
+        // Processes and OOM kills announced just before the stop.
         self.drain_events();
+    }
+
+    /// Detaches the tracepoints (after [`Capture::collect`]).
+    pub fn detach(&mut self) {
+        for (name, link) in std::mem::take(&mut self.tp_links) {
+            if let Ok(prog) = program::<TracePoint>(&mut self.ebpf, name) {
+                let _ = prog.detach(link);
+            }
+        }
     }
 
     /// Drains the kernel maps (call after [`Capture::stop`]).
@@ -347,6 +577,11 @@ impl Capture {
             take_map(&mut self.ebpf, names::MAP_COUNTS)?;
         let stacks: StackTraceMap<MapData> = take_map(&mut self.ebpf, names::MAP_STACKS)?;
         let counters: PerCpuArray<MapData, u64> = take_map(&mut self.ebpf, names::MAP_COUNTERS)?;
+        let runq_lat: PerCpuArray<MapData, u64> = take_map(&mut self.ebpf, names::MAP_RUNQ_LAT)?;
+        let runq_depth: PerCpuArray<MapData, u64> =
+            take_map(&mut self.ebpf, names::MAP_RUNQ_DEPTH)?;
+        let retrans: PerCpuHashMap<MapData, RetransKey, RetransValue> =
+            take_map(&mut self.ebpf, names::MAP_RETRANS)?;
 
         let mut cache: HashMap<i32, RawStackPart> = HashMap::new();
         let mut resolve = |id: i32| -> RawStackPart {
@@ -364,6 +599,10 @@ impl Capture {
 
         let mut out = RawProfile {
             cpus: self.cpus.len(),
+            cpu_ids: self.cpus.clone(),
+            unavailable: self.unavailable.clone(),
+            depth_field: self.depth_field,
+            oom_kills: std::mem::take(&mut self.oom_kills),
             ..Default::default()
         };
         for item in counts.iter() {
@@ -382,12 +621,55 @@ impl Capture {
                 count,
             });
         }
+        let per_cpu = |map: &PerCpuArray<MapData, u64>, idx: u32| -> Vec<u64> {
+            map.get(&idx, 0)
+                .map(|v| v.iter().copied().collect())
+                .unwrap_or_default()
+        };
         for c in Counter::ALL {
-            let v = counters
-                .get(&(c as u32), 0)
-                .map(|v| v.iter().sum())
-                .unwrap_or(0);
-            out.counters.insert(counter_name(c), v);
+            out.counters
+                .insert(counter_name(c), per_cpu(&counters, c as u32).iter().sum());
+        }
+        out.cpu_ticks = per_cpu(&counters, Counter::CpuTicks as u32);
+        out.cpu_busy_ticks = per_cpu(&counters, Counter::CpuBusyTicks as u32);
+        let transpose = |map: &PerCpuArray<MapData, u64>, slots: u32| -> Vec<Vec<u64>> {
+            let by_slot: Vec<Vec<u64>> = (0..slots).map(|s| per_cpu(map, s)).collect();
+            let ncpu = by_slot.iter().map(Vec::len).max().unwrap_or(0);
+            (0..ncpu)
+                .map(|cpu| {
+                    by_slot
+                        .iter()
+                        .map(|v| v.get(cpu).copied().unwrap_or(0))
+                        .collect()
+                })
+                .collect()
+        };
+        out.runq_latency = transpose(&runq_lat, LATENCY_SLOTS);
+        out.runq_latency_max_us = per_cpu(&runq_lat, LATENCY_SLOTS)
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        out.runq_depth = transpose(&runq_depth, DEPTH_SLOTS);
+        for item in retrans.iter() {
+            let Ok((key, per_cpu)) = item else { continue };
+            let mut total = RetransValue::default();
+            for v in per_cpu.iter() {
+                if v.count == 0 {
+                    continue;
+                }
+                if total.count == 0 || v.first_ns < total.first_ns {
+                    total.first_ns = v.first_ns;
+                }
+                total.last_ns = total.last_ns.max(v.last_ns);
+                total.count += v.count;
+                if total.owner_tgid == 0 {
+                    total.owner_tgid = v.owner_tgid;
+                    total.owner_cgroup = v.owner_cgroup;
+                }
+            }
+            if total.count > 0 {
+                out.retransmits.push((key, total));
+            }
         }
         Ok(out)
     }
@@ -433,15 +715,5 @@ mod tests {
         assert_eq!(parse_cpu_list("0"), Some(vec![0]));
         assert_eq!(parse_cpu_list("3-1"), None);
         assert_eq!(parse_cpu_list("x"), None);
-    }
-
-    #[test]
-    fn tracepoint_offsets() {
-        let fmt = "name: sched_process_fork\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
-        assert_eq!(tracepoint_field_offset(fmt, "child_pid"), Some(20));
-        assert_eq!(tracepoint_field_offset(fmt, "parent_comm"), Some(8));
-        let old = "\tfield:char parent_comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
-        assert_eq!(tracepoint_field_offset(old, "child_pid"), Some(44));
-        assert_eq!(tracepoint_field_offset(fmt, "nope"), None);
     }
 }

@@ -1,0 +1,801 @@
+//! The USE stage: Utilization, Saturation and Errors of CPU, memory and
+//! network for the capture window, from the kernel programs' counts and
+//! /proc. Produces the table `record` prints, `use.json` (schema in
+//! docs/use-json.md) and the lines of `events.jsonl`.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    time::{Duration, SystemTime},
+};
+
+use profiler_common::{LATENCY_SLOTS, RetransKey, RetransValue};
+use serde::Serialize;
+
+use crate::{
+    capture::{OomKill, RawProfile},
+    hostsnap::HostSnapshot,
+};
+
+/// Version tag of the use.json schema.
+pub const SCHEMA: &str = "profiler.use/1";
+
+/// One histogram bucket: `count` values at most `le`.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Bucket {
+    /// Upper bound, inclusive.
+    pub le: u64,
+    /// Values in the bucket.
+    pub count: u64,
+}
+
+/// Run-queue latency.
+#[derive(Clone, Debug, Serialize)]
+pub struct Latency {
+    /// Waits measured.
+    pub count: u64,
+    /// Percentiles, microseconds: the upper bound of the log2 bucket that
+    /// holds them (as runqlat prints them).
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Longest wait, exact.
+    pub max: u64,
+    /// log2 buckets (`le` = 2^(i+1) - 1 us), empty tail trimmed.
+    pub histogram: Vec<Bucket>,
+    /// The same per CPU.
+    pub per_cpu: Vec<CpuLatency>,
+}
+
+/// Run-queue latency of one CPU.
+#[derive(Clone, Debug, Serialize)]
+pub struct CpuLatency {
+    /// CPU id.
+    pub cpu: u32,
+    /// Waits measured.
+    pub count: u64,
+    /// Median, us (bucket bound).
+    pub p50: u64,
+    /// 99th percentile, us (bucket bound).
+    pub p99: u64,
+    /// Buckets.
+    pub histogram: Vec<Bucket>,
+}
+
+/// Run-queue depth.
+#[derive(Clone, Debug, Serialize)]
+pub struct Depth {
+    /// Samples read.
+    pub samples: u64,
+    /// Mean tasks waiting (excluding the running one), over CPUs and time.
+    pub mean: f64,
+    /// Most tasks seen waiting.
+    pub max: u64,
+    /// `le` = tasks waiting.
+    pub histogram: Vec<Bucket>,
+    /// Where it was read: `rq.cfs.<field>`.
+    pub field: String,
+}
+
+/// CPU row.
+#[derive(Clone, Debug, Serialize)]
+pub struct Cpu {
+    /// Online CPUs.
+    pub count: usize,
+    /// Busy share over all CPUs, 0..1.
+    pub utilization: f64,
+    /// Busy share per CPU.
+    pub per_cpu: Vec<CpuUtil>,
+    /// How utilization was measured.
+    pub utilization_source: String,
+    /// Run-queue latency, or null when unavailable.
+    pub runqueue_latency_us: Option<Latency>,
+    /// Run-queue depth, or null when unavailable.
+    pub runqueue_depth: Option<Depth>,
+}
+
+/// Utilization of one CPU.
+#[derive(Clone, Debug, Serialize)]
+pub struct CpuUtil {
+    /// CPU id.
+    pub cpu: u32,
+    /// 0..1.
+    pub utilization: f64,
+}
+
+/// An OOM kill in use.json.
+#[derive(Clone, Debug, Serialize)]
+pub struct OomRecord {
+    /// When, RFC 3339 UTC.
+    pub time: String,
+    /// Victim pid.
+    pub pid: u32,
+    /// Victim command name.
+    pub comm: String,
+    /// Victim uid, null if the kernel does not report it.
+    pub uid: Option<u32>,
+    /// Virtual memory, kB.
+    pub total_vm_kb: u64,
+    /// Anonymous RSS, kB.
+    pub anon_rss_kb: u64,
+    /// File RSS, kB.
+    pub file_rss_kb: u64,
+    /// Shared-memory RSS, kB.
+    pub shmem_rss_kb: u64,
+    /// oom_score_adj.
+    pub oom_score_adj: i16,
+    /// Victim's cgroup path, null if it could not be read.
+    pub cgroup: Option<String>,
+}
+
+/// Memory row.
+#[derive(Clone, Debug, Serialize)]
+pub struct Memory {
+    /// Used share at the end of the window: 1 - MemAvailable/MemTotal.
+    pub utilization: Option<f64>,
+    /// MemTotal, kB.
+    pub total_kb: Option<u64>,
+    /// MemAvailable at the end, kB.
+    pub available_kb: Option<u64>,
+    /// Share of the window some task stalled on memory (PSI), 0..1.
+    pub pressure_stall_ratio: Option<f64>,
+    /// Every OOM kill of the window.
+    pub oom_kills: Vec<OomRecord>,
+    /// The kernel's own count of OOM kills in the window (/proc/vmstat).
+    pub kernel_oom_kill_count: Option<u64>,
+    /// Where the figures come from.
+    pub source: String,
+}
+
+/// One retransmitting connection.
+#[derive(Clone, Debug, Serialize)]
+pub struct RetransConn {
+    /// `ipv4` or `ipv6`.
+    pub family: String,
+    /// Source address.
+    pub saddr: String,
+    /// Source port.
+    pub sport: u16,
+    /// Destination address.
+    pub daddr: String,
+    /// Destination port.
+    pub dport: u16,
+    /// TCP state at the retransmits.
+    pub state: String,
+    /// Retransmits.
+    pub count: u64,
+    /// First one, RFC 3339.
+    pub first: String,
+    /// Last one, RFC 3339.
+    pub last: String,
+    /// Owner process, if known.
+    pub pid: Option<u32>,
+    /// Owner command name, if known.
+    pub comm: Option<String>,
+    /// Owner cgroup, if known.
+    pub cgroup: Option<String>,
+}
+
+/// Network row.
+#[derive(Clone, Debug, Serialize)]
+pub struct Network {
+    /// Retransmits traced (exact).
+    pub tcp_retransmits: u64,
+    /// Per connection (and TCP state), most first.
+    pub retransmits_by_connection: Vec<RetransConn>,
+    /// The kernel's RetransSegs over the window (counts segments; can
+    /// exceed the retransmit count when one retransmit carries several).
+    pub kernel_retrans_segs: Option<i64>,
+    /// The kernel's OutSegs over the window.
+    pub kernel_out_segs: Option<i64>,
+    /// Bytes per second received, all interfaces but lo.
+    pub rx_bytes_per_s: f64,
+    /// Bytes per second sent.
+    pub tx_bytes_per_s: f64,
+    /// Throughput over link speed, when the interfaces report a speed.
+    pub utilization: Option<f64>,
+    /// Interface errors and drops.
+    pub interface_errors: u64,
+    /// Connections dropped at listen (ListenDrops).
+    pub listen_drops: Option<i64>,
+    /// Failed connection attempts + resets (AttemptFails + EstabResets).
+    pub connection_failures: Option<i64>,
+    /// Where the figures come from.
+    pub source: String,
+}
+
+/// A signal not collected.
+#[derive(Clone, Debug, Serialize)]
+pub struct Missing {
+    /// Which.
+    pub signal: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// use.json.
+#[derive(Clone, Debug, Serialize)]
+pub struct UseReport {
+    /// Schema tag.
+    pub schema: &'static str,
+    /// Window length.
+    pub duration_s: f64,
+    /// CPU.
+    pub cpu: Cpu,
+    /// Memory.
+    pub memory: Memory,
+    /// Network.
+    pub network: Network,
+    /// Signals that could not be collected, and why.
+    pub unavailable: Vec<Missing>,
+}
+
+/// Upper bound of log2 bucket `i` in us.
+fn bucket_le(i: usize) -> u64 {
+    (1u64 << (i + 1)) - 1
+}
+
+fn log2_buckets(h: &[u64]) -> Vec<Bucket> {
+    let last = h.iter().rposition(|&c| c > 0).map_or(0, |i| i + 1);
+    h[..last]
+        .iter()
+        .enumerate()
+        .map(|(i, &count)| Bucket {
+            le: bucket_le(i),
+            count,
+        })
+        .collect()
+}
+
+/// The bucket bound at quantile `q` of a log2 histogram.
+pub fn quantile(h: &[u64], q: f64) -> u64 {
+    let total: u64 = h.iter().sum();
+    if total == 0 {
+        return 0;
+    }
+    let target = (q * total as f64).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, &c) in h.iter().enumerate() {
+        seen += c;
+        if seen >= target {
+            return bucket_le(i);
+        }
+    }
+    bucket_le(h.len() - 1)
+}
+
+fn sum_rows(rows: &[Vec<u64>], width: usize) -> Vec<u64> {
+    let mut out = vec![0; width];
+    for r in rows {
+        for (o, v) in out.iter_mut().zip(r) {
+            *o += v;
+        }
+    }
+    out
+}
+
+/// TCP state names (include/net/tcp_states.h).
+pub fn tcp_state(s: u16) -> &'static str {
+    match s {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        12 => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Converts CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) to wall time.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    wall: SystemTime,
+    mono_ns: u64,
+}
+
+impl Clock {
+    /// Pairs the wall clock with CLOCK_MONOTONIC now.
+    pub fn now() -> Self {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into ts.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        Clock {
+            wall: SystemTime::now(),
+            mono_ns: ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
+        }
+    }
+
+    /// RFC 3339 (UTC, milliseconds) of a monotonic timestamp.
+    pub fn rfc3339(&self, mono_ns: u64) -> String {
+        let t = if mono_ns >= self.mono_ns {
+            self.wall + Duration::from_nanos(mono_ns - self.mono_ns)
+        } else {
+            self.wall - Duration::from_nanos(self.mono_ns - mono_ns)
+        };
+        humantime::format_rfc3339_millis(t).to_string()
+    }
+}
+
+fn comm_str(c: &[u8]) -> String {
+    String::from_utf8_lossy(c.split(|b| *b == 0).next().unwrap_or(&[])).into_owned()
+}
+
+/// A retransmitting connection, named and attributed.
+pub fn retrans_conn(key: &RetransKey, v: &RetransValue, clock: &Clock) -> RetransConn {
+    let (family, saddr, daddr) = if key.family == 10 {
+        (
+            "ipv6",
+            Ipv6Addr::from(key.saddr).to_string(),
+            Ipv6Addr::from(key.daddr).to_string(),
+        )
+    } else {
+        let s = [key.saddr[0], key.saddr[1], key.saddr[2], key.saddr[3]];
+        let d = [key.daddr[0], key.daddr[1], key.daddr[2], key.daddr[3]];
+        (
+            "ipv4",
+            Ipv4Addr::from(s).to_string(),
+            Ipv4Addr::from(d).to_string(),
+        )
+    };
+    let pid = (v.owner_tgid != 0).then_some(v.owner_tgid);
+    let comm = pid
+        .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).ok())
+        .map(|s| s.trim().to_string());
+    let cgroup = pid.and_then(crate::cgroups::cgroup_of).or_else(|| {
+        (v.owner_cgroup != 0)
+            .then(|| crate::cgroups::path_of_id(v.owner_cgroup))
+            .flatten()
+    });
+    RetransConn {
+        family: family.into(),
+        saddr,
+        sport: key.sport,
+        daddr,
+        dport: key.dport,
+        state: tcp_state(key.state).into(),
+        count: v.count,
+        first: clock.rfc3339(v.first_ns),
+        last: clock.rfc3339(v.last_ns),
+        pid,
+        comm,
+        cgroup,
+    }
+}
+
+/// An OOM kill for use.json (kernel pages in kB).
+pub fn oom_record(k: &OomKill, clock: &Clock) -> OomRecord {
+    // SAFETY: sysconf has no preconditions.
+    let page_kb = (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) / 1024) as u64;
+    let e = &k.event;
+    OomRecord {
+        time: clock.rfc3339(e.ts_ns),
+        pid: e.pid,
+        comm: comm_str(&e.comm),
+        uid: (e.uid != u32::MAX).then_some(e.uid),
+        total_vm_kb: e.total_vm * page_kb,
+        anon_rss_kb: e.anon_rss * page_kb,
+        file_rss_kb: e.file_rss * page_kb,
+        shmem_rss_kb: e.shmem_rss * page_kb,
+        oom_score_adj: e.oom_score_adj,
+        cgroup: k
+            .victim_cgroup
+            .clone()
+            .or_else(|| crate::cgroups::path_of_id(e.trigger_cgroup)),
+    }
+}
+
+/// Builds the report of a window.
+pub fn build(
+    raw: &RawProfile,
+    start: &HostSnapshot,
+    end: &HostSnapshot,
+    duration: Duration,
+    hz: u64,
+    clock: &Clock,
+) -> UseReport {
+    let secs = duration.as_secs_f64().max(1e-9);
+    let expected_ticks = (hz as f64 * secs).max(1.0);
+
+    // CPU: busy ticks over the ticks the window should have had. An idle
+    // CPU in a tickless VM may take no tick at all, so the count of ticks
+    // seen is not the denominator.
+    let per_cpu: Vec<CpuUtil> = raw
+        .cpu_ids
+        .iter()
+        .map(|&cpu| {
+            let busy = raw.cpu_busy_ticks.get(cpu as usize).copied().unwrap_or(0) as f64;
+            CpuUtil {
+                cpu,
+                utilization: (busy / expected_ticks).min(1.0),
+            }
+        })
+        .collect();
+    let utilization = if per_cpu.is_empty() {
+        0.0
+    } else {
+        per_cpu.iter().map(|c| c.utilization).sum::<f64>() / per_cpu.len() as f64
+    };
+    let missing = |sig: &str| raw.unavailable.iter().any(|u| u.signal == sig);
+
+    let runqueue_latency_us = (!missing("runqueue_latency")).then(|| {
+        let total = sum_rows(&raw.runq_latency, LATENCY_SLOTS as usize);
+        let max = raw.runq_latency_max_us;
+        // A bucket's bound can exceed the longest wait seen: clamp to it.
+        let q = |p: f64| quantile(&total, p).min(max);
+        Latency {
+            count: total.iter().sum(),
+            p50: q(0.50),
+            p90: q(0.90),
+            p99: q(0.99),
+            max,
+            histogram: log2_buckets(&total),
+            per_cpu: raw
+                .cpu_ids
+                .iter()
+                .filter_map(|&cpu| {
+                    let h = raw.runq_latency.get(cpu as usize)?;
+                    Some(CpuLatency {
+                        cpu,
+                        count: h.iter().sum(),
+                        p50: quantile(h, 0.5),
+                        p99: quantile(h, 0.99),
+                        histogram: log2_buckets(h),
+                    })
+                })
+                .collect(),
+        }
+    });
+    let runqueue_depth = (!missing("runqueue_depth")).then(|| {
+        let h = sum_rows(&raw.runq_depth, profiler_common::DEPTH_SLOTS as usize);
+        let samples: u64 = h.iter().sum();
+        let weighted: u64 = h.iter().enumerate().map(|(d, &c)| d as u64 * c).sum();
+        let last = h.iter().rposition(|&c| c > 0).map_or(0, |i| i + 1);
+        Depth {
+            samples,
+            mean: if samples == 0 {
+                0.0
+            } else {
+                weighted as f64 / samples as f64
+            },
+            max: last.saturating_sub(1) as u64,
+            histogram: h[..last]
+                .iter()
+                .enumerate()
+                .map(|(d, &count)| Bucket {
+                    le: d as u64,
+                    count,
+                })
+                .collect(),
+            field: format!("rq.cfs.{}", raw.depth_field.unwrap_or("?")),
+        }
+    });
+
+    let kb = |s: &HostSnapshot, k: &str| s.meminfo.get(k).copied();
+    let total_kb = kb(end, "MemTotal");
+    let available_kb = kb(end, "MemAvailable");
+    let mem_util = match (total_kb, available_kb) {
+        (Some(t), Some(a)) if t > 0 => Some(1.0 - a as f64 / t as f64),
+        _ => None,
+    };
+    let stall = match (start.memory_stall_us, end.memory_stall_us) {
+        (Some(a), Some(b)) => Some(((b.saturating_sub(a)) as f64 / 1e6 / secs).min(1.0)),
+        _ => None,
+    };
+    let memory = Memory {
+        utilization: mem_util,
+        total_kb,
+        available_kb,
+        pressure_stall_ratio: stall,
+        oom_kills: raw.oom_kills.iter().map(|k| oom_record(k, clock)).collect(),
+        kernel_oom_kill_count: match (start.oom_kill, end.oom_kill) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        },
+        source: "utilization: /proc/meminfo (1 - MemAvailable/MemTotal) at the end; saturation: /proc/pressure/memory \
+                 (share of the window with a task stalled on memory); errors: OOM kills traced by oom:mark_victim"
+            .into(),
+    };
+
+    let delta = |m: &str,
+                 a: &std::collections::HashMap<String, i64>,
+                 b: &std::collections::HashMap<String, i64>|
+     -> Option<i64> { Some(b.get(m)? - a.get(m)?) };
+    let mut conns: Vec<RetransConn> = raw
+        .retransmits
+        .iter()
+        .map(|(k, v)| retrans_conn(k, v, clock))
+        .collect();
+    conns.sort_by(|a, b| b.count.cmp(&a.count).then(a.first.cmp(&b.first)));
+    let rx = end.net.rx_bytes.saturating_sub(start.net.rx_bytes) as f64 / secs;
+    let tx = end.net.tx_bytes.saturating_sub(start.net.tx_bytes) as f64 / secs;
+    let network = Network {
+        tcp_retransmits: raw.counter(profiler_common::Counter::Retransmits),
+        retransmits_by_connection: conns,
+        kernel_retrans_segs: delta("RetransSegs", &start.tcp, &end.tcp),
+        kernel_out_segs: delta("OutSegs", &start.tcp, &end.tcp),
+        rx_bytes_per_s: rx,
+        tx_bytes_per_s: tx,
+        utilization: (end.net.speed_mbps > 0).then(|| (rx.max(tx) * 8.0 / (end.net.speed_mbps as f64 * 1e6)).min(1.0)),
+        interface_errors: (end.net.errors + end.net.drops).saturating_sub(start.net.errors + start.net.drops),
+        listen_drops: delta("ListenDrops", &start.tcp_ext, &end.tcp_ext),
+        connection_failures: match (delta("AttemptFails", &start.tcp, &end.tcp), delta("EstabResets", &start.tcp, &end.tcp)) {
+            (Some(a), Some(b)) => Some(a + b),
+            _ => None,
+        },
+        source: "utilization: /proc/net/dev bytes (all interfaces but lo) over /sys/class/net/*/speed; saturation: \
+                 TCP retransmits traced by tcp:tcp_retransmit_skb (per connection), beside /proc/net/snmp RetransSegs; \
+                 errors: interface errors and drops (/proc/net/dev), ListenDrops, AttemptFails + EstabResets"
+            .into(),
+    };
+
+    UseReport {
+        schema: SCHEMA,
+        duration_s: secs,
+        cpu: Cpu {
+            count: raw.cpus,
+            utilization,
+            per_cpu,
+            utilization_source: format!(
+                "cpu-clock ticks at {hz} Hz that found a task other than idle running, over the {expected_ticks:.0} ticks per CPU of the window"
+            ),
+            runqueue_latency_us,
+            runqueue_depth,
+        },
+        memory,
+        network,
+        unavailable: raw
+            .unavailable
+            .iter()
+            .map(|u| Missing {
+                signal: u.signal.into(),
+                reason: u.reason.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.0}%", x * 100.0)
+}
+
+fn us(v: u64) -> String {
+    if v >= 10_000 {
+        format!("{} ms", v / 1000)
+    } else {
+        format!("{v} µs")
+    }
+}
+
+fn rate(b: f64) -> String {
+    if b >= 1e6 {
+        format!("{:.1} MB/s", b / 1e6)
+    } else {
+        format!("{:.1} kB/s", b / 1e3)
+    }
+}
+
+/// The table `record` prints: one line per resource, words first.
+pub fn render_table(r: &UseReport) -> String {
+    let cpu_u = {
+        let parts: Vec<String> = r
+            .cpu
+            .per_cpu
+            .iter()
+            .take(8)
+            .map(|c| format!("cpu{} {}", c.cpu, pct(c.utilization)))
+            .collect();
+        format!("{} busy ({})", pct(r.cpu.utilization), parts.join(", "))
+    };
+    let mut cpu_s = Vec::new();
+    if let Some(l) = &r.cpu.runqueue_latency_us {
+        cpu_s.push(format!(
+            "run-queue wait p50 {}, p99 {}, max {}",
+            us(l.p50),
+            us(l.p99),
+            us(l.max)
+        ));
+    }
+    if let Some(d) = &r.cpu.runqueue_depth {
+        cpu_s.push(format!(
+            "{:.2} tasks waiting per CPU (max {})",
+            d.mean, d.max
+        ));
+    }
+    if cpu_s.is_empty() {
+        cpu_s.push("unavailable".into());
+    }
+    let mem_u = match (r.memory.utilization, r.memory.total_kb) {
+        (Some(u), Some(t)) => format!("{} used of {:.1} GiB", pct(u), t as f64 / 1024.0 / 1024.0),
+        _ => "unknown".into(),
+    };
+    let ooms = r.memory.oom_kills.len();
+    let mem_s = match r.memory.pressure_stall_ratio {
+        Some(p) => format!(
+            "stalled {:.1}% of the time (PSI); {ooms} OOM kills",
+            p * 100.0
+        ),
+        None => format!("{ooms} OOM kills"),
+    };
+    let mem_e = if ooms == 0 {
+        "no OOM kills".to_string()
+    } else {
+        let names: Vec<String> = r
+            .memory
+            .oom_kills
+            .iter()
+            .take(3)
+            .map(|k| format!("{} (pid {})", k.comm, k.pid))
+            .collect();
+        format!("{ooms} OOM kills: {}", names.join(", "))
+    };
+    let n = &r.network;
+    let net_u = match n.utilization {
+        Some(u) => format!(
+            "{} in, {} out ({} of link)",
+            rate(n.rx_bytes_per_s),
+            rate(n.tx_bytes_per_s),
+            pct(u)
+        ),
+        None => format!(
+            "{} in, {} out",
+            rate(n.rx_bytes_per_s),
+            rate(n.tx_bytes_per_s)
+        ),
+    };
+    let net_s = match (n.kernel_out_segs, n.kernel_retrans_segs) {
+        (Some(out), Some(_)) if out > 0 => format!(
+            "{} TCP retransmits ({:.2}% of segments sent)",
+            n.tcp_retransmits,
+            100.0 * n.tcp_retransmits as f64 / out as f64
+        ),
+        _ => format!("{} TCP retransmits", n.tcp_retransmits),
+    };
+    let net_e = format!(
+        "{} interface errors/drops, {} listen drops, {} failed/reset connections",
+        n.interface_errors,
+        n.listen_drops.map_or("?".into(), |v| v.to_string()),
+        n.connection_failures.map_or("?".into(), |v| v.to_string())
+    );
+    let rows = [
+        ("CPU", cpu_u, cpu_s.join("; "), "-".to_string()),
+        ("Memory", mem_u, mem_s, mem_e),
+        ("Network", net_u, net_s, net_e),
+    ];
+    let mut out = format!("USE summary: {:.1} s, {} CPUs\n", r.duration_s, r.cpu.count);
+    for (name, u, s, e) in rows {
+        out.push_str(&format!(
+            "  {name:<8} U: {u}\n  {:<8} S: {s}\n  {:<8} E: {e}\n",
+            "", ""
+        ));
+    }
+    if let Some(c) = n.retransmits_by_connection.first() {
+        out.push_str(&format!(
+            "  top retransmitter: {}:{} -> {}:{} {} x{}{}\n",
+            c.saddr,
+            c.sport,
+            c.daddr,
+            c.dport,
+            c.state,
+            c.count,
+            c.comm
+                .as_ref()
+                .map(|m| format!(" ({m}, pid {})", c.pid.unwrap_or(0)))
+                .unwrap_or_default()
+        ));
+    }
+    for m in &r.unavailable {
+        out.push_str(&format!("  unavailable: {}: {}\n", m.signal, m.reason));
+    }
+    out
+}
+
+/// Lines of events.jsonl: one per OOM kill and one per retransmitting
+/// connection, in time order.
+pub fn events_jsonl(r: &UseReport) -> Vec<String> {
+    #[derive(Serialize)]
+    struct Ev<'a, T: Serialize> {
+        event: &'static str,
+        time: &'a str,
+        #[serde(flatten)]
+        data: &'a T,
+    }
+    let mut lines: Vec<(String, String)> = Vec::new();
+    for k in &r.memory.oom_kills {
+        let l = serde_json::to_string(&Ev {
+            event: "oom_kill",
+            time: &k.time,
+            data: k,
+        })
+        .unwrap_or_default();
+        lines.push((k.time.clone(), l));
+    }
+    for c in &r.network.retransmits_by_connection {
+        let l = serde_json::to_string(&Ev {
+            event: "tcp_retransmits",
+            time: &c.first,
+            data: c,
+        })
+        .unwrap_or_default();
+        lines.push((c.first.clone(), l));
+    }
+    lines.sort();
+    lines.into_iter().map(|(_, l)| l).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_are_bucket_bounds() {
+        // 0-1 us: 50, 2-3 us: 40, 4-7 us: 9, 8-15 us: 1
+        let h = [50, 40, 9, 1, 0, 0];
+        assert_eq!(quantile(&h, 0.5), 1);
+        assert_eq!(quantile(&h, 0.9), 3);
+        assert_eq!(quantile(&h, 0.99), 7);
+        assert_eq!(quantile(&h, 1.0), 15);
+        assert_eq!(quantile(&[0, 0], 0.5), 0);
+        assert_eq!(
+            log2_buckets(&h),
+            vec![
+                Bucket { le: 1, count: 50 },
+                Bucket { le: 3, count: 40 },
+                Bucket { le: 7, count: 9 },
+                Bucket { le: 15, count: 1 }
+            ]
+        );
+    }
+
+    #[test]
+    fn connections_are_named() {
+        let mut key = RetransKey {
+            saddr: [0; 16],
+            daddr: [0; 16],
+            sport: 40000,
+            dport: 8080,
+            family: 2,
+            state: 1,
+        };
+        key.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        key.daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        let v = RetransValue {
+            count: 3,
+            first_ns: 1,
+            last_ns: 2,
+            ..Default::default()
+        };
+        let c = retrans_conn(&key, &v, &Clock::now());
+        assert_eq!(
+            (
+                c.saddr.as_str(),
+                c.daddr.as_str(),
+                c.state.as_str(),
+                c.family.as_str()
+            ),
+            ("127.0.0.1", "10.0.0.2", "ESTABLISHED", "ipv4")
+        );
+        assert_eq!(c.pid, None);
+        let mut k6 = key;
+        k6.family = 10;
+        k6.saddr = Ipv6Addr::LOCALHOST.octets();
+        assert_eq!(retrans_conn(&k6, &v, &Clock::now()).saddr, "::1");
+    }
+
+    #[test]
+    fn clock_formats_rfc3339() {
+        let c = Clock::now();
+        let s = c.rfc3339(c.mono_ns);
+        assert!(s.ends_with('Z') && s.contains('T'), "{s}");
+    }
+}
