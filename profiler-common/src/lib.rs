@@ -95,6 +95,9 @@ pub enum ProcessEventKind {
     /// Sampled again a while after its last announcement: its maps may
     /// have grown (JIT code, libraries loaded since).
     StillRunning = 2,
+    /// Owns a socket that just retransmitted for the first time: read its
+    /// name and cgroup while it lives.
+    SocketOwner = 3,
 }
 
 /// Indexes of the per-CPU counters in [`names::MAP_COUNTERS`]: everything

@@ -426,6 +426,15 @@ pub fn tcp_retransmit(ctx: TracePointContext) -> u32 {
     }
     if RETRANS.insert(&key, &value, 0).is_err() {
         bump(Counter::RetransMapFull);
+    } else if value.owner_tgid != 0 {
+        // A new connection: have userspace note its owner while it lives.
+        let event = ProcessEvent {
+            tgid: value.owner_tgid,
+            kind: ProcessEventKind::SocketOwner as u32,
+        };
+        if EVENTS.output::<ProcessEvent>(&event, 0).is_err() {
+            bump(Counter::EventsLost);
+        }
     }
     0
 }

@@ -227,6 +227,25 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         child = Some(c);
     }
 
+    eprintln!(
+        "profiler: recording {} on {} CPUs at {} Hz{} ({})",
+        if args.stacks() {
+            "stacks and USE signals"
+        } else {
+            "USE signals"
+        },
+        capture.cpus(),
+        args.frequency,
+        match args.duration {
+            Some(d) => format!(" for {:.1} s", d.as_secs_f64()),
+            None => String::new(),
+        },
+        if has_command {
+            "until the command exits or Ctrl-C"
+        } else {
+            "Ctrl-C to stop"
+        }
+    );
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut liveness = tokio::time::interval(Duration::from_millis(250));
     let mut command_status = None;

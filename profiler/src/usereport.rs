@@ -12,7 +12,7 @@ use profiler_common::{LATENCY_SLOTS, RetransKey, RetransValue};
 use serde::Serialize;
 
 use crate::{
-    capture::{OomKill, RawProfile},
+    capture::{OomKill, OwnerInfo, RawProfile},
     hostsnap::HostSnapshot,
 };
 
@@ -332,7 +332,12 @@ fn comm_str(c: &[u8]) -> String {
 }
 
 /// A retransmitting connection, named and attributed.
-pub fn retrans_conn(key: &RetransKey, v: &RetransValue, clock: &Clock) -> RetransConn {
+pub fn retrans_conn(
+    key: &RetransKey,
+    v: &RetransValue,
+    owner: Option<&OwnerInfo>,
+    clock: &Clock,
+) -> RetransConn {
     let (family, saddr, daddr) = if key.family == 10 {
         (
             "ipv6",
@@ -349,14 +354,14 @@ pub fn retrans_conn(key: &RetransKey, v: &RetransValue, clock: &Clock) -> Retran
         )
     };
     let pid = (v.owner_tgid != 0).then_some(v.owner_tgid);
-    let comm = pid
-        .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).ok())
-        .map(|s| s.trim().to_string());
-    let cgroup = pid.and_then(crate::cgroups::cgroup_of).or_else(|| {
-        (v.owner_cgroup != 0)
-            .then(|| crate::cgroups::path_of_id(v.owner_cgroup))
-            .flatten()
-    });
+    // What was read while the owner lived, else what /proc says now, else
+    // the cgroup v2 id the kernel recorded.
+    let now = pid.map(OwnerInfo::read).unwrap_or_default();
+    let comm = owner.and_then(|o| o.comm.clone()).or(now.comm);
+    let cgroup = owner
+        .and_then(|o| o.cgroup.clone())
+        .or(now.cgroup)
+        .or_else(|| crate::cgroups::path_of_id(v.owner_cgroup));
     RetransConn {
         family: family.into(),
         saddr,
@@ -514,7 +519,7 @@ pub fn build(
     let mut conns: Vec<RetransConn> = raw
         .retransmits
         .iter()
-        .map(|(k, v)| retrans_conn(k, v, clock))
+        .map(|(k, v)| retrans_conn(k, v, raw.socket_owners.get(&v.owner_tgid), clock))
         .collect();
     conns.sort_by(|a, b| b.count.cmp(&a.count).then(a.first.cmp(&b.first)));
     let rx = end.net.rx_bytes.saturating_sub(start.net.rx_bytes) as f64 / secs;
@@ -775,7 +780,7 @@ mod tests {
             last_ns: 2,
             ..Default::default()
         };
-        let c = retrans_conn(&key, &v, &Clock::now());
+        let c = retrans_conn(&key, &v, None, &Clock::now());
         assert_eq!(
             (
                 c.saddr.as_str(),
@@ -789,7 +794,7 @@ mod tests {
         let mut k6 = key;
         k6.family = 10;
         k6.saddr = Ipv6Addr::LOCALHOST.octets();
-        assert_eq!(retrans_conn(&k6, &v, &Clock::now()).saddr, "::1");
+        assert_eq!(retrans_conn(&k6, &v, None, &Clock::now()).saddr, "::1");
     }
 
     #[test]

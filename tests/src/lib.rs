@@ -140,3 +140,90 @@ pub fn pct(part: u64, whole: u64) -> f64 {
         100.0 * part as f64 / whole as f64
     }
 }
+
+/// use.json read back.
+pub fn read_use(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("use.json")).expect("use.json written");
+    serde_json::from_str(&text).expect("use.json is JSON")
+}
+
+/// Starts `n` busy loops (shell `while :; do :; done`) that end by
+/// themselves after `secs`.
+pub fn busy_loops(n: usize, secs: u32) -> Vec<std::process::Child> {
+    (0..n)
+        .map(|_| {
+            Command::new("timeout")
+                .arg(secs.to_string())
+                .args(["sh", "-c", "while :; do :; done"])
+                .spawn()
+                .expect("spawn busy loop")
+        })
+        .collect()
+}
+
+/// Online CPUs.
+pub fn online_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// A `profiler record` running in the background.
+pub struct Recording {
+    child: std::process::Child,
+    stderr: std::thread::JoinHandle<String>,
+    early: String,
+}
+
+/// Starts `profiler record ARGS` and returns once it says it is recording
+/// (its programs are attached), so that events made after this are seen.
+pub fn start_record(args: &[&str]) -> Recording {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(profiler_bin())
+        .arg("record")
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run profiler");
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
+    let mut early = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            let status = child.wait().unwrap();
+            panic!("profiler record {args:?} ended ({status}) before recording:\n{early}");
+        }
+        early.push_str(&line);
+        if line.starts_with("profiler: recording") {
+            break;
+        }
+    }
+    let stderr = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
+        rest
+    });
+    Recording {
+        child,
+        stderr,
+        early,
+    }
+}
+
+impl Recording {
+    /// The profiler's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the end; panics with stderr unless it succeeded.
+    pub fn finish(mut self) -> String {
+        let status = self.child.wait().unwrap();
+        let err = self.early + &self.stderr.join().unwrap();
+        assert!(
+            status.success(),
+            "profiler record failed ({status}):\n{err}"
+        );
+        err
+    }
+}

@@ -83,32 +83,14 @@ fn exited_process_is_still_symbolized() {
     let dir = scratch("exits");
     let exe = build_c("known.c", &dir.join("shortlived"), FP_FLAGS);
     let out_dir = dir.join("out");
-    let profiler = Command::new(profiler_bin())
-        .args([
-            "record",
-            "-F",
-            "499",
-            "-d",
-            "4",
-            "-o",
-            out_dir.to_str().unwrap(),
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    thread::sleep(Duration::from_millis(700));
+    let profiler = start_record(&["-F", "499", "-d", "3", "-o", out_dir.to_str().unwrap()]);
     let status = Command::new(&exe)
         .arg("1.2")
         .stdout(std::process::Stdio::null())
         .status()
         .unwrap();
     assert!(status.success());
-    let out = profiler.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    profiler.finish();
 
     let folded = read_folded(&out_dir);
     let total = samples_where(&folded, "shortlived", |_| true);
@@ -198,17 +180,11 @@ fn signals_end_the_capture_and_outputs_are_written() {
     for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "Ctrl-C")] {
         let dir = scratch(&format!("signal-{sig}"));
         let out_dir = dir.join("out");
-        let child = Command::new(profiler_bin())
-            .args(["record", "-F", "199", "-o", out_dir.to_str().unwrap()])
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        thread::sleep(Duration::from_millis(1500));
+        let rec = start_record(&["-F", "199", "-o", out_dir.to_str().unwrap()]);
+        thread::sleep(Duration::from_millis(1000));
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, sig) };
-        let out = child.wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{name}: {err}");
+        unsafe { libc::kill(rec.pid() as i32, sig) };
+        let err = rec.finish();
         assert!(err.contains(name), "{name} not reported: {err}");
         let folded = read_folded(&out_dir);
         assert!(

@@ -17,8 +17,8 @@ use aya::{
     },
 };
 use profiler_common::{
-    Config, Counter, DEPTH_SLOTS, LATENCY_SLOTS, OomEvent, ProcessEvent, RetransKey, RetransValue,
-    StackKey, names, oom_field, retrans_field,
+    Config, Counter, DEPTH_SLOTS, LATENCY_SLOTS, OomEvent, ProcessEvent, ProcessEventKind,
+    RetransKey, RetransValue, StackKey, names, oom_field, retrans_field,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -126,6 +126,30 @@ pub struct OomKill {
     pub victim_cgroup: Option<String>,
 }
 
+/// Most socket owners remembered in one capture.
+const MAX_SOCKET_OWNERS: usize = 4096;
+
+/// What was read of a socket's owner while it lived.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnerInfo {
+    /// Process name.
+    pub comm: Option<String>,
+    /// Cgroup path.
+    pub cgroup: Option<String>,
+}
+
+impl OwnerInfo {
+    /// Reads a live process's name and cgroup.
+    pub fn read(pid: u32) -> Self {
+        OwnerInfo {
+            comm: fs::read_to_string(format!("/proc/{pid}/comm"))
+                .ok()
+                .map(|s| s.trim().to_string()),
+            cgroup: crate::cgroups::cgroup_of(pid),
+        }
+    }
+}
+
 /// A signal that could not be collected, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Unavailable {
@@ -162,6 +186,9 @@ pub struct RawProfile {
     pub oom_kills: Vec<OomKill>,
     /// Signals not collected, with the reason.
     pub unavailable: Vec<Unavailable>,
+    /// Name and cgroup of the processes owning retransmitting sockets,
+    /// read when their first retransmit was seen.
+    pub socket_owners: HashMap<u32, OwnerInfo>,
     /// Name of the cfs_rq count field the depth was read from.
     pub depth_field: Option<&'static str>,
 }
@@ -203,6 +230,7 @@ pub struct Capture {
     events: AsyncFd<RingBuf<MapData>>,
     oom_events: AsyncFd<RingBuf<MapData>>,
     oom_kills: Vec<OomKill>,
+    socket_owners: HashMap<u32, OwnerInfo>,
     pids: BpfHashMap<MapData, u32, u8>,
     cpus: Vec<u32>,
     unavailable: Vec<Unavailable>,
@@ -484,12 +512,18 @@ impl Capture {
             events,
             oom_events,
             oom_kills: Vec::new(),
+            socket_owners: HashMap::new(),
             pids,
             cpus,
             procs,
             unavailable,
             depth_field,
         })
+    }
+
+    /// Online CPUs sampled.
+    pub fn cpus(&self) -> usize {
+        self.cpus.len()
     }
 
     /// Adds a process to the pid filter.
@@ -528,11 +562,19 @@ impl Capture {
                 // SAFETY: the kernel wrote a ProcessEvent (plain integers);
                 // read_unaligned copes with any alignment.
                 let ev: ProcessEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                new.push(ev.tgid);
+                new.push(ev);
             }
         }
-        for pid in new {
-            self.procs.observe(pid);
+        for ev in new {
+            if ev.kind == ProcessEventKind::SocketOwner as u32 {
+                if self.socket_owners.len() < MAX_SOCKET_OWNERS
+                    && !self.socket_owners.contains_key(&ev.tgid)
+                {
+                    self.socket_owners.insert(ev.tgid, OwnerInfo::read(ev.tgid));
+                }
+            } else {
+                self.procs.observe(ev.tgid);
+            }
         }
         let rb = self.oom_events.get_mut();
         while let Some(item) = rb.next() {
@@ -603,6 +645,7 @@ impl Capture {
             unavailable: self.unavailable.clone(),
             depth_field: self.depth_field,
             oom_kills: std::mem::take(&mut self.oom_kills),
+            socket_owners: std::mem::take(&mut self.socket_owners),
             ..Default::default()
         };
         for item in counts.iter() {

@@ -1,0 +1,375 @@
+//! End-to-end: the USE signals against real events — run-queue saturation
+//! from more busy loops than CPUs, TCP retransmits through a lossy firewall
+//! rule in a network namespace, an OOM kill in a memory cgroup.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+use tests::*;
+
+fn sh(cmd: &str) -> std::process::Output {
+    Command::new("sh").args(["-c", cmd]).output().expect("sh")
+}
+
+fn sh_ok(cmd: &str) -> String {
+    let out = sh(cmd);
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Idle, then three busy loops per CPU: the depth rises to the expected
+/// two waiting tasks per CPU, the waits lengthen, utilization is full.
+#[test]
+fn runqueue_saturation_is_measured() {
+    if !require_root("runqueue_saturation_is_measured") {
+        return;
+    }
+    let dir = scratch("runq");
+    let idle = dir.join("idle");
+    record_ok(
+        &dir,
+        &["--no-stacks", "-d", "2", "-o", idle.to_str().unwrap()],
+    );
+    let idle = read_use(&idle);
+
+    let cpus = online_cpus();
+    let loops = busy_loops(3 * cpus, 6);
+    thread::sleep(Duration::from_millis(500));
+    let busy_dir = dir.join("busy");
+    record_ok(
+        &dir,
+        &["--no-stacks", "-d", "3", "-o", busy_dir.to_str().unwrap()],
+    );
+    for mut l in loops {
+        let _ = l.wait();
+    }
+    let busy = read_use(&busy_dir);
+    assert!(
+        !busy_dir.join("stacks.folded").exists(),
+        "--no-stacks wrote stacks"
+    );
+
+    let depth = |v: &serde_json::Value| {
+        v["cpu"]["runqueue_depth"]["mean"]
+            .as_f64()
+            .expect("depth mean")
+    };
+    let p50 = |v: &serde_json::Value| {
+        v["cpu"]["runqueue_latency_us"]["p50"]
+            .as_u64()
+            .expect("latency p50")
+    };
+    let util = |v: &serde_json::Value| v["cpu"]["utilization"].as_f64().expect("utilization");
+    eprintln!(
+        "idle: depth {:.2}, p50 {} us, util {:.2}; busy: depth {:.2}, p50 {} us, util {:.2}",
+        depth(&idle),
+        p50(&idle),
+        util(&idle),
+        depth(&busy),
+        p50(&busy),
+        util(&busy)
+    );
+    // 3 runnable tasks per CPU: 2 waiting while 1 runs.
+    let expected = 2.0;
+    assert!(
+        (depth(&busy) - expected).abs() <= 0.5,
+        "depth {:.2}, expected {expected} ± 0.5",
+        depth(&busy)
+    );
+    assert!(depth(&idle) < 0.5, "idle depth {:.2}", depth(&idle));
+    assert!(
+        p50(&busy) >= 1000,
+        "busy p50 {} us: three CPU hogs per CPU wait milliseconds",
+        p50(&busy)
+    );
+    assert!(p50(&busy) > 4 * p50(&idle).max(1));
+    assert!(
+        util(&busy) > 0.9,
+        "utilization {:.2} with every CPU busy",
+        util(&busy)
+    );
+    assert!(util(&idle) < 0.5, "idle utilization {:.2}", util(&idle));
+    let hist = busy["cpu"]["runqueue_latency_us"]["histogram"]
+        .as_array()
+        .unwrap();
+    assert!(hist.iter().all(|b| b["le"].is_u64() && b["count"].is_u64()));
+    assert_eq!(busy["cpu"]["count"].as_u64(), Some(cpus as u64));
+    assert_eq!(
+        busy["cpu"]["runqueue_latency_us"]["per_cpu"]
+            .as_array()
+            .unwrap()
+            .len(),
+        cpus
+    );
+}
+
+/// Run beside libbpf-tools' runqlat on the same steady load, the
+/// histograms agree: same median bucket, 90th percentile within a bucket.
+#[test]
+fn runqueue_latency_agrees_with_runqlat() {
+    if !require_root("runqueue_latency_agrees_with_runqlat") {
+        return;
+    }
+    let runqlat = ["/usr/sbin/runqlat", "/usr/bin/runqlat"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let Some(runqlat) = runqlat else {
+        panic!(
+            "libbpf-tools' runqlat is needed (apt-get install libbpf-tools); .ci/run installs it"
+        );
+    };
+    let dir = scratch("runqlat");
+    let loops = busy_loops(3 * online_cpus(), 8);
+    thread::sleep(Duration::from_millis(300));
+    let peer = Command::new(runqlat)
+        .args(["4", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let out = dir.join("out");
+    record_ok(
+        &dir,
+        &["--no-stacks", "-d", "3", "-o", out.to_str().unwrap()],
+    );
+    let peer = peer.wait_with_output().unwrap();
+    for mut l in loops {
+        let _ = l.wait();
+    }
+    let text = String::from_utf8_lossy(&peer.stdout);
+    // Lines like "      4096 -> 8191       : 1039     |****|"
+    let theirs: Vec<(u64, u64)> = text
+        .lines()
+        .filter_map(|l| {
+            let (range, rest) = l.split_once(':')?;
+            let hi = range.split("->").nth(1)?.trim().parse().ok()?;
+            let count = rest.split_whitespace().next()?.parse().ok()?;
+            Some((hi, count))
+        })
+        .collect();
+    assert!(
+        !theirs.is_empty(),
+        "runqlat printed no histogram: {text}\n{}",
+        String::from_utf8_lossy(&peer.stderr)
+    );
+    let ours: Vec<(u64, u64)> = read_use(&out)["cpu"]["runqueue_latency_us"]["histogram"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["le"].as_u64().unwrap(), b["count"].as_u64().unwrap()))
+        .collect();
+    let bucket_at = |h: &[(u64, u64)], q: f64| -> u64 {
+        let total: u64 = h.iter().map(|b| b.1).sum();
+        let mut seen = 0;
+        for &(le, c) in h {
+            seen += c;
+            if seen as f64 >= q * total as f64 {
+                return le;
+            }
+        }
+        0
+    };
+    eprintln!("ours {ours:?}\nrunqlat {theirs:?}");
+    assert_eq!(
+        bucket_at(&ours, 0.5),
+        bucket_at(&theirs, 0.5),
+        "median buckets differ"
+    );
+    let (a, b) = (bucket_at(&ours, 0.9), bucket_at(&theirs, 0.9));
+    assert!(
+        a == b || a == 2 * b + 1 || b == 2 * a + 1,
+        "p90 buckets {a} and {b} are more than one apart"
+    );
+}
+
+/// A network namespace of the test's own, with an nftables rule dropping
+/// 30% of the packets to one port on its loopback: the retransmits are
+/// counted exactly as the kernel's RetransSegs counts them, attributed to
+/// the connection and to the client process that owns the socket.
+#[test]
+fn tcp_retransmits_are_counted_and_attributed() {
+    if !require_root("tcp_retransmits_are_counted_and_attributed") {
+        return;
+    }
+    let ns = format!("profretr{}", std::process::id());
+    let _ = sh(&format!("ip netns del {ns}"));
+    sh_ok(&format!(
+        "ip netns add {ns} && ip netns exec {ns} ip link set lo up"
+    ));
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _guard = Ns(ns.clone());
+    sh_ok(&format!(
+        "ip netns exec {ns} nft -f - <<'EOF'\ntable inet lossy {{\n  chain input {{\n    type filter hook input priority 0;\n    tcp dport 5201 numgen random mod 10 < 3 drop\n  }}\n}}\nEOF"
+    ));
+    let snmp = |ns: &str| -> i64 {
+        let text = sh_ok(&format!("ip netns exec {ns} cat /proc/net/snmp"));
+        let tcp: Vec<&str> = text.lines().filter(|l| l.starts_with("Tcp:")).collect();
+        let names: Vec<&str> = tcp[0].split_whitespace().collect();
+        let vals: Vec<&str> = tcp[1].split_whitespace().collect();
+        vals[names.iter().position(|n| *n == "RetransSegs").unwrap()]
+            .parse()
+            .unwrap()
+    };
+
+    let dir = scratch("retrans");
+    let server = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('127.0.0.1',5201))\ns.listen(1)\nc,_=s.accept()\nwhile c.recv(65536): pass\n";
+    let client = "import socket,time\nc=socket.create_connection(('127.0.0.1',5201))\nc.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1)\nend=time.time()+2.5\nwhile time.time()<end:\n  c.sendall(b'x'*1000)\n  time.sleep(0.002)\nc.close()\n";
+    let mut srv = Command::new("ip")
+        .args(["netns", "exec", &ns, "python3", "-c", server])
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let before = snmp(&ns);
+    let out = dir.join("out");
+    let profiler = start_record(&["--no-stacks", "-d", "4", "-o", out.to_str().unwrap()]);
+    let mut cli = Command::new("ip")
+        .args(["netns", "exec", &ns, "python3", "-c", client])
+        .spawn()
+        .unwrap();
+    let client_pid = cli.id();
+    assert!(cli.wait().unwrap().success());
+    let _ = srv.wait();
+    profiler.finish();
+    let after = snmp(&ns);
+    let kernel = after - before;
+
+    let u = read_use(&out);
+    let ours = u["network"]["tcp_retransmits"].as_i64().unwrap();
+    let conns = u["network"]["retransmits_by_connection"]
+        .as_array()
+        .unwrap();
+    eprintln!("retransmits: ours {ours}, kernel RetransSegs {kernel}; connections: {conns:#?}");
+    assert!(kernel > 10, "the lossy rule made only {kernel} retransmits");
+    assert_eq!(
+        ours, kernel,
+        "traced retransmits differ from the kernel's RetransSegs"
+    );
+    let conn = conns
+        .iter()
+        .find(|c| c["dport"] == 5201 && c["daddr"] == "127.0.0.1")
+        .unwrap_or_else(|| panic!("no connection to port 5201 in {conns:#?}"));
+    let per_conn: i64 = conns
+        .iter()
+        .filter(|c| c["dport"] == 5201)
+        .map(|c| c["count"].as_i64().unwrap())
+        .sum();
+    assert_eq!(per_conn, ours);
+    assert_eq!(conn["family"], "ipv4");
+    // `ip netns exec` execs python3 in place: the client's pid owns the
+    // socket; its name was read while it lived.
+    assert_eq!(conn["pid"].as_u64(), Some(client_pid as u64), "{conn:#?}");
+    assert_eq!(conn["comm"], "python3", "{conn:#?}");
+    assert!(conn["state"] == "ESTABLISHED" || conn["state"] == "SYN_SENT");
+    let events = std::fs::read_to_string(out.join("events.jsonl")).unwrap();
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("\"event\":\"tcp_retransmits\"") && l.contains("5201")),
+        "{events}"
+    );
+}
+
+/// The memory cgroup to use: v1's memory hierarchy, or v2's root when it
+/// has the memory controller.
+fn memory_cgroup_parent() -> Option<(std::path::PathBuf, bool)> {
+    let v1 = Path::new("/sys/fs/cgroup/memory");
+    if v1.join("memory.limit_in_bytes").exists() {
+        return Some((v1.to_path_buf(), true));
+    }
+    let v2 = Path::new("/sys/fs/cgroup");
+    let controllers = std::fs::read_to_string(v2.join("cgroup.controllers")).unwrap_or_default();
+    controllers
+        .split_whitespace()
+        .any(|c| c == "memory")
+        .then(|| (v2.to_path_buf(), false))
+}
+
+/// A hog in a 64 MiB memory cgroup is OOM-killed: the kill is recorded
+/// with the victim's pid, name, memory and cgroup.
+#[test]
+fn oom_kill_in_a_memory_cgroup_is_recorded() {
+    if !require_root("oom_kill_in_a_memory_cgroup_is_recorded") {
+        return;
+    }
+    let (parent, v1) =
+        memory_cgroup_parent().expect("no memory cgroup controller (v1 or v2) on this host");
+    let name = format!("profiler-oom-{}", std::process::id());
+    let cg = parent.join(&name);
+    let _ = std::fs::remove_dir(&cg);
+    std::fs::create_dir(&cg).unwrap();
+    struct Cg(std::path::PathBuf);
+    impl Drop for Cg {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _guard = Cg(cg.clone());
+    if v1 {
+        std::fs::write(cg.join("memory.limit_in_bytes"), "64M").unwrap();
+        let _ = std::fs::write(cg.join("memory.memsw.limit_in_bytes"), "64M");
+    } else {
+        std::fs::write(cg.join("memory.max"), "64M").unwrap();
+        let _ = std::fs::write(cg.join("memory.swap.max"), "0");
+    }
+
+    let dir = scratch("oom");
+    let out = dir.join("out");
+    let profiler = start_record(&["--no-stacks", "-d", "3", "-o", out.to_str().unwrap()]);
+    // The hog joins the group, then execs python3 (same pid) and grows.
+    let procs = cg.join("cgroup.procs");
+    let mut hog = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "echo $$ > {} && exec python3 -c 'a=[]\nwhile True: a.append(bytearray(8<<20))'",
+                procs.display()
+            ),
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let victim = hog.id();
+    let status = hog.wait().unwrap();
+    assert!(!status.success(), "the hog was not killed");
+    let stderr = profiler.finish();
+
+    let u = read_use(&out);
+    let kills = u["memory"]["oom_kills"].as_array().unwrap();
+    eprintln!("{kills:#?}");
+    let k = kills
+        .iter()
+        .find(|k| k["pid"].as_u64() == Some(victim as u64))
+        .unwrap_or_else(|| panic!("victim {victim} not among {kills:#?}"));
+    assert_eq!(k["comm"], "python3");
+    assert!(k["anon_rss_kb"].as_u64().unwrap() > 30 * 1024, "{k:#?}");
+    assert!(k["total_vm_kb"].as_u64().unwrap() >= k["anon_rss_kb"].as_u64().unwrap());
+    assert!(
+        k["cgroup"].as_str().is_some_and(|c| c.contains(&name)),
+        "cgroup of {k:#?}"
+    );
+    assert!(k["uid"].as_u64() == Some(0));
+    assert!(u["memory"]["kernel_oom_kill_count"].as_u64().unwrap_or(0) >= 1);
+    assert!(stderr.contains("OOM kills: python3"), "{stderr}");
+    let events = std::fs::read_to_string(out.join("events.jsonl")).unwrap();
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("\"event\":\"oom_kill\"")
+                && l.contains(&format!("\"pid\":{victim}"))),
+        "{events}"
+    );
+}
