@@ -19,6 +19,27 @@ pub struct HostSnapshot {
     pub oom_kill: Option<u64>,
     /// /proc/pressure/memory `some` total stall, microseconds (PSI).
     pub memory_stall_us: Option<u64>,
+    /// /proc/stat per-CPU times: CPU id -> (busy, total) in clock ticks.
+    pub cpu_times: HashMap<u32, (u64, u64)>,
+}
+
+/// Parses the `cpuN` lines of /proc/stat into (busy, total) ticks; idle and
+/// iowait are the idle part, steal is left out of both.
+pub fn parse_proc_stat(text: &str) -> HashMap<u32, (u64, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let id: u32 = f.next()?.strip_prefix("cpu")?.parse().ok()?;
+            let v: Vec<u64> = f.filter_map(|x| x.parse().ok()).collect();
+            if v.len() < 5 {
+                return None;
+            }
+            // user nice system idle iowait irq softirq [steal ...]
+            let idle = v[3] + v[4];
+            let total: u64 = v.iter().take(7).sum();
+            Some((id, (total - idle, total)))
+        })
+        .collect()
 }
 
 /// Interface totals.
@@ -121,6 +142,7 @@ pub fn snapshot() -> HostSnapshot {
             .find_map(|l| l.strip_prefix("oom_kill "))
             .and_then(|v| v.trim().parse().ok()),
         memory_stall_us: parse_psi_some_total(&read("/proc/pressure/memory")),
+        cpu_times: parse_proc_stat(&read("/proc/stat")),
     }
 }
 
@@ -155,6 +177,16 @@ mod tests {
         assert_eq!(t["RetransSegs"], 7);
         assert_eq!(t["MaxConn"], -1);
         assert!(parse_pairs(text, "Udp").is_empty());
+    }
+
+    #[test]
+    fn proc_stat() {
+        let t = parse_proc_stat(
+            "cpu  10 0 10 80 0 0 0 0 0 0\ncpu0 5 0 5 40 0 0 0 3 0 0\ncpu1 5 0 5 30 10 0 0\nintr 1 2\n",
+        );
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[&0], (10, 50));
+        assert_eq!(t[&1], (10, 50));
     }
 
     #[test]

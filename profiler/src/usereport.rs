@@ -89,6 +89,11 @@ pub struct Cpu {
     pub per_cpu: Vec<CpuUtil>,
     /// How utilization was measured.
     pub utilization_source: String,
+    /// Busy share over all CPUs by the kernel's own accounting
+    /// (/proc/stat), beside the sampled one: sampling the cpu-clock loses
+    /// ticks on CPUs that switch between idle and busy every few
+    /// microseconds, where the two part ways.
+    pub utilization_proc_stat: Option<f64>,
     /// Run-queue latency, or null when unavailable.
     pub runqueue_latency_us: Option<Latency>,
     /// Run-queue depth, or null when unavailable.
@@ -100,8 +105,10 @@ pub struct Cpu {
 pub struct CpuUtil {
     /// CPU id.
     pub cpu: u32,
-    /// 0..1.
+    /// 0..1, from samples.
     pub utilization: f64,
+    /// 0..1, from /proc/stat.
+    pub utilization_proc_stat: Option<f64>,
 }
 
 /// An OOM kill in use.json.
@@ -400,6 +407,20 @@ pub fn oom_record(k: &OomKill, clock: &Clock) -> OomRecord {
     }
 }
 
+/// Busy share of one CPU (or all) between two /proc/stat readings.
+fn proc_stat_busy(start: &HostSnapshot, end: &HostSnapshot, cpu: Option<u32>) -> Option<f64> {
+    let (mut busy, mut total) = (0u64, 0u64);
+    for (id, &(b1, t1)) in &end.cpu_times {
+        if cpu.is_some_and(|c| c != *id) {
+            continue;
+        }
+        let &(b0, t0) = start.cpu_times.get(id)?;
+        busy += b1.saturating_sub(b0);
+        total += t1.saturating_sub(t0);
+    }
+    (total > 0).then(|| busy as f64 / total as f64)
+}
+
 /// Builds the report of a window.
 pub fn build(
     raw: &RawProfile,
@@ -423,6 +444,7 @@ pub fn build(
             CpuUtil {
                 cpu,
                 utilization: (busy / expected_ticks).min(1.0),
+                utilization_proc_stat: proc_stat_busy(start, end, Some(cpu)),
             }
         })
         .collect();
@@ -554,6 +576,7 @@ pub fn build(
             utilization_source: format!(
                 "cpu-clock ticks at {hz} Hz that found a task other than idle running, over the {expected_ticks:.0} ticks per CPU of the window"
             ),
+            utilization_proc_stat: proc_stat_busy(start, end, None),
             runqueue_latency_us,
             runqueue_depth,
         },
@@ -600,7 +623,16 @@ pub fn render_table(r: &UseReport) -> String {
             .take(8)
             .map(|c| format!("cpu{} {}", c.cpu, pct(c.utilization)))
             .collect();
-        format!("{} busy ({})", pct(r.cpu.utilization), parts.join(", "))
+        let mut u = format!("{} busy ({})", pct(r.cpu.utilization), parts.join(", "));
+        if let Some(k) = r.cpu.utilization_proc_stat
+            && (k - r.cpu.utilization).abs() > 0.1
+        {
+            u.push_str(&format!(
+                "; {} by the kernel's accounting (/proc/stat): sampling misses ticks when CPUs flip between idle and busy",
+                pct(k)
+            ));
+        }
+        u
     };
     let mut cpu_s = Vec::new();
     if let Some(l) = &r.cpu.runqueue_latency_us {
