@@ -229,8 +229,34 @@ fn tcp_retransmits_are_counted_and_attributed() {
     };
 
     let dir = scratch("retrans");
-    let server = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('127.0.0.1',5201))\ns.listen(1)\nc,_=s.accept()\nwhile c.recv(65536): pass\n";
-    let client = "import socket,time\nc=socket.create_connection(('127.0.0.1',5201))\nc.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1)\nend=time.time()+2.5\nwhile time.time()<end:\n  c.sendall(b'x'*1000)\n  time.sleep(0.002)\nc.close()\n";
+    // One IPv4 and one IPv6 connection through the same lossy port.
+    let server = r#"
+import socket, threading
+def serve(fam, addr):
+    s = socket.socket(fam)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, 5201))
+    s.listen(1)
+    c, _ = s.accept()
+    while c.recv(65536):
+        pass
+t = [threading.Thread(target=serve, args=a) for a in [(socket.AF_INET, '127.0.0.1'), (socket.AF_INET6, '::1')]]
+[x.start() for x in t]
+[x.join() for x in t]
+"#;
+    let client = r#"
+import socket, time
+cs = [socket.create_connection((a, 5201)) for a in ['127.0.0.1', '::1']]
+for c in cs:
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+end = time.time() + 2.5
+while time.time() < end:
+    for c in cs:
+        c.sendall(b'x' * 1000)
+    time.sleep(0.002)
+for c in cs:
+    c.close()
+"#;
     let mut srv = Command::new("ip")
         .args(["netns", "exec", &ns, "python3", "-c", server])
         .spawn()
@@ -275,6 +301,15 @@ fn tcp_retransmits_are_counted_and_attributed() {
         .sum();
     assert_eq!(per_conn, ours);
     assert_eq!(conn["family"], "ipv4");
+    let v6 = conns
+        .iter()
+        .find(|c| c["dport"] == 5201 && c["daddr"] == "::1")
+        .unwrap_or_else(|| panic!("no IPv6 connection to port 5201 in {conns:#?}"));
+    assert_eq!(
+        (v6["family"].as_str(), v6["saddr"].as_str()),
+        (Some("ipv6"), Some("::1"))
+    );
+    assert_eq!(v6["pid"].as_u64(), Some(client_pid as u64), "{v6:#?}");
     // `ip netns exec` execs python3 in place: the client's pid owns the
     // socket; its name was read while it lived.
     assert_eq!(conn["pid"].as_u64(), Some(client_pid as u64), "{conn:#?}");
