@@ -12,6 +12,48 @@ pub const MAX_STACK_DEPTH: usize = 127;
 /// Length of a task's `comm` (`TASK_COMM_LEN`).
 pub const COMM_LEN: usize = 16;
 
+/// Most bytes of user stack copied per sample for unwinding in userspace:
+/// whole pages from the page holding the stack pointer upward.
+pub const STACK_COPY_MAX: usize = 32768;
+/// Page size the stack copy works in.
+pub const STACK_PAGE: usize = 4096;
+
+/// A sample for userspace unwinding (`--unwind dwarf|auto`): the user
+/// registers the unwinder starts from and a copy of the user stack,
+/// sent through [`names::MAP_STACK_SAMPLES`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StackSample {
+    /// Thread-group id.
+    pub tgid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// Kernel stack id in the stack map, or a negative errno.
+    pub kernel_stack_id: i32,
+    /// Bytes of `stack` up to the end of the last page copied (whole
+    /// pages; 0 when no page could be read).
+    pub len: u32,
+    /// Bit `i` set: page `i` of `stack` was read. A page in the middle can
+    /// fail (never touched by the process, so not present) while the ones
+    /// above it still read.
+    pub page_mask: u32,
+    /// Padding, zero.
+    pub _pad: u32,
+    /// User instruction pointer.
+    pub ip: u64,
+    /// User stack pointer.
+    pub sp: u64,
+    /// User frame pointer (rbp).
+    pub bp: u64,
+    /// Address `stack[0]` was copied from (`sp` rounded down to a page).
+    pub base: u64,
+    /// Name of the thread.
+    pub comm: [u8; COMM_LEN],
+    /// The stack copy.
+    pub stack: [u8; STACK_COPY_MAX],
+}
+const _: () = assert!(core::mem::size_of::<StackSample>() == 72 + STACK_COPY_MAX);
+
 /// Names of the maps and globals of the eBPF object, so the loader and the
 /// programs agree on them in one place.
 pub mod names {
@@ -56,6 +98,10 @@ pub mod names {
     pub const MAP_SOCK_OWNERS: &str = "SOCK_OWNERS";
     /// Ring buffer of [`crate::OomEvent`].
     pub const MAP_OOM_EVENTS: &str = "OOM_EVENTS";
+    /// Array of one [`crate::StackSample`] per CPU, where samples are built.
+    pub const MAP_SCRATCH: &str = "SCRATCH";
+    /// Ring buffer of [`crate::StackSample`] (userspace unwinding).
+    pub const MAP_STACK_SAMPLES: &str = "STACK_SAMPLES";
 }
 
 /// Key of the in-kernel aggregation: one entry per distinct
@@ -139,11 +185,17 @@ pub enum Counter {
     OomKills = 14,
     /// OOM kill events lost (ring buffer full).
     OomEventsLost = 15,
+    /// Stack copies lost because the ring buffer was full.
+    StackCopiesLost = 16,
+    /// Stack copies shorter than asked (the stack's top was nearer).
+    StackCopiesShort = 17,
+    /// Samples whose user registers could not be found.
+    UserRegsMissing = 18,
 }
 
 impl Counter {
     /// Number of counters (the size of [`names::MAP_COUNTERS`]).
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 19;
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Samples,
@@ -162,6 +214,9 @@ impl Counter {
         Counter::Retransmits,
         Counter::OomKills,
         Counter::OomEventsLost,
+        Counter::StackCopiesLost,
+        Counter::StackCopiesShort,
+        Counter::UserRegsMissing,
     ];
 }
 
@@ -224,8 +279,23 @@ pub struct Config {
     pub retrans: [u32; 9],
     /// inet_sock_set_state / sock_send_length: offset of the socket pointer.
     pub sock_owner_sk: u32,
+    /// Non-zero: copy user stacks for userspace unwinding instead of
+    /// walking frame pointers in the kernel.
+    pub copy_stacks: u8,
+    /// Pages of user stack to copy (1..=STACK_COPY_MAX/STACK_PAGE).
+    pub stack_pages: u8,
+    /// Padding, zero.
+    pub _pad2: [u8; 2],
+    /// Offset of `stack` (the kernel stack pointer) in `task_struct`, to find
+    /// the user registers of a sample taken in kernel mode.
+    pub task_stack: u32,
+    /// Kernel stack size (THREAD_SIZE); the user registers (`pt_regs`) are
+    /// at its top.
+    pub thread_size: u32,
+    /// Padding, zero.
+    pub _pad3: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 128);
+const _: () = assert!(core::mem::size_of::<Config>() == 144);
 
 /// Indexes into [`Config::oom`].
 pub mod oom_field {

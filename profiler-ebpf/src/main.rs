@@ -15,12 +15,13 @@ use aya_ebpf::{
         bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{map, perf_event, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
     programs::{PerfEventContext, TracePointContext, tracing::StackIdContext},
 };
 use profiler_common::{
     COMM_LEN, Config, Counter, DEPTH_SLOTS, LATENCY_SLOTS, NO_FIELD, OomEvent, ProcessEvent,
-    ProcessEventKind, RetransKey, RetransValue, SockOwner, StackKey, oom_field, retrans_field,
+    ProcessEventKind, RetransKey, RetransValue, STACK_COPY_MAX, STACK_PAGE, SockOwner, StackKey,
+    StackSample, oom_field, retrans_field,
 };
 
 /// Everything the loader tells the programs (see [`Config`]).
@@ -44,6 +45,12 @@ static CONFIG: Config = Config {
     oom: [NO_FIELD; 8],
     retrans: [NO_FIELD; 9],
     sock_owner_sk: NO_FIELD,
+    copy_stacks: 0,
+    stack_pages: 4,
+    _pad2: [0; 2],
+    task_stack: 0,
+    thread_size: 16384,
+    _pad3: 0,
 };
 
 // Sizes here are defaults; the loader resizes the maps before load.
@@ -71,6 +78,16 @@ static RETRANS: PerCpuHashMap<RetransKey, RetransValue> = PerCpuHashMap::with_ma
 static SOCK_OWNERS: LruHashMap<u64, SockOwner> = LruHashMap::with_max_entries(65536, 0);
 #[map]
 static OOM_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+/// Scratch space where a stack sample is assembled (too big for the BPF
+/// stack, and for a per-CPU map's 32 KiB values): one slot per CPU, sized
+/// by the loader to the possible CPUs.
+#[map]
+static SCRATCH: Array<StackSample> = Array::with_max_entries(1024, 0);
+/// Bytes of a [`StackSample`] before its stack copy.
+const HEADER_BYTES: usize = core::mem::size_of::<StackSample>() - STACK_COPY_MAX;
+/// Resized by the loader for the sample rate and CPU count.
+#[map]
+static STACK_SAMPLES: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 
 const EEXIST: i32 = 17;
 const ENOMEM: i32 = 12;
@@ -148,6 +165,14 @@ fn try_sample(ctx: &PerfEventContext) {
     }
     bump(Counter::Samples);
 
+    if cfg.copy_stacks != 0 && tgid != 0 {
+        if copy_stack(ctx, cfg, tgid, tid) {
+            announce(cfg, tgid);
+            return;
+        }
+        // No user registers (a kernel thread): count the kernel stack.
+    }
+
     let user_stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
         Ok(id) => id as i32,
         Err(e) => {
@@ -193,6 +218,130 @@ fn try_sample(ctx: &PerfEventContext) {
     if tgid != 0 {
         announce(cfg, tgid);
     }
+}
+
+/// User registers (ip, sp, bp) of the sampled task: the sample's own when
+/// it interrupted user mode, else the ones saved at the top of the task's
+/// kernel stack when it entered the kernel.
+#[inline(always)]
+fn user_regs(ctx: &PerfEventContext, cfg: &Config) -> Option<(u64, u64, u64)> {
+    // SAFETY: ctx points at the kernel's bpf_perf_event_data for this run.
+    let regs = unsafe { &(*ctx.ctx).regs };
+    if regs.cs & 3 == 3 {
+        return Some((regs.rip, regs.rsp, regs.rbp));
+    }
+    if cfg.task_stack == 0 {
+        return None;
+    }
+    // SAFETY: probe reads at offsets from BTF; a bad pointer fails the
+    // helper, it cannot fault.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let stack: *const u8 =
+            bpf_probe_read_kernel(task.add(cfg.task_stack as usize) as *const *const u8).ok()?;
+        if stack.is_null() {
+            return None;
+        }
+        // x86_64: struct pt_regs (21 u64) ends the kernel stack.
+        let pt = stack.add(cfg.thread_size as usize - 21 * 8) as *const u64;
+        let cs = bpf_probe_read_kernel(pt.add(17)).ok()?;
+        if cs & 3 != 3 {
+            return None; // a kernel thread, or the layout is not what we think
+        }
+        let ip = bpf_probe_read_kernel(pt.add(16)).ok()?;
+        let sp = bpf_probe_read_kernel(pt.add(19)).ok()?;
+        let bp = bpf_probe_read_kernel(pt.add(4)).ok()?;
+        Some((ip, sp, bp))
+    }
+}
+
+/// Sends the user registers and a copy of the user stack to userspace for
+/// unwinding with the binaries' CFI. Returns false when the task has no
+/// user registers.
+#[inline(always)]
+fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32) -> bool {
+    let Some((ip, sp, bp)) = user_regs(ctx, cfg) else {
+        bump(Counter::UserRegsMissing);
+        return false;
+    };
+    let kernel_stack_id = match ctx.get_stackid(&STACKS, 0) {
+        Ok(id) => id as i32,
+        Err(e) => {
+            if dropped(e) {
+                bump(Counter::KernelStackDropped);
+            }
+            e
+        }
+    };
+    // Built in a per-CPU scratch record, then sent with only the pages
+    // copied: the ring buffer carries what the stack holds, not the most
+    // it could hold.
+    // SAFETY: no preconditions.
+    let cpu = unsafe { aya_ebpf::helpers::bpf_get_smp_processor_id() };
+    let Some(out) = SCRATCH.get_ptr_mut(cpu) else {
+        return true;
+    };
+    let base = sp & !(STACK_PAGE as u64 - 1);
+    let pages = cfg.stack_pages as usize;
+    let mut len = 0u32;
+    // SAFETY: `out` is this CPU's scratch record; every write stays inside
+    // it (constant page offsets below STACK_COPY_MAX).
+    unsafe {
+        (*out).tgid = tgid;
+        (*out).tid = tid;
+        (*out).kernel_stack_id = kernel_stack_id;
+        (*out).ip = ip;
+        (*out).sp = sp;
+        (*out).bp = bp;
+        (*out).base = base;
+        (*out).comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+        let dst = (*out).stack.as_mut_ptr();
+        // Whole pages from the one holding sp upward, up to the configured
+        // size. A page that does not read (the stack's top passed, or a
+        // page the process never touched) is skipped and marked; the
+        // helper zeroes it.
+        let mut mask = 0u32;
+        let mut i = 0;
+        while i < STACK_COPY_MAX / STACK_PAGE {
+            if i >= pages {
+                break;
+            }
+            let off = i * STACK_PAGE;
+            let rc = aya_ebpf::helpers::generated::bpf_probe_read_user(
+                dst.add(off).cast(),
+                STACK_PAGE as u32,
+                (base + off as u64) as *const core::ffi::c_void,
+            );
+            if rc == 0 {
+                mask |= 1 << i;
+                len = (off + STACK_PAGE) as u32;
+            }
+            i += 1;
+        }
+        (*out).len = len;
+        (*out).page_mask = mask;
+        (*out)._pad = 0;
+    }
+    if (len as usize) < pages * STACK_PAGE {
+        bump(Counter::StackCopiesShort);
+    }
+    let size = HEADER_BYTES + len as usize;
+    if size > core::mem::size_of::<StackSample>() {
+        return true;
+    }
+    // SAFETY: `out` is this CPU's scratch record; `size` is bounded by it.
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_ringbuf_output(
+            core::ptr::addr_of!(STACK_SAMPLES).cast_mut().cast(),
+            out.cast(),
+            size as u64,
+            0,
+        )
+    };
+    if rc != 0 {
+        bump(Counter::StackCopiesLost);
+    }
+    true
 }
 
 /// Tasks waiting on this CPU's run queue, excluding the running one:

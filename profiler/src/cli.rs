@@ -45,6 +45,19 @@ pub struct RecordArgs {
     #[arg(short = 'o', long = "output", value_name = "DIR")]
     pub output: Option<PathBuf>,
 
+    /// How user stacks are walked: `fp` (frame pointers, in the kernel),
+    /// `dwarf` (the binaries' CFI on a copied stack, in userspace, frame
+    /// pointers where no CFI covers an address), `auto` (as dwarf).
+    #[arg(long = "unwind", value_enum, default_value = "auto")]
+    pub unwind: crate::unwind::UnwindMode,
+
+    /// Most bytes of user stack copied per sample for dwarf/auto
+    /// unwinding: 4096 to 32768, in whole pages, counted from the page
+    /// holding the stack pointer (only the pages up to the stack's top are
+    /// copied). Deeper stacks are cut, and counted as truncated.
+    #[arg(long = "stack-bytes", value_name = "BYTES", default_value_t = 32768, value_parser = parse_stack_bytes)]
+    pub stack_bytes: u32,
+
     /// Collect only the USE signals (run queues, retransmits, OOM kills,
     /// utilization): no stacks, no flame graph, the lowest overhead.
     #[arg(long = "no-stacks")]
@@ -60,6 +73,19 @@ impl RecordArgs {
     pub fn stacks(&self) -> bool {
         !self.no_stacks
     }
+}
+
+/// Parses `--stack-bytes`: a multiple of 4096 from 4096 to 32768.
+pub fn parse_stack_bytes(s: &str) -> Result<u32, String> {
+    let v: u32 = s.trim().parse().map_err(|_| {
+        format!("invalid byte count {s:?}: use a multiple of 4096 from 4096 to 32768")
+    })?;
+    if !(4096..=32768).contains(&v) || !v.is_multiple_of(4096) {
+        return Err(format!(
+            "--stack-bytes {v}: use a multiple of 4096 from 4096 to 32768"
+        ));
+    }
+    Ok(v)
 }
 
 /// Parses `10`, `10s`, `2m`, `1h`, `500ms`.

@@ -20,5 +20,7 @@ pub mod procs;
 pub mod record;
 pub mod render;
 pub mod symbolize;
+pub mod symreport;
 pub mod tracefs;
+pub mod unwind;
 pub mod usereport;

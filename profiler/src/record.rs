@@ -19,7 +19,7 @@ use crate::{
     preflight::{self, PreflightError},
     render,
     symbolize::symbolize_profile,
-    usereport,
+    symreport, usereport,
 };
 
 /// Why `record` failed.
@@ -196,6 +196,8 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         filter: has_command || !tgids.is_empty(),
         follow_forks: has_command,
         stacks: args.stacks(),
+        unwind: args.unwind,
+        stack_bytes: args.stack_bytes,
         ..Default::default()
     };
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -325,12 +327,22 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     let mut written_paths = vec![use_path, events_path];
     let (mut samples, mut unique_stacks) = (0, 0);
     let mut folded = Folded::new();
+    let mut symbols_text = String::new();
     if args.stacks() {
         let exclude = has_command.then_some(own_pid);
         let stacks = symbolize_profile(&raw, &capture.procs, exclude);
         folded = fold::fold(&stacks);
         samples = fold::total(&folded);
         unique_stacks = folded.len();
+
+        let symbols = symreport::build(&stacks);
+        let symbols_path = dir.join("symbols.json");
+        write_atomic(&symbols_path, |w| {
+            serde_json::to_writer_pretty(&mut *w, &symbols).map_err(io::Error::other)?;
+            writeln!(w)
+        })?;
+        symbols_text = symreport::render(&symbols);
+        written_paths.push(symbols_path);
 
         let folded_path = dir.join("stacks.folded");
         write_atomic(&folded_path, |w| fold::write_folded(&folded, w))?;
@@ -349,6 +361,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     capture.detach();
 
     eprint!("{}", usereport::render_table(&report));
+    eprint!("{symbols_text}");
     print_summary(
         &raw,
         &folded,
@@ -415,6 +428,24 @@ fn print_summary(
         Counter::OomEventsLost,
         "OOM kill events lost (ring buffer full; in the count, without details)",
     );
+    warn(
+        Counter::StackCopiesLost,
+        "stack copies lost (ring buffer full: userspace did not keep up)",
+    );
+    warn(
+        Counter::UserRegsMissing,
+        "samples without user registers (counted with kernel frames only)",
+    );
+    if let Some(u) = &raw.unwind {
+        eprintln!(
+            "profiler: unwound {} user stacks in userspace: {} truncated, {} dropped; {} copies reached the top of their stack; {} bytes of stack per sample",
+            u.samples,
+            u.truncated,
+            u.dropped,
+            raw.counter(Counter::StackCopiesShort),
+            u.bytes.checked_div(u.samples).unwrap_or(0)
+        );
+    }
     eprintln!(
         "profiler: analysed and written in {} ms; peak RSS {} MiB",
         post.as_millis(),

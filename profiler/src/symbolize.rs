@@ -41,6 +41,9 @@ pub enum UnknownReason {
     StackDropped,
     /// The kernel address is not in kallsyms.
     KernelUnknown,
+    /// The unwind stopped before the stack's end (stack copy too small, or
+    /// no rule to go on): the outer frames are missing.
+    Truncated,
 }
 
 impl UnknownReason {
@@ -54,6 +57,7 @@ impl UnknownReason {
             UnknownReason::ProcessExited => "process exited before it was read",
             UnknownReason::StackDropped => "stack dropped",
             UnknownReason::KernelUnknown => "not in kallsyms",
+            UnknownReason::Truncated => "truncated stack",
         }
     }
 }
@@ -129,6 +133,9 @@ fn frames_of(sym: &blazesym::symbolize::Sym<'_>, kind: FrameKind) -> Vec<Frame> 
 pub struct Symbolizer {
     blaze: Blaze,
     perf_maps: HashMap<u32, Option<PerfMap>>,
+    /// Function symbols of the vDSO (start, end, name), read lazily from
+    /// the profiler's own copy: the same image in every process.
+    vdso: Option<Vec<(u64, u64, String)>>,
 }
 
 impl Default for Symbolizer {
@@ -148,7 +155,37 @@ impl Symbolizer {
                 .enable_auto_reload(false)
                 .build(),
             perf_maps: HashMap::new(),
+            vdso: None,
         }
+    }
+
+    fn vdso_symbol(&mut self, offset: u64) -> Option<String> {
+        use object::{Object, ObjectSymbol};
+        let syms = self.vdso.get_or_insert_with(|| {
+            let Some(image) = crate::unwind::own_vdso() else {
+                return Vec::new();
+            };
+            let Ok(file) = object::File::parse(&*image) else {
+                return Vec::new();
+            };
+            let mut v: Vec<(u64, u64, String)> = file
+                .dynamic_symbols()
+                .chain(file.symbols())
+                .filter(|s| s.kind() == object::SymbolKind::Text && s.size() > 0)
+                .filter_map(|s| {
+                    Some((
+                        s.address(),
+                        s.address() + s.size(),
+                        s.name().ok()?.to_string(),
+                    ))
+                })
+                .collect();
+            v.sort();
+            v
+        });
+        syms.iter()
+            .find(|(a, b, _)| offset >= *a && offset < *b)
+            .map(|(_, _, n)| n.clone())
     }
 
     /// Names kernel addresses (already adjusted to point into their call
@@ -232,6 +269,13 @@ impl Symbolizer {
                         ),
                     };
                     out.insert(addr, vec![frame]);
+                }
+                Normalized::Special { entry, offset }
+                    if entry.backing == Backing::Special("[vdso]".into())
+                        && self.vdso_symbol(offset).is_some() =>
+                {
+                    let name = self.vdso_symbol(offset).unwrap_or_default();
+                    out.insert(addr, vec![Frame::new(name, FrameKind::User)]);
                 }
                 Normalized::Special { entry, offset } => {
                     out.insert(
@@ -385,13 +429,23 @@ pub fn symbolize_profile(
                     Err(_) => vec![dropped(lost)],
                 }
             };
+            let mut user_frames = expand(
+                &s.user,
+                user.get(&s.tgid),
+                FrameKind::Unknown(UnknownReason::StackDropped),
+            );
+            if s.user_truncated {
+                user_frames.insert(
+                    0,
+                    Frame::new(
+                        format!("[unknown: {}]", UnknownReason::Truncated),
+                        FrameKind::Unknown(UnknownReason::Truncated),
+                    ),
+                );
+            }
             crate::fold::SymbolizedStack {
                 process,
-                user: expand(
-                    &s.user,
-                    user.get(&s.tgid),
-                    FrameKind::Unknown(UnknownReason::StackDropped),
-                ),
+                user: user_frames,
                 kernel: expand(&s.kernel, Some(&kernel), FrameKind::KernelUnknown),
                 count: s.count,
             }

@@ -162,6 +162,15 @@ fn nodejs_functions_are_named_with_their_shares() {
         (share_a - 70.0).abs() <= 5.0,
         "hotA took {share_a:.1}% of the JS samples, expected 70 ± 5"
     );
+    // Unwinding crosses from JIT code (frame pointers) into native code
+    // (CFI) down to the process's start.
+    let crossed = samples_where(&folded, "node", |f| {
+        f.iter().any(|fr| fr.contains("hotA")) && f.iter().any(|fr| fr.starts_with("node::Start"))
+    });
+    assert!(
+        crossed * 10 >= a * 8,
+        "only {crossed} of {a} hotA samples reach node::Start below them"
+    );
     // JS frames are annotated as JIT code.
     assert!(
         folded

@@ -7,10 +7,10 @@
  * different speeds in different functions, by stack alignment and the
  * like, so counts would not give known shares.)
  *
- * Every leaf keeps a volatile counter on its stack, so with
+ * By default every leaf keeps its deadline on its stack, so with
  * -fno-omit-frame-pointer -mno-omit-leaf-frame-pointer each leaf sets up
  * its own frame and frame-pointer unwinding sees its caller ("framed
- * leaves").
+ * leaves"); -DUNFRAMED_LEAVES builds leaves without a frame.
  *
  * Usage: known SECONDS
  */
@@ -26,12 +26,25 @@ static inline unsigned long long tsc(void) {
   return ((unsigned long long)hi << 32) | lo;
 }
 
+#ifdef UNFRAMED_LEAVES
+/* The deadline stays in a register: the leaves need no stack, and gcc
+ * shrink-wraps them without a frame even with -fno-omit-frame-pointer, as
+ * Debian builds do: frame-pointer unwinding then loses each leaf's caller. */
 #define SPIN(units)                                                            \
   do {                                                                         \
-    volatile unsigned long long end = tsc() + (units) * ticks_per_unit / 16;        \
+    unsigned long long end = tsc() + (units) * ticks_per_unit / 16;            \
+    while (tsc() < end)                                                        \
+      __asm__ volatile("");                                                    \
+  } while (0)
+#else
+/* The deadline lives on the stack: each leaf sets up a frame. */
+#define SPIN(units)                                                            \
+  do {                                                                         \
+    volatile unsigned long long end = tsc() + (units) * ticks_per_unit / 16;   \
     while (tsc() < end)                                                        \
       ;                                                                        \
   } while (0)
+#endif
 
 __attribute__((noinline)) void work_alpha(unsigned long long u) { SPIN(5 * u); }
 __attribute__((noinline)) void work_beta(unsigned long long u) { SPIN(3 * u); }

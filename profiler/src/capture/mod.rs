@@ -18,11 +18,15 @@ use aya::{
 };
 use profiler_common::{
     Config, Counter, DEPTH_SLOTS, LATENCY_SLOTS, OomEvent, ProcessEvent, ProcessEventKind,
-    RetransKey, RetransValue, StackKey, names, oom_field, retrans_field,
+    RetransKey, RetransValue, STACK_COPY_MAX, STACK_PAGE, StackKey, StackSample, names, oom_field,
+    retrans_field,
 };
 use tokio::io::unix::AsyncFd;
 
-use crate::procs::ProcessTable;
+use crate::{
+    procs::ProcessTable,
+    unwind::{UnwindMode, UnwindStats, UserUnwinder},
+};
 
 /// The eBPF object, built by build.rs and embedded: one file to ship.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
@@ -49,6 +53,10 @@ pub struct CaptureConfig {
     pub count_map_entries: u32,
     /// Take stacks (false: `--no-stacks`, only the USE signals).
     pub stacks: bool,
+    /// How user stacks are walked.
+    pub unwind: UnwindMode,
+    /// Bytes of user stack copied per sample (dwarf/auto), whole pages.
+    pub stack_bytes: u32,
 }
 
 impl Default for CaptureConfig {
@@ -61,6 +69,8 @@ impl Default for CaptureConfig {
             stack_map_entries: 16 * 1024,
             count_map_entries: 40 * 1024,
             stacks: true,
+            unwind: UnwindMode::Auto,
+            stack_bytes: STACK_COPY_MAX as u32,
         }
     }
 }
@@ -111,6 +121,8 @@ pub struct RawStack {
     pub thread: String,
     /// User stack, leaf first.
     pub user: RawStackPart,
+    /// The user stack stopped before its end (userspace unwinding).
+    pub user_truncated: bool,
     /// Kernel stack, leaf first.
     pub kernel: RawStackPart,
     /// Samples.
@@ -191,6 +203,8 @@ pub struct RawProfile {
     pub socket_owners: HashMap<u32, OwnerInfo>,
     /// Name of the cfs_rq count field the depth was read from.
     pub depth_field: Option<&'static str>,
+    /// Userspace unwinding figures (dwarf/auto).
+    pub unwind: Option<UnwindStats>,
 }
 
 impl RawProfile {
@@ -219,6 +233,9 @@ pub fn counter_name(c: Counter) -> &'static str {
         Counter::Retransmits => "tcp_retransmits",
         Counter::OomKills => "oom_kills",
         Counter::OomEventsLost => "oom_events_lost",
+        Counter::StackCopiesLost => "stack_copies_lost_ring_full",
+        Counter::StackCopiesShort => "stack_copies_short",
+        Counter::UserRegsMissing => "samples_without_user_registers",
     }
 }
 
@@ -230,6 +247,8 @@ pub struct Capture {
     events: AsyncFd<RingBuf<MapData>>,
     oom_events: AsyncFd<RingBuf<MapData>>,
     oom_kills: Vec<OomKill>,
+    stack_samples: AsyncFd<RingBuf<MapData>>,
+    unwinder: Option<UserUnwinder>,
     socket_owners: HashMap<u32, OwnerInfo>,
     pids: BpfHashMap<MapData, u32, u8>,
     cpus: Vec<u32>,
@@ -269,6 +288,38 @@ fn prog_err(what: impl Into<String>) -> impl FnOnce(aya::programs::ProgramError)
     move |source| CaptureError::Program { what, source }
 }
 
+/// The kernel stack size (THREAD_SIZE): 16 KiB on x86_64, 32 KiB with
+/// KASAN (read from the kernel's config where it is on disk).
+fn thread_size() -> u32 {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let config = fs::read_to_string(format!("/boot/config-{}", release.trim())).unwrap_or_default();
+    if config.lines().any(|l| l == "CONFIG_KASAN=y") {
+        32768
+    } else {
+        16384
+    }
+}
+
+/// Possible CPUs (the ids a CPU can have), for per-CPU slots.
+fn possible_cpus() -> u32 {
+    fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|t| parse_cpu_list(&t))
+        .and_then(|c| c.into_iter().max())
+        .map_or(1024, |m| m + 1)
+}
+
+/// Ring buffer bytes for stack copies: a quarter second of samples at the
+/// configured rate on every CPU (reckoning 16 KiB a sample: records carry
+/// only the pages copied), a power of two between 1 and 64 MiB.
+fn stack_ring_bytes(hz: u64, cpus: usize) -> u32 {
+    let record = 16 * 1024 + 128;
+    let want = hz * cpus as u64 * record / 4;
+    want.clamp(1 << 20, 64 << 20)
+        .next_power_of_two()
+        .min(64 << 20) as u32
+}
+
 /// Reads the layouts of every tracepoint used and fills in [`Config`]; a
 /// tracepoint missing from this kernel marks its signal unavailable.
 fn build_config(
@@ -295,6 +346,13 @@ fn build_config(
         oom: [profiler_common::NO_FIELD; 8],
         retrans: [profiler_common::NO_FIELD; 9],
         sock_owner_sk: profiler_common::NO_FIELD,
+        copy_stacks: (cfg.stacks && cfg.unwind != UnwindMode::Fp).into(),
+        stack_pages: (cfg.stack_bytes as usize / STACK_PAGE).clamp(1, STACK_COPY_MAX / STACK_PAGE)
+            as u8,
+        _pad2: [0; 2],
+        task_stack: 0,
+        thread_size: thread_size(),
+        _pad3: 0,
     };
     if let Ok(f) = Format::read("sched", "sched_process_fork") {
         c.fork_child_pid = f.offset_or_none("child_pid");
@@ -316,7 +374,14 @@ fn build_config(
         }),
     }
     let mut depth_field = None;
-    match crate::kbtf::load().and_then(|btf| crate::kbtf::depth_offsets(&btf)) {
+    let btf = crate::kbtf::load();
+    if c.copy_stacks != 0
+        && let Ok(btf) = &btf
+        && let Some((off, _)) = crate::kbtf::member_offset(btf, "task_struct", "stack")
+    {
+        c.task_stack = off;
+    }
+    match btf.and_then(|btf| crate::kbtf::depth_offsets(&btf)) {
         Ok(d) => {
             c.runqueue_depth = 1;
             c.task_cfs_rq = d.task_cfs_rq;
@@ -395,6 +460,22 @@ impl Capture {
                 names::MAP_COUNTS,
                 if cfg.stacks { cfg.count_map_entries } else { 1 },
             )
+            .map_max_entries(
+                names::MAP_SCRATCH,
+                if config.copy_stacks != 0 {
+                    possible_cpus()
+                } else {
+                    1
+                },
+            )
+            .map_max_entries(
+                names::MAP_STACK_SAMPLES,
+                if config.copy_stacks != 0 {
+                    stack_ring_bytes(cfg.frequency_hz, cpus.len())
+                } else {
+                    4096
+                },
+            )
             .load(EBPF_OBJECT)
             .map_err(CaptureError::Load)?;
 
@@ -414,6 +495,11 @@ impl Capture {
         // SAFETY: as above.
         let oom_events =
             unsafe { AsyncFd::register(oom_events) }.map_err(|e| CaptureError::Io(e.into()))?;
+        let stack_samples: RingBuf<MapData> = take_map(&mut ebpf, names::MAP_STACK_SAMPLES)?;
+        // SAFETY: as above.
+        let stack_samples =
+            unsafe { AsyncFd::register(stack_samples) }.map_err(|e| CaptureError::Io(e.into()))?;
+        let unwinder = (config.copy_stacks != 0).then(UserUnwinder::new);
 
         let mut procs = ProcessTable::new();
         for pid in &cfg.pids {
@@ -512,6 +598,8 @@ impl Capture {
             events,
             oom_events,
             oom_kills: Vec::new(),
+            stack_samples,
+            unwinder,
             socket_owners: HashMap::new(),
             pids,
             cpus,
@@ -548,6 +636,7 @@ impl Capture {
         tokio::select! {
             g = self.events.readable() => { g?.clear_ready(); }
             g = self.oom_events.readable() => { g?.clear_ready(); }
+            g = self.stack_samples.readable() => { g?.clear_ready(); }
         }
         Ok(())
     }
@@ -574,6 +663,43 @@ impl Capture {
                 }
             } else {
                 self.procs.observe(ev.tgid);
+            }
+        }
+        // Stack copies after announcements: their processes are known.
+        if let Some(unwinder) = self.unwinder.as_mut() {
+            let rb = self.stack_samples.get_mut();
+            while let Some(item) = rb.next() {
+                let header = std::mem::size_of::<StackSample>() - STACK_COPY_MAX;
+                if item.len() >= header {
+                    // The kernel sends the header and only the pages it
+                    // copied: the rest of the record stays zero.
+                    let mut sample: Box<StackSample> = Box::new(StackSample {
+                        tgid: 0,
+                        tid: 0,
+                        kernel_stack_id: 0,
+                        len: 0,
+                        page_mask: 0,
+                        _pad: 0,
+                        ip: 0,
+                        sp: 0,
+                        bp: 0,
+                        base: 0,
+                        comm: [0; profiler_common::COMM_LEN],
+                        stack: [0; STACK_COPY_MAX],
+                    });
+                    let n = item.len().min(std::mem::size_of::<StackSample>());
+                    // SAFETY: copies n <= size_of::<StackSample>() bytes of
+                    // plain integers into it.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            item.as_ptr(),
+                            (&mut *sample as *mut StackSample).cast::<u8>(),
+                            n,
+                        )
+                    };
+                    sample.len = sample.len.min((n - header) as u32);
+                    unwinder.add(&sample, &mut self.procs);
+                }
             }
         }
         let rb = self.oom_events.get_mut();
@@ -660,9 +786,23 @@ impl Capture {
                 tgid: key.tgid,
                 thread,
                 user: resolve(key.user_stack_id),
+                user_truncated: false,
                 kernel: resolve(key.kernel_stack_id),
                 count,
             });
+        }
+        if let Some(unwinder) = self.unwinder.take() {
+            out.unwind = Some(unwinder.stats);
+            for (key, count) in unwinder.stacks {
+                out.stacks.push(RawStack {
+                    tgid: key.tgid,
+                    thread: key.thread,
+                    user: Ok(key.user),
+                    user_truncated: key.truncated,
+                    kernel: resolve(key.kernel_stack_id),
+                    count,
+                });
+            }
         }
         let per_cpu = |map: &PerCpuArray<MapData, u64>, idx: u32| -> Vec<u64> {
             map.get(&idx, 0)

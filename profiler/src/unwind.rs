@@ -1,0 +1,335 @@
+//! Userspace unwinding of copied user stacks (`--unwind dwarf|auto`): the
+//! kernel sends the user registers and a window of the user stack per
+//! sample; framehop unwinds it with each binary's CFI (`.eh_frame`,
+//! `.debug_frame`) and falls back to frame pointers where no CFI covers an
+//! address (JIT code), crossing between the two. Repeated stacks are
+//! aggregated at once, so memory stays bounded by distinct stacks.
+
+use std::{collections::HashMap, ops::Range, path::PathBuf, sync::Arc};
+
+use framehop::{
+    ExplicitModuleSectionInfo, Module, Unwinder,
+    x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64},
+};
+use object::{Object, ObjectSection, ObjectSegment};
+use profiler_common::StackSample;
+
+use crate::{
+    procmaps::Backing,
+    procs::{ProcessInfo, ProcessTable},
+};
+
+/// Deepest stack unwound.
+pub const MAX_FRAMES: usize = 256;
+/// Most distinct stacks kept; past it samples are counted as dropped.
+pub const MAX_STACKS: usize = 200_000;
+/// Most object files whose unwind sections are kept.
+pub const MAX_FILES: usize = 4096;
+
+/// How user stacks are walked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnwindMode {
+    /// Frame pointers, walked in the kernel: cheapest, wrong where
+    /// binaries omit them.
+    Fp,
+    /// CFI (.eh_frame/.debug_frame) in userspace on a copied stack, frame
+    /// pointers where no CFI covers an address.
+    Dwarf,
+    /// The default: as dwarf (CFI where it exists, frame pointers where it
+    /// does not).
+    Auto,
+}
+
+/// Unwind sections of one object file, shared by every process mapping it.
+#[derive(Debug)]
+struct FileUnwindData {
+    base_svma: u64,
+    /// (p_vaddr, p_offset, p_filesz) of each loadable segment.
+    segments: Vec<(u64, u64, u64)>,
+    eh_frame: Option<(Range<u64>, Arc<[u8]>)>,
+    eh_frame_hdr: Option<(Range<u64>, Arc<[u8]>)>,
+    debug_frame: Option<Arc<[u8]>>,
+    text: Option<Range<u64>>,
+}
+
+impl FileUnwindData {
+    fn read(path: &std::path::Path) -> Option<Self> {
+        Self::parse(&std::fs::read(path).ok()?)
+    }
+
+    fn parse(data: &[u8]) -> Option<Self> {
+        let file = object::File::parse(data).ok()?;
+        let section = |name: &str| -> Option<(Range<u64>, Arc<[u8]>)> {
+            let s = file.section_by_name(name)?;
+            let bytes = s.uncompressed_data().ok()?;
+            Some((s.address()..s.address() + s.size(), Arc::from(&*bytes)))
+        };
+        let segments = file
+            .segments()
+            .map(|s| {
+                let (off, size) = s.file_range();
+                (s.address(), off, size)
+            })
+            .collect();
+        Some(FileUnwindData {
+            base_svma: file.relative_address_base(),
+            segments,
+            eh_frame: section(".eh_frame"),
+            eh_frame_hdr: section(".eh_frame_hdr"),
+            debug_frame: section(".debug_frame").map(|(_, d)| d),
+            text: file
+                .section_by_name(".text")
+                .map(|s| s.address()..s.address() + s.size()),
+        })
+    }
+
+    /// The stated virtual address of a file offset.
+    fn svma_of_offset(&self, offset: u64) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|(_, off, size)| offset >= *off && offset < off + size.max(&1))
+            .map(|(vaddr, off, _)| vaddr + (offset - off))
+    }
+}
+
+struct ProcessUnwinder {
+    unwinder: UnwinderX86_64<Arc<[u8]>>,
+    /// Which maps it was built from.
+    maps_key: (u64, usize),
+}
+
+/// This process's vDSO image (`[vdso]` in /proc/self/maps), read from
+/// its own memory; every 64-bit process of the kernel maps the same one.
+pub fn own_vdso() -> Option<Vec<u8>> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let (entries, _) = crate::procmaps::parse_maps(&maps);
+    let v = entries
+        .iter()
+        .find(|e| e.backing == Backing::Special("[vdso]".into()))?;
+    let len = (v.end - v.start) as usize;
+    let mut buf = vec![0u8; len];
+    // SAFETY: the range is our own vDSO mapping, readable for the life of
+    // the process; copied byte for byte.
+    unsafe { std::ptr::copy_nonoverlapping(v.start as *const u8, buf.as_mut_ptr(), len) };
+    Some(buf)
+}
+
+/// Key of the userspace aggregation.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct UnwoundKey {
+    /// Thread-group id.
+    pub tgid: u32,
+    /// Thread name.
+    pub thread: String,
+    /// Return addresses, leaf first (the first is the instruction pointer).
+    pub user: Vec<u64>,
+    /// Kernel stack id (or negative errno).
+    pub kernel_stack_id: i32,
+    /// The unwind stopped before the stack's end (window too small, or no
+    /// way to go on).
+    pub truncated: bool,
+}
+
+/// Counts of what unwinding met.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UnwindStats {
+    /// Samples unwound.
+    pub samples: u64,
+    /// Of those, stacks that stopped before their end.
+    pub truncated: u64,
+    /// Samples dropped because the aggregation was full.
+    pub dropped: u64,
+    /// Bytes of stack received.
+    pub bytes: u64,
+}
+
+/// Unwinds copied stacks and aggregates them.
+#[derive(Default)]
+pub struct UserUnwinder {
+    files: HashMap<PathBuf, Option<Arc<FileUnwindData>>>,
+    /// The vDSO image, the same in every 64-bit process of this kernel:
+    /// read from the profiler's own memory.
+    vdso: Option<Arc<FileUnwindData>>,
+    procs: HashMap<u32, ProcessUnwinder>,
+    rereads: HashMap<u32, std::time::Instant>,
+    cache: CacheX86_64,
+    /// Aggregated stacks.
+    pub stacks: HashMap<UnwoundKey, u64>,
+    /// What happened.
+    pub stats: UnwindStats,
+}
+
+impl UserUnwinder {
+    /// A new unwinder.
+    pub fn new() -> Self {
+        UserUnwinder {
+            vdso: own_vdso()
+                .and_then(|image| FileUnwindData::parse(&image))
+                .map(Arc::new),
+            ..Self::default()
+        }
+    }
+
+    /// True when the maps of `tgid` were not re-read in the last 100 ms.
+    fn may_reread(&mut self, tgid: u32) -> bool {
+        let now = std::time::Instant::now();
+        match self.rereads.get(&tgid) {
+            Some(t) if now.duration_since(*t) < std::time::Duration::from_millis(100) => false,
+            _ => {
+                if self.rereads.len() > MAX_FILES * 8 {
+                    self.rereads.clear();
+                }
+                self.rereads.insert(tgid, now);
+                true
+            }
+        }
+    }
+
+    /// One unwind of a sample: the addresses, and whether it stopped early.
+    fn unwind_once(
+        &mut self,
+        s: &StackSample,
+        len: usize,
+        procs: &ProcessTable,
+    ) -> (Vec<u64>, bool) {
+        let mut user = Vec::with_capacity(32);
+        let Some(info) = procs.get(s.tgid) else {
+            return (vec![s.ip], true);
+        };
+        let key = (
+            info.start_time,
+            info.maps.len() ^ (info.maps.last().map_or(0, |m| m.end as usize)),
+        );
+        if self.procs.get(&s.tgid).is_none_or(|p| p.maps_key != key) {
+            let unwinder = self.build(info);
+            self.procs.insert(
+                s.tgid,
+                ProcessUnwinder {
+                    unwinder,
+                    maps_key: key,
+                },
+            );
+        }
+        let pu = &self.procs[&s.tgid];
+        let (base, stack, mask) = (s.base, &s.stack[..len], s.page_mask);
+        let mut read_stack = |addr: u64| -> Result<u64, ()> {
+            let off = addr.checked_sub(base).ok_or(())? as usize;
+            let page = off / profiler_common::STACK_PAGE;
+            if page >= 32 || mask & (1 << page) == 0 {
+                return Err(());
+            }
+            let bytes = stack.get(off..off + 8).ok_or(())?;
+            Ok(u64::from_le_bytes(bytes.try_into().map_err(|_| ())?))
+        };
+        let mut iter = pu.unwinder.iter_frames(
+            s.ip,
+            UnwindRegsX86_64::new(s.ip, s.sp, s.bp),
+            &mut self.cache,
+            &mut read_stack,
+        );
+        loop {
+            match iter.next() {
+                Ok(Some(f)) => {
+                    user.push(f.address());
+                    if user.len() >= MAX_FRAMES {
+                        return (user, true);
+                    }
+                }
+                Ok(None) => return (user, false),
+                Err(_) => return (user, true),
+            }
+        }
+    }
+
+    fn file(&mut self, path: PathBuf) -> Option<Arc<FileUnwindData>> {
+        if let Some(f) = self.files.get(&path) {
+            return f.clone();
+        }
+        let data = FileUnwindData::read(&path).map(Arc::new);
+        if self.files.len() < MAX_FILES {
+            self.files.insert(path, data.clone());
+        }
+        data
+    }
+
+    fn build(&mut self, info: &ProcessInfo) -> UnwinderX86_64<Arc<[u8]>> {
+        let mut unwinder = UnwinderX86_64::new();
+        for m in info.maps.iter().filter(|m| m.exec) {
+            let (name, file) = match &m.backing {
+                Backing::File { path, .. } => match self.file(info.host_path(path)) {
+                    Some(f) => (path.clone(), f),
+                    None => continue,
+                },
+                Backing::Special(s) if s == "[vdso]" => match &self.vdso {
+                    Some(v) => (s.clone(), v.clone()),
+                    None => continue,
+                },
+                _ => continue,
+            };
+            let path = &name;
+            let Some(svma) = file.svma_of_offset(m.offset) else {
+                continue;
+            };
+            let bias = m.start.wrapping_sub(svma);
+            let section_info = ExplicitModuleSectionInfo {
+                base_svma: file.base_svma,
+                text_svma: file.text.clone(),
+                eh_frame_svma: file.eh_frame.as_ref().map(|(r, _)| r.clone()),
+                eh_frame: file.eh_frame.as_ref().map(|(_, d)| d.clone()),
+                eh_frame_hdr_svma: file.eh_frame_hdr.as_ref().map(|(r, _)| r.clone()),
+                eh_frame_hdr: file.eh_frame_hdr.as_ref().map(|(_, d)| d.clone()),
+                debug_frame: file.debug_frame.clone(),
+                ..Default::default()
+            };
+            unwinder.add_module(Module::new(
+                path.clone(),
+                m.start..m.end,
+                file.base_svma.wrapping_add(bias),
+                section_info,
+            ));
+        }
+        unwinder
+    }
+
+    /// Unwinds one sample with what is known of its process, and counts it.
+    /// When the unwind stops at an address in none of the maps read so far
+    /// (a library or JIT region mapped since), the maps are read again,
+    /// at most every 100 ms per process, and the unwind retried.
+    pub fn add(&mut self, s: &StackSample, procs: &mut ProcessTable) {
+        if procs.get(s.tgid).is_none() {
+            procs.observe(s.tgid);
+        }
+        let len = (s.len as usize).min(s.stack.len());
+        self.stats.samples += 1;
+        self.stats.bytes += len as u64;
+        let (mut user, mut truncated) = self.unwind_once(s, len, procs);
+        let stale = truncated
+            && procs.get(s.tgid).is_some_and(|info| {
+                user.last()
+                    .is_some_and(|&a| !info.maps.iter().any(|m| m.start <= a && a < m.end))
+            });
+        if stale && self.may_reread(s.tgid) {
+            procs.observe(s.tgid);
+            (user, truncated) = self.unwind_once(s, len, procs);
+        }
+        if truncated {
+            self.stats.truncated += 1;
+        }
+        let thread =
+            String::from_utf8_lossy(s.comm.split(|b| *b == 0).next().unwrap_or(&[])).into_owned();
+        let key = UnwoundKey {
+            tgid: s.tgid,
+            thread,
+            user,
+            kernel_stack_id: s.kernel_stack_id,
+            truncated,
+        };
+        if let Some(c) = self.stacks.get_mut(&key) {
+            *c += 1;
+        } else if self.stacks.len() < MAX_STACKS {
+            self.stacks.insert(key, 1);
+        } else {
+            self.stats.dropped += 1;
+        }
+    }
+}
