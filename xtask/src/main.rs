@@ -5,6 +5,7 @@
 //! - `build`: bootstrap if needed, then `target/release/profiler`.
 //! - `capture [-- RECORD ARGS]`: build, then a 10 s system-wide capture.
 //! - `test`: lints, then every test, privileged ones included.
+//! - `bench`: the profiler against perf, measured in the same run.
 
 use std::{
     env,
@@ -14,6 +15,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+
+mod bench;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -35,6 +38,8 @@ enum Cmd {
         #[arg(last = true)]
         record_args: Vec<String>,
     },
+    /// Benchmarks against perf, measured in the same run (root, perf).
+    Bench,
     /// Lints (fmt, clippy), then every test of the workspace.
     Test {
         /// Extra arguments for the test binaries (after `--`), e.g. a filter.
@@ -49,6 +54,10 @@ fn main() -> Result<()> {
         Cmd::Build => build().map(|_| ()),
         Cmd::Capture { record_args } => capture(&record_args),
         Cmd::Test { test_args } => test(&test_args),
+        Cmd::Bench => {
+            let exe = build()?;
+            bench::bench(&exe, &root())
+        }
     }
 }
 
