@@ -673,20 +673,11 @@ impl Capture {
                 if item.len() >= header {
                     // The kernel sends the header and only the pages it
                     // copied: the rest of the record stays zero.
-                    let mut sample: Box<StackSample> = Box::new(StackSample {
-                        tgid: 0,
-                        tid: 0,
-                        kernel_stack_id: 0,
-                        len: 0,
-                        page_mask: 0,
-                        _pad: 0,
-                        ip: 0,
-                        sp: 0,
-                        bp: 0,
-                        base: 0,
-                        comm: [0; profiler_common::COMM_LEN],
-                        stack: [0; STACK_COPY_MAX],
-                    });
+                    // Zeroed on the heap: the record is 32 KiB, too big to build on
+                    // the stack and move.
+                    // SAFETY: StackSample is plain integers and bytes; all
+                    // zeroes is a valid value.
+                    let mut sample: Box<StackSample> = unsafe { Box::new_zeroed().assume_init() };
                     let n = item.len().min(std::mem::size_of::<StackSample>());
                     // SAFETY: copies n <= size_of::<StackSample>() bytes of
                     // plain integers into it.
