@@ -249,6 +249,9 @@ pub struct Capture {
     oom_kills: Vec<OomKill>,
     stack_samples: AsyncFd<RingBuf<MapData>>,
     unwinder: Option<UserUnwinder>,
+    /// One stack sample, reused: 32 KiB, too big for the stack and too
+    /// big to allocate per sample.
+    sample_buf: Box<StackSample>,
     socket_owners: HashMap<u32, OwnerInfo>,
     pids: BpfHashMap<MapData, u32, u8>,
     cpus: Vec<u32>,
@@ -600,6 +603,9 @@ impl Capture {
             oom_kills: Vec::new(),
             stack_samples,
             unwinder,
+            // SAFETY: StackSample is plain integers and bytes; all zeroes
+            // is a valid value.
+            sample_buf: unsafe { Box::new_zeroed().assume_init() },
             socket_owners: HashMap::new(),
             pids,
             cpus,
@@ -637,6 +643,8 @@ impl Capture {
             g = self.events.readable() => { g?.clear_ready(); }
             g = self.oom_events.readable() => { g?.clear_ready(); }
             g = self.stack_samples.readable() => { g?.clear_ready(); }
+            // Stack samples are sent without wakeups: drain them often.
+            _ = tokio::time::sleep(std::time::Duration::from_millis(20)), if self.unwinder.is_some() => {}
         }
         Ok(())
     }
@@ -673,23 +681,19 @@ impl Capture {
                 if item.len() >= header {
                     // The kernel sends the header and only the pages it
                     // copied: the rest of the record stays zero.
-                    // Zeroed on the heap: the record is 32 KiB, too big to build on
-                    // the stack and move.
-                    // SAFETY: StackSample is plain integers and bytes; all
-                    // zeroes is a valid value.
-                    let mut sample: Box<StackSample> = unsafe { Box::new_zeroed().assume_init() };
+                    let sample = &mut self.sample_buf;
                     let n = item.len().min(std::mem::size_of::<StackSample>());
                     // SAFETY: copies n <= size_of::<StackSample>() bytes of
                     // plain integers into it.
                     unsafe {
                         std::ptr::copy_nonoverlapping(
                             item.as_ptr(),
-                            (&mut *sample as *mut StackSample).cast::<u8>(),
+                            (&mut **sample as *mut StackSample).cast::<u8>(),
                             n,
                         )
                     };
                     sample.len = sample.len.min((n - header) as u32);
-                    unwinder.add(&sample, &mut self.procs);
+                    unwinder.add(sample, &mut self.procs);
                 }
             }
         }
