@@ -23,6 +23,8 @@ use crate::{
 pub const MAX_FRAMES: usize = 256;
 /// Most distinct stacks kept; past it samples are counted as dropped.
 pub const MAX_STACKS: usize = 200_000;
+/// Most per-process unwinders kept at once.
+pub const MAX_PROCS: usize = 4096;
 /// Most object files whose unwind sections are kept.
 pub const MAX_FILES: usize = 4096;
 
@@ -201,6 +203,11 @@ impl UserUnwinder {
             info.maps.len() ^ (info.maps.last().map_or(0, |m| m.end as usize)),
         );
         if self.procs.get(&s.tgid).is_none_or(|p| p.maps_key != key) {
+            // Bounded: past MAX_PROCS unwinders, start over (they are
+            // rebuilt on demand from the maps and the shared file data).
+            if self.procs.len() >= MAX_PROCS {
+                self.procs.clear();
+            }
             let unwinder = self.build(info);
             self.procs.insert(
                 s.tgid,
