@@ -312,12 +312,13 @@ fn possible_cpus() -> u32 {
         .map_or(1024, |m| m + 1)
 }
 
-/// Ring buffer bytes for stack copies: a quarter second of samples at the
+/// Ring buffer bytes for stack copies: half a second of samples at the
 /// configured rate on every CPU (reckoning 16 KiB a sample: records carry
-/// only the pages copied), a power of two between 1 and 64 MiB.
+/// only the pages copied), a power of two between 1 and 64 MiB. Half a
+/// second covers the first look at a big binary's CFI.
 fn stack_ring_bytes(hz: u64, cpus: usize) -> u32 {
     let record = 16 * 1024 + 128;
-    let want = hz * cpus as u64 * record / 4;
+    let want = hz * cpus as u64 * record / 2;
     want.clamp(1 << 20, 64 << 20)
         .next_power_of_two()
         .min(64 << 20) as u32
