@@ -378,8 +378,10 @@ pub struct RetransValue {
     pub _pad: u32,
     /// Owner's cgroup (v2 id), 0 if unknown.
     pub owner_cgroup: u64,
+    /// Owner's thread name when it used the socket, NUL-padded.
+    pub owner_comm: [u8; COMM_LEN],
 }
-const _: () = assert!(core::mem::size_of::<RetransValue>() == 40);
+const _: () = assert!(core::mem::size_of::<RetransValue>() == 56);
 
 /// The process that last used a socket in process context.
 #[repr(C)]
@@ -391,8 +393,10 @@ pub struct SockOwner {
     pub _pad: u32,
     /// cgroup v2 id of the task.
     pub cgroup: u64,
+    /// Name of the thread that used the socket.
+    pub comm: [u8; COMM_LEN],
 }
-const _: () = assert!(core::mem::size_of::<SockOwner>() == 16);
+const _: () = assert!(core::mem::size_of::<SockOwner>() == 32);
 
 /// An OOM kill, as the kernel reported it (oom:mark_victim).
 #[repr(C)]

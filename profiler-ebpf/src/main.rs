@@ -529,6 +529,7 @@ pub fn sock_owner(ctx: TracePointContext) -> u32 {
         _pad: 0,
         // SAFETY: no preconditions.
         cgroup: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]),
     };
     let _ = SOCK_OWNERS.insert(&sk, &owner, 0);
     0
@@ -576,6 +577,7 @@ pub fn tcp_retransmit(ctx: TracePointContext) -> u32 {
     {
         value.owner_tgid = owner.tgid;
         value.owner_cgroup = owner.cgroup;
+        value.owner_comm = owner.comm;
     }
     if RETRANS.insert(&key, &value, 0).is_err() {
         bump(Counter::RetransMapFull);

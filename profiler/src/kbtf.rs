@@ -3,52 +3,185 @@
 //! kernel versions; every candidate is tried, and when none fits the
 //! signal is reported unavailable with the names that were tried.
 
-use btf_rs::{Btf, Type};
+use std::collections::HashMap;
 
 /// Where the kernel's BTF is.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-/// Byte offset of `member` in struct `name`, looking into anonymous
-/// structs and unions; with the member's type.
-pub fn member_offset(btf: &Btf, name: &str, member: &str) -> Option<(u32, Type)> {
-    let types = btf.resolve_types_by_name(name).ok()?;
-    types.into_iter().find_map(|t| match t {
-        Type::Struct(s) | Type::Union(s) => find_in(btf, &s, member),
-        _ => None,
-    })
+/// BTF kinds this reader looks into (include/uapi/linux/btf.h).
+const KIND_INT: u32 = 1;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_TYPE_TAG: u32 = 18;
+
+/// One type of the BTF: what the member look-ups need.
+#[derive(Clone, Copy, Debug)]
+struct TypeInfo {
+    kind: u32,
+    name_off: u32,
+    /// Size (INT, STRUCT, UNION) or referenced type id (modifiers).
+    size_or_type: u32,
+    /// Members: byte offset of the first `btf_member` in the data.
+    members_at: usize,
+    vlen: u32,
+    kind_flag: bool,
 }
 
-fn find_in(btf: &Btf, s: &btf_rs::Struct, member: &str) -> Option<(u32, Type)> {
-    for m in &s.members {
-        let name = btf.resolve_name(m).unwrap_or_default();
-        let ty = btf.resolve_chained_type(m).ok()?;
-        if name == member {
-            return Some((m.bit_offset() / 8, ty));
+/// A small reader of the kernel's BTF: one pass over the type section,
+/// no per-type allocation (the whole vmlinux BTF holds ~100k types), then
+/// member look-ups by struct name.
+pub struct Btf {
+    data: Vec<u8>,
+    strings_at: usize,
+    strings_len: usize,
+    /// Index `id - 1`.
+    types: Vec<TypeInfo>,
+    /// Struct/union name -> type ids.
+    by_name: HashMap<String, Vec<u32>>,
+}
+
+/// A member found: its byte offset and its type id.
+pub type Member = (u32, u32);
+
+impl Btf {
+    /// Parses raw BTF (the bytes of /sys/kernel/btf/vmlinux).
+    pub fn parse(data: Vec<u8>) -> Result<Self, String> {
+        let u32_at = |d: &[u8], o: usize| -> Option<u32> {
+            d.get(o..o + 4)
+                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+        };
+        if data.get(0..2) != Some(&[0x9f, 0xeb]) {
+            return Err("not little-endian BTF (bad magic)".into());
         }
-        if name.is_empty() {
-            // Anonymous struct or union: look inside.
-            let inner = skip_modifiers(btf, ty)?;
-            if let Type::Struct(is) | Type::Union(is) = inner
-                && let Some((off, t)) = find_in(btf, &is, member)
-            {
-                return Some((m.bit_offset() / 8 + off, t));
+        let hdr_len = u32_at(&data, 4).ok_or("short BTF header")? as usize;
+        let type_off = u32_at(&data, 8).ok_or("short BTF header")? as usize;
+        let type_len = u32_at(&data, 12).ok_or("short BTF header")? as usize;
+        let str_off = u32_at(&data, 16).ok_or("short BTF header")? as usize;
+        let str_len = u32_at(&data, 20).ok_or("short BTF header")? as usize;
+        let (t0, t1) = (hdr_len + type_off, hdr_len + type_off + type_len);
+        let strings_at = hdr_len + str_off;
+        if t1 > data.len() || strings_at + str_len > data.len() {
+            return Err("BTF sections run past the end".into());
+        }
+        let mut types = Vec::with_capacity(type_len / 16);
+        let mut at = t0;
+        while at + 12 <= t1 {
+            let name_off = u32_at(&data, at).unwrap();
+            let info = u32_at(&data, at + 4).unwrap();
+            let size_or_type = u32_at(&data, at + 8).unwrap();
+            let kind = (info >> 24) & 0x1f;
+            let vlen = info & 0xffff;
+            let kind_flag = info >> 31 == 1;
+            let body = at + 12;
+            let extra = match kind {
+                1 | 14 | 17 => 4,                      // INT, VAR, DECL_TAG
+                3 => 12,                               // ARRAY
+                4 | 5 | 15 | 19 => 12 * vlen as usize, // STRUCT, UNION, DATASEC, ENUM64
+                6 | 13 => 8 * vlen as usize,           // ENUM, FUNC_PROTO
+                2 | 7 | 8 | 9 | 10 | 11 | 12 | 16 | 18 => 0,
+                k => return Err(format!("unknown BTF kind {k}")),
+            };
+            types.push(TypeInfo {
+                kind,
+                name_off,
+                size_or_type,
+                members_at: body,
+                vlen,
+                kind_flag,
+            });
+            at = body + extra;
+        }
+        let mut btf = Btf {
+            data,
+            strings_at,
+            strings_len: str_len,
+            types,
+            by_name: HashMap::new(),
+        };
+        for (i, t) in btf.types.iter().enumerate() {
+            if (t.kind == KIND_STRUCT || t.kind == KIND_UNION) && t.name_off != 0 {
+                let name = btf.string(t.name_off).to_string();
+                btf.by_name.entry(name).or_default().push(i as u32 + 1);
             }
         }
+        Ok(btf)
     }
-    None
+
+    fn string(&self, off: u32) -> &str {
+        let start = self.strings_at + off as usize;
+        let end = self.strings_at + self.strings_len;
+        let bytes = &self.data[start.min(end)..end];
+        let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        std::str::from_utf8(&bytes[..len]).unwrap_or("")
+    }
+
+    fn get(&self, id: u32) -> Option<&TypeInfo> {
+        self.types.get((id as usize).checked_sub(1)?)
+    }
+
+    /// The type behind typedefs and qualifiers.
+    fn resolve(&self, mut id: u32) -> Option<(u32, &TypeInfo)> {
+        for _ in 0..32 {
+            let t = self.get(id)?;
+            match t.kind {
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    id = t.size_or_type
+                }
+                _ => return Some((id, t)),
+            }
+        }
+        None
+    }
+
+    fn find_in(&self, t: &TypeInfo, member: &str) -> Option<Member> {
+        for i in 0..t.vlen as usize {
+            let m = t.members_at + 12 * i;
+            let word =
+                |o: usize| u32::from_le_bytes(self.data[m + o..m + o + 4].try_into().unwrap());
+            let (name_off, ty, offset) = (word(0), word(4), word(8));
+            let bits = if t.kind_flag {
+                offset & 0xff_ffff
+            } else {
+                offset
+            };
+            if name_off != 0 {
+                if self.string(name_off) == member {
+                    return Some((bits / 8, ty));
+                }
+            } else if let Some((_, inner)) = self.resolve(ty)
+                && (inner.kind == KIND_STRUCT || inner.kind == KIND_UNION)
+                && let Some((off, mty)) = self.find_in(inner, member)
+            {
+                // Anonymous struct or union: look inside.
+                return Some((bits / 8 + off, mty));
+            }
+        }
+        None
+    }
+
+    /// Byte offset of `member` in struct (or union) `name`, looking into
+    /// anonymous structs and unions; with the member's type id.
+    pub fn member_offset(&self, name: &str, member: &str) -> Option<Member> {
+        self.by_name
+            .get(name)?
+            .iter()
+            .find_map(|&id| self.find_in(self.get(id)?, member))
+    }
+
+    /// Size in bytes of an integer type (behind typedefs), else None.
+    pub fn int_size(&self, id: u32) -> Option<u32> {
+        let (_, t) = self.resolve(id)?;
+        (t.kind == KIND_INT).then_some(t.size_or_type)
+    }
 }
 
-fn skip_modifiers(btf: &Btf, mut t: Type) -> Option<Type> {
-    loop {
-        t = match t {
-            Type::Typedef(ref x) => btf.resolve_chained_type(x).ok()?,
-            Type::Const(ref x) => btf.resolve_chained_type(x).ok()?,
-            Type::Volatile(ref x) => btf.resolve_chained_type(x).ok()?,
-            Type::Restrict(ref x) => btf.resolve_chained_type(x).ok()?,
-            Type::TypeTag(ref x) => btf.resolve_chained_type(x).ok()?,
-            other => return Some(other),
-        }
-    }
+/// Byte offset of `member` in struct `name` (see [`Btf::member_offset`]).
+pub fn member_offset(btf: &Btf, name: &str, member: &str) -> Option<Member> {
+    btf.member_offset(name, member)
 }
 
 /// Offsets for the run-queue depth read:
@@ -81,10 +214,7 @@ pub fn depth_offsets(btf: &Btf) -> Result<DepthOffsets, String> {
     let (cfs, _) = member_offset(btf, "rq", "cfs").ok_or("rq has no member cfs")?;
     for field in COUNT_FIELDS {
         if let Some((off, ty)) = member_offset(btf, "cfs_rq", field) {
-            let size = match skip_modifiers(btf, ty) {
-                Some(Type::Int(i)) => i.size(),
-                _ => 0,
-            };
+            let size = btf.int_size(ty).unwrap_or(0);
             if size != 4 {
                 return Err(format!(
                     "cfs_rq.{field} is {size} bytes, expected a 4-byte count"
@@ -106,9 +236,10 @@ pub fn depth_offsets(btf: &Btf) -> Result<DepthOffsets, String> {
 
 /// Loads the kernel's BTF.
 pub fn load() -> Result<Btf, String> {
-    Btf::from_file(VMLINUX_BTF).map_err(|e| {
+    let data = std::fs::read(VMLINUX_BTF).map_err(|e| {
         format!("kernel BTF unreadable ({VMLINUX_BTF}: {e}); needs CONFIG_DEBUG_INFO_BTF")
-    })
+    })?;
+    Btf::parse(data).map_err(|e| format!("kernel BTF unparsable ({VMLINUX_BTF}: {e})"))
 }
 
 #[cfg(test)]
@@ -117,6 +248,16 @@ mod tests {
 
     /// Reads this machine's BTF (present on every kernel we support; the
     /// test says so when it is not).
+    #[test]
+    fn rejects_what_is_not_btf() {
+        assert!(Btf::parse(vec![0; 8]).is_err());
+        assert!(Btf::parse(vec![0x9f, 0xeb, 1, 0]).is_err());
+        // Header promising sections past the end.
+        let mut h = vec![0x9f, 0xeb, 1, 0, 24, 0, 0, 0];
+        h.extend_from_slice(&[0, 0, 0, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(Btf::parse(h).is_err());
+    }
+
     #[test]
     fn finds_the_depth_chain_in_this_kernel() {
         let btf = match load() {
@@ -131,6 +272,12 @@ mod tests {
         assert!(COUNT_FIELDS.contains(&d.count_field));
         // A field that exists nowhere is not invented.
         assert!(member_offset(&btf, "cfs_rq", "no_such_field").is_none());
+        // A member inside an anonymous union/struct is found, and offsets
+        // are consistent: task_struct.se precedes task_struct.stack? No
+        // order assumed; just both exist and differ.
+        let (se, _) = member_offset(&btf, "task_struct", "se").unwrap();
+        let (stack, _) = member_offset(&btf, "task_struct", "stack").unwrap();
+        assert_ne!(se, stack);
         // Renamed fields: this kernel has exactly one of the old/new names.
         let old = member_offset(&btf, "cfs_rq", "nr_running").is_some();
         let new = member_offset(&btf, "cfs_rq", "nr_queued").is_some();

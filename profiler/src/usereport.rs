@@ -364,7 +364,13 @@ pub fn retrans_conn(
     // What was read while the owner lived, else what /proc says now, else
     // the cgroup v2 id the kernel recorded.
     let now = pid.map(OwnerInfo::read).unwrap_or_default();
-    let comm = owner.and_then(|o| o.comm.clone()).or(now.comm);
+    let kernel_comm = (v.owner_tgid != 0)
+        .then(|| comm_str(&v.owner_comm))
+        .filter(|c| !c.is_empty());
+    let comm = owner
+        .and_then(|o| o.comm.clone())
+        .or(now.comm)
+        .or(kernel_comm);
     let cgroup = owner
         .and_then(|o| o.cgroup.clone())
         .or(now.cgroup)

@@ -17,7 +17,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-const SECONDS: &str = "5";
+/// Capture length: the same 10 s as `cargo xtask capture`.
+const SECONDS: &str = "10";
 
 /// CPU seconds (user + system) of waited-for children so far.
 fn children_cpu() -> f64 {
@@ -145,7 +146,7 @@ pub fn bench(profiler: &Path, root: &Path) -> Result<()> {
     ];
     let mut table: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     let mut md = String::from(
-        "# Unwinding bench (issue 4)\n\nKnown workload: expected shares alpha 50, beta 30, gamma;delta 20. 999 Hz, 5 s.\n\n| build | tool | alpha | beta | gamma;delta | tool CPU s | bytes/sample | workload spins (M) | slowdown |\n|---|---|---|---|---|---|---|---|---|\n",
+        "# Unwinding bench (issue 4)\n\nKnown workload: expected shares alpha 50, beta 30, gamma;delta 20. 999 Hz, 10 s.\n\n| build | tool | alpha | beta | gamma;delta | tool CPU s | bytes/sample | workload spins (M) | slowdown |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for (name, flags) in builds {
         let exe = dir.join(format!("known-{name}"));
@@ -225,7 +226,7 @@ pub fn bench(profiler: &Path, root: &Path) -> Result<()> {
             );
         }
     }
-    md.push_str("\nSlowdown: loop iterations the workload got done in its 5 s, against a run alone (the workload spins for fixed times; the work it gets done in them falls with the profiler's in-context cost).\nTool CPU s: CPU time of the tool's own processes (record, plus perf script for perf), the workload's subtracted. Bytes/sample: ours, stack bytes copied per sample; perf, perf.data bytes per sample.\n");
+    md.push_str("\nSlowdown: loop iterations the workload got done in its 10 s, against a run alone (the workload spins for fixed times; the work it gets done in them falls with the profiler's in-context cost).\nTool CPU s: CPU time of the tool's own processes (record, plus perf script for perf), the workload's subtracted. Bytes/sample: ours, stack bytes copied per sample; perf, perf.data bytes per sample.\n");
     std::fs::write(dir.join("report.md"), &md)?;
     std::fs::write(
         dir.join("report.json"),

@@ -844,6 +844,7 @@ impl Capture {
                 if total.owner_tgid == 0 {
                     total.owner_tgid = v.owner_tgid;
                     total.owner_cgroup = v.owner_cgroup;
+                    total.owner_comm = v.owner_comm;
                 }
             }
             if total.count > 0 {
