@@ -227,3 +227,54 @@ impl Recording {
         err
     }
 }
+
+/// Shares of the known workload's functions (tests/workloads/known.c) in
+/// a capture: work_alpha and work_beta under main, work_delta directly
+/// under work_gamma under main; with the process's total samples.
+pub struct KnownShares {
+    /// work_alpha, %.
+    pub alpha: f64,
+    /// work_beta, %.
+    pub beta: f64,
+    /// work_gamma;work_delta, %.
+    pub delta: f64,
+    /// Samples of the process.
+    pub total: u64,
+}
+
+/// Reads the known workload's shares from a capture directory.
+pub fn known_shares(out_dir: &Path, process: &str) -> KnownShares {
+    let folded = read_folded(out_dir);
+    let total = samples_where(&folded, process, |_| true);
+    let under_main =
+        |name: &'static str| move |f: &[&str]| f.contains(&"main") && f.contains(&name);
+    let share = |n: u64| pct(n, total);
+    KnownShares {
+        alpha: share(samples_where(&folded, process, under_main("work_alpha"))),
+        beta: share(samples_where(&folded, process, under_main("work_beta"))),
+        delta: share(samples_where(&folded, process, |f| {
+            f.contains(&"main") && f.windows(2).any(|w| w == ["work_gamma", "work_delta"])
+        })),
+        total,
+    }
+}
+
+/// Asserts the known workload's shares: 50/30/20, each within 3 points,
+/// from at least `min_samples` samples.
+pub fn assert_known_shares(what: &str, s: &KnownShares, min_samples: u64) {
+    eprintln!(
+        "{what}: alpha {:.1}% beta {:.1}% gamma;delta {:.1}% of {} samples",
+        s.alpha, s.beta, s.delta, s.total
+    );
+    assert!(s.total >= min_samples, "{what}: only {} samples", s.total);
+    for (name, got, want) in [
+        ("work_alpha", s.alpha, 50.0),
+        ("work_beta", s.beta, 30.0),
+        ("work_gamma;work_delta", s.delta, 20.0),
+    ] {
+        assert!(
+            (got - want).abs() <= 3.0,
+            "{what}: {name} {got:.1}% of samples, expected {want}% ± 3"
+        );
+    }
+}

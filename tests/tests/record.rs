@@ -37,40 +37,17 @@ fn known_workload_shares_are_right() {
     assert!(stderr.contains("samples in"), "no summary: {stderr}");
     assert!(out_dir.join("flamegraph.svg").is_file());
 
-    let folded = read_folded(&out_dir);
-    let total = samples_where(&folded, "known", |_| true);
-    assert!(
-        total > 2500,
-        "too few samples of the workload: {total}\n{folded:#?}"
-    );
     // Only the workload was profiled: every stack is rooted at it.
+    let folded = read_folded(&out_dir);
     assert!(
         folded.keys().all(|l| l.starts_with("known;")),
         "{folded:#?}"
     );
-
-    let share = |f: &dyn Fn(&[&str]) -> bool| pct(samples_where(&folded, "known", f), total);
-    let path_has =
-        |names: &'static [&'static str]| move |fr: &[&str]| names.iter().all(|n| fr.contains(n));
-    let alpha = share(&path_has(&["main", "work_alpha"]));
-    let beta = share(&path_has(&["main", "work_beta"]));
-    // delta must be seen under gamma: the caller of a framed leaf is kept.
-    let delta = share(&|fr: &[&str]| {
-        let g = fr.iter().position(|f| *f == "work_gamma");
-        let d = fr.iter().position(|f| *f == "work_delta");
-        matches!((g, d), (Some(g), Some(d)) if d == g + 1) && fr.contains(&"main")
-    });
-    eprintln!("shares: alpha {alpha:.1}% beta {beta:.1}% delta {delta:.1}% of {total} samples");
-    for (name, got, want) in [
-        ("work_alpha", alpha, 50.0),
-        ("work_beta", beta, 30.0),
-        ("work_gamma;work_delta", delta, 20.0),
-    ] {
-        assert!(
-            (got - want).abs() <= 3.0,
-            "{name}: {got:.1}% of samples, expected {want}% ± 3\n{folded:#?}"
-        );
-    }
+    assert_known_shares(
+        "framed leaves, default unwinding",
+        &known_shares(&out_dir, "known"),
+        2500,
+    );
 }
 
 /// A process that exits two seconds before the capture ends is still

@@ -17,30 +17,7 @@ const FRAMED: &[&str] = &[
 const DEBIAN_FP: &[&str] = &["-O2", "-g", "-fno-omit-frame-pointer", "-DUNFRAMED_LEAVES"];
 const NO_FP: &[&str] = &["-O2", "-g", "-fomit-frame-pointer"];
 
-/// (alpha, beta, gamma;delta) shares of a capture of the known workload.
-fn shares(out_dir: &std::path::Path, process: &str) -> (f64, f64, f64, u64) {
-    let folded = read_folded(out_dir);
-    let total = samples_where(&folded, process, |_| true);
-    let under_main =
-        |name: &'static str| move |f: &[&str]| f.contains(&"main") && f.contains(&name);
-    let alpha = pct(
-        samples_where(&folded, process, under_main("work_alpha")),
-        total,
-    );
-    let beta = pct(
-        samples_where(&folded, process, under_main("work_beta")),
-        total,
-    );
-    let delta = pct(
-        samples_where(&folded, process, |f| {
-            f.contains(&"main") && f.windows(2).any(|w| w == ["work_gamma", "work_delta"])
-        }),
-        total,
-    );
-    (alpha, beta, delta, total)
-}
-
-fn capture(name: &str, flags: &[&str], extra: &[&str]) -> (f64, f64, f64, u64) {
+fn capture(name: &str, flags: &[&str], extra: &[&str]) -> KnownShares {
     let dir = scratch(&format!("unwind-{name}"));
     let exe = build_c("known.c", &dir.join(name), flags);
     let out = dir.join("out");
@@ -48,22 +25,7 @@ fn capture(name: &str, flags: &[&str], extra: &[&str]) -> (f64, f64, f64, u64) {
     args.extend_from_slice(extra);
     args.extend_from_slice(&["--", exe.to_str().unwrap(), "3"]);
     record_ok(&dir, &args);
-    shares(&out, name)
-}
-
-fn assert_right(what: &str, (a, b, d, total): (f64, f64, f64, u64)) {
-    eprintln!("{what}: alpha {a:.1}% beta {b:.1}% gamma;delta {d:.1}% of {total}");
-    assert!(total > 2000, "{what}: only {total} samples");
-    for (name, got, want) in [
-        ("work_alpha", a, 50.0),
-        ("work_beta", b, 30.0),
-        ("work_gamma;work_delta", d, 20.0),
-    ] {
-        assert!(
-            (got - want).abs() <= 3.0,
-            "{what}: {name} {got:.1}%, expected {want} ± 3"
-        );
-    }
+    known_shares(&out, name)
 }
 
 #[test]
@@ -71,7 +33,7 @@ fn framed_leaves_are_right_by_default() {
     if !require_root("framed_leaves_are_right_by_default") {
         return;
     }
-    assert_right("framed leaves, auto", capture("framed", FRAMED, &[]));
+    assert_known_shares("framed leaves, auto", &capture("framed", FRAMED, &[]), 2000);
 }
 
 #[test]
@@ -79,17 +41,18 @@ fn shrink_wrapped_leaves_are_right_with_cfi() {
     if !require_root("shrink_wrapped_leaves_are_right_with_cfi") {
         return;
     }
-    assert_right(
-        "Debian frame pointers, dwarf",
-        capture("debfp", DEBIAN_FP, &["--unwind", "dwarf"]),
-    );
-    assert_right(
-        "Debian frame pointers, auto",
-        capture("debfp", DEBIAN_FP, &[]),
-    );
+    let dwarf = capture("debfp", DEBIAN_FP, &["--unwind", "dwarf"]);
+    assert_known_shares("Debian frame pointers, dwarf", &dwarf, 2000);
+    let auto = capture("debfp", DEBIAN_FP, &[]);
+    assert_known_shares("Debian frame pointers, auto", &auto, 2000);
     // Frame pointers alone lose the caller of a frameless leaf: the build
     // is a real test only if that happens.
-    let (a, b, d, _) = capture("debfp", DEBIAN_FP, &["--unwind", "fp"]);
+    let KnownShares {
+        alpha: a,
+        beta: b,
+        delta: d,
+        ..
+    } = capture("debfp", DEBIAN_FP, &["--unwind", "fp"]);
     eprintln!("Debian frame pointers, fp: alpha {a:.1}% beta {b:.1}% gamma;delta {d:.1}%");
     assert!(
         (a - 50.0).abs() > 5.0 || (b - 30.0).abs() > 5.0 || (d - 20.0).abs() > 5.0,
@@ -102,8 +65,17 @@ fn no_frame_pointers_are_right_with_cfi() {
     if !require_root("no_frame_pointers_are_right_with_cfi") {
         return;
     }
-    assert_right("no frame pointers, auto", capture("nofp", NO_FP, &[]));
-    let (a, b, d, _) = capture("nofp", NO_FP, &["--unwind", "fp"]);
+    assert_known_shares(
+        "no frame pointers, auto",
+        &capture("nofp", NO_FP, &[]),
+        2000,
+    );
+    let KnownShares {
+        alpha: a,
+        beta: b,
+        delta: d,
+        ..
+    } = capture("nofp", NO_FP, &["--unwind", "fp"]);
     eprintln!("no frame pointers, fp: alpha {a:.1}% beta {b:.1}% gamma;delta {d:.1}%");
     assert!(
         a + b + d < 50.0,
