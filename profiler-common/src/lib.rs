@@ -81,6 +81,8 @@ pub mod names {
     pub const PROG_SWITCH: &str = "sched_switch";
     /// tcp_retransmit_skb program.
     pub const PROG_RETRANSMIT: &str = "tcp_retransmit";
+    /// tcp_retransmit_synack program.
+    pub const PROG_RETRANSMIT_SYNACK: &str = "tcp_retransmit_synack";
     /// Program recording which process uses a socket.
     pub const PROG_SOCK_OWNER: &str = "sock_owner";
     /// oom:mark_victim program.
@@ -294,8 +296,13 @@ pub struct Config {
     pub thread_size: u32,
     /// Padding, zero.
     pub _pad3: u32,
+    /// tcp_retransmit_synack offsets, indexed as [`Config::retrans`]
+    /// (no `state` field: a SYN-ACK is retransmitted in SYN_RECV).
+    pub synack: [u32; 9],
+    /// Padding, zero.
+    pub _pad4: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 144);
+const _: () = assert!(core::mem::size_of::<Config>() == 184);
 
 /// Indexes into [`Config::oom`].
 pub mod oom_field {

@@ -51,6 +51,8 @@ static CONFIG: Config = Config {
     task_stack: 0,
     thread_size: 16384,
     _pad3: 0,
+    synack: [NO_FIELD; 9],
+    _pad4: 0,
 };
 
 // Sizes here are defaults; the loader resizes the maps before load.
@@ -537,22 +539,36 @@ pub fn sock_owner(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn tcp_retransmit(ctx: TracePointContext) -> u32 {
-    let f = &config().retrans;
+    count_retransmit(&ctx, &config().retrans, 0)
+}
+
+/// A SYN-ACK retransmitted by a listener (its own tracepoint; the kernel's
+/// RetransSegs counts it too).
+#[tracepoint]
+pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
+    const TCP_SYN_RECV: i32 = 3;
+    count_retransmit(&ctx, &config().synack, TCP_SYN_RECV)
+}
+
+/// Counts one retransmit per connection and state; `state` when the record
+/// has no state field.
+#[inline(always)]
+fn count_retransmit(ctx: &TracePointContext, f: &[u32; 9], state: i32) -> u32 {
     bump(Counter::Retransmits);
     let mut key = RetransKey {
         saddr: [0; 16],
         daddr: [0; 16],
-        sport: read::<u16>(&ctx, f[retrans_field::SPORT]).unwrap_or(0),
-        dport: read::<u16>(&ctx, f[retrans_field::DPORT]).unwrap_or(0),
-        family: read::<u16>(&ctx, f[retrans_field::FAMILY]).unwrap_or(0),
-        state: read::<i32>(&ctx, f[retrans_field::STATE]).unwrap_or(0) as u16,
+        sport: read::<u16>(ctx, f[retrans_field::SPORT]).unwrap_or(0),
+        dport: read::<u16>(ctx, f[retrans_field::DPORT]).unwrap_or(0),
+        family: read::<u16>(ctx, f[retrans_field::FAMILY]).unwrap_or(0),
+        state: read::<i32>(ctx, f[retrans_field::STATE]).unwrap_or(state) as u16,
     };
     if key.family == 10 {
-        key.saddr = read::<[u8; 16]>(&ctx, f[retrans_field::SADDR6]).unwrap_or([0; 16]);
-        key.daddr = read::<[u8; 16]>(&ctx, f[retrans_field::DADDR6]).unwrap_or([0; 16]);
+        key.saddr = read::<[u8; 16]>(ctx, f[retrans_field::SADDR6]).unwrap_or([0; 16]);
+        key.daddr = read::<[u8; 16]>(ctx, f[retrans_field::DADDR6]).unwrap_or([0; 16]);
     } else {
-        let s = read::<[u8; 4]>(&ctx, f[retrans_field::SADDR]).unwrap_or([0; 4]);
-        let d = read::<[u8; 4]>(&ctx, f[retrans_field::DADDR]).unwrap_or([0; 4]);
+        let s = read::<[u8; 4]>(ctx, f[retrans_field::SADDR]).unwrap_or([0; 4]);
+        let d = read::<[u8; 4]>(ctx, f[retrans_field::DADDR]).unwrap_or([0; 4]);
         key.saddr[..4].copy_from_slice(&s);
         key.daddr[..4].copy_from_slice(&d);
     }
@@ -571,7 +587,7 @@ pub fn tcp_retransmit(ctx: TracePointContext) -> u32 {
         last_ns: now,
         ..RetransValue::default()
     };
-    if let Some(sk) = read::<u64>(&ctx, f[retrans_field::SKADDR])
+    if let Some(sk) = read::<u64>(ctx, f[retrans_field::SKADDR])
         // SAFETY: lookup of a plain struct.
         && let Some(owner) = unsafe { SOCK_OWNERS.get(&sk) }
     {

@@ -357,6 +357,8 @@ fn build_config(
         task_stack: 0,
         thread_size: thread_size(),
         _pad3: 0,
+        synack: [profiler_common::NO_FIELD; 9],
+        _pad4: 0,
     };
     if let Ok(f) = Format::read("sched", "sched_process_fork") {
         c.fork_child_pid = f.offset_or_none("child_pid");
@@ -411,6 +413,21 @@ fn build_config(
         }
         Err(reason) => unavailable.push(Unavailable {
             signal: "tcp_retransmits",
+            reason,
+        }),
+    }
+    match Format::read("tcp", "tcp_retransmit_synack") {
+        Ok(f) => {
+            let names = [
+                "skaddr", "state", "sport", "dport", "family", "saddr", "daddr", "saddr_v6",
+                "daddr_v6",
+            ];
+            for (i, n) in names.iter().enumerate() {
+                c.synack[i] = f.offset_or_none(n);
+            }
+        }
+        Err(reason) => unavailable.push(Unavailable {
+            signal: "tcp_synack_retransmits",
             reason,
         }),
     }
@@ -522,7 +539,7 @@ impl Capture {
         }
 
         // The USE signals: each one that fails is reported and skipped.
-        let signals: [Signal; 5] = [
+        let signals: [Signal; 6] = [
             (
                 "runqueue_latency",
                 names::PROG_WAKEUP,
@@ -547,6 +564,11 @@ impl Capture {
                 ],
             ),
             ("oom_kills", names::PROG_OOM, &[("oom", "mark_victim")]),
+            (
+                "tcp_synack_retransmits",
+                names::PROG_RETRANSMIT_SYNACK,
+                &[("tcp", "tcp_retransmit_synack")],
+            ),
         ];
         for (signal, prog_name, points) in signals {
             if unavailable.iter().any(|u| u.signal == signal) {
