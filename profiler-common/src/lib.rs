@@ -306,6 +306,17 @@ const _: () = assert!(core::mem::size_of::<Config>() == 184);
 
 /// Indexes into [`Config::oom`].
 pub mod oom_field {
+    /// Field names in the tracepoint record, in index order.
+    pub const NAMES: [&str; 8] = [
+        "pid",
+        "comm",
+        "total_vm",
+        "anon_rss",
+        "file_rss",
+        "shmem_rss",
+        "uid",
+        "oom_score_adj",
+    ];
     /// pid
     pub const PID: usize = 0;
     /// comm (`__data_loc char[]`)
@@ -324,8 +335,12 @@ pub mod oom_field {
     pub const SCORE_ADJ: usize = 7;
 }
 
-/// Indexes into [`Config::retrans`].
+/// Indexes into [`Config::retrans`] and [`Config::synack`].
 pub mod retrans_field {
+    /// Field names in the tracepoint records, in index order.
+    pub const NAMES: [&str; 9] = [
+        "skaddr", "state", "sport", "dport", "family", "saddr", "daddr", "saddr_v6", "daddr_v6",
+    ];
     /// skaddr
     pub const SKADDR: usize = 0;
     /// state

@@ -80,6 +80,12 @@ impl Format {
         self.fields.iter().find(|f| f.name == name)
     }
 
+    /// Offsets of the named fields, [`profiler_common::NO_FIELD`] for those
+    /// this kernel's record lacks.
+    pub fn offsets<const N: usize>(&self, names: &[&str; N]) -> [u32; N] {
+        names.map(|n| self.offset_or_none(n))
+    }
+
     /// Offset of a field, or [`profiler_common::NO_FIELD`].
     pub fn offset_or_none(&self, name: &str) -> u32 {
         self.field(name)

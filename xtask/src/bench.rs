@@ -15,7 +15,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 /// Capture length: the same 10 s as `cargo xtask capture`.
 const SECONDS: &str = "10";
@@ -37,17 +37,7 @@ struct Run {
 
 fn run(cmd: &mut Command) -> Result<Run> {
     let before = children_cpu();
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let out = crate::checked(cmd.stdin(Stdio::null()))?;
     Ok(Run {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),

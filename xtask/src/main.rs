@@ -78,7 +78,8 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn output(cmd: &mut Command) -> Result<String> {
+/// Runs a command to its end, failing with its stderr unless it succeeded.
+fn checked(cmd: &mut Command) -> Result<std::process::Output> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot run {cmd:?}"))?;
@@ -89,7 +90,13 @@ fn output(cmd: &mut Command) -> Result<String> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    Ok(out)
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    Ok(String::from_utf8_lossy(&checked(cmd)?.stdout)
+        .trim()
+        .to_string())
 }
 
 /// Where the toolchain pieces are kept: `$PROFILER_TOOLCHAIN_DIR`, or

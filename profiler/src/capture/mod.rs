@@ -401,31 +401,14 @@ fn build_config(
         }),
     }
     match Format::read("tcp", "tcp_retransmit_skb") {
-        Ok(f) => {
-            let names = [
-                "skaddr", "state", "sport", "dport", "family", "saddr", "daddr", "saddr_v6",
-                "daddr_v6",
-            ];
-            for (i, n) in names.iter().enumerate() {
-                c.retrans[i] = f.offset_or_none(n);
-            }
-            debug_assert_eq!(names[retrans_field::DADDR6], "daddr_v6");
-        }
+        Ok(f) => c.retrans = f.offsets(&retrans_field::NAMES),
         Err(reason) => unavailable.push(Unavailable {
             signal: "tcp_retransmits",
             reason,
         }),
     }
     match Format::read("tcp", "tcp_retransmit_synack") {
-        Ok(f) => {
-            let names = [
-                "skaddr", "state", "sport", "dport", "family", "saddr", "daddr", "saddr_v6",
-                "daddr_v6",
-            ];
-            for (i, n) in names.iter().enumerate() {
-                c.synack[i] = f.offset_or_none(n);
-            }
-        }
+        Ok(f) => c.synack = f.offsets(&retrans_field::NAMES),
         Err(reason) => unavailable.push(Unavailable {
             signal: "tcp_synack_retransmits",
             reason,
@@ -435,22 +418,7 @@ fn build_config(
         c.sock_owner_sk = f.offset_or_none("skaddr");
     }
     match Format::read("oom", "mark_victim") {
-        Ok(f) => {
-            let names = [
-                "pid",
-                "comm",
-                "total_vm",
-                "anon_rss",
-                "file_rss",
-                "shmem_rss",
-                "uid",
-                "oom_score_adj",
-            ];
-            for (i, n) in names.iter().enumerate() {
-                c.oom[i] = f.offset_or_none(n);
-            }
-            debug_assert_eq!(names[oom_field::SCORE_ADJ], "oom_score_adj");
-        }
+        Ok(f) => c.oom = f.offsets(&oom_field::NAMES),
         Err(reason) => unavailable.push(Unavailable {
             signal: "oom_kills",
             reason,
@@ -907,6 +875,16 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn field_names_match_their_indexes() {
+        assert_eq!(retrans_field::NAMES[retrans_field::SKADDR], "skaddr");
+        assert_eq!(retrans_field::NAMES[retrans_field::STATE], "state");
+        assert_eq!(retrans_field::NAMES[retrans_field::DADDR6], "daddr_v6");
+        assert_eq!(oom_field::NAMES[oom_field::PID], "pid");
+        assert_eq!(oom_field::NAMES[oom_field::COMM], "comm");
+        assert_eq!(oom_field::NAMES[oom_field::SCORE_ADJ], "oom_score_adj");
+    }
 
     #[test]
     fn cpu_lists() {
