@@ -87,6 +87,9 @@ pub mod names {
     pub const PROG_SOCK_OWNER: &str = "sock_owner";
     /// oom:mark_victim program.
     pub const PROG_OOM: &str = "oom_victim";
+    /// Raw tracepoint on mark_victim (kernels whose tracepoint passes the
+    /// victim's `task_struct`): records the victim's cgroups.
+    pub const PROG_OOM_TASK: &str = "oom_victim_task";
     /// Per-CPU array: run-queue latency histogram ([`crate::LATENCY_SLOTS`]
     /// buckets, then the longest wait in microseconds).
     pub const MAP_RUNQ_LAT: &str = "RUNQ_LAT";
@@ -100,6 +103,8 @@ pub mod names {
     pub const MAP_SOCK_OWNERS: &str = "SOCK_OWNERS";
     /// Ring buffer of [`crate::OomEvent`].
     pub const MAP_OOM_EVENTS: &str = "OOM_EVENTS";
+    /// LRU hash map victim pid -> [`crate::TaskCgroups`].
+    pub const MAP_OOM_CGROUPS: &str = "OOM_CGROUPS";
     /// Array of one [`crate::StackSample`] per CPU, where samples are built.
     pub const MAP_SCRATCH: &str = "SCRATCH";
     /// Ring buffer of [`crate::StackSample`] (userspace unwinding).
@@ -299,10 +304,45 @@ pub struct Config {
     /// tcp_retransmit_synack offsets, indexed as [`Config::retrans`]
     /// (no `state` field: a SYN-ACK is retransmitted in SYN_RECV).
     pub synack: [u32; 9],
-    /// Padding, zero.
-    pub _pad4: u32,
+    /// Offsets (from BTF) for reading a task's cgroups, indexed by
+    /// [`cgroup_field`]; `NO_FIELD` in [`cgroup_field::TASK_CGROUPS`] when
+    /// this kernel's layout could not be found.
+    pub cgroup: [u32; 7],
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 184);
+const _: () = assert!(core::mem::size_of::<Config>() == 208);
+
+/// Indexes into [`Config::cgroup`]: the chain
+/// `task_struct.cgroups` -> `css_set.subsys[memory_cgrp_id]` (or
+/// `css_set.dfl_cgrp`) -> `cgroup_subsys_state.cgroup` -> `cgroup.kn` ->
+/// `kernfs_node.id` (the inode number of the cgroup's directory).
+pub mod cgroup_field {
+    /// `task_struct.pid`.
+    pub const TASK_PID: usize = 0;
+    /// `task_struct.cgroups` (a `css_set *`).
+    pub const TASK_CGROUPS: usize = 1;
+    /// `css_set.subsys[memory_cgrp_id]` (a `cgroup_subsys_state *`);
+    /// `NO_FIELD` when the kernel has no memory controller.
+    pub const CSS_SET_MEMCG: usize = 2;
+    /// `css_set.dfl_cgrp` (a `cgroup *`, the cgroup v2 group).
+    pub const CSS_SET_DFL_CGRP: usize = 3;
+    /// `cgroup_subsys_state.cgroup` (a `cgroup *`).
+    pub const CSS_CGROUP: usize = 4;
+    /// `cgroup.kn` (a `kernfs_node *`).
+    pub const CGROUP_KN: usize = 5;
+    /// `kernfs_node.id` (a u64).
+    pub const KN_ID: usize = 6;
+}
+
+/// A victim's cgroups as read from its `task_struct` (0: unknown).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskCgroups {
+    /// Directory inode of its memory cgroup, in the hierarchy that holds
+    /// the memory controller (v1 `memory`, or v2).
+    pub memcg: u64,
+    /// Directory inode of its cgroup v2 group.
+    pub dfl: u64,
+}
 
 /// Indexes into [`Config::oom`].
 pub mod oom_field {
@@ -440,6 +480,9 @@ pub struct OomEvent {
     pub shmem_rss: u64,
     /// cgroup v2 id of the task that triggered the kill.
     pub trigger_cgroup: u64,
+    /// The victim's cgroups, when the task that triggered the kill is the
+    /// victim (the usual case in a memory cgroup); zero otherwise.
+    pub victim: TaskCgroups,
     /// oom_score_adj.
     pub oom_score_adj: i16,
     /// Padding, zero.
@@ -447,7 +490,7 @@ pub struct OomEvent {
     /// Victim's comm, NUL-padded.
     pub comm: [u8; COMM_LEN],
 }
-const _: () = assert!(core::mem::size_of::<OomEvent>() == 80);
+const _: () = assert!(core::mem::size_of::<OomEvent>() == 96);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -466,4 +509,6 @@ mod pod {
     unsafe impl aya::Pod for super::SockOwner {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OomEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TaskCgroups {}
 }

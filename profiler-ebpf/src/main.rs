@@ -14,14 +14,16 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
-    macros::{map, perf_event, tracepoint},
+    macros::{map, perf_event, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
-    programs::{PerfEventContext, TracePointContext, tracing::StackIdContext},
+    programs::{
+        PerfEventContext, RawTracePointContext, TracePointContext, tracing::StackIdContext,
+    },
 };
 use profiler_common::{
     COMM_LEN, Config, Counter, DEPTH_SLOTS, LATENCY_SLOTS, NO_FIELD, OomEvent, ProcessEvent,
     ProcessEventKind, RetransKey, RetransValue, STACK_COPY_MAX, STACK_PAGE, SockOwner, StackKey,
-    StackSample, oom_field, retrans_field,
+    StackSample, TaskCgroups, cgroup_field, oom_field, retrans_field,
 };
 
 /// Everything the loader tells the programs (see [`Config`]).
@@ -52,7 +54,7 @@ static CONFIG: Config = Config {
     thread_size: 16384,
     _pad3: 0,
     synack: [NO_FIELD; 9],
-    _pad4: 0,
+    cgroup: [NO_FIELD; 7],
 };
 
 // Sizes here are defaults; the loader resizes the maps before load.
@@ -80,6 +82,9 @@ static RETRANS: PerCpuHashMap<RetransKey, RetransValue> = PerCpuHashMap::with_ma
 static SOCK_OWNERS: LruHashMap<u64, SockOwner> = LruHashMap::with_max_entries(65536, 0);
 #[map]
 static OOM_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+/// Victim pid -> its cgroups, written by `oom_victim_task`.
+#[map]
+static OOM_CGROUPS: LruHashMap<u32, TaskCgroups> = LruHashMap::with_max_entries(1024, 0);
 /// Scratch space where a stack sample is assembled (too big for the BPF
 /// stack, and for a per-CPU map's 32 KiB values): one slot per CPU, sized
 /// by the loader to the possible CPUs.
@@ -637,12 +642,87 @@ pub fn oom_victim(ctx: TracePointContext) -> u32 {
         shmem_rss: read::<u64>(&ctx, f[oom_field::SHMEM_RSS]).unwrap_or(0),
         // SAFETY: no preconditions.
         trigger_cgroup: unsafe { bpf_get_current_cgroup_id() },
+        victim: TaskCgroups::default(),
         oom_score_adj: read::<i16>(&ctx, f[oom_field::SCORE_ADJ]).unwrap_or(0),
         _pad: [0; 6],
         comm,
     };
+    let mut event = event;
+    // In a memory cgroup's OOM the task that ran out is usually the one
+    // killed: then its cgroups are the victim's.
+    let tid_tgid = bpf_get_current_pid_tgid();
+    if event.pid != 0 && (tid_tgid as u32 == event.pid || (tid_tgid >> 32) as u32 == event.pid) {
+        // SAFETY: the current task is a valid task_struct.
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+        event.victim = task_cgroups(task);
+    }
     entry.write(event);
     entry.submit(0);
+    0
+}
+
+/// The cgroups of `task`, by the BTF offsets in [`Config::cgroup`]; zero
+/// for what could not be read.
+#[inline(always)]
+fn task_cgroups(task: *const u8) -> TaskCgroups {
+    let c = &config().cgroup;
+    let mut out = TaskCgroups::default();
+    if c[cgroup_field::TASK_CGROUPS] == NO_FIELD || task.is_null() {
+        return out;
+    }
+    // SAFETY: probe reads at offsets from BTF; a bad pointer makes the
+    // helper fail, it cannot fault.
+    unsafe {
+        let Ok(cset) = bpf_probe_read_kernel(
+            task.add(c[cgroup_field::TASK_CGROUPS] as usize) as *const *const u8
+        ) else {
+            return out;
+        };
+        let kn_id = |cgrp: *const u8| -> u64 {
+            let Ok(kn) = bpf_probe_read_kernel(
+                cgrp.add(c[cgroup_field::CGROUP_KN] as usize) as *const *const u8
+            ) else {
+                return 0;
+            };
+            bpf_probe_read_kernel(kn.add(c[cgroup_field::KN_ID] as usize) as *const u64)
+                .unwrap_or(0)
+        };
+        if c[cgroup_field::CSS_SET_MEMCG] != NO_FIELD
+            && let Ok(css) = bpf_probe_read_kernel(
+                cset.add(c[cgroup_field::CSS_SET_MEMCG] as usize) as *const *const u8,
+            )
+            && !css.is_null()
+            && let Ok(cgrp) = bpf_probe_read_kernel(
+                css.add(c[cgroup_field::CSS_CGROUP] as usize) as *const *const u8
+            )
+        {
+            out.memcg = kn_id(cgrp);
+        }
+        if let Ok(cgrp) = bpf_probe_read_kernel(
+            cset.add(c[cgroup_field::CSS_SET_DFL_CGRP] as usize) as *const *const u8,
+        ) {
+            out.dfl = kn_id(cgrp);
+        }
+    }
+    out
+}
+
+/// mark_victim as a raw tracepoint, attached only where its first argument
+/// is the victim's `task_struct` (6.8+): records the victim's cgroups,
+/// whichever task triggered the kill, for userspace to join by pid.
+#[raw_tracepoint(tracepoint = "mark_victim")]
+pub fn oom_victim_task(ctx: RawTracePointContext) -> i32 {
+    let c = &config().cgroup;
+    // args[0] is the task (checked against BTF by the loader).
+    let task = ctx.arg::<u64>(0) as *const u8;
+    // SAFETY: probe read at a BTF offset.
+    let Ok(pid) = (unsafe {
+        bpf_probe_read_kernel(task.add(c[cgroup_field::TASK_PID] as usize) as *const i32)
+    }) else {
+        return 0;
+    };
+    let cg = task_cgroups(task);
+    let _ = OOM_CGROUPS.insert(&(pid as u32), &cg, 0);
     0
 }
 

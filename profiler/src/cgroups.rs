@@ -35,39 +35,98 @@ pub fn cgroup_of(pid: u32) -> Option<String> {
     parse_proc_cgroup(&fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)
 }
 
+/// The memory cgroup in `/proc/PID/cgroup` text: v1's `memory` controller
+/// line, else (v2 hosts) the v2 path.
+pub fn parse_memory_cgroup(text: &str) -> Option<String> {
+    let mut v2 = None;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if ctrls.split(',').any(|c| c == "memory") {
+            return Some(path.to_string());
+        }
+        if id == "0" && ctrls.is_empty() {
+            v2 = Some(path.to_string());
+        }
+    }
+    v2
+}
+
+/// The memory cgroup path of a live process.
+pub fn memory_cgroup_of(pid: u32) -> Option<String> {
+    parse_memory_cgroup(&fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)
+}
+
+/// Where the v1 `memory` hierarchy is mounted, from mountinfo text; None
+/// when no v1 hierarchy holds it (v2 hosts).
+pub fn parse_v1_memory_mount(mountinfo: &str) -> Option<String> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split(' ').nth(4)?;
+        let mut r = right.split(' ');
+        let (fstype, _source, opts) = (r.next()?, r.next()?, r.next()?);
+        (fstype == "cgroup" && opts.split(',').any(|o| o == "memory"))
+            .then(|| mount_point.to_string())
+    })
+}
+
+/// The path of a memory cgroup by its directory inode, as the kernel
+/// recorded it: under the v1 `memory` mount where there is one, else under
+/// the v2 mount.
+pub fn memory_path_of_id(id: u64) -> Option<String> {
+    if id == 0 {
+        return None;
+    }
+    let v1 = fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|m| parse_v1_memory_mount(&m));
+    match v1 {
+        Some(root) => find_inode(std::path::Path::new(&root), id),
+        None => path_of_id(id),
+    }
+}
+
+/// The path, relative to `root` and starting with `/`, of the directory
+/// under `root` whose inode is `id` (the low 32 bits are enough on kernels
+/// before 5.5, whose ids were {ino, generation}). Bounded: gives up after
+/// 20,000 groups.
+fn find_inode(root: &std::path::Path, id: u64) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut stack = vec![root.to_path_buf()];
+    let mut seen = 0;
+    while let Some(dir) = stack.pop() {
+        seen += 1;
+        if seen > 20_000 {
+            return None;
+        }
+        if fs::metadata(&dir).is_ok_and(|m| m.ino() == id || m.ino() == id & 0xffff_ffff) {
+            let rel = dir.strip_prefix(root).ok()?.to_string_lossy().into_owned();
+            return Some(format!("/{rel}"));
+        }
+        if let Ok(rd) = fs::read_dir(&dir) {
+            stack.extend(
+                rd.filter_map(|e| e.ok())
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    None
+}
+
 /// The path of a cgroup v2 id (the inode number of its directory), looked
 /// up under the v2 mount (`/sys/fs/cgroup/unified` on hybrid hosts,
 /// `/sys/fs/cgroup` on v2 hosts). Bounded: gives up after 20,000 groups.
 pub fn path_of_id(id: u64) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
     if id == 0 {
         return None;
     }
     for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
-        let is_v2 = std::path::Path::new(root)
-            .join("cgroup.controllers")
-            .exists();
-        if !is_v2 {
-            continue;
-        }
-        let mut stack = vec![std::path::PathBuf::from(root)];
-        let mut seen = 0;
-        while let Some(dir) = stack.pop() {
-            seen += 1;
-            if seen > 20_000 {
-                return None;
-            }
-            if fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
-                let rel = dir.strip_prefix(root).ok()?.to_string_lossy().into_owned();
-                return Some(format!("/{rel}"));
-            }
-            if let Ok(rd) = fs::read_dir(&dir) {
-                stack.extend(
-                    rd.filter_map(|e| e.ok())
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
+        let root = std::path::Path::new(root);
+        if root.join("cgroup.controllers").exists() {
+            return find_inode(root, id);
         }
     }
     None
@@ -89,6 +148,37 @@ mod tests {
     fn v1_host_prefers_the_memory_controller() {
         let text = "12:pids:/ecs/task1/c1\n4:memory:/ecs/task1/c1\n1:name=systemd:/\n0::/\n";
         assert_eq!(parse_proc_cgroup(text).as_deref(), Some("/ecs/task1/c1"));
+    }
+
+    #[test]
+    fn memory_cgroup_is_the_memory_controller_then_v2() {
+        let hybrid = "12:pids:/x\n4:memory:/profiler-oom-1\n0::/user.slice/s\n";
+        assert_eq!(
+            parse_memory_cgroup(hybrid).as_deref(),
+            Some("/profiler-oom-1")
+        );
+        assert_eq!(
+            parse_memory_cgroup("0::/kubepods/pod1/c1\n").as_deref(),
+            Some("/kubepods/pod1/c1")
+        );
+        assert_eq!(parse_memory_cgroup("junk"), None);
+    }
+
+    #[test]
+    fn finds_the_v1_memory_mount() {
+        let mi = "\
+30 1 0:26 / /sys/fs/cgroup rw,nosuid - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw,nsdelegate
+35 30 0:31 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory
+36 30 0:32 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+";
+        assert_eq!(
+            parse_v1_memory_mount(mi).as_deref(),
+            Some("/sys/fs/cgroup/memory")
+        );
+        let v2 =
+            "31 1 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n";
+        assert_eq!(parse_v1_memory_mount(v2), None);
     }
 
     #[test]

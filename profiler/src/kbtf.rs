@@ -179,6 +179,108 @@ impl Btf {
     }
 }
 
+const KIND_PTR: u32 = 2;
+const KIND_ARRAY: u32 = 3;
+const KIND_ENUM: u32 = 6;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_ENUM64: u32 = 19;
+
+impl Btf {
+    fn word(&self, at: usize) -> u32 {
+        u32::from_le_bytes(self.data[at..at + 4].try_into().unwrap())
+    }
+
+    /// The value of enumerator `name`, in whichever enum declares it.
+    pub fn enum_value(&self, name: &str) -> Option<i64> {
+        for t in &self.types {
+            let stride = match t.kind {
+                KIND_ENUM => 8,
+                KIND_ENUM64 => 12,
+                _ => continue,
+            };
+            for i in 0..t.vlen as usize {
+                let e = t.members_at + stride * i;
+                if self.string(self.word(e)) == name {
+                    let lo = self.word(e + 4);
+                    return Some(if t.kind == KIND_ENUM {
+                        lo as i32 as i64
+                    } else {
+                        (lo as u64 | (self.word(e + 8) as u64) << 32) as i64
+                    });
+                }
+            }
+        }
+        None
+    }
+
+    /// Element count of an array type (behind typedefs), else None.
+    pub fn array_len(&self, id: u32) -> Option<u32> {
+        let (_, t) = self.resolve(id)?;
+        (t.kind == KIND_ARRAY).then(|| self.word(t.members_at + 8))
+    }
+
+    /// Whether argument `n` (0-based, as a raw tracepoint sees it) of
+    /// tracepoint `tp` is a pointer to `struct target`, per the
+    /// `btf_trace_<tp>` typedef the kernel declares for every tracepoint.
+    pub fn tracepoint_arg_is(&self, tp: &str, n: usize, target: &str) -> bool {
+        let want = format!("btf_trace_{tp}");
+        let Some(id) = self
+            .types
+            .iter()
+            .position(|t| t.kind == KIND_TYPEDEF && self.string(t.name_off) == want)
+        else {
+            return false;
+        };
+        let pointee = |id: u32| -> Option<&TypeInfo> {
+            let (_, p) = self.resolve(id)?;
+            (p.kind == KIND_PTR).then_some(())?;
+            Some(self.resolve(p.size_or_type)?.1)
+        };
+        let Some(proto) = pointee(id as u32 + 1) else {
+            return false;
+        };
+        // Parameter 0 is the raw tracepoint's context (`void *`).
+        if proto.kind != KIND_FUNC_PROTO || proto.vlen as usize <= n + 1 {
+            return false;
+        }
+        let param_ty = self.word(proto.members_at + 8 * (n + 1) + 4);
+        pointee(param_ty)
+            .is_some_and(|s| s.kind == KIND_STRUCT && self.string(s.name_off) == target)
+    }
+}
+
+/// Finds the offsets of the task -> cgroup chain (see
+/// `profiler_common::cgroup_field`), or says why they cannot be found.
+pub fn cgroup_offsets(btf: &Btf) -> Result<[u32; 7], String> {
+    use profiler_common::{NO_FIELD, cgroup_field as f};
+    let need = |s: &str, m: &str| -> Result<Member, String> {
+        member_offset(btf, s, m).ok_or_else(|| format!("struct {s} has no member {m}"))
+    };
+    let mut out = [NO_FIELD; 7];
+    out[f::TASK_PID] = need("task_struct", "pid")?.0;
+    out[f::TASK_CGROUPS] = need("task_struct", "cgroups")?.0;
+    out[f::CSS_SET_DFL_CGRP] = need("css_set", "dfl_cgrp")?.0;
+    out[f::CSS_CGROUP] = need("cgroup_subsys_state", "cgroup")?.0;
+    out[f::CGROUP_KN] = need("cgroup", "kn")?.0;
+    let (kn_id, kn_ty) = need("kernfs_node", "id")?;
+    if btf.int_size(kn_ty) != Some(8) {
+        // Before 5.5 the id was a union of {ino, generation}: its low
+        // word is still the inode number, read as a u64 and masked.
+        if member_offset(btf, "kernfs_node", "id").is_none() {
+            return Err("kernfs_node.id not found".into());
+        }
+    }
+    out[f::KN_ID] = kn_id;
+    let (subsys, subsys_ty) = need("css_set", "subsys")?;
+    if let Some(idx) = btf.enum_value("memory_cgrp_id")
+        && idx >= 0
+        && btf.array_len(subsys_ty).is_some_and(|n| (idx as u32) < n)
+    {
+        out[f::CSS_SET_MEMCG] = subsys + 8 * idx as u32;
+    }
+    Ok(out)
+}
+
 /// Byte offset of `member` in struct `name` (see [`Btf::member_offset`]).
 pub fn member_offset(btf: &Btf, name: &str, member: &str) -> Option<Member> {
     btf.member_offset(name, member)
@@ -256,6 +358,27 @@ mod tests {
         let mut h = vec![0x9f, 0xeb, 1, 0, 24, 0, 0, 0];
         h.extend_from_slice(&[0, 0, 0, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         assert!(Btf::parse(h).is_err());
+    }
+
+    #[test]
+    fn finds_the_cgroup_chain_and_tracepoint_arguments_in_this_kernel() {
+        let btf = match load() {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("SKIPPED: {e}");
+                return;
+            }
+        };
+        let c = cgroup_offsets(&btf).expect("cgroup offsets");
+        use profiler_common::{NO_FIELD, cgroup_field as f};
+        assert!(c.iter().all(|&o| o != NO_FIELD), "{c:?}");
+        assert!(btf.enum_value("memory_cgrp_id").is_some());
+        assert!(btf.enum_value("no_such_enumerator_at_all").is_none());
+        assert!(c[f::CSS_SET_MEMCG] > 0);
+        // sched_switch's arguments: (bool preempt, prev, next, ...).
+        assert!(btf.tracepoint_arg_is("sched_switch", 1, "task_struct"));
+        assert!(!btf.tracepoint_arg_is("sched_switch", 0, "task_struct"));
+        assert!(!btf.tracepoint_arg_is("no_such_tracepoint", 0, "task_struct"));
     }
 
     #[test]

@@ -9,17 +9,18 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf, StackTraceMap},
     programs::{
-        PerfEvent, TracePoint,
+        PerfEvent, RawTracePoint, TracePoint,
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
+        raw_trace_point::RawTracePointLinkId,
         trace_point::TracePointLinkId,
     },
 };
 use profiler_common::{
     Config, Counter, DEPTH_SLOTS, LATENCY_SLOTS, OomEvent, ProcessEvent, ProcessEventKind,
-    RetransKey, RetransValue, STACK_COPY_MAX, STACK_PAGE, StackKey, StackSample, names, oom_field,
-    retrans_field,
+    RetransKey, RetransValue, STACK_COPY_MAX, STACK_PAGE, StackKey, StackSample, TaskCgroups,
+    names, oom_field, retrans_field,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -134,7 +135,8 @@ pub struct RawStack {
 pub struct OomKill {
     /// The kernel's record.
     pub event: OomEvent,
-    /// Victim's cgroup path(s) from /proc/PID/cgroup, read at once.
+    /// Victim's memory cgroup path: from the ids the kernel programs read
+    /// off its task, else from /proc/PID/cgroup, resolved at once.
     pub victim_cgroup: Option<String>,
 }
 
@@ -244,6 +246,10 @@ pub struct Capture {
     ebpf: Ebpf,
     perf_links: Vec<PerfEventLinkId>,
     tp_links: Vec<(&'static str, TracePointLinkId)>,
+    /// The mark_victim raw tracepoint, where the kernel passes the task.
+    oom_task_link: Option<RawTracePointLinkId>,
+    /// Victim pid -> cgroups, filled by that raw tracepoint.
+    oom_cgroups: Option<BpfHashMap<MapData, u32, TaskCgroups>>,
     events: AsyncFd<RingBuf<MapData>>,
     oom_events: AsyncFd<RingBuf<MapData>>,
     oom_kills: Vec<OomKill>,
@@ -329,7 +335,7 @@ fn stack_ring_bytes(hz: u64, cpus: usize) -> u32 {
 fn build_config(
     cfg: &CaptureConfig,
     unavailable: &mut Vec<Unavailable>,
-) -> (Config, Option<&'static str>) {
+) -> (Config, Option<&'static str>, bool) {
     use crate::tracefs::{Format, switch_runnable_mask};
     let mut c = Config {
         filter_pids: cfg.filter.into(),
@@ -358,7 +364,7 @@ fn build_config(
         thread_size: thread_size(),
         _pad3: 0,
         synack: [profiler_common::NO_FIELD; 9],
-        _pad4: 0,
+        cgroup: [profiler_common::NO_FIELD; 7],
     };
     if let Ok(f) = Format::read("sched", "sched_process_fork") {
         c.fork_child_pid = f.offset_or_none("child_pid");
@@ -381,6 +387,19 @@ fn build_config(
     }
     let mut depth_field = None;
     let btf = crate::kbtf::load();
+    let mut oom_task_arg = false;
+    if let Ok(btf) = &btf {
+        match crate::kbtf::cgroup_offsets(btf) {
+            Ok(offsets) => {
+                c.cgroup = offsets;
+                oom_task_arg = btf.tracepoint_arg_is("mark_victim", 0, "task_struct");
+            }
+            Err(reason) => unavailable.push(Unavailable {
+                signal: "oom_victim_cgroup_in_kernel",
+                reason: format!("{reason}; the victim's cgroup is read from /proc instead"),
+            }),
+        }
+    }
     if c.copy_stacks != 0
         && let Ok(btf) = &btf
         && let Some((off, _)) = crate::kbtf::member_offset(btf, "task_struct", "stack")
@@ -424,7 +443,7 @@ fn build_config(
             reason,
         }),
     }
-    (c, depth_field)
+    (c, depth_field, oom_task_arg)
 }
 
 impl Capture {
@@ -438,7 +457,7 @@ impl Capture {
             .ok_or_else(|| CaptureError::Cpus(format!("unparsable {cpus_text:?}")))?;
 
         let mut unavailable = Vec::new();
-        let (config, depth_field) = build_config(cfg, &mut unavailable);
+        let (config, depth_field, oom_task_arg) = build_config(cfg, &mut unavailable);
         let mut ebpf = EbpfLoader::new()
             .override_global(names::GLOBAL_CONFIG, &config, true)
             .map_max_entries(
@@ -504,6 +523,29 @@ impl Capture {
                 .attach("sched", "sched_process_fork")
                 .map_err(prog_err("attach to tracepoint sched:sched_process_fork"))?;
             tp_links.push((names::PROG_FORK, link));
+        }
+
+        // Before the oom tracepoint program, so that it runs first: the
+        // victim's cgroups, from the task the kernel passes (6.8+). Where it
+        // cannot run, the tracepoint program reads them when the victim is
+        // the task that ran out of memory, and /proc is the last resort.
+        let mut oom_task_link = None;
+        let mut oom_cgroups = None;
+        if oom_task_arg && !unavailable.iter().any(|u| u.signal == "oom_kills") {
+            let prog: &mut RawTracePoint = program(&mut ebpf, names::PROG_OOM_TASK)?;
+            match prog.load().and_then(|()| prog.attach("mark_victim")) {
+                Ok(link) => {
+                    oom_task_link = Some(link);
+                    oom_cgroups = Some(take_map(&mut ebpf, names::MAP_OOM_CGROUPS)?);
+                }
+                Err(e) => unavailable.push(Unavailable {
+                    signal: "oom_victim_cgroup_in_kernel",
+                    reason: format!(
+                        "raw tracepoint mark_victim: {e}; the victim's cgroup comes from \
+                         the killing task or /proc instead"
+                    ),
+                }),
+            }
         }
 
         // The USE signals: each one that fails is reported and skipped.
@@ -589,6 +631,8 @@ impl Capture {
             ebpf,
             perf_links,
             tp_links,
+            oom_task_link,
+            oom_cgroups,
             events,
             oom_events,
             oom_kills: Vec::new(),
@@ -693,7 +737,20 @@ impl Capture {
             if item.len() >= std::mem::size_of::<OomEvent>() {
                 // SAFETY: as above, an OomEvent of plain integers.
                 let event: OomEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                let victim_cgroup = crate::cgroups::cgroup_of(event.pid);
+                // The kernel's record of the victim's cgroups first (read
+                // now: a dead container's cgroup goes soon), then /proc.
+                let from_task = self
+                    .oom_cgroups
+                    .as_mut()
+                    .and_then(|m| {
+                        let v = m.get(&event.pid, 0).ok();
+                        let _ = m.remove(&event.pid);
+                        v
+                    })
+                    .unwrap_or(event.victim);
+                let victim_cgroup = crate::cgroups::memory_path_of_id(from_task.memcg)
+                    .or_else(|| crate::cgroups::path_of_id(from_task.dfl))
+                    .or_else(|| crate::cgroups::memory_cgroup_of(event.pid));
                 self.oom_kills.push(OomKill {
                     event,
                     victim_cgroup,
@@ -718,6 +775,11 @@ impl Capture {
 
     /// Detaches the tracepoints (after [`Capture::collect`]).
     pub fn detach(&mut self) {
+        if let Some(link) = self.oom_task_link.take()
+            && let Ok(prog) = program::<RawTracePoint>(&mut self.ebpf, names::PROG_OOM_TASK)
+        {
+            let _ = prog.detach(link);
+        }
         for (name, link) in std::mem::take(&mut self.tp_links) {
             if let Ok(prog) = program::<TracePoint>(&mut self.ebpf, name) {
                 let _ = prog.detach(link);
