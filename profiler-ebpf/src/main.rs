@@ -581,6 +581,11 @@ fn count_retransmit(ctx: &TracePointContext, f: &[u32; 9], state: i32) -> u32 {
     if let Some(v) = RETRANS.get_ptr_mut(&key) {
         // SAFETY: per-CPU value of this CPU: no concurrent writer.
         unsafe {
+            // The key may have been made on another CPU: this CPU's value
+            // then starts at zero.
+            if (*v).count == 0 {
+                (*v).first_ns = now;
+            }
             (*v).count += 1;
             (*v).last_ns = now;
         }

@@ -216,6 +216,13 @@ impl Recording {
         self.child.id()
     }
 
+    /// Ends the recording now (SIGINT, as Ctrl-C) and waits for its files.
+    pub fn stop(self) -> String {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.finish()
+    }
+
     /// Waits for the end; panics with stderr unless it succeeded.
     pub fn finish(mut self) -> String {
         let status = self.child.wait().unwrap();

@@ -263,7 +263,9 @@ for c in cs:
         .unwrap();
     thread::sleep(Duration::from_millis(300));
     let out = dir.join("out");
-    let profiler = start_record(&["--no-stacks", "-d", "6", "-o", out.to_str().unwrap()]);
+    // Stopped once both ends are done, however long that takes (a loaded
+    // machine slows the retransmit timers' backoff).
+    let profiler = start_record(&["--no-stacks", "-d", "120", "-o", out.to_str().unwrap()]);
     let before = snmp(&ns);
     let mut cli = Command::new("ip")
         .args(["netns", "exec", &ns, "python3", "-c", client])
@@ -274,7 +276,7 @@ for c in cs:
     // The server has read all the data and the FIN: no retransmit is due.
     let _ = srv.wait();
     let after = snmp(&ns);
-    profiler.finish();
+    profiler.stop();
     let kernel = after - before;
 
     let u = read_use(&out);
