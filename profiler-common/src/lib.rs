@@ -198,11 +198,14 @@ pub enum Counter {
     StackCopiesShort = 17,
     /// Samples whose user registers could not be found.
     UserRegsMissing = 18,
+    /// Sum of the run-queue latencies timed, in microseconds (the sum of
+    /// the latency histogram).
+    RunqLatencyTotalUs = 19,
 }
 
 impl Counter {
     /// Number of counters (the size of [`names::MAP_COUNTERS`]).
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Samples,
@@ -224,6 +227,7 @@ impl Counter {
         Counter::StackCopiesLost,
         Counter::StackCopiesShort,
         Counter::UserRegsMissing,
+        Counter::RunqLatencyTotalUs,
     ];
 }
 

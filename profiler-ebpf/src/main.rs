@@ -507,6 +507,7 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
         slot
     };
     add(&RUNQ_LAT, slot, 1);
+    add(&COUNTERS, Counter::RunqLatencyTotalUs as u32, delta_us);
     // The slot after the histogram keeps this CPU's longest wait.
     if let Some(max) = RUNQ_LAT.get_ptr_mut(LATENCY_SLOTS) {
         // SAFETY: per-CPU slot of this CPU.

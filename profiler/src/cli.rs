@@ -18,6 +18,91 @@ pub struct Cli {
 pub enum Command {
     /// Capture a profile once: folded stacks and a flame graph.
     Record(RecordArgs),
+    /// Run until SIGTERM, sampling in consecutive windows; serve Prometheus
+    /// metrics, pprof profiles, flame graphs and the USE report over HTTP.
+    Daemon(DaemonArgs),
+}
+
+/// What the root frames of the flame graph (and the labels) name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupBy {
+    /// The process name.
+    #[default]
+    Process,
+    /// The container (Docker, containerd, CRI-O, Podman; the ECS name
+    /// when the agent gives it), `host` for the rest, then the process.
+    Container,
+}
+
+/// Options of `profiler daemon`.
+#[derive(Debug, Args, Clone)]
+pub struct DaemonArgs {
+    /// Samples per second on each CPU.
+    #[arg(
+        short = 'F',
+        long = "frequency",
+        value_name = "HZ",
+        default_value_t = 49
+    )]
+    pub frequency: u64,
+
+    /// Length of each window (flame graph, use.json, metric gauges).
+    #[arg(long = "window", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub window: Duration,
+
+    /// Address for HTTP (/metrics, /debug/pprof/profile, /flamegraph.svg,
+    /// /use.json, /healthz). Loopback by default; another address serves
+    /// every network that reaches it, so name it deliberately.
+    #[arg(
+        long = "listen",
+        value_name = "ADDR:PORT",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub listen: std::net::SocketAddr,
+
+    /// Write each window's stacks.folded, flamegraph.svg and use.json
+    /// into a new directory under DIR.
+    #[arg(short = 'o', long = "output", value_name = "DIR")]
+    pub output: Option<PathBuf>,
+
+    /// With --output, keep the newest N window directories.
+    #[arg(long = "retain", value_name = "N", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
+    pub retain: u32,
+
+    /// Longest profile one HTTP request may ask for, in seconds.
+    #[arg(long = "max-profile-seconds", value_name = "S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub max_profile_seconds: u64,
+
+    /// How user stacks are walked (see `record --unwind`).
+    #[arg(long = "unwind", value_enum, default_value = "auto")]
+    pub unwind: crate::unwind::UnwindMode,
+
+    /// Most bytes of user stack copied per sample (see `record`).
+    #[arg(long = "stack-bytes", value_name = "BYTES", default_value_t = 32768, value_parser = parse_stack_bytes)]
+    pub stack_bytes: u32,
+
+    /// Root frames and labels: by process or by container.
+    #[arg(long = "group-by", value_enum, default_value = "container")]
+    pub group_by: GroupBy,
+
+    /// The ECS agent's introspection endpoint, for task ARNs and container
+    /// names (`none`: do not ask).
+    #[arg(long = "ecs-agent", value_name = "ADDR:PORT|none", default_value = crate::containers::ECS_AGENT, value_parser = parse_agent)]
+    pub ecs_agent: AgentAddr,
+}
+
+/// `--ecs-agent`: where to ask, or nowhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentAddr(pub Option<std::net::SocketAddr>);
+
+/// Parses `--ecs-agent`: an address, or `none`.
+pub fn parse_agent(s: &str) -> Result<AgentAddr, String> {
+    if s == "none" {
+        return Ok(AgentAddr(None));
+    }
+    s.parse()
+        .map(|a| AgentAddr(Some(a)))
+        .map_err(|_| format!("invalid address {s:?}: use ADDR:PORT (e.g. 127.0.0.1:51678) or none"))
 }
 
 /// Options of `profiler record`.
@@ -62,6 +147,11 @@ pub struct RecordArgs {
     /// utilization): no stacks, no flame graph, the lowest overhead.
     #[arg(long = "no-stacks")]
     pub no_stacks: bool,
+
+    /// Root frames of the flame graph: the process, or the container it
+    /// runs in (then the process).
+    #[arg(long = "group-by", value_enum, default_value = "process")]
+    pub group_by: GroupBy,
 
     /// Start this command and profile it (and its children) until it exits.
     #[arg(last = true, value_name = "CMD")]
@@ -120,6 +210,41 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["profiler", "daemon"]).unwrap();
+        let Command::Daemon(d) = cli.command else {
+            panic!("not daemon")
+        };
+        assert!(d.listen.ip().is_loopback(), "default bind is loopback");
+        assert_eq!(d.listen.port(), 9464);
+        assert_eq!(d.window, Duration::from_secs(60));
+        assert_eq!(d.group_by, GroupBy::Container);
+        assert!(d.ecs_agent.0.is_some());
+        let cli = Cli::try_parse_from([
+            "profiler",
+            "daemon",
+            "--ecs-agent",
+            "none",
+            "--window",
+            "5s",
+        ])
+        .unwrap();
+        let Command::Daemon(d) = cli.command else {
+            panic!("not daemon")
+        };
+        assert_eq!(d.ecs_agent, AgentAddr(None));
+        assert!(Cli::try_parse_from(["profiler", "daemon", "--ecs-agent", "x"]).is_err());
+        assert!(Cli::try_parse_from(["profiler", "daemon", "--retain", "0"]).is_err());
+        let cli = Cli::try_parse_from(["profiler", "record", "--group-by", "container"]).unwrap();
+        let Command::Record(r) = cli.command else {
+            panic!("not record")
+        };
+        assert_eq!(r.group_by, GroupBy::Container);
+    }
 
     #[test]
     fn durations() {

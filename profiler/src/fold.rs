@@ -10,6 +10,11 @@ use crate::symbolize::{Frame, FrameKind, sanitize};
 pub struct SymbolizedStack {
     /// Root frame: the process name.
     pub process: String,
+    /// A frame above the process (`--group-by container`): the container,
+    /// or `host`.
+    pub group: Option<String>,
+    /// Thread-group id (0: idle).
+    pub tgid: u32,
     /// User frames, outermost first.
     pub user: Vec<Frame>,
     /// Kernel frames, outermost first.
@@ -38,10 +43,17 @@ pub fn folded_name(frame: &Frame) -> String {
 pub fn fold<'a>(stacks: impl IntoIterator<Item = &'a SymbolizedStack>) -> Folded {
     let mut out = Folded::new();
     for s in stacks {
-        let mut line = sanitize(&s.process);
-        if line.is_empty() {
-            line.push_str("[unknown]");
+        let mut line = String::new();
+        if let Some(g) = &s.group {
+            line.push_str(&sanitize(g));
+            line.push(';');
         }
+        let process = sanitize(&s.process);
+        line.push_str(if process.is_empty() {
+            "[unknown]"
+        } else {
+            &process
+        });
         for f in s.user.iter().chain(&s.kernel) {
             line.push(';');
             line.push_str(&folded_name(f));
@@ -81,6 +93,8 @@ mod tests {
     fn golden_folded_output() {
         let stacks = vec![
             SymbolizedStack {
+                group: None,
+                tgid: 1,
                 process: "app".into(),
                 user: vec![
                     f("main", FrameKind::User),
@@ -91,6 +105,8 @@ mod tests {
                 count: 7,
             },
             SymbolizedStack {
+                group: None,
+                tgid: 1,
                 process: "app".into(),
                 user: vec![
                     f("main", FrameKind::User),
@@ -101,6 +117,8 @@ mod tests {
                 count: 3,
             },
             SymbolizedStack {
+                group: None,
+                tgid: 1,
                 process: "node".into(),
                 user: vec![
                     f("node::Start", FrameKind::User),
@@ -116,6 +134,8 @@ mod tests {
                 count: 2,
             },
             SymbolizedStack {
+                group: None,
+                tgid: 1,
                 process: "swapper".into(),
                 user: vec![],
                 kernel: vec![
@@ -125,6 +145,8 @@ mod tests {
                 count: 40,
             },
             SymbolizedStack {
+                group: None,
+                tgid: 1,
                 process: "stripped".into(),
                 user: vec![
                     f(
@@ -140,8 +162,12 @@ mod tests {
                 count: 1,
             },
         ];
+        let mut stacks = stacks;
+        let mut grouped = stacks[0].clone();
+        grouped.group = Some("docker:3f1a2b4c5d6e".into());
+        stacks.push(grouped);
         let folded = fold(&stacks);
-        assert_eq!(total(&folded), 53);
+        assert_eq!(total(&folded), 60);
         let mut out = Vec::new();
         write_folded(&folded, &mut out).unwrap();
         crate::golden::check("fold.folded", &out);

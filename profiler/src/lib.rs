@@ -2,18 +2,24 @@
 //!
 //! The pipeline, one module per stage (see ARCHITECTURE.md):
 //! [`capture`] (eBPF + loader) -> [`procmaps`]/[`procs`] (normalize) ->
-//! [`symbolize`] -> [`fold`] -> [`render`]. [`record`] drives it for the
-//! one-shot `profiler record`.
+//! [`symbolize`] -> [`fold`] -> [`render`] / [`pprof`] / [`metrics`].
+//! [`record`] drives it for the one-shot `profiler record`, [`daemon`] in
+//! consecutive windows for `profiler daemon`; [`containers`] names the
+//! container of each process.
 
 pub mod capture;
 pub mod cgroups;
 pub mod cli;
+pub mod containers;
+pub mod daemon;
 pub mod fold;
 #[cfg(test)]
 mod golden;
 pub mod hostsnap;
 pub mod kbtf;
+pub mod metrics;
 pub mod perfmap;
+pub mod pprof;
 pub mod preflight;
 pub mod procmaps;
 pub mod procs;

@@ -51,6 +51,8 @@ pub struct ProcessInfo {
     pub root: Option<Arc<RootDir>>,
     /// The process had exited when last looked at.
     pub exited: bool,
+    /// Its cgroup path (see [`crate::cgroups::parse_proc_cgroup`]).
+    pub cgroup: Option<String>,
 }
 
 impl ProcessInfo {
@@ -147,6 +149,29 @@ impl ProcessTable {
         }
     }
 
+    /// Forgets the processes that had exited when last looked at, except
+    /// those `keep` still needs, and the root handles nobody uses any
+    /// more; returns the pids forgotten. A long-running capture calls it
+    /// after each window so that the table follows the live processes.
+    pub fn evict_exited(&mut self, keep: impl Fn(u32) -> bool) -> Vec<u32> {
+        let gone: Vec<u32> = self
+            .procs
+            .iter()
+            .filter(|(pid, p)| p.exited && !keep(**pid))
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in &gone {
+            self.procs.remove(pid);
+        }
+        self.roots.retain(|_, r| Arc::strong_count(r) > 1);
+        gone
+    }
+
+    /// Mount namespaces whose root is held open.
+    pub fn roots_held(&self) -> usize {
+        self.roots.len()
+    }
+
     /// What is known of `pid`.
     pub fn get(&self, pid: u32) -> Option<&ProcessInfo> {
         self.procs.get(&pid)
@@ -176,6 +201,7 @@ impl ProcessTable {
             .and_then(|s| parse_ns_pid(&s))
             .unwrap_or(pid);
         let root = self.root_of(pid);
+        let cgroup = crate::cgroups::cgroup_of(pid);
         Some(ProcessInfo {
             pid,
             ns_pid,
@@ -184,6 +210,7 @@ impl ProcessTable {
             maps,
             root,
             exited: false,
+            cgroup,
         })
     }
 
@@ -269,5 +296,12 @@ mod tests {
         assert!(info.exited);
         assert!(!info.maps.is_empty());
         assert_eq!(info.name, "sleep");
+        // Kept while needed, forgotten after.
+        assert!(table.evict_exited(|p| p == pid).is_empty());
+        assert_eq!(table.evict_exited(|_| false), vec![pid]);
+        assert!(table.get(pid).is_none());
+        let me = std::process::id();
+        table.observe(me);
+        assert!(table.evict_exited(|_| false).is_empty(), "live ones stay");
     }
 }

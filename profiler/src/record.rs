@@ -13,7 +13,8 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     capture::{Capture, CaptureConfig, CaptureError, RawProfile},
-    cli::RecordArgs,
+    cli::{GroupBy, RecordArgs},
+    containers::{Attributor, group_of},
     fold::{self, Folded},
     hostsnap,
     preflight::{self, PreflightError},
@@ -49,6 +50,15 @@ pub enum RecordError {
         #[source]
         source: io::Error,
     },
+    /// The daemon's HTTP address could not be bound.
+    #[error("cannot listen on {addr}: {source}. Pick a free port with --listen ADDR:PORT")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// Anything else of the runtime.
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -58,7 +68,10 @@ impl RecordError {
     /// True for errors of the user's input (exit code 2), false for
     /// failures while running (exit code 1).
     pub fn is_usage(&self) -> bool {
-        matches!(self, RecordError::Preflight(_) | RecordError::Spawn { .. })
+        matches!(
+            self,
+            RecordError::Preflight(_) | RecordError::Spawn { .. } | RecordError::Listen { .. }
+        )
     }
 }
 
@@ -109,7 +122,7 @@ fn default_output_dir() -> PathBuf {
     PathBuf::from(format!("profile-{stamp}"))
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
@@ -117,7 +130,7 @@ fn hostname() -> String {
 
 /// Writes a file under a temporary name, then renames it: a file with the
 /// final name is always complete.
-fn write_atomic(
+pub(crate) fn write_atomic(
     path: &Path,
     write: impl FnOnce(&mut io::BufWriter<fs::File>) -> io::Result<()>,
 ) -> Result<(), RecordError> {
@@ -330,7 +343,17 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     let mut symbols_text = String::new();
     if args.stacks() {
         let exclude = has_command.then_some(own_pid);
-        let stacks = symbolize_profile(&raw, &capture.procs, exclude);
+        let mut stacks = symbolize_profile(&raw, &capture.procs, exclude);
+        if args.group_by == GroupBy::Container {
+            let mut attributor = Attributor::new(Some(
+                crate::containers::ECS_AGENT
+                    .parse()
+                    .expect("a valid address"),
+            ));
+            for s in &mut stacks {
+                s.group = Some(group_of(s.tgid, &capture.procs, &mut attributor));
+            }
+        }
         folded = fold::fold(&stacks);
         samples = fold::total(&folded);
         unique_stacks = folded.len();

@@ -353,104 +353,133 @@ pub fn sanitize(name: &str) -> String {
     name.replace(';', ":").replace(['\n', '\r'], " ")
 }
 
-/// Symbolizes every stack of a capture. `exclude` drops one thread group
-/// (the profiler itself while it starts a command).
-pub fn symbolize_profile(
-    raw: &crate::capture::RawProfile,
-    procs: &crate::procs::ProcessTable,
-    exclude: Option<u32>,
-) -> Vec<crate::fold::SymbolizedStack> {
-    use std::collections::HashSet;
-    let stacks: Vec<_> = raw
-        .stacks
+/// A return address points after its call: step back one byte so it
+/// names the call's function and line (not for the leaf, the IP itself).
+pub fn adjusted(addrs: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    addrs
         .iter()
-        .filter(|s| Some(s.tgid) != exclude)
-        .collect();
+        .enumerate()
+        .map(|(i, &a)| if i == 0 { a } else { a.saturating_sub(1) })
+}
 
-    // A return address points after its call: step back one byte so it
-    // names the call's function and line (not for the leaf, the IP itself).
-    fn adjusted(addrs: &[u64]) -> impl Iterator<Item = u64> + '_ {
-        addrs
-            .iter()
-            .enumerate()
-            .map(|(i, &a)| if i == 0 { a } else { a.saturating_sub(1) })
-    }
+/// The frames of every address of a set of stacks: kernel addresses, and
+/// user addresses per process (keys are [`adjusted`] addresses).
+#[derive(Debug, Default)]
+pub struct SymbolTables {
+    /// Kernel address -> frames, outermost first.
+    pub kernel: HashMap<u64, Vec<Frame>>,
+    /// Process -> user address -> frames, outermost first.
+    pub user: HashMap<u32, HashMap<u64, Vec<Frame>>>,
+}
 
+/// Symbolizes every address of `stacks` once.
+pub fn symbol_tables<'a>(
+    stacks: impl IntoIterator<Item = &'a crate::capture::RawStack> + Clone,
+    procs: &crate::procs::ProcessTable,
+) -> SymbolTables {
+    use std::collections::HashSet;
     let mut sym = Symbolizer::new();
     let kernel_addrs: Vec<u64> = stacks
-        .iter()
+        .clone()
+        .into_iter()
         .filter_map(|s| s.kernel.as_ref().ok())
         .flat_map(|k| adjusted(k))
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
     let kernel = sym.kernel(&kernel_addrs);
-
     let mut user_addrs: HashMap<u32, HashSet<u64>> = HashMap::new();
-    for s in &stacks {
+    for s in stacks {
         if let Ok(u) = &s.user {
             user_addrs.entry(s.tgid).or_default().extend(adjusted(u));
         }
     }
-    let mut user: HashMap<u32, HashMap<u64, Vec<Frame>>> = HashMap::new();
+    let mut user = HashMap::new();
     for (tgid, addrs) in user_addrs {
         let addrs: Vec<u64> = addrs.into_iter().collect();
         user.insert(tgid, sym.user(procs.get(tgid), &addrs));
     }
+    SymbolTables { kernel, user }
+}
 
-    let dropped =
-        |kind: FrameKind| Frame::new(format!("[unknown: {}]", UnknownReason::StackDropped), kind);
+/// The name of a process as shown in root frames and labels.
+pub fn process_name(tgid: u32, thread: &str, procs: &crate::procs::ProcessTable) -> String {
+    match (tgid, procs.get(tgid)) {
+        (0, _) => "swapper".to_string(),
+        (_, Some(p)) if !p.name.is_empty() => p.name.clone(),
+        _ => thread.to_string(),
+    }
+}
+
+/// Symbolizes a capture's stacks (those of `exclude` left out).
+pub fn symbolize_profile(
+    raw: &crate::capture::RawProfile,
+    procs: &crate::procs::ProcessTable,
+    exclude: Option<u32>,
+) -> Vec<crate::fold::SymbolizedStack> {
+    let stacks: Vec<&crate::capture::RawStack> = raw
+        .stacks
+        .iter()
+        .filter(|s| Some(s.tgid) != exclude)
+        .collect();
+    let tables = symbol_tables(stacks.iter().copied(), procs);
     stacks
         .iter()
-        .map(|s| {
-            let process = match (s.tgid, procs.get(s.tgid)) {
-                (0, _) => "swapper".to_string(),
-                (_, Some(p)) if !p.name.is_empty() => p.name.clone(),
-                _ => s.thread.clone(),
-            };
-            let expand = |part: &crate::capture::RawStackPart,
-                          table: Option<&HashMap<u64, Vec<Frame>>>,
-                          lost: FrameKind|
-             -> Vec<Frame> {
-                match part {
-                    Ok(addrs) => {
-                        let mut frames = Vec::new();
-                        let adj: Vec<u64> = adjusted(addrs).collect();
-                        for a in adj.iter().rev() {
-                            if let Some(fs) = table.and_then(|t| t.get(a)) {
-                                frames.extend(fs.iter().cloned());
-                            }
-                        }
-                        frames
-                    }
-                    // -EFAULT: no stack of this kind (kernel thread, or a
-                    // sample in user mode); anything else was dropped.
-                    Err(e) if *e == -libc::EFAULT => Vec::new(),
-                    Err(_) => vec![dropped(lost)],
-                }
-            };
-            let mut user_frames = expand(
-                &s.user,
-                user.get(&s.tgid),
-                FrameKind::Unknown(UnknownReason::StackDropped),
-            );
-            if s.user_truncated {
-                user_frames.insert(
-                    0,
-                    Frame::new(
-                        format!("[unknown: {}]", UnknownReason::Truncated),
-                        FrameKind::Unknown(UnknownReason::Truncated),
-                    ),
-                );
-            }
-            crate::fold::SymbolizedStack {
-                process,
-                user: user_frames,
-                kernel: expand(&s.kernel, Some(&kernel), FrameKind::KernelUnknown),
-                count: s.count,
-            }
-        })
+        .map(|s| symbolize_stack(s, &tables, procs))
         .collect()
+}
+
+/// One raw stack to frames, by tables made with [`symbol_tables`].
+pub fn symbolize_stack(
+    s: &crate::capture::RawStack,
+    tables: &SymbolTables,
+    procs: &crate::procs::ProcessTable,
+) -> crate::fold::SymbolizedStack {
+    let dropped =
+        |kind: FrameKind| Frame::new(format!("[unknown: {}]", UnknownReason::StackDropped), kind);
+    let expand = |part: &crate::capture::RawStackPart,
+                  table: Option<&HashMap<u64, Vec<Frame>>>,
+                  lost: FrameKind|
+     -> Vec<Frame> {
+        match part {
+            Ok(addrs) => {
+                let mut frames = Vec::new();
+                let adj: Vec<u64> = adjusted(addrs).collect();
+                for a in adj.iter().rev() {
+                    if let Some(fs) = table.and_then(|t| t.get(a)) {
+                        frames.extend(fs.iter().cloned());
+                    }
+                }
+                frames
+            }
+            // -EFAULT: no stack of this kind (kernel thread, or a sample in
+            // user mode); anything else was dropped.
+            Err(e) if *e == -libc::EFAULT => Vec::new(),
+            Err(_) => vec![dropped(lost)],
+        }
+    };
+    let mut user_frames = expand(
+        &s.user,
+        tables.user.get(&s.tgid),
+        FrameKind::Unknown(UnknownReason::StackDropped),
+    );
+    if s.user_truncated {
+        user_frames.insert(
+            0,
+            Frame::new(
+                format!("[unknown: {}]", UnknownReason::Truncated),
+                FrameKind::Unknown(UnknownReason::Truncated),
+            ),
+        );
+    }
+    crate::fold::SymbolizedStack {
+        process: process_name(s.tgid, &s.thread, procs),
+        group: None,
+        tgid: s.tgid,
+        user: user_frames,
+        kernel: expand(&s.kernel, Some(&tables.kernel), FrameKind::KernelUnknown),
+        count: s.count,
+    }
 }
 
 #[cfg(test)]
@@ -497,6 +526,7 @@ mod tests {
             .0,
             root: None,
             exited: true,
+            cgroup: None,
         };
         let mut sym = Symbolizer::new();
         let frames = sym.user(Some(&info), &[0x1a2b, 0x5000]);

@@ -168,12 +168,16 @@ mod tests {
     fn shares_and_causes() {
         let stacks = vec![
             SymbolizedStack {
+                group: None,
+                tgid: 1,
                 process: "a".into(),
                 user: vec![f("main", FrameKind::User)],
                 kernel: vec![],
                 count: 6,
             },
             SymbolizedStack {
+                group: None,
+                tgid: 1,
                 process: "a".into(),
                 user: vec![
                     f("libx.so+0x10", FrameKind::Unknown(UnknownReason::NoSymbols)),
@@ -183,6 +187,8 @@ mod tests {
                 count: 3,
             },
             SymbolizedStack {
+                group: None,
+                tgid: 1,
                 process: "node".into(),
                 user: vec![f(
                     "[unknown: JIT code without a perf map]",

@@ -198,6 +198,23 @@ impl UserUnwinder {
         }
     }
 
+    /// Hands over the stacks aggregated and the figures since the last
+    /// call, and starts afresh (the caches of files and processes stay).
+    pub fn take_window(&mut self) -> (HashMap<UnwoundKey, u64>, UnwindStats) {
+        (
+            std::mem::take(&mut self.stacks),
+            std::mem::take(&mut self.stats),
+        )
+    }
+
+    /// Drops what is cached for processes that are gone.
+    pub fn forget(&mut self, pids: &[u32]) {
+        for pid in pids {
+            self.procs.remove(pid);
+            self.rereads.remove(pid);
+        }
+    }
+
     /// True when the maps of `tgid` were not re-read in the last 100 ms.
     fn may_reread(&mut self, tgid: u32) -> bool {
         let now = std::time::Instant::now();

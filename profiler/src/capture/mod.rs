@@ -210,6 +210,68 @@ pub struct RawProfile {
 }
 
 impl RawProfile {
+    /// Adds what `other` recorded (a later slice of the same capture) to
+    /// this one, except its stacks: counters, ticks, histograms,
+    /// retransmits (by connection), OOM kills, socket owners.
+    pub fn merge_signals(&mut self, other: RawProfile) {
+        fn add_vec(a: &mut Vec<u64>, b: &[u64]) {
+            if a.len() < b.len() {
+                a.resize(b.len(), 0);
+            }
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+        }
+        fn add_rows(a: &mut Vec<Vec<u64>>, b: &[Vec<u64>]) {
+            if a.len() < b.len() {
+                a.resize(b.len(), Vec::new());
+            }
+            for (x, y) in a.iter_mut().zip(b) {
+                add_vec(x, y);
+            }
+        }
+        for (k, v) in other.counters {
+            *self.counters.entry(k).or_default() += v;
+        }
+        self.cpus = other.cpus;
+        self.cpu_ids = other.cpu_ids;
+        add_vec(&mut self.cpu_ticks, &other.cpu_ticks);
+        add_vec(&mut self.cpu_busy_ticks, &other.cpu_busy_ticks);
+        add_rows(&mut self.runq_latency, &other.runq_latency);
+        self.runq_latency_max_us = self.runq_latency_max_us.max(other.runq_latency_max_us);
+        add_rows(&mut self.runq_depth, &other.runq_depth);
+        for (key, v) in other.retransmits {
+            match self.retransmits.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, t)) => {
+                    t.count += v.count;
+                    t.first_ns = t.first_ns.min(v.first_ns);
+                    t.last_ns = t.last_ns.max(v.last_ns);
+                    if t.owner_tgid == 0 {
+                        t.owner_tgid = v.owner_tgid;
+                        t.owner_cgroup = v.owner_cgroup;
+                        t.owner_comm = v.owner_comm;
+                    }
+                }
+                None => self.retransmits.push((key, v)),
+            }
+        }
+        self.oom_kills.extend(other.oom_kills);
+        for (pid, o) in other.socket_owners {
+            if self.socket_owners.len() < MAX_SOCKET_OWNERS {
+                self.socket_owners.insert(pid, o);
+            }
+        }
+        self.unavailable = other.unavailable;
+        self.depth_field = other.depth_field;
+        if let Some(u) = other.unwind {
+            let t = self.unwind.get_or_insert_with(Default::default);
+            t.samples += u.samples;
+            t.truncated += u.truncated;
+            t.dropped += u.dropped;
+            t.bytes += u.bytes;
+        }
+    }
+
     /// Value of one counter.
     pub fn counter(&self, c: Counter) -> u64 {
         self.counters.get(counter_name(c)).copied().unwrap_or(0)
@@ -238,6 +300,7 @@ pub fn counter_name(c: Counter) -> &'static str {
         Counter::StackCopiesLost => "stack_copies_lost_ring_full",
         Counter::StackCopiesShort => "stack_copies_short",
         Counter::UserRegsMissing => "samples_without_user_registers",
+        Counter::RunqLatencyTotalUs => "runqueue_latency_total_us",
     }
 }
 
@@ -263,8 +326,41 @@ pub struct Capture {
     cpus: Vec<u32>,
     unavailable: Vec<Unavailable>,
     depth_field: Option<&'static str>,
+    /// The maps read at each window, taken on the first one.
+    window_maps: Option<WindowMaps>,
+    /// Cumulative per-CPU values at the last window: counters, run-queue
+    /// latency and depth slots (`[index][cpu]`).
+    prev: Cumulative,
     /// Processes read while they lived.
     pub procs: ProcessTable,
+}
+
+/// Handles on the maps read at each window.
+struct WindowMaps {
+    counts: PerCpuHashMap<MapData, StackKey, u64>,
+    stacks: StackTraceMap<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    runq_lat: PerCpuArray<MapData, u64>,
+    runq_depth: PerCpuArray<MapData, u64>,
+    retrans: PerCpuHashMap<MapData, RetransKey, RetransValue>,
+    seen: BpfHashMap<MapData, u32, u64>,
+    runq_start: BpfHashMap<MapData, u32, u64>,
+}
+
+#[derive(Default)]
+struct Cumulative {
+    counters: HashMap<u32, Vec<u64>>,
+    runq_lat: HashMap<u32, Vec<u64>>,
+    runq_depth: HashMap<u32, Vec<u64>>,
+}
+
+/// `cur - prev` per CPU, remembering `cur`.
+fn delta(prev: &mut HashMap<u32, Vec<u64>>, idx: u32, cur: Vec<u64>) -> Vec<u64> {
+    let old = prev.insert(idx, cur.clone()).unwrap_or_default();
+    cur.iter()
+        .enumerate()
+        .map(|(i, v)| v.saturating_sub(old.get(i).copied().unwrap_or(0)))
+        .collect()
 }
 
 /// Parses a CPU list such as `0-3,5,7-8` (`/sys/devices/system/cpu/online`).
@@ -647,6 +743,8 @@ impl Capture {
             procs,
             unavailable,
             depth_field,
+            window_maps: None,
+            prev: Cumulative::default(),
         })
     }
 
@@ -789,15 +887,42 @@ impl Capture {
 
     /// Drains the kernel maps (call after [`Capture::stop`]).
     pub fn collect(&mut self) -> Result<RawProfile, CaptureError> {
-        let counts: PerCpuHashMap<MapData, StackKey, u64> =
-            take_map(&mut self.ebpf, names::MAP_COUNTS)?;
-        let stacks: StackTraceMap<MapData> = take_map(&mut self.ebpf, names::MAP_STACKS)?;
-        let counters: PerCpuArray<MapData, u64> = take_map(&mut self.ebpf, names::MAP_COUNTERS)?;
-        let runq_lat: PerCpuArray<MapData, u64> = take_map(&mut self.ebpf, names::MAP_RUNQ_LAT)?;
-        let runq_depth: PerCpuArray<MapData, u64> =
-            take_map(&mut self.ebpf, names::MAP_RUNQ_DEPTH)?;
-        let retrans: PerCpuHashMap<MapData, RetransKey, RetransValue> =
-            take_map(&mut self.ebpf, names::MAP_RETRANS)?;
+        self.collect_window(false)
+    }
+
+    /// What was recorded since the last call (or the start), while
+    /// sampling goes on: counted stacks, counter and histogram deltas,
+    /// retransmits, OOM kills. With `drain`, the stack, count and
+    /// retransmit maps are emptied for the next window (a sample counted
+    /// between the read and the delete of its key is lost: a window
+    /// boundary costs a few microseconds of samples) and entries of
+    /// processes that are gone are pruned, so that a capture of any length
+    /// keeps its maps from filling.
+    pub fn collect_window(&mut self, drain: bool) -> Result<RawProfile, CaptureError> {
+        // Samples already in the ring belong to this window.
+        self.drain_events();
+        if self.window_maps.is_none() {
+            self.window_maps = Some(WindowMaps {
+                counts: take_map(&mut self.ebpf, names::MAP_COUNTS)?,
+                stacks: take_map(&mut self.ebpf, names::MAP_STACKS)?,
+                counters: take_map(&mut self.ebpf, names::MAP_COUNTERS)?,
+                runq_lat: take_map(&mut self.ebpf, names::MAP_RUNQ_LAT)?,
+                runq_depth: take_map(&mut self.ebpf, names::MAP_RUNQ_DEPTH)?,
+                retrans: take_map(&mut self.ebpf, names::MAP_RETRANS)?,
+                seen: take_map(&mut self.ebpf, names::MAP_SEEN)?,
+                runq_start: take_map(&mut self.ebpf, names::MAP_RUNQ_START)?,
+            });
+        }
+        let maps = self.window_maps.as_mut().expect("taken above");
+        let WindowMaps {
+            counts,
+            stacks,
+            counters,
+            runq_lat,
+            runq_depth,
+            retrans,
+            ..
+        } = maps;
 
         let mut cache: HashMap<i32, RawStackPart> = HashMap::new();
         let mut resolve = |id: i32| -> RawStackPart {
@@ -822,8 +947,12 @@ impl Capture {
             socket_owners: std::mem::take(&mut self.socket_owners),
             ..Default::default()
         };
+        let mut count_keys = Vec::new();
         for item in counts.iter() {
             let Ok((key, per_cpu)) = item else { continue };
+            if drain {
+                count_keys.push(key);
+            }
             let count: u64 = per_cpu.iter().sum();
             if count == 0 {
                 continue;
@@ -839,9 +968,10 @@ impl Capture {
                 count,
             });
         }
-        if let Some(unwinder) = self.unwinder.take() {
-            out.unwind = Some(unwinder.stats);
-            for (key, count) in unwinder.stacks {
+        if let Some(unwinder) = self.unwinder.as_mut() {
+            let (unwound, stats) = unwinder.take_window();
+            out.unwind = Some(stats);
+            for (key, count) in unwound {
                 out.stacks.push(RawStack {
                     tgid: key.tgid,
                     thread: key.thread,
@@ -857,14 +987,20 @@ impl Capture {
                 .map(|v| v.iter().copied().collect())
                 .unwrap_or_default()
         };
+        let prev = &mut self.prev;
+        let mut counter_deltas: HashMap<u32, Vec<u64>> = HashMap::new();
         for c in Counter::ALL {
-            out.counters
-                .insert(counter_name(c), per_cpu(&counters, c as u32).iter().sum());
+            let d = delta(&mut prev.counters, c as u32, per_cpu(counters, c as u32));
+            out.counters.insert(counter_name(c), d.iter().sum());
+            counter_deltas.insert(c as u32, d);
         }
-        out.cpu_ticks = per_cpu(&counters, Counter::CpuTicks as u32);
-        out.cpu_busy_ticks = per_cpu(&counters, Counter::CpuBusyTicks as u32);
-        let transpose = |map: &PerCpuArray<MapData, u64>, slots: u32| -> Vec<Vec<u64>> {
-            let by_slot: Vec<Vec<u64>> = (0..slots).map(|s| per_cpu(map, s)).collect();
+        out.cpu_ticks = counter_deltas
+            .remove(&(Counter::CpuTicks as u32))
+            .unwrap_or_default();
+        out.cpu_busy_ticks = counter_deltas
+            .remove(&(Counter::CpuBusyTicks as u32))
+            .unwrap_or_default();
+        let transpose = |by_slot: Vec<Vec<u64>>| -> Vec<Vec<u64>> {
             let ncpu = by_slot.iter().map(Vec::len).max().unwrap_or(0);
             (0..ncpu)
                 .map(|cpu| {
@@ -875,14 +1011,30 @@ impl Capture {
                 })
                 .collect()
         };
-        out.runq_latency = transpose(&runq_lat, LATENCY_SLOTS);
-        out.runq_latency_max_us = per_cpu(&runq_lat, LATENCY_SLOTS)
-            .into_iter()
-            .max()
-            .unwrap_or(0);
-        out.runq_depth = transpose(&runq_depth, DEPTH_SLOTS);
+        out.runq_latency = transpose(
+            (0..LATENCY_SLOTS)
+                .map(|s| delta(&mut prev.runq_lat, s, per_cpu(runq_lat, s)))
+                .collect(),
+        );
+        let max_per_cpu = per_cpu(runq_lat, LATENCY_SLOTS);
+        out.runq_latency_max_us = max_per_cpu.iter().copied().max().unwrap_or(0);
+        if drain && out.runq_latency_max_us > 0 {
+            // The longest wait is a maximum, not a count: start it over.
+            if let Ok(zeros) = aya::maps::PerCpuValues::try_from(vec![0u64; max_per_cpu.len()]) {
+                let _ = runq_lat.set(LATENCY_SLOTS, zeros, 0);
+            }
+        }
+        out.runq_depth = transpose(
+            (0..DEPTH_SLOTS)
+                .map(|s| delta(&mut prev.runq_depth, s, per_cpu(runq_depth, s)))
+                .collect(),
+        );
+        let mut retrans_keys = Vec::new();
         for item in retrans.iter() {
             let Ok((key, per_cpu)) = item else { continue };
+            if drain {
+                retrans_keys.push(key);
+            }
             let mut total = RetransValue::default();
             for v in per_cpu.iter() {
                 if v.count == 0 {
@@ -903,8 +1055,95 @@ impl Capture {
                 out.retransmits.push((key, total));
             }
         }
+        if drain {
+            for key in count_keys {
+                let _ = counts.remove(&key);
+            }
+            for key in retrans_keys {
+                let _ = retrans.remove(&key);
+            }
+            let ids: Vec<u32> = stacks.stack_ids().filter_map(Result::ok).collect();
+            for id in ids {
+                let _ = stacks.remove(&id);
+            }
+            self.prune();
+        }
         Ok(out)
     }
+
+    /// Removes kernel map entries of processes and threads that are gone.
+    fn prune(&mut self) {
+        let Some(maps) = self.window_maps.as_mut() else {
+            return;
+        };
+        let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+        let stale: Vec<u32> = maps
+            .seen
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|&p| !alive(p))
+            .collect();
+        for pid in stale {
+            let _ = maps.seen.remove(&pid);
+        }
+        // A task woken but never run again (it exited) leaves its wakeup
+        // time behind: older than a minute is stale.
+        let now = monotonic_ns();
+        let stale: Vec<u32> = maps
+            .runq_start
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, t)| now.saturating_sub(*t) > 60_000_000_000)
+            .map(|(tid, _)| tid)
+            .collect();
+        for tid in stale {
+            let _ = maps.runq_start.remove(&tid);
+        }
+    }
+
+    /// Cumulative run time (ns) and run count of each loaded program, from
+    /// the kernel's statistics (zero unless kernel.bpf_stats_enabled or a
+    /// BPF_ENABLE_STATS descriptor is held).
+    pub fn bpf_stats(&self) -> Vec<(String, u64, u64)> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let mut out = Vec::new();
+        for (name, prog) in self.ebpf.programs() {
+            let Ok(fd) = prog.fd() else { continue };
+            let raw = fd.as_fd().as_raw_fd();
+            let Ok(info) = fs::read_to_string(format!("/proc/self/fdinfo/{raw}")) else {
+                continue;
+            };
+            let field = |key: &str| -> u64 {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            out.push((name.to_string(), field("run_time_ns:"), field("run_cnt:")));
+        }
+        out
+    }
+
+    /// Forgets processes that have exited, except those `keep` still
+    /// needs (their stacks are not symbolized yet).
+    pub fn forget_exited(&mut self, keep: impl Fn(u32) -> bool) {
+        self.procs.refresh_all();
+        let gone = self.procs.evict_exited(keep);
+        if let Some(u) = self.unwinder.as_mut() {
+            u.forget(&gone);
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CaptureError>

@@ -1,0 +1,529 @@
+//! Prometheus metrics of the daemon (OpenMetrics text, with the
+//! `prometheus-client` crate): the USE signals and the samples, labelled by
+//! container with a bounded number of label values, and the daemon's own
+//! cost.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, atomic::AtomicU64},
+};
+
+use profiler_common::{Counter as K, LATENCY_SLOTS};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet},
+    metrics::{MetricType, counter::Counter, family::Family, gauge::Gauge},
+    registry::{Registry, Unit},
+};
+
+use crate::capture::RawProfile;
+
+/// Most distinct `container` label values at once; the rest are counted
+/// as `other`. Values unseen for [`LABEL_TTL_WINDOWS`] windows are dropped.
+pub const MAX_CONTAINER_LABELS: usize = 200;
+/// Windows after which an unseen container label is dropped.
+pub const LABEL_TTL_WINDOWS: u64 = 10;
+
+/// A `container` label: a container's name, `host` for processes in no
+/// container, `idle` for idle CPU time, `all` for whole-host figures, or
+/// `other` past [`MAX_CONTAINER_LABELS`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ContainerLabel {
+    /// See the type.
+    pub container: String,
+}
+
+/// Why samples were lost.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Counter name, as in use.json.
+    pub reason: String,
+}
+
+/// An eBPF program.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProgramLabel {
+    /// Program name.
+    pub program: String,
+}
+
+/// A histogram whose buckets come counted from the kernel (log2
+/// microseconds), exposed in seconds.
+#[derive(Clone, Debug, Default)]
+pub struct KernelHistogram {
+    inner: Arc<Mutex<(Vec<u64>, u64)>>,
+}
+
+impl KernelHistogram {
+    /// Adds bucket counts (one per log2 slot) and their sum in microseconds.
+    pub fn add(&self, slots: &[u64], sum_us: u64) {
+        let mut g = self.inner.lock().unwrap();
+        if g.0.len() < slots.len() {
+            g.0.resize(slots.len(), 0);
+        }
+        for (a, b) in g.0.iter_mut().zip(slots) {
+            *a += b;
+        }
+        g.1 += sum_us;
+    }
+}
+
+impl EncodeMetric for KernelHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let g = self.inner.lock().unwrap();
+        let count: u64 = g.0.iter().sum();
+        // Slot i holds latencies d (us) with log2(d) == i: d < 2^(i+1).
+        let mut buckets: Vec<(f64, u64)> =
+            g.0.iter()
+                .enumerate()
+                .map(|(i, &c)| ((1u64 << (i + 1)) as f64 / 1e6, c))
+                .collect();
+        if let Some(last) = buckets.last_mut() {
+            last.0 = f64::MAX; // the last slot also holds everything longer
+        }
+        encoder.encode_histogram::<NoLabelSet>(g.1 as f64 / 1e6, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+type F64Gauge = Gauge<f64, AtomicU64>;
+type F64Counter = Counter<f64, AtomicU64>;
+
+/// Every metric the daemon serves.
+pub struct Metrics {
+    registry: Registry,
+    samples: Family<ContainerLabel, Counter>,
+    utilization: Family<ContainerLabel, F64Gauge>,
+    runq_latency: KernelHistogram,
+    runq_depth: F64Gauge,
+    runq_depth_max: Gauge,
+    retransmits: Family<ContainerLabel, Counter>,
+    oom_kills: Family<ContainerLabel, Counter>,
+    lost: Family<ReasonLabel, Counter>,
+    windows: Counter,
+    cpu_seconds: F64Counter,
+    rss: Gauge,
+    bpf_run_time: Family<ProgramLabel, F64Counter>,
+    bpf_run_count: Family<ProgramLabel, Counter>,
+    /// Container label -> window it was last seen in.
+    labels: HashMap<String, u64>,
+    window: u64,
+    last_cpu_s: f64,
+    last_bpf: HashMap<String, (u64, u64)>,
+}
+
+/// Counters that mean samples or events were lost.
+const LOST: [K; 8] = [
+    K::CountMapFull,
+    K::UserStackDropped,
+    K::KernelStackDropped,
+    K::EventsLost,
+    K::StackCopiesLost,
+    K::OomEventsLost,
+    K::RetransMapFull,
+    K::RunqStartFull,
+];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            registry: Registry::default(),
+            samples: Family::default(),
+            utilization: Family::default(),
+            runq_latency: KernelHistogram::default(),
+            runq_depth: F64Gauge::default(),
+            runq_depth_max: Gauge::default(),
+            retransmits: Family::default(),
+            oom_kills: Family::default(),
+            lost: Family::default(),
+            windows: Counter::default(),
+            cpu_seconds: F64Counter::default(),
+            rss: Gauge::default(),
+            bpf_run_time: Family::default(),
+            bpf_run_count: Family::default(),
+            labels: HashMap::new(),
+            window: 0,
+            last_cpu_s: 0.0,
+            last_bpf: HashMap::new(),
+        };
+        registry.register(
+            "profiler_cpu_samples",
+            "On-CPU stack samples taken, by container (idle: CPU idle; host: in no container)",
+            m.samples.clone(),
+        );
+        registry.register_with_unit(
+            "profiler_cpu_utilization",
+            "Share of all CPUs busy over the last window, whole host (all) and by container",
+            Unit::Other("ratio".into()),
+            m.utilization.clone(),
+        );
+        registry.register_with_unit(
+            "profiler_runqueue_latency",
+            "Time from a task becoming runnable to running (sched_wakeup/sched_switch, as runqlat)",
+            Unit::Seconds,
+            m.runq_latency.clone(),
+        );
+        registry.register(
+            "profiler_runqueue_depth",
+            "Mean tasks waiting per CPU run queue over the last window, sampled at each tick",
+            m.runq_depth.clone(),
+        );
+        registry.register(
+            "profiler_runqueue_depth_max",
+            "Most tasks waiting on one CPU run queue in the last window",
+            m.runq_depth_max.clone(),
+        );
+        registry.register(
+            "profiler_tcp_retransmits",
+            "TCP segments retransmitted (tcp_retransmit_skb/synack), by container of the socket owner",
+            m.retransmits.clone(),
+        );
+        registry.register(
+            "profiler_oom_kills",
+            "Processes killed by the kernel's OOM killer, by container of the victim",
+            m.oom_kills.clone(),
+        );
+        registry.register(
+            "profiler_lost_samples",
+            "Samples, stacks or events lost, by reason",
+            m.lost.clone(),
+        );
+        registry.register("profiler_windows", "Windows completed", m.windows.clone());
+        registry.register_with_unit(
+            "profiler_process_cpu",
+            "CPU time used by the daemon itself (user + system)",
+            Unit::Seconds,
+            m.cpu_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "profiler_process_resident_memory",
+            "Resident memory of the daemon",
+            Unit::Bytes,
+            m.rss.clone(),
+        );
+        registry.register_with_unit(
+            "profiler_bpf_run_time",
+            "Time the kernel spent in the daemon's eBPF programs (kernel.bpf_stats_enabled)",
+            Unit::Seconds,
+            m.bpf_run_time.clone(),
+        );
+        registry.register(
+            "profiler_bpf_runs",
+            "Runs of the daemon's eBPF programs (kernel.bpf_stats_enabled)",
+            m.bpf_run_count.clone(),
+        );
+        // Every series a dashboard looks for exists from the start, at 0.
+        let host = ContainerLabel {
+            container: "host".into(),
+        };
+        m.retransmits.get_or_create(&host).inc_by(0);
+        m.oom_kills.get_or_create(&host).inc_by(0);
+        for c in LOST {
+            m.lost
+                .get_or_create(&ReasonLabel {
+                    reason: crate::capture::counter_name(c).to_string(),
+                })
+                .inc_by(0);
+        }
+        Metrics { registry, ..m }
+    }
+
+    /// The label for a container name, within the bound.
+    pub fn container_label(&mut self, name: &str) -> ContainerLabel {
+        let fixed = matches!(name, "host" | "idle" | "all" | "other");
+        let container = if fixed
+            || self.labels.contains_key(name)
+            || self.labels.len() < MAX_CONTAINER_LABELS
+        {
+            if !fixed {
+                self.labels.insert(name.to_string(), self.window);
+            }
+            name.to_string()
+        } else {
+            "other".to_string()
+        };
+        ContainerLabel { container }
+    }
+
+    /// Adds one slice of a capture (see [`crate::capture::Capture::collect_window`]),
+    /// with the container name of each process (`None`: a host process).
+    pub fn add_slice(
+        &mut self,
+        raw: &RawProfile,
+        container_of: &mut dyn FnMut(u32) -> Option<String>,
+        retransmit_owner: &mut dyn FnMut(&RawProfile, usize) -> Option<String>,
+        oom_victim: &mut dyn FnMut(&RawProfile, usize) -> Option<String>,
+    ) {
+        let mut by_container: HashMap<String, u64> = HashMap::new();
+        for s in &raw.stacks {
+            let name = if s.tgid == 0 {
+                "idle".to_string()
+            } else {
+                container_of(s.tgid).unwrap_or_else(|| "host".to_string())
+            };
+            *by_container.entry(name).or_default() += s.count;
+        }
+        for (name, n) in by_container {
+            let l = self.container_label(&name);
+            self.samples.get_or_create(&l).inc_by(n);
+        }
+        for c in LOST {
+            let n = raw.counter(c);
+            if n > 0 {
+                self.lost
+                    .get_or_create(&ReasonLabel {
+                        reason: crate::capture::counter_name(c).to_string(),
+                    })
+                    .inc_by(n);
+            }
+        }
+        let mut slots = vec![0u64; LATENCY_SLOTS as usize];
+        for cpu in &raw.runq_latency {
+            for (a, b) in slots.iter_mut().zip(cpu) {
+                *a += b;
+            }
+        }
+        self.runq_latency
+            .add(&slots, raw.counter(K::RunqLatencyTotalUs));
+        // Retransmits: per connection where the map had room, the rest
+        // (past the per-connection map) as `other`.
+        let mut attributed = 0;
+        for i in 0..raw.retransmits.len() {
+            let n = raw.retransmits[i].1.count;
+            attributed += n;
+            let name = retransmit_owner(raw, i).unwrap_or_else(|| "host".to_string());
+            let l = self.container_label(&name);
+            self.retransmits.get_or_create(&l).inc_by(n);
+        }
+        let rest = raw.counter(K::Retransmits).saturating_sub(attributed);
+        if rest > 0 {
+            let l = self.container_label("other");
+            self.retransmits.get_or_create(&l).inc_by(rest);
+        }
+        for i in 0..raw.oom_kills.len() {
+            let name = oom_victim(raw, i).unwrap_or_else(|| "host".to_string());
+            let l = self.container_label(&name);
+            self.oom_kills.get_or_create(&l).inc();
+        }
+        let lost_oom = raw
+            .counter(K::OomKills)
+            .saturating_sub(raw.oom_kills.len() as u64);
+        if lost_oom > 0 {
+            let l = self.container_label("other");
+            self.oom_kills.get_or_create(&l).inc_by(lost_oom);
+        }
+    }
+
+    /// Sets the gauges of a finished window (`raw`: the whole window) and
+    /// drops container labels unseen for a while.
+    pub fn end_window(
+        &mut self,
+        raw: &RawProfile,
+        container_of: &mut dyn FnMut(u32) -> Option<String>,
+    ) {
+        self.window += 1;
+        self.windows.inc();
+        let ticks: u64 = raw.cpu_ticks.iter().sum();
+        let busy: u64 = raw.cpu_busy_ticks.iter().sum();
+        self.utilization.clear();
+        if ticks > 0 {
+            let all = self.container_label("all");
+            self.utilization
+                .get_or_create(&all)
+                .set(busy as f64 / ticks as f64);
+            let mut by: HashMap<String, u64> = HashMap::new();
+            for s in raw.stacks.iter().filter(|s| s.tgid != 0) {
+                let name = container_of(s.tgid).unwrap_or_else(|| "host".to_string());
+                *by.entry(name).or_default() += s.count;
+            }
+            for (name, n) in by {
+                let l = self.container_label(&name);
+                self.utilization
+                    .get_or_create(&l)
+                    .set(n as f64 / ticks as f64);
+            }
+        }
+        let (mut n, mut sum, mut max) = (0u64, 0u64, 0i64);
+        for cpu in &raw.runq_depth {
+            for (depth, &c) in cpu.iter().enumerate() {
+                n += c;
+                sum += depth as u64 * c;
+                if c > 0 {
+                    max = max.max(depth as i64);
+                }
+            }
+        }
+        self.runq_depth
+            .set(if n > 0 { sum as f64 / n as f64 } else { 0.0 });
+        self.runq_depth_max.set(max);
+        // Labels of containers gone for a while make room for new ones.
+        let now = self.window;
+        let stale: Vec<String> = self
+            .labels
+            .iter()
+            .filter(|(_, seen)| now.saturating_sub(**seen) > LABEL_TTL_WINDOWS)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for name in stale {
+            self.labels.remove(&name);
+            let l = ContainerLabel { container: name };
+            self.samples.remove(&l);
+            self.retransmits.remove(&l);
+            self.oom_kills.remove(&l);
+        }
+    }
+
+    /// Updates the daemon's own cost: CPU seconds and RSS from /proc/self,
+    /// and the cumulative run time and count of each eBPF program.
+    pub fn update_self(&mut self, bpf: &[(String, u64, u64)]) {
+        if let Some((cpu_s, rss)) = own_usage() {
+            if cpu_s > self.last_cpu_s {
+                self.cpu_seconds.inc_by(cpu_s - self.last_cpu_s);
+                self.last_cpu_s = cpu_s;
+            }
+            self.rss.set(rss as i64);
+        }
+        for (name, ns, runs) in bpf {
+            let (last_ns, last_runs) = self.last_bpf.get(name).copied().unwrap_or((0, 0));
+            let l = ProgramLabel {
+                program: name.clone(),
+            };
+            if *ns > last_ns {
+                self.bpf_run_time
+                    .get_or_create(&l)
+                    .inc_by((ns - last_ns) as f64 / 1e9);
+            }
+            if *runs > last_runs {
+                self.bpf_run_count
+                    .get_or_create(&l)
+                    .inc_by(runs - last_runs);
+            }
+            self.last_bpf.insert(name.clone(), (*ns, *runs));
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+
+    /// Container labels in use (tests, bounds).
+    pub fn labels_in_use(&self) -> usize {
+        self.labels.len()
+    }
+}
+
+/// The daemon's CPU seconds (user + system) and RSS in bytes.
+pub fn own_usage() -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14, 15 (utime, stime) and 24 (rss pages); `rest` starts at 3.
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let rss_pages: u64 = f.get(21)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let (hz, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK).max(1) as f64,
+            libc::sysconf(libc::_SC_PAGESIZE).max(1) as u64,
+        )
+    };
+    Some((ticks as f64 / hz, rss_pages * page))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::RawStack;
+
+    fn stack(tgid: u32, count: u64) -> RawStack {
+        RawStack {
+            tgid,
+            thread: "t".into(),
+            user: Ok(vec![1]),
+            user_truncated: false,
+            kernel: Err(-14),
+            count,
+        }
+    }
+
+    #[test]
+    fn exposition_has_the_names_and_labels() {
+        let mut m = Metrics::new();
+        let mut raw = RawProfile {
+            stacks: vec![stack(0, 5), stack(10, 3), stack(11, 2)],
+            cpu_ticks: vec![10, 10],
+            cpu_busy_ticks: vec![3, 2],
+            runq_latency: vec![vec![0; LATENCY_SLOTS as usize]; 2],
+            runq_depth: vec![vec![4, 1], vec![0, 0, 1]],
+            ..Default::default()
+        };
+        raw.runq_latency[0][3] = 2; // 8..15 us
+        raw.counters.insert("runqueue_latency_total_us", 20);
+        raw.counters.insert("kernel_stacks_dropped", 1);
+        let mut names = |tgid: u32| (tgid == 10).then(|| "docker:3f1a2b4c5d6e".to_string());
+        m.add_slice(&raw, &mut names, &mut |_, _| None, &mut |_, _| None);
+        m.end_window(&raw, &mut names);
+        m.update_self(&[("sample_stack".into(), 2_000_000, 7)]);
+        let text = m.encode();
+        for want in [
+            "profiler_cpu_samples_total{container=\"idle\"} 5",
+            "profiler_cpu_samples_total{container=\"docker:3f1a2b4c5d6e\"} 3",
+            "profiler_cpu_samples_total{container=\"host\"} 2",
+            "profiler_cpu_utilization_ratio{container=\"all\"} 0.25",
+            "profiler_runqueue_latency_seconds_count 2",
+            "profiler_runqueue_latency_seconds_sum 0.00002",
+            "profiler_runqueue_latency_seconds_bucket{le=\"0.000016\"} 2",
+            "profiler_runqueue_latency_seconds_bucket{le=\"+Inf\"} 2",
+            "profiler_runqueue_depth 0.5",
+            "profiler_runqueue_depth_max 2",
+            "profiler_bpf_run_time_seconds_total{program=\"sample_stack\"} 0.002",
+            "profiler_bpf_runs_total{program=\"sample_stack\"} 7",
+            "profiler_windows_total 1",
+            "# TYPE profiler_tcp_retransmits counter",
+            "# TYPE profiler_oom_kills counter",
+            "# TYPE profiler_lost_samples counter",
+            "profiler_process_cpu_seconds_total",
+            "profiler_process_resident_memory_bytes",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        assert!(
+            text.contains("profiler_lost_samples_total{reason=\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn container_labels_are_bounded_and_expire() {
+        let mut m = Metrics::new();
+        for i in 0..MAX_CONTAINER_LABELS + 50 {
+            let l = m.container_label(&format!("c{i}"));
+            if i < MAX_CONTAINER_LABELS {
+                assert_eq!(l.container, format!("c{i}"));
+            } else {
+                assert_eq!(l.container, "other");
+            }
+        }
+        assert_eq!(m.labels_in_use(), MAX_CONTAINER_LABELS);
+        let raw = RawProfile::default();
+        for _ in 0..=LABEL_TTL_WINDOWS + 1 {
+            m.end_window(&raw, &mut |_| None);
+        }
+        assert_eq!(m.labels_in_use(), 0);
+        assert_eq!(m.container_label("new").container, "new");
+    }
+}
