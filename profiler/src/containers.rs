@@ -318,6 +318,56 @@ mod tests {
         }
     }
 
+    /// The agent's answer over HTTP, as the agent serves it on
+    /// 127.0.0.1:51678 (the agent itself only runs on ECS instances).
+    #[test]
+    fn asks_the_agent_once_and_names_the_container() {
+        use std::net::TcpListener;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let body = format!(
+            r#"{{"Tasks":[{{"Arn":"arn:aws:ecs:us-east-1:1:task/prod/8e4f3c2b1a0d4e5f9a8b7c6d5e4f3a2b","Family":"checkout","Version":"7","Containers":[{{"DockerId":"{ID}","Name":"api"}}]}}]}}"#
+        );
+        let server = std::thread::spawn(move || {
+            let mut served = 0;
+            listener.set_nonblocking(false).unwrap();
+            if let Ok((mut s, _)) = listener.accept() {
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).unwrap();
+                assert!(String::from_utf8_lossy(&buf[..n]).starts_with("GET /v1/tasks "));
+                write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+                served += 1;
+            }
+            served
+        });
+        let mut a = Attributor::new(Some(addr));
+        let path = format!("/ecs/8e4f3c2b1a0d4e5f9a8b7c6d5e4f3a2b/{ID}");
+        let c = a.container(Some(&path)).unwrap();
+        assert_eq!(c.name.as_deref(), Some("checkout/api"));
+        assert_eq!(c.label(), "checkout/api");
+        assert!(
+            c.ecs_task_arn
+                .unwrap()
+                .ends_with("task/prod/8e4f3c2b1a0d4e5f9a8b7c6d5e4f3a2b")
+        );
+        // Known now: no second question.
+        assert_eq!(a.container(Some(&path)).unwrap().label(), "checkout/api");
+        assert_eq!(server.join().unwrap(), 1);
+        // No agent: the runtime's id names it, without waiting long.
+        let mut none = Attributor::new(Some("127.0.0.1:1".parse().unwrap()));
+        let t = std::time::Instant::now();
+        assert_eq!(
+            none.container(Some(&path)).unwrap().label(),
+            format!("docker:{}", &ID[..12])
+        );
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
     #[test]
     fn ecs_agent_answer() {
         let json = format!(

@@ -285,3 +285,154 @@ pub fn assert_known_shares(what: &str, s: &KnownShares, min_samples: u64) {
         );
     }
 }
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `profiler daemon` running in the background; SIGTERM when dropped.
+pub struct Daemon {
+    child: Option<std::process::Child>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    early: String,
+    /// Where it serves.
+    pub addr: std::net::SocketAddr,
+}
+
+/// Starts `profiler daemon ARGS` serving on `addr` (added as `--listen`
+/// unless `None`: the default), and returns once it serves.
+pub fn start_daemon(listen: Option<std::net::SocketAddr>, args: &[&str]) -> Daemon {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = Command::new(profiler_bin());
+    cmd.arg("daemon").args(args);
+    if let Some(a) = listen {
+        cmd.arg("--listen").arg(a.to_string());
+    }
+    let mut child = cmd
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run profiler daemon");
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
+    let mut early = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            let status = child.wait().unwrap();
+            panic!("profiler daemon {args:?} ended ({status}) before serving:\n{early}");
+        }
+        early.push_str(&line);
+        if line.starts_with("profiler: daemon sampling") {
+            break;
+        }
+    }
+    let stderr = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
+        rest
+    });
+    Daemon {
+        child: Some(child),
+        stderr: Some(stderr),
+        early,
+        addr: listen.unwrap_or_else(|| "127.0.0.1:9464".parse().unwrap()),
+    }
+}
+
+impl Daemon {
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// `GET path`: status and body.
+    pub fn get(&self, path: &str) -> (u16, Vec<u8>) {
+        http_get(self.addr, path, std::time::Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("GET {path} from {}: {e}", self.addr))
+    }
+
+    /// SIGTERM, then its stderr; panics unless it exited 0.
+    pub fn stop(mut self) -> String {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> String {
+        let Some(mut child) = self.child.take() else {
+            return String::new();
+        };
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        let err = std::mem::take(&mut self.early)
+            + &self
+                .stderr
+                .take()
+                .map(|h| h.join().unwrap())
+                .unwrap_or_default();
+        assert!(
+            status.success(),
+            "profiler daemon failed ({status}):\n{err}"
+        );
+        err
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A plain HTTP/1.0 GET: status code and body.
+pub fn http_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    timeout: std::time::Duration,
+) -> std::io::Result<(u16, Vec<u8>)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no HTTP header end"))?;
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
+    Ok((status, buf[end + 4..].to_vec()))
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The value of a sample line `name{labels} value` in a Prometheus
+/// exposition, summed over the lines whose name and labels start with
+/// `prefix`.
+pub fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -253,6 +253,56 @@ fn capture(record_args: &[String]) -> Result<()> {
     run(&mut cmd)
 }
 
+/// The deployment manifests, checked by the validators their platforms'
+/// users run: cfn-lint (CloudFormation) and kubernetes-validate (the
+/// Kubernetes API schemas, strict: unknown fields are errors). Both are
+/// installed with pip when missing.
+fn validate_deploy(ws: &Path) -> Result<()> {
+    let deploy = ws.join("deploy");
+    for tool in ["cfn-lint", "kubernetes-validate"] {
+        let found = env::var_os("PATH")
+            .is_some_and(|p| env::split_paths(&p).any(|d| d.join(tool).is_file()));
+        if !found {
+            eprintln!("xtask: installing {tool} with pip");
+            run(Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                tool,
+            ]))
+            .with_context(|| format!("install {tool} (python3 -m pip install {tool})"))?;
+        }
+    }
+    let files = |sub: &str| -> Result<Vec<PathBuf>> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(deploy.join(sub))
+            .with_context(|| format!("read deploy/{sub}"))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    let ecs = files("ecs")?;
+    let k8s = files("kubernetes")?;
+    anyhow::ensure!(
+        !ecs.is_empty() && !k8s.is_empty(),
+        "no manifests under deploy/"
+    );
+    run(Command::new("cfn-lint").args(&ecs)).context("deploy/ecs: cfn-lint found problems")?;
+    run(Command::new("kubernetes-validate")
+        .arg("--strict")
+        .args(&k8s))
+    .context("deploy/kubernetes: kubernetes-validate found problems")?;
+    eprintln!(
+        "xtask: deploy manifests valid ({} CloudFormation, {} Kubernetes)",
+        ecs.len(),
+        k8s.len()
+    );
+    Ok(())
+}
+
 fn test(test_args: &[String]) -> Result<()> {
     let exe = build()?;
     let bin = bootstrap()?;
@@ -274,6 +324,7 @@ fn test(test_args: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ])?;
+    validate_deploy(&ws)?;
     if !is_root() {
         eprintln!(
             "xtask: not root: the privileged tests will say they were skipped; run as root (CI does) for the full suite"
