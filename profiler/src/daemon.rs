@@ -41,7 +41,7 @@ use crate::{
     procs::ProcessTable,
     record::{RecordError, hostname, write_atomic},
     render,
-    symbolize::{symbol_tables, symbolize_stack},
+    symbolize::{Symbolizer, symbol_tables_with, symbolize_stack},
     usereport,
 };
 
@@ -323,12 +323,27 @@ impl Window {
     }
 }
 
-/// Names containers of processes, for labels and root frames.
+/// How long one symbolizer (its parsed files) is kept: long enough to
+/// spare re-reading DWARF every window, short enough to let go of files no
+/// process uses any more and to see binaries replaced on disk.
+const SYMBOLIZER_LIFETIME: Duration = Duration::from_secs(600);
+
+/// Names containers of processes (labels, root frames), and symbolizes.
 struct Naming {
     attributor: Attributor,
+    sym: Symbolizer,
+    sym_since: Instant,
 }
 
 impl Naming {
+    fn symbolizer(&mut self) -> &mut Symbolizer {
+        if self.sym_since.elapsed() > SYMBOLIZER_LIFETIME {
+            self.sym = Symbolizer::new();
+            self.sym_since = Instant::now();
+        }
+        &mut self.sym
+    }
+
     fn container_of(&mut self, tgid: u32, procs: &ProcessTable) -> Option<String> {
         let p = procs.get(tgid)?;
         self.attributor
@@ -383,8 +398,11 @@ async fn daemon(args: &DaemonArgs) -> Result<(), RecordError> {
     );
     let mut naming = Naming {
         attributor: Attributor::new(args.ecs_agent.0),
+        sym: Symbolizer::new(),
+        sym_since: Instant::now(),
     };
-    let mut tick = tokio::time::interval(Duration::from_secs(1).min(args.window));
+    let tick_period = Duration::from_secs(1).min(args.window);
+    let mut tick = tokio::time::interval(tick_period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut window = Window::new();
     let mut active: Vec<Active> = Vec::new();
@@ -395,7 +413,9 @@ async fn daemon(args: &DaemonArgs) -> Result<(), RecordError> {
             _ = tick.tick() => {
                 slice(&mut capture, &shared, &mut naming, &mut window, &mut active)?;
                 finish_due(&mut active, &capture.procs, args, &mut naming, false);
-                if window.started.elapsed() >= args.window {
+                // Ticks and windows start together: a window ends at the
+                // tick nearest its length, not one tick after it.
+                if window.started.elapsed() + tick_period / 4 >= args.window {
                     end_window(&mut capture, &shared, &mut naming, &window, args);
                     windows_done += 1;
                     window = Window::new();
@@ -489,10 +509,11 @@ fn finish_due(
             continue;
         }
         let a = active.swap_remove(i);
-        let stacks = a.stacks.to_raw();
+        let mut stacks = a.stacks.to_raw();
+        stacks.sort_by_key(|s| std::cmp::Reverse(s.count));
         let body = match a.want {
             Want::Pprof => {
-                let tables = symbol_tables(stacks.iter(), procs);
+                let tables = symbol_tables_with(naming.symbolizer(), stacks.iter(), procs);
                 let mut b = pprof::Builder::new(pprof::Window {
                     start_unix_ns: a
                         .start
@@ -522,7 +543,7 @@ fn fold_stacks(
     group_by: GroupBy,
     naming: &mut Naming,
 ) -> (fold::Folded, u64) {
-    let tables = symbol_tables(stacks.iter(), procs);
+    let tables = symbol_tables_with(naming.symbolizer(), stacks.iter(), procs);
     let mut symbolized: Vec<_> = stacks
         .iter()
         .map(|s| symbolize_stack(s, &tables, procs))

@@ -388,6 +388,15 @@ impl Builder {
         container: Option<&str>,
     ) {
         let mut ids = Vec::new();
+        // The outermost user frame (`_start`) is in the main executable:
+        // mapped first, it is the profile's main binary for pprof when the
+        // hottest stack is added first.
+        if self.p.mapping.is_empty()
+            && let Ok(u) = &s.user
+            && let Some(&outer) = u.last()
+        {
+            self.user_mapping(s.tgid, outer, procs);
+        }
         // Leaf first: kernel frames, then user frames.
         if let Ok(k) = &s.kernel {
             for a in adjusted(k) {

@@ -372,13 +372,23 @@ pub struct SymbolTables {
     pub user: HashMap<u32, HashMap<u64, Vec<Frame>>>,
 }
 
-/// Symbolizes every address of `stacks` once.
+/// Symbolizes every address of `stacks` once, with a fresh symbolizer.
 pub fn symbol_tables<'a>(
     stacks: impl IntoIterator<Item = &'a crate::capture::RawStack> + Clone,
     procs: &crate::procs::ProcessTable,
 ) -> SymbolTables {
+    symbol_tables_with(&mut Symbolizer::new(), stacks, procs)
+}
+
+/// Symbolizes every address of `stacks` once, with `sym` (whose parsed
+/// files are reused; perf maps are read afresh, JIT code moves).
+pub fn symbol_tables_with<'a>(
+    sym: &mut Symbolizer,
+    stacks: impl IntoIterator<Item = &'a crate::capture::RawStack> + Clone,
+    procs: &crate::procs::ProcessTable,
+) -> SymbolTables {
     use std::collections::HashSet;
-    let mut sym = Symbolizer::new();
+    sym.perf_maps.clear();
     let kernel_addrs: Vec<u64> = stacks
         .clone()
         .into_iter()

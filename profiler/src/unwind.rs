@@ -124,6 +124,8 @@ struct ProcessUnwinder {
     unwinder: UnwinderX86_64<Arc<[u8]>>,
     /// Which maps it was built from.
     maps_key: (u64, usize),
+    /// The files it uses: held, so that the cache knows which are in use.
+    _files: Vec<Arc<FileUnwindData>>,
 }
 
 /// This process's vDSO image (`[vdso]` in /proc/self/maps), read from
@@ -207,12 +209,24 @@ impl UserUnwinder {
         )
     }
 
-    /// Drops what is cached for processes that are gone.
+    /// Drops what is cached for processes that are gone, and the unwind
+    /// data of files no remaining process maps (a long-running capture
+    /// keeps only what the live processes use).
     pub fn forget(&mut self, pids: &[u32]) {
+        if pids.is_empty() {
+            return;
+        }
         for pid in pids {
             self.procs.remove(pid);
             self.rereads.remove(pid);
         }
+        self.files
+            .retain(|_, f| f.as_ref().is_some_and(|f| Arc::strong_count(f) > 1));
+    }
+
+    /// Files whose unwind data is cached (tests, bounds).
+    pub fn files_cached(&self) -> usize {
+        self.files.len()
     }
 
     /// True when the maps of `tgid` were not re-read in the last 100 ms.
@@ -251,12 +265,13 @@ impl UserUnwinder {
             if self.procs.len() >= MAX_PROCS {
                 self.procs.clear();
             }
-            let unwinder = self.build(info);
+            let (unwinder, files) = self.build(info);
             self.procs.insert(
                 s.tgid,
                 ProcessUnwinder {
                     unwinder,
                     maps_key: key,
+                    _files: files,
                 },
             );
         }
@@ -302,8 +317,12 @@ impl UserUnwinder {
         data
     }
 
-    fn build(&mut self, info: &ProcessInfo) -> UnwinderX86_64<Arc<[u8]>> {
+    fn build(
+        &mut self,
+        info: &ProcessInfo,
+    ) -> (UnwinderX86_64<Arc<[u8]>>, Vec<Arc<FileUnwindData>>) {
         let mut unwinder = UnwinderX86_64::new();
+        let mut used: Vec<Arc<FileUnwindData>> = Vec::new();
         for m in info.maps.iter().filter(|m| m.exec) {
             let (name, file) = match &m.backing {
                 Backing::File { path, .. } => match self.file(info.host_path(path)) {
@@ -337,8 +356,11 @@ impl UserUnwinder {
                 file.base_svma.wrapping_add(bias),
                 section_info,
             ));
+            if !used.iter().any(|u| Arc::ptr_eq(u, &file)) {
+                used.push(file);
+            }
         }
-        unwinder
+        (unwinder, used)
     }
 
     /// Unwinds one sample with what is known of its process, and counts it.

@@ -183,3 +183,36 @@ fn bad_unwind_options_are_refused() {
         assert_usage_error(&out, &["multiple of 4096 from 4096 to 32768"]);
     }
 }
+
+fn daemon_in(args: &[&str]) -> std::process::Output {
+    Command::new(profiler_bin())
+        .arg("daemon")
+        .args(args)
+        .output()
+        .expect("run profiler daemon")
+}
+
+#[test]
+fn daemon_port_in_use_is_named() {
+    if !require_root("daemon_port_in_use_is_named") {
+        return;
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = daemon_in(&["--listen", &addr, "--ecs-agent", "none"]);
+    assert_usage_error(&out, &[&format!("cannot listen on {addr}"), "--listen"]);
+}
+
+#[test]
+fn daemon_bad_options_are_refused() {
+    let out = daemon_in(&["--listen", "localhost"]);
+    assert_usage_error(&out, &["--listen", "invalid socket address"]);
+    let out = daemon_in(&["--window", "0"]);
+    assert_usage_error(&out, &["duration must be positive"]);
+    let out = daemon_in(&["--retain", "0"]);
+    assert_usage_error(&out, &["--retain"]);
+    let out = daemon_in(&["--ecs-agent", "somewhere"]);
+    assert_usage_error(&out, &["ADDR:PORT", "none"]);
+    let out = daemon_in(&["--max-profile-seconds", "100000"]);
+    assert_usage_error(&out, &["--max-profile-seconds"]);
+}

@@ -21,7 +21,7 @@ use anyhow::{Result, bail};
 const SECONDS: &str = "10";
 
 /// CPU seconds (user + system) of waited-for children so far.
-fn children_cpu() -> f64 {
+pub(crate) fn children_cpu() -> f64 {
     // SAFETY: getrusage fills the struct.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };

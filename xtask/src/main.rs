@@ -17,6 +17,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod bench_daemon;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -38,8 +39,12 @@ enum Cmd {
         #[arg(last = true)]
         record_args: Vec<String>,
     },
-    /// Benchmarks against perf, measured in the same run (root, perf).
-    Bench,
+    /// Benchmarks against perf, measured in the same run (root, perf):
+    /// `unwind` (issue 4), `daemon` (issue 5), or both.
+    Bench {
+        /// Which bench: unwind, daemon (default: both).
+        which: Option<String>,
+    },
     /// Lints (fmt, clippy), then every test of the workspace.
     Test {
         /// Extra arguments for the test binaries (after `--`), e.g. a filter.
@@ -54,9 +59,17 @@ fn main() -> Result<()> {
         Cmd::Build => build().map(|_| ()),
         Cmd::Capture { record_args } => capture(&record_args),
         Cmd::Test { test_args } => test(&test_args),
-        Cmd::Bench => {
+        Cmd::Bench { which } => {
             let exe = build()?;
-            bench::bench(&exe, &root())
+            match which.as_deref() {
+                None => {
+                    bench::bench(&exe, &root())?;
+                    bench_daemon::bench(&exe, &root())
+                }
+                Some("unwind") => bench::bench(&exe, &root()),
+                Some("daemon") => bench_daemon::bench(&exe, &root()),
+                Some(other) => bail!("unknown bench {other:?}: use unwind or daemon"),
+            }
         }
     }
 }
