@@ -40,7 +40,7 @@ use crate::{
     pprof, preflight,
     procs::ProcessTable,
     record::{RecordError, hostname, write_atomic},
-    render,
+    render, selfcost,
     symbolize::{Symbolizer, symbol_tables_with, symbolize_stack},
     usereport,
 };
@@ -308,11 +308,13 @@ struct Window {
     clock: usereport::Clock,
     signals: RawProfile,
     stacks: StackAgg,
+    cost_start: selfcost::Reading,
 }
 
 impl Window {
-    fn new() -> Self {
+    fn new(capture: &Capture) -> Self {
         Window {
+            cost_start: selfcost::Reading::now(&capture.bpf_stats()),
             started: Instant::now(),
             start_time: SystemTime::now(),
             host_start: hostsnap::snapshot(),
@@ -373,8 +375,6 @@ async fn daemon(args: &DaemonArgs) -> Result<(), RecordError> {
             source,
         })?;
     let mut capture = Capture::start(&cfg)?;
-    // Run time of our programs (kernel.bpf_stats_enabled while the fd lives).
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
 
     let (tx, mut rx) = mpsc::channel::<ProfileRequest>(MAX_CONCURRENT_PROFILES * 2);
     let shared = Arc::new(Shared {
@@ -404,7 +404,7 @@ async fn daemon(args: &DaemonArgs) -> Result<(), RecordError> {
     let tick_period = Duration::from_secs(1).min(args.window);
     let mut tick = tokio::time::interval(tick_period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut window = Window::new();
+    let mut window = Window::new(&capture);
     let mut active: Vec<Active> = Vec::new();
     let mut windows_done = 0u64;
     let stop = loop {
@@ -418,7 +418,7 @@ async fn daemon(args: &DaemonArgs) -> Result<(), RecordError> {
                 if window.started.elapsed() + tick_period / 4 >= args.window {
                     end_window(&mut capture, &shared, &mut naming, &window, args);
                     windows_done += 1;
-                    window = Window::new();
+                    window = Window::new(&capture);
                     capture.forget_exited(|pid| active.iter().any(|a| a.stacks.has(pid)));
                     let bpf = capture.bpf_stats();
                     shared.metrics.lock().unwrap().update_self(&bpf);
@@ -593,7 +593,7 @@ fn end_window(
         let mut m = shared.metrics.lock().unwrap();
         m.end_window(&raw, &mut |tgid| naming.container_of(tgid, procs));
     }
-    let report = usereport::build(
+    let mut report = usereport::build(
         &raw,
         &window.host_start,
         &host_end,
@@ -601,6 +601,19 @@ fn end_window(
         args.frequency,
         &window.clock,
     );
+    let cost = selfcost::between(
+        window.cost_start,
+        selfcost::Reading::now(&capture.bpf_stats()),
+        elapsed.as_secs_f64(),
+        raw.cpus,
+        capture.stats_on(),
+    );
+    shared
+        .metrics
+        .lock()
+        .unwrap()
+        .set_self_share(cost.share_of_cpu);
+    report.profiler = Some(cost);
     let use_json = serde_json::to_vec_pretty(&report).unwrap_or_default();
     let (folded, samples) = fold_stacks(&raw.stacks, procs, args.group_by, naming);
     let svg = svg(&folded, elapsed, args.frequency, samples);

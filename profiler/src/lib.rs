@@ -25,6 +25,7 @@ pub mod procmaps;
 pub mod procs;
 pub mod record;
 pub mod render;
+pub mod selfcost;
 pub mod symbolize;
 pub mod symreport;
 pub mod tracefs;

@@ -105,6 +105,7 @@ pub struct Metrics {
     windows: Counter,
     cpu_seconds: F64Counter,
     rss: Gauge,
+    self_share: F64Gauge,
     bpf_run_time: Family<ProgramLabel, F64Counter>,
     bpf_run_count: Family<ProgramLabel, Counter>,
     /// Container label -> window it was last seen in.
@@ -149,6 +150,7 @@ impl Metrics {
             windows: Counter::default(),
             cpu_seconds: F64Counter::default(),
             rss: Gauge::default(),
+            self_share: F64Gauge::default(),
             bpf_run_time: Family::default(),
             bpf_run_count: Family::default(),
             labels: HashMap::new(),
@@ -210,6 +212,12 @@ impl Metrics {
             "Resident memory of the daemon",
             Unit::Bytes,
             m.rss.clone(),
+        );
+        registry.register_with_unit(
+            "profiler_self_cpu_share",
+            "The daemon's CPU time (eBPF programs + userspace) as a share of all CPUs' time over the last window",
+            Unit::Other("ratio".into()),
+            m.self_share.clone(),
         );
         registry.register_with_unit(
             "profiler_bpf_run_time",
@@ -412,6 +420,11 @@ impl Metrics {
         }
     }
 
+    /// The daemon's share of the machine's CPU over the last window.
+    pub fn set_self_share(&mut self, share: f64) {
+        self.self_share.set(share);
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -498,6 +511,7 @@ mod tests {
             "# TYPE profiler_lost_samples counter",
             "profiler_process_cpu_seconds_total",
             "profiler_process_resident_memory_bytes",
+            "# TYPE profiler_self_cpu_share_ratio gauge",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

@@ -18,7 +18,7 @@ use crate::{
     fold::{self, Folded},
     hostsnap,
     preflight::{self, PreflightError},
-    render,
+    render, selfcost,
     symbolize::symbolize_profile,
     symreport, usereport,
 };
@@ -217,6 +217,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     let mut sigterm = signal(SignalKind::terminate())?;
 
     let mut capture = Capture::start(&cfg)?;
+    let cost_start = selfcost::Reading::now(&capture.bpf_stats());
     let started = Instant::now();
     let clock = usereport::Clock::now();
     let host_start = hostsnap::snapshot();
@@ -314,6 +315,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
 
     let raw = capture.collect()?;
     capture.procs.refresh_all();
+    let cost_end = selfcost::Reading::now(&capture.bpf_stats());
 
     // The USE report: table on stderr, use.json and events.jsonl.
     let report = usereport::build(
@@ -324,6 +326,16 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         args.frequency,
         &clock,
     );
+    let mut report = report;
+    // The programs' time up to the stop; our CPU and RSS up to the
+    // analysis (the files are written with what they cost so far).
+    report.profiler = Some(selfcost::between(
+        cost_start,
+        cost_end,
+        elapsed.as_secs_f64(),
+        raw.cpus,
+        capture.stats_on(),
+    ));
     let use_path = dir.join("use.json");
     write_atomic(&use_path, |w| {
         serde_json::to_writer_pretty(&mut *w, &report).map_err(io::Error::other)?;
@@ -385,6 +397,19 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
 
     eprint!("{}", usereport::render_table(&report));
     eprint!("{symbols_text}");
+    // Now that everything is written: userspace CPU including the analysis.
+    let mut end = cost_end;
+    end.cpu_s = selfcost::Reading::now(&[]).cpu_s;
+    eprint!(
+        "{}",
+        selfcost::render(&selfcost::between(
+            cost_start,
+            end,
+            elapsed.as_secs_f64(),
+            raw.cpus,
+            capture.stats_on()
+        ))
+    );
     print_summary(
         &raw,
         &folded,

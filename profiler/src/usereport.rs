@@ -236,6 +236,9 @@ pub struct UseReport {
     pub network: Network,
     /// Signals that could not be collected, and why.
     pub unavailable: Vec<Missing>,
+    /// What the profiler itself cost over the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profiler: Option<crate::selfcost::SelfCost>,
 }
 
 /// Upper bound of log2 bucket `i` in us.
@@ -596,6 +599,7 @@ pub fn build(
                 reason: u.reason.clone(),
             })
             .collect(),
+        profiler: None,
     }
 }
 

@@ -156,6 +156,7 @@ fn prometheus_scrapes_the_daemon() {
         "profiler_process_cpu_seconds_total",
         "profiler_process_resident_memory_bytes",
         "profiler_bpf_run_time_seconds_total",
+        "profiler_self_cpu_share_ratio",
     ] {
         assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
     }

@@ -44,7 +44,7 @@ fn runqueue_saturation_is_measured() {
     let loops = busy_loops(3 * cpus, 6);
     thread::sleep(Duration::from_millis(500));
     let busy_dir = dir.join("busy");
-    record_ok(
+    let out = record_ok(
         &dir,
         &["--no-stacks", "-d", "3", "-o", busy_dir.to_str().unwrap()],
     );
@@ -52,6 +52,23 @@ fn runqueue_saturation_is_measured() {
         let _ = l.wait();
     }
     let busy = read_use(&busy_dir);
+    // The profiler's own cost, measured in the run: its programs' kernel
+    // time (BPF_ENABLE_STATS), its CPU and memory, as shares.
+    let own = &busy["profiler"];
+    assert!(own["bpf_runs"].as_u64().unwrap_or(0) > 100, "{own}");
+    assert!(own["bpf_ns_per_run"].as_f64().unwrap_or(0.0) > 0.0, "{own}");
+    let share = own["share_of_cpu"].as_f64().unwrap();
+    assert!(share > 0.0 && share < 0.5, "{own}");
+    assert!(own["peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{own}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("profiler: own cost: eBPF"), "{stderr}");
+    // The statistics were ours for the run only, not a sysctl left on.
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+            .unwrap()
+            .trim(),
+        "0"
+    );
     assert!(
         !busy_dir.join("stacks.folded").exists(),
         "--no-stacks wrote stacks"

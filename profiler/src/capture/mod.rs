@@ -331,6 +331,10 @@ pub struct Capture {
     /// Cumulative per-CPU values at the last window: counters, run-queue
     /// latency and depth slots (`[index][cpu]`).
     prev: Cumulative,
+    /// Held while the capture lives: the kernel keeps run-time statistics
+    /// of BPF programs while a BPF_ENABLE_STATS descriptor is open (and
+    /// stops when it closes, unlike the sysctl).
+    stats_fd: Option<std::os::fd::OwnedFd>,
     /// Processes read while they lived.
     pub procs: ProcessTable,
 }
@@ -703,6 +707,10 @@ impl Capture {
             }
         }
 
+        // Our own cost, measured for the life of the capture (needs
+        // CAP_SYS_ADMIN; without it, reported as not measured).
+        let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+
         let prog: &mut PerfEvent = program(&mut ebpf, names::PROG_SAMPLE)?;
         prog.load().map_err(prog_err("load the sampling program"))?;
         let mut perf_links = Vec::with_capacity(cpus.len());
@@ -745,7 +753,13 @@ impl Capture {
             depth_field,
             window_maps: None,
             prev: Cumulative::default(),
+            stats_fd,
         })
+    }
+
+    /// Whether the kernel measures our programs' run time.
+    pub fn stats_on(&self) -> bool {
+        self.stats_fd.is_some()
     }
 
     /// Online CPUs sampled.

@@ -1,0 +1,149 @@
+//! What the profiler itself costs, measured in every run: the kernel time
+//! of its eBPF programs (BPF_ENABLE_STATS, held by the capture for its life
+//! only), its userspace CPU time and its memory, each as a share of the
+//! machine over the same interval.
+
+use serde::Serialize;
+
+/// Cumulative figures at one instant.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reading {
+    /// Run time of the programs, ns.
+    pub bpf_ns: u64,
+    /// Runs of the programs.
+    pub bpf_runs: u64,
+    /// User + system CPU seconds of this process.
+    pub cpu_s: f64,
+}
+
+impl Reading {
+    /// Reads the figures now: `bpf` from [`crate::capture::Capture::bpf_stats`].
+    pub fn now(bpf: &[(String, u64, u64)]) -> Self {
+        Reading {
+            bpf_ns: bpf.iter().map(|b| b.1).sum(),
+            bpf_runs: bpf.iter().map(|b| b.2).sum(),
+            cpu_s: crate::metrics::own_usage().map_or(0.0, |u| u.0),
+        }
+    }
+}
+
+/// The cost over an interval (use.json's `profiler`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct SelfCost {
+    /// Seconds the eBPF programs ran in the kernel (null when the kernel's
+    /// statistics could not be enabled: they need CAP_SYS_ADMIN).
+    pub bpf_run_time_s: Option<f64>,
+    /// Program runs.
+    pub bpf_runs: Option<u64>,
+    /// Mean cost of one run, ns.
+    pub bpf_ns_per_run: Option<f64>,
+    /// Userspace CPU seconds (user + system) of the profiler.
+    pub user_cpu_s: f64,
+    /// Kernel-side plus userspace CPU time as a share of all CPUs' time.
+    pub share_of_cpu: f64,
+    /// Peak resident memory, bytes.
+    pub peak_rss_bytes: u64,
+    /// Peak RSS as a share of the machine's memory.
+    pub share_of_memory: f64,
+}
+
+/// The cost between two readings over `elapsed` seconds on `cpus` CPUs.
+pub fn between(
+    start: Reading,
+    end: Reading,
+    elapsed_s: f64,
+    cpus: usize,
+    stats_on: bool,
+) -> SelfCost {
+    let bpf_s = end.bpf_ns.saturating_sub(start.bpf_ns) as f64 / 1e9;
+    let runs = end.bpf_runs.saturating_sub(start.bpf_runs);
+    let user = (end.cpu_s - start.cpu_s).max(0.0);
+    let machine = (elapsed_s * cpus.max(1) as f64).max(1e-9);
+    let peak = peak_rss_bytes();
+    let mem = mem_total_bytes().max(1);
+    SelfCost {
+        bpf_run_time_s: stats_on.then_some(bpf_s),
+        bpf_runs: stats_on.then_some(runs),
+        bpf_ns_per_run: (stats_on && runs > 0).then(|| bpf_s * 1e9 / runs as f64),
+        user_cpu_s: user,
+        share_of_cpu: (if stats_on { bpf_s } else { 0.0 } + user) / machine,
+        peak_rss_bytes: peak,
+        share_of_memory: peak as f64 / mem as f64,
+    }
+}
+
+/// One line for a person: what the run cost.
+pub fn render(c: &SelfCost) -> String {
+    let bpf = match (c.bpf_run_time_s, c.bpf_runs, c.bpf_ns_per_run) {
+        (Some(s), Some(n), per) => format!(
+            "eBPF {:.1} ms in {n} runs{}",
+            s * 1000.0,
+            per.map_or(String::new(), |p| format!(" ({p:.0} ns each)"))
+        ),
+        _ => "eBPF run time not measured (needs CAP_SYS_ADMIN)".to_string(),
+    };
+    format!(
+        "profiler: own cost: {bpf}, userspace {:.2} CPU s; {:.2}% of the machine's CPU time; peak RSS {} MiB ({:.2}% of memory)\n",
+        c.user_cpu_s,
+        c.share_of_cpu * 100.0,
+        c.peak_rss_bytes >> 20,
+        c.share_of_memory * 100.0
+    )
+}
+
+fn peak_rss_bytes() -> u64 {
+    status_kib("VmHWM:") * 1024
+}
+
+fn status_kib(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn mem_total_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |k| k * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_of_the_machine() {
+        let a = Reading {
+            bpf_ns: 1_000_000,
+            bpf_runs: 10,
+            cpu_s: 1.0,
+        };
+        let b = Reading {
+            bpf_ns: 101_000_000,
+            bpf_runs: 1010,
+            cpu_s: 1.3,
+        };
+        let c = between(a, b, 10.0, 2, true);
+        assert_eq!(c.bpf_runs, Some(1000));
+        assert!((c.bpf_run_time_s.unwrap() - 0.1).abs() < 1e-9);
+        assert!((c.bpf_ns_per_run.unwrap() - 100_000.0).abs() < 1e-6);
+        // (0.1 + 0.3) CPU s of 20.
+        assert!((c.share_of_cpu - 0.02).abs() < 1e-9, "{c:?}");
+        assert!(c.peak_rss_bytes > 0 && c.share_of_memory > 0.0 && c.share_of_memory < 1.0);
+        let off = between(a, b, 10.0, 2, false);
+        assert_eq!(off.bpf_run_time_s, None);
+        assert!((off.share_of_cpu - 0.015).abs() < 1e-9);
+        assert!(render(&off).contains("needs CAP_SYS_ADMIN"));
+        assert!(render(&c).contains("100000 ns each"), "{}", render(&c));
+    }
+}
