@@ -148,6 +148,12 @@ pub struct RecordArgs {
     #[arg(long = "no-stacks")]
     pub no_stacks: bool,
 
+    /// Most distinct stacks the kernel keeps (its count map; the stack map
+    /// holds up to 16384). Past it samples are counted as lost, never
+    /// silently dropped.
+    #[arg(long = "max-stacks", value_name = "N", default_value_t = 40960, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub max_stacks: u32,
+
     /// Root frames of the flame graph: the process, or the container it
     /// runs in (then the process).
     #[arg(long = "group-by", value_enum, default_value = "process")]

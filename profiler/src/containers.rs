@@ -249,7 +249,9 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Option<Strin
     let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
     s.set_write_timeout(Some(timeout)).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    // One write: a server may read the request in one go.
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .ok()?;
     let mut buf = Vec::new();
     s.take(8 << 20).read_to_end(&mut buf).ok()?;
     let text = String::from_utf8_lossy(&buf);
@@ -332,9 +334,16 @@ mod tests {
             let mut served = 0;
             listener.set_nonblocking(false).unwrap();
             if let Ok((mut s, _)) = listener.accept() {
+                let mut req = Vec::new();
                 let mut buf = [0u8; 1024];
-                let n = s.read(&mut buf).unwrap();
-                assert!(String::from_utf8_lossy(&buf[..n]).starts_with("GET /v1/tasks "));
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    req.extend_from_slice(&buf[..n]);
+                }
+                assert!(String::from_utf8_lossy(&req).starts_with("GET /v1/tasks "));
                 write!(
                     s,
                     "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",

@@ -152,8 +152,9 @@ pub fn run(args: &DaemonArgs) -> Result<(), RecordError> {
             args.listen
         );
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: capabilities are per thread, and the daemon drops them
+    // once attached; a worker started before the drop would keep them.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(daemon(args))
@@ -375,6 +376,18 @@ async fn daemon(args: &DaemonArgs) -> Result<(), RecordError> {
             source,
         })?;
     let mut capture = Capture::start(&cfg)?;
+    // Attached: from here on, only map reads, /proc and files of other
+    // processes, and kernel symbols are needed.
+    match crate::privs::drop_all_but(&crate::privs::KEEP_AFTER_ATTACH) {
+        Ok(kept) => eprintln!(
+            "profiler: programs attached; capabilities dropped but {}",
+            match crate::privs::names(kept) {
+                n if n.is_empty() => "none".to_string(),
+                n => n.join(", "),
+            }
+        ),
+        Err(e) => eprintln!("profiler: could not drop capabilities ({e}); running with them"),
+    }
 
     let (tx, mut rx) = mpsc::channel::<ProfileRequest>(MAX_CONCURRENT_PROFILES * 2);
     let shared = Arc::new(Shared {
@@ -421,7 +434,9 @@ async fn daemon(args: &DaemonArgs) -> Result<(), RecordError> {
                     window = Window::new(&capture);
                     capture.forget_exited(|pid| active.iter().any(|a| a.stacks.has(pid)));
                     let bpf = capture.bpf_stats();
-                    shared.metrics.lock().unwrap().update_self(&bpf);
+                    let mut m = shared.metrics.lock().unwrap();
+                    m.update_self(&bpf);
+                    m.set_tracked(capture.procs.len());
                 }
             }
             Some(req) = rx.recv() => {
@@ -440,6 +455,7 @@ async fn daemon(args: &DaemonArgs) -> Result<(), RecordError> {
         }
     };
     eprintln!("profiler: {stop}: finishing the window and answering profile requests");
+    crate::record::abort_on_signal(1);
     // What was sampled so far still counts: the partial window and the
     // requests in flight get what they have.
     slice(&mut capture, &shared, &mut naming, &mut window, &mut active)?;
@@ -654,7 +670,7 @@ fn write_window(
         n += 1;
         out = dir.join(format!("{name}.{n}"));
     }
-    fs::create_dir_all(&out).map_err(|source| RecordError::Write {
+    preflight::create_dir(&out).map_err(|source| RecordError::Write {
         path: out.clone(),
         source,
     })?;

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod perfmap;
 pub mod pprof;
 pub mod preflight;
+pub mod privs;
 pub mod procmaps;
 pub mod procs;
 pub mod record;

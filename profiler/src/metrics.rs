@@ -105,6 +105,7 @@ pub struct Metrics {
     windows: Counter,
     cpu_seconds: F64Counter,
     rss: Gauge,
+    tracked: Gauge,
     self_share: F64Gauge,
     bpf_run_time: Family<ProgramLabel, F64Counter>,
     bpf_run_count: Family<ProgramLabel, Counter>,
@@ -150,6 +151,7 @@ impl Metrics {
             windows: Counter::default(),
             cpu_seconds: F64Counter::default(),
             rss: Gauge::default(),
+            tracked: Gauge::default(),
             self_share: F64Gauge::default(),
             bpf_run_time: Family::default(),
             bpf_run_count: Family::default(),
@@ -212,6 +214,11 @@ impl Metrics {
             "Resident memory of the daemon",
             Unit::Bytes,
             m.rss.clone(),
+        );
+        registry.register(
+            "profiler_tracked_processes",
+            "Processes whose maps and names the daemon holds (live ones, and exited ones not yet symbolized)",
+            m.tracked.clone(),
         );
         registry.register_with_unit(
             "profiler_self_cpu_share",
@@ -418,6 +425,11 @@ impl Metrics {
             }
             self.last_bpf.insert(name.clone(), (*ns, *runs));
         }
+    }
+
+    /// Processes held in the process table.
+    pub fn set_tracked(&mut self, n: usize) {
+        self.tracked.set(n as i64);
     }
 
     /// The daemon's share of the machine's CPU over the last window.

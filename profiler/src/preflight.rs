@@ -153,13 +153,28 @@ pub fn resolve_pid(pid: u32) -> Result<u32, PreflightError> {
         .unwrap_or(pid))
 }
 
-/// Creates the output directory (mode 0755 at most) and proves it writable.
+/// Creates a directory and its parents with mode 0755 whatever the umask
+/// (outputs are never world-writable).
+pub fn create_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)?;
+    // The mode given is still masked by the umask; set it exactly.
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+}
+
+/// Creates the output directory (mode 0755) and proves it writable.
 pub fn prepare_output(dir: &Path) -> Result<(), PreflightError> {
     let err = |source| PreflightError::Output {
         path: dir.to_path_buf(),
         source,
     };
-    fs::create_dir_all(dir).map_err(err)?;
+    create_dir(dir).map_err(err)?;
     let probe = dir.join(".profiler-write-test");
     fs::write(&probe, b"").map_err(err)?;
     fs::remove_file(&probe).map_err(err)?;

@@ -3,6 +3,7 @@
 use std::{
     fs,
     io::{self, Write as _},
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     process::ExitStatus,
     time::{Duration, Instant},
@@ -41,8 +42,18 @@ pub enum RecordError {
         #[source]
         source: io::Error,
     },
+    /// The output directory disappeared during the capture.
+    #[error(
+        "the output directory {dir} was removed during the capture; nothing was written. Pass -o a directory that stays"
+    )]
+    OutputRemoved {
+        /// The directory.
+        dir: PathBuf,
+    },
     /// Writing an output failed.
-    #[error("cannot write {path}: {source}")]
+    #[error(
+        "cannot write {path}: {source}. Free space there (or fix its permissions), or pass another -o DIR; the files already written with their final names are complete"
+    )]
     Write {
         /// The file.
         path: PathBuf,
@@ -134,13 +145,26 @@ pub(crate) fn write_atomic(
     path: &Path,
     write: impl FnOnce(&mut io::BufWriter<fs::File>) -> io::Result<()>,
 ) -> Result<(), RecordError> {
-    let err = |source| RecordError::Write {
-        path: path.to_path_buf(),
-        source,
+    let err = |source: io::Error| match path.parent() {
+        Some(dir) if !dir.exists() => RecordError::OutputRemoved {
+            dir: dir.to_path_buf(),
+        },
+        _ => RecordError::Write {
+            path: path.to_path_buf(),
+            source,
+        },
     };
     let tmp = path.with_extension("tmp");
     let res = (|| {
-        let mut w = io::BufWriter::new(fs::File::create(&tmp)?);
+        // 0644 whatever the umask: outputs are never world-writable.
+        let mut w = io::BufWriter::new(
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o644)
+                .open(&tmp)?,
+        );
         write(&mut w)?;
         let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
@@ -205,13 +229,14 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     let has_command = !args.command.is_empty();
     let cfg = CaptureConfig {
         frequency_hz: args.frequency,
+        count_map_entries: args.max_stacks,
+        stack_map_entries: args.max_stacks.min(16 * 1024),
         pids: tgids.clone(),
         filter: has_command || !tgids.is_empty(),
         follow_forks: has_command,
         stacks: args.stacks(),
         unwind: args.unwind,
         stack_bytes: args.stack_bytes,
-        ..Default::default()
     };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -287,15 +312,17 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     capture.stop();
     let host_end = hostsnap::snapshot();
 
-    // A second Ctrl-C or SIGTERM while writing aborts at once.
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = sigint.recv() => {},
-            _ = sigterm.recv() => {},
-        }
-        eprintln!("profiler: interrupted again, aborting without writing");
-        std::process::exit(130);
-    });
+    // From here on the work is synchronous: a second Ctrl-C or SIGTERM
+    // (the first when the capture ended otherwise) must act at once, from
+    // the signal handler itself.
+    drop((sigint, sigterm));
+    abort_on_signal(
+        if matches!(reason, StopReason::Interrupted | StopReason::Terminated) {
+            1
+        } else {
+            2
+        },
+    );
 
     if matches!(reason, StopReason::Interrupted | StopReason::Terminated) {
         eprintln!(
@@ -425,6 +452,39 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         unique_stacks,
         command_status,
     })
+}
+
+/// Signals still to come before one aborts (see [`abort_on_signal`]).
+static SIGNALS_TO_ABORT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+extern "C" fn on_signal_while_writing(_: libc::c_int) {
+    use std::sync::atomic::Ordering;
+    // Only async-signal-safe calls here: write(2) and _exit(2).
+    let left = SIGNALS_TO_ABORT.fetch_sub(1, Ordering::SeqCst);
+    let msg: &[u8] = if left <= 1 {
+        b"profiler: interrupted again, aborting without writing\n"
+    } else {
+        b"profiler: writing what was captured; interrupt again to abort\n"
+    };
+    // SAFETY: write(2) of a static buffer to stderr.
+    unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+    if left <= 1 {
+        // SAFETY: _exit(2) ends the process at once, no destructors.
+        unsafe { libc::_exit(130) };
+    }
+}
+
+/// While the outputs are written (synchronous work, where the runtime's
+/// signal handling cannot run): the `n`th SIGINT or SIGTERM from now ends
+/// the process at once with status 130; the ones before say so.
+pub(crate) fn abort_on_signal(n: u32) {
+    SIGNALS_TO_ABORT.store(n, std::sync::atomic::Ordering::SeqCst);
+    let handler = on_signal_while_writing as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: installing a handler that only makes async-signal-safe calls.
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
 }
 
 fn print_summary(

@@ -223,6 +223,12 @@ impl Recording {
         self.finish()
     }
 
+    /// Waits for the end, however it ends: exit code and stderr.
+    pub fn wait_any(mut self) -> (Option<i32>, String) {
+        let status = self.child.wait().unwrap();
+        (status.code(), self.early + &self.stderr.join().unwrap())
+    }
+
     /// Waits for the end; panics with stderr unless it succeeded.
     pub fn finish(mut self) -> String {
         let status = self.child.wait().unwrap();
@@ -399,7 +405,7 @@ pub fn http_get(
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
     s.set_read_timeout(Some(timeout))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     let end = buf

@@ -441,10 +441,20 @@ fn containers_are_attributed() {
             .spawn()
             .unwrap()
     };
-    let mut a = busy();
-    let mut b = busy();
-    docker.add(a.id());
-    k8s.add(b.id());
+    // Killed before the cgroups are removed (dropped first), even when an
+    // assertion fails.
+    struct Kill(Vec<std::process::Child>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let busy_shells = Kill(vec![busy(), busy()]);
+    docker.add(busy_shells.0[0].id());
+    k8s.add(busy_shells.0[1].id());
 
     let out = dir.join("rec");
     record_ok(
@@ -500,8 +510,5 @@ fn containers_are_attributed() {
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&svg).contains(&d_label));
     d.stop();
-    for c in [&mut a, &mut b] {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    drop(busy_shells);
 }

@@ -1,0 +1,259 @@
+//! Faults survived: a full disk, the output directory removed, a second
+//! Ctrl-C, kernel maps full, a fork storm.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use tests::*;
+
+/// Files with final names are complete; no temporary file is left.
+fn assert_complete_or_absent(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            !name.ends_with(".tmp"),
+            "temporary file left: {}",
+            p.display()
+        );
+        let text = std::fs::read_to_string(&p).unwrap();
+        match name.as_str() {
+            "use.json" | "symbols.json" => {
+                serde_json::from_str::<serde_json::Value>(&text)
+                    .unwrap_or_else(|e| panic!("{name} incomplete: {e}"));
+            }
+            "flamegraph.svg" => assert!(text.trim_end().ends_with("</svg>"), "{name} cut"),
+            "stacks.folded" => assert!(
+                text.lines().all(|l| l
+                    .rsplit(' ')
+                    .next()
+                    .is_some_and(|c| c.parse::<u64>().is_ok())),
+                "{name} cut"
+            ),
+            _ => {}
+        }
+    }
+}
+
+/// The output filesystem fills up: a clear error naming the file and what
+/// to do, exit 1, and no file left with its final name half-written.
+#[test]
+fn full_disk_is_a_clear_error() {
+    if !require_root("full_disk_is_a_clear_error") {
+        return;
+    }
+    let dir = scratch("disk-full");
+    let mnt = dir.join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    // 24 KiB: room for use.json, not for a flame graph of a busy host.
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24k", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount tmpfs");
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Umount(mnt.clone());
+    let loops = busy_loops(2, 4);
+    let out_dir = mnt.join("out");
+    let out = record_in(
+        &dir,
+        &["-F", "499", "-d", "2", "-o", out_dir.to_str().unwrap()],
+    );
+    // (`timeout` ends them; killing it would orphan the shell.)
+    for mut l in loops {
+        let _ = l.wait();
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(err.contains("Free space"), "no advice in: {err}");
+    assert_complete_or_absent(&out_dir);
+}
+
+/// The output directory is removed while recording: a clear error, exit
+/// 1, nothing written elsewhere.
+#[test]
+fn removed_output_directory_is_a_clear_error() {
+    if !require_root("removed_output_directory_is_a_clear_error") {
+        return;
+    }
+    let dir = scratch("dir-removed");
+    let out_dir = dir.join("out");
+    let rec = start_record(&["-d", "2", "-o", out_dir.to_str().unwrap()]);
+    std::fs::remove_dir_all(&out_dir).unwrap();
+    let status = rec.wait_any();
+    assert_eq!(status.0, Some(1), "{}", status.1);
+    assert!(status.1.contains("was removed"), "{}", status.1);
+    assert!(!out_dir.exists());
+}
+
+/// A second Ctrl-C while the files are being written aborts at once
+/// (exit 130), saying so.
+#[test]
+fn second_ctrl_c_aborts_at_once() {
+    if !require_root("second_ctrl_c_aborts_at_once") {
+        return;
+    }
+    let dir = scratch("ctrl-c-twice");
+    let out_dir = dir.join("out");
+    // A Node.js workload at 999 Hz: its 90 MB binary takes a while to
+    // symbolize, the window for the second Ctrl-C.
+    let mut node = Command::new("node")
+        .args([
+            "--perf-basic-prof",
+            "--interpreted-frames-native-stack",
+            "--allow-natives-syntax",
+        ])
+        .arg(workspace().join("tests/workloads/busy.js"))
+        .arg("8")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("node is needed");
+    thread::sleep(Duration::from_millis(500));
+    let rec = start_record(&["-F", "999", "-o", out_dir.to_str().unwrap()]);
+    thread::sleep(Duration::from_secs(2));
+    let pid = rec.pid() as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    thread::sleep(Duration::from_millis(30));
+    let t = Instant::now();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let (code, err) = rec.wait_any();
+    let took = t.elapsed();
+    let _ = node.kill();
+    let _ = node.wait();
+    assert_eq!(code, Some(130), "{err}");
+    assert!(err.contains("interrupted again, aborting"), "{err}");
+    // At once: before the flame graph (written last, after symbolizing
+    // Node's binary) was done. The exit itself (the kernel freeing the
+    // programs, maps and perf events) takes a few hundred ms more.
+    assert!(took < Duration::from_secs(2), "took {took:?} to abort");
+    assert!(
+        !out_dir.join("flamegraph.svg").exists(),
+        "the second Ctrl-C did not stop the writing"
+    );
+    assert_complete_or_absent(&out_dir);
+}
+
+/// Kernel maps too small for the stacks: the overflow is counted and
+/// reported, and the capture goes on to write what fit.
+#[test]
+fn full_kernel_maps_are_counted_and_the_capture_goes_on() {
+    if !require_root("full_kernel_maps_are_counted_and_the_capture_goes_on") {
+        return;
+    }
+    let dir = scratch("maps-full");
+    let out_dir = dir.join("out");
+    let loops = busy_loops(2, 3);
+    let out = record_ok(
+        &dir,
+        &[
+            "--unwind",
+            "fp",
+            "--max-stacks",
+            "4",
+            "-F",
+            "499",
+            "-d",
+            "2",
+            "-o",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    for mut l in loops {
+        let _ = l.wait();
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lost: u64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("profiler: lost "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no lost count in {err}"));
+    assert!(lost > 0, "a 4-entry count map lost nothing:\n{err}");
+    let folded = read_folded(&out_dir);
+    assert!(!folded.is_empty() && folded.len() <= 8, "{folded:#?}");
+    let u = read_use(&out_dir);
+    assert!(u["cpu"]["count"].as_u64().unwrap() >= 1);
+}
+
+/// Thousands of short-lived processes while the daemon runs: it keeps
+/// up, forgets them once gone, and its memory comes back down.
+#[test]
+fn fork_storm_is_survived() {
+    if !require_root("fork_storm_is_survived") {
+        return;
+    }
+    let port = free_port();
+    let d = start_daemon(
+        Some(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+        &["--window", "1s", "--ecs-agent", "none", "-F", "199"],
+    );
+    thread::sleep(Duration::from_secs(2));
+    let rss_before = rss_kib(d.pid());
+    let forks = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("processes "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let started = forks(&std::fs::read_to_string("/proc/stat").unwrap());
+    let t = Instant::now();
+    // 8 shells, each forking short-lived children as fast as it can.
+    let storm: Vec<_> = (0..8)
+        .map(|_| {
+            Command::new("sh")
+                .args([
+                    "-c",
+                    "end=$(($(date +%s) + 8)); while [ $(date +%s) -lt $end ]; do /bin/true; /bin/true; /bin/true; /bin/true; done",
+                ])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut peak = rss_before;
+    for mut s in storm {
+        while s.try_wait().unwrap().is_none() {
+            peak = peak.max(rss_kib(d.pid()));
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let spawned = forks(&std::fs::read_to_string("/proc/stat").unwrap()) - started;
+    // A few windows later the exited processes are forgotten.
+    thread::sleep(Duration::from_secs(4));
+    let (_, body) = d.get("/metrics");
+    let text = String::from_utf8_lossy(&body);
+    let tracked = metric_sum(&text, "profiler_tracked_processes");
+    let rss_after = rss_kib(d.pid());
+    eprintln!(
+        "fork storm: {spawned} processes in {secs:.1} s ({:.0}/s); daemon RSS {rss_before} KiB before, peak {peak} KiB, {rss_after} KiB after; {tracked} processes tracked after",
+        spawned as f64 / secs
+    );
+    assert!(spawned > 2000, "only {spawned} processes: not a storm");
+    assert!(
+        tracked < 200.0,
+        "{tracked} processes still tracked after the storm"
+    );
+    assert!(
+        rss_after < rss_before * 2 + 16 * 1024,
+        "RSS {rss_before} -> {rss_after} KiB"
+    );
+    let (_, svg) = d.get("/flamegraph.svg");
+    assert!(String::from_utf8_lossy(&svg).contains("</svg>"));
+    d.stop();
+}
