@@ -18,6 +18,8 @@ use crate::procmaps::{MapEntry, parse_maps};
 pub const MAX_PROCESSES: usize = 32 * 1024;
 /// Most distinct mount namespaces whose root we hold open.
 pub const MAX_ROOTS: usize = 512;
+/// Most descriptors held on deleted or replaced binaries.
+pub const MAX_REPLACED_FILES: usize = 256;
 
 /// An open handle on a process's root directory (`/proc/PID/root`), shared
 /// by every process of the same mount namespace. Paths resolved through it
@@ -53,11 +55,19 @@ pub struct ProcessInfo {
     pub exited: bool,
     /// Its cgroup path (see [`crate::cgroups::parse_proc_cgroup`]).
     pub cgroup: Option<String>,
+    /// Mapped executable files that were deleted or replaced on disk since
+    /// they were mapped: path -> a descriptor on the file as mapped (held
+    /// open, so that it stays readable after the process exits).
+    pub replaced: HashMap<String, Arc<OwnedFd>>,
 }
 
 impl ProcessInfo {
-    /// The host path of a file as the process sees it.
+    /// The host path of a file as the process sees it: the file as mapped
+    /// when the one on disk was replaced.
     pub fn host_path(&self, path: &str) -> PathBuf {
+        if let Some(fd) = self.replaced.get(path) {
+            return PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        }
         match &self.root {
             Some(root) => root.resolve(path),
             None => PathBuf::from(path),
@@ -92,6 +102,8 @@ pub struct ProcessTable {
     pub dropped: u64,
     /// Processes that were gone before they could be read.
     pub missed: u64,
+    /// Descriptors held on replaced files (bounded).
+    open_files: usize,
 }
 
 impl Default for ProcessTable {
@@ -111,6 +123,7 @@ impl ProcessTable {
                 .map(|p| p.to_string_lossy().into_owned()),
             dropped: 0,
             missed: 0,
+            open_files: 0,
         }
     }
 
@@ -125,7 +138,9 @@ impl ProcessTable {
             Some(info) => {
                 // A pid reused by a new process replaces the old one's
                 // record: the new one is what samples from now on belong to.
-                self.procs.insert(pid, info);
+                if let Some(old) = self.procs.insert(pid, info) {
+                    self.open_files = self.open_files.saturating_sub(old.replaced.len());
+                }
             }
             None => match self.procs.get_mut(&pid) {
                 Some(known) => known.exited = true,
@@ -142,7 +157,9 @@ impl ProcessTable {
             let start = self.procs[&pid].start_time;
             match self.read(pid) {
                 Some(info) if info.start_time == start => {
-                    self.procs.insert(pid, info);
+                    if let Some(old) = self.procs.insert(pid, info) {
+                        self.open_files = self.open_files.saturating_sub(old.replaced.len());
+                    }
                 }
                 _ => self.procs.get_mut(&pid).expect("known pid").exited = true,
             }
@@ -161,7 +178,9 @@ impl ProcessTable {
             .map(|(pid, _)| *pid)
             .collect();
         for pid in &gone {
-            self.procs.remove(pid);
+            if let Some(old) = self.procs.remove(pid) {
+                self.open_files = self.open_files.saturating_sub(old.replaced.len());
+            }
         }
         self.roots.retain(|_, r| Arc::strong_count(r) > 1);
         gone
@@ -202,6 +221,7 @@ impl ProcessTable {
             .unwrap_or(pid);
         let root = self.root_of(pid);
         let cgroup = crate::cgroups::cgroup_of(pid);
+        let replaced = self.replaced_files(pid, &maps, root.as_deref());
         Some(ProcessInfo {
             pid,
             ns_pid,
@@ -211,7 +231,65 @@ impl ProcessTable {
             root,
             exited: false,
             cgroup,
+            replaced,
         })
+    }
+
+    /// Opens the executable mappings whose file on disk is not the one
+    /// mapped any more (deleted, or another inode at that path: a binary
+    /// upgraded under a running process), through /proc/PID/map_files
+    /// (or /proc/PID/exe for the main binary).
+    fn replaced_files(
+        &mut self,
+        pid: u32,
+        maps: &[MapEntry],
+        root: Option<&RootDir>,
+    ) -> HashMap<String, Arc<OwnedFd>> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = HashMap::new();
+        for m in maps.iter().filter(|m| m.exec) {
+            let crate::procmaps::Backing::File { path, deleted } = &m.backing else {
+                continue;
+            };
+            if out.contains_key(path) || self.open_files >= MAX_REPLACED_FILES {
+                continue;
+            }
+            let on_disk = match root {
+                Some(r) => fs::metadata(r.resolve(path)),
+                None => fs::metadata(path),
+            };
+            let same = !deleted && on_disk.is_ok_and(|md| md.ino() == m.inode);
+            if same {
+                continue;
+            }
+            // Already held for this process: the same file, shared.
+            if let Some(fd) = self
+                .procs
+                .get(&pid)
+                .and_then(|p| p.replaced.get(path))
+                .filter(|fd| {
+                    fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                        .is_ok_and(|md| md.ino() == m.inode)
+                })
+            {
+                out.insert(path.clone(), fd.clone());
+                self.open_files += 1;
+                continue;
+            }
+            let candidates = [
+                format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end),
+                format!("/proc/{pid}/exe"),
+            ];
+            for c in candidates {
+                let Ok(f) = fs::File::open(&c) else { continue };
+                if f.metadata().is_ok_and(|md| md.ino() == m.inode) {
+                    out.insert(path.clone(), Arc::new(OwnedFd::from(f)));
+                    self.open_files += 1;
+                    break;
+                }
+            }
+        }
+        out
     }
 
     fn root_of(&mut self, pid: u32) -> Option<Arc<RootDir>> {

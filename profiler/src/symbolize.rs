@@ -523,6 +523,65 @@ mod tests {
         );
     }
 
+    /// Truncated and corrupted copies of a real binary with DWARF (this
+    /// test binary): symbolizing them never panics, and every frame still
+    /// says where it is.
+    #[test]
+    fn truncated_and_corrupt_files_still_say_where() {
+        let me = std::fs::read("/proc/self/exe").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", Vec::new()),
+            ("header-only", me[..64].to_vec()),
+            ("half", me[..me.len() / 2].to_vec()),
+        ];
+        // Garbage over the second half (DWARF and symbol tables live there),
+        // headers intact.
+        let mut garbled = me.clone();
+        let mut x: u32 = 0x9e37_79b9;
+        for b in garbled[me.len() / 2..].iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x as u8;
+        }
+        cases.push(("garbled", garbled));
+        for (name, bytes) in cases {
+            let path = dir.path().join(name);
+            std::fs::write(&path, &bytes).unwrap();
+            let info = ProcessInfo {
+                pid: 1,
+                ns_pid: 1,
+                name: "x".into(),
+                start_time: 1,
+                maps: crate::procmaps::parse_maps(&format!(
+                    "1000-100000 r-xp 00001000 fd:01 7 {}\n",
+                    path.display()
+                ))
+                .0,
+                root: None,
+                exited: true,
+                cgroup: None,
+                replaced: HashMap::new(),
+            };
+            let mut sym = Symbolizer::new();
+            let frames = sym.user(Some(&info), &[0x2000, 0x3000, 0x50000]);
+            for (addr, fs) in &frames {
+                assert!(!fs.is_empty(), "{name}: {addr:#x} has no frame");
+                for f in fs {
+                    assert!(!f.name.is_empty(), "{name}: empty name at {addr:#x}");
+                    if let FrameKind::Unknown(_) = f.kind {
+                        assert!(
+                            f.name.starts_with(&format!("{name}+0x")),
+                            "{name}: {} does not say where",
+                            f.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_missing_file_still_says_where() {
         let info = ProcessInfo {
@@ -537,6 +596,7 @@ mod tests {
             root: None,
             exited: true,
             cgroup: None,
+            replaced: HashMap::new(),
         };
         let mut sym = Symbolizer::new();
         let frames = sym.user(Some(&info), &[0x1a2b, 0x5000]);

@@ -405,3 +405,35 @@ impl UserUnwinder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The unwind sections of truncated or garbled copies of a real binary:
+    /// read without panicking (or refused), the intact one found.
+    #[test]
+    fn truncated_and_garbled_files_are_survived() {
+        let me = std::fs::read("/proc/self/exe").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good");
+        std::fs::write(&good, &me).unwrap();
+        let d = FileUnwindData::read(&good).expect("this binary has CFI");
+        assert!(d.eh_frame.is_some() && d.text.is_some());
+        let mut garbled = me.clone();
+        for (i, b) in garbled.iter_mut().enumerate().skip(64) {
+            *b = (i as u8).wrapping_mul(31) ^ 0x5a;
+        }
+        for (name, bytes) in [
+            ("empty", &me[..0]),
+            ("header", &me[..64]),
+            ("half", &me[..me.len() / 2]),
+            ("garbled", &garbled[..]),
+        ] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            // Either refused or read: never a panic or a fault.
+            let _ = FileUnwindData::read(&p);
+        }
+    }
+}

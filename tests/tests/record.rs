@@ -281,3 +281,63 @@ fn process_in_another_mount_namespace_is_symbolized() {
         "only {named} of {total} samples named:\n{folded:#?}"
     );
 }
+
+/// A binary replaced on disk while its process runs (a package upgrade
+/// renames a new file over the old one): the running code is still named
+/// from the file as mapped, not from the new file at that path.
+#[test]
+fn binary_replaced_on_disk_is_still_symbolized() {
+    if !require_root("binary_replaced_on_disk_is_still_symbolized") {
+        return;
+    }
+    let dir = scratch("replaced");
+    let exe = build_c(
+        "known.c",
+        &dir.join("known"),
+        &["-O2", "-g", "-fno-omit-frame-pointer"],
+    );
+    let mut work = std::process::Command::new(&exe)
+        .arg("6")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(300));
+    // The "upgrade": another program, renamed over the running one.
+    let src = dir.join("other.c");
+    std::fs::write(
+        &src,
+        "int upgraded_function(int x) { return x * 3; }\nint main(void) { return upgraded_function(1) - 3; }\n",
+    )
+    .unwrap();
+    let new = dir.join("known.new");
+    assert!(
+        std::process::Command::new("gcc")
+            .args(["-O0", "-g", "-o"])
+            .arg(&new)
+            .arg(&src)
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::fs::rename(&new, &exe).unwrap();
+    let out = dir.join("out");
+    let pid = work.id().to_string();
+    record_ok(&dir, &["-p", &pid, "-d", "2", "-o", out.to_str().unwrap()]);
+    let _ = work.kill();
+    let _ = work.wait();
+    let folded = read_folded(&out);
+    let total: u64 = folded.values().sum();
+    let named: u64 = folded
+        .iter()
+        .filter(|(l, _)| {
+            l.contains(";work_alpha") || l.contains(";work_beta") || l.contains(";work_delta")
+        })
+        .map(|(_, c)| c)
+        .sum();
+    assert!(total > 50, "{folded:#?}");
+    assert!(
+        named * 10 >= total * 9,
+        "{named} of {total} samples named from the mapped file:\n{folded:#?}"
+    );
+    assert!(!folded.keys().any(|l| l.contains("upgraded_function")));
+}
