@@ -618,8 +618,8 @@ fn end_window(
         &window.clock,
     );
     let cost = selfcost::between(
-        window.cost_start,
-        selfcost::Reading::now(&capture.bpf_stats()),
+        &window.cost_start,
+        &selfcost::Reading::now(&capture.bpf_stats()),
         elapsed.as_secs_f64(),
         raw.cpus,
         capture.stats_on(),

@@ -357,8 +357,8 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     // The programs' time up to the stop; our CPU and RSS up to the
     // analysis (the files are written with what they cost so far).
     report.profiler = Some(selfcost::between(
-        cost_start,
-        cost_end,
+        &cost_start,
+        &cost_end,
         elapsed.as_secs_f64(),
         raw.cpus,
         capture.stats_on(),
@@ -425,13 +425,13 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     eprint!("{}", usereport::render_table(&report));
     eprint!("{symbols_text}");
     // Now that everything is written: userspace CPU including the analysis.
-    let mut end = cost_end;
+    let mut end = cost_end.clone();
     end.cpu_s = selfcost::Reading::now(&[]).cpu_s;
     eprint!(
         "{}",
         selfcost::render(&selfcost::between(
-            cost_start,
-            end,
+            &cost_start,
+            &end,
             elapsed.as_secs_f64(),
             raw.cpus,
             capture.stats_on()

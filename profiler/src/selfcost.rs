@@ -6,8 +6,10 @@
 use serde::Serialize;
 
 /// Cumulative figures at one instant.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Reading {
+    /// Per program: name, run time ns, runs.
+    pub programs: Vec<(String, u64, u64)>,
     /// Run time of the programs, ns.
     pub bpf_ns: u64,
     /// Runs of the programs.
@@ -20,6 +22,7 @@ impl Reading {
     /// Reads the figures now: `bpf` from [`crate::capture::Capture::bpf_stats`].
     pub fn now(bpf: &[(String, u64, u64)]) -> Self {
         Reading {
+            programs: bpf.to_vec(),
             bpf_ns: bpf.iter().map(|b| b.1).sum(),
             bpf_runs: bpf.iter().map(|b| b.2).sum(),
             cpu_s: crate::metrics::own_usage().map_or(0.0, |u| u.0),
@@ -45,12 +48,27 @@ pub struct SelfCost {
     pub peak_rss_bytes: u64,
     /// Peak RSS as a share of the machine's memory.
     pub share_of_memory: f64,
+    /// Per program that ran: kernel cost per run (empty without the
+    /// statistics).
+    pub programs: Vec<ProgramCost>,
+}
+
+/// One eBPF program's cost over the interval.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ProgramCost {
+    /// Program name (`sample_stack`: per sample; `sched_switch`,
+    /// `sched_wakeup`: per scheduler event).
+    pub name: String,
+    /// Runs.
+    pub runs: u64,
+    /// Mean ns per run.
+    pub ns_per_run: f64,
 }
 
 /// The cost between two readings over `elapsed` seconds on `cpus` CPUs.
 pub fn between(
-    start: Reading,
-    end: Reading,
+    start: &Reading,
+    end: &Reading,
     elapsed_s: f64,
     cpus: usize,
     stats_on: bool,
@@ -61,7 +79,28 @@ pub fn between(
     let machine = (elapsed_s * cpus.max(1) as f64).max(1e-9);
     let peak = peak_rss_bytes();
     let mem = mem_total_bytes().max(1);
+    let programs = if stats_on {
+        end.programs
+            .iter()
+            .filter_map(|(name, ns, n)| {
+                let (ns0, n0) = start
+                    .programs
+                    .iter()
+                    .find(|p| p.0 == *name)
+                    .map_or((0, 0), |p| (p.1, p.2));
+                let runs = n.saturating_sub(n0);
+                (runs > 0).then(|| ProgramCost {
+                    name: name.clone(),
+                    runs,
+                    ns_per_run: ns.saturating_sub(ns0) as f64 / runs as f64,
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     SelfCost {
+        programs,
         bpf_run_time_s: stats_on.then_some(bpf_s),
         bpf_runs: stats_on.then_some(runs),
         bpf_ns_per_run: (stats_on && runs > 0).then(|| bpf_s * 1e9 / runs as f64),
@@ -124,23 +163,29 @@ mod tests {
     #[test]
     fn shares_of_the_machine() {
         let a = Reading {
+            programs: vec![("sample_stack".into(), 1_000_000, 10)],
             bpf_ns: 1_000_000,
             bpf_runs: 10,
             cpu_s: 1.0,
         };
         let b = Reading {
+            programs: vec![("sample_stack".into(), 101_000_000, 1010)],
             bpf_ns: 101_000_000,
             bpf_runs: 1010,
             cpu_s: 1.3,
         };
-        let c = between(a, b, 10.0, 2, true);
+        let c = between(&a, &b, 10.0, 2, true);
+        assert_eq!(c.programs.len(), 1);
+        assert_eq!(c.programs[0].runs, 1000);
+        assert!((c.programs[0].ns_per_run - 100_000.0).abs() < 1e-6);
         assert_eq!(c.bpf_runs, Some(1000));
         assert!((c.bpf_run_time_s.unwrap() - 0.1).abs() < 1e-9);
         assert!((c.bpf_ns_per_run.unwrap() - 100_000.0).abs() < 1e-6);
         // (0.1 + 0.3) CPU s of 20.
         assert!((c.share_of_cpu - 0.02).abs() < 1e-9, "{c:?}");
         assert!(c.peak_rss_bytes > 0 && c.share_of_memory > 0.0 && c.share_of_memory < 1.0);
-        let off = between(a, b, 10.0, 2, false);
+        let off = between(&a, &b, 10.0, 2, false);
+        assert!(off.programs.is_empty());
         assert_eq!(off.bpf_run_time_s, None);
         assert!((off.share_of_cpu - 0.015).abs() < 1e-9);
         assert!(render(&off).contains("needs CAP_SYS_ADMIN"));

@@ -18,6 +18,7 @@ use anyhow::{Context, Result, bail};
 
 mod bench;
 mod bench_daemon;
+mod bench_overhead;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -39,10 +40,10 @@ enum Cmd {
         #[arg(last = true)]
         record_args: Vec<String>,
     },
-    /// Benchmarks against perf, measured in the same run (root, perf):
-    /// `unwind` (issue 4), `daemon` (issue 5), or both.
+    /// Benchmarks against perf and bpftrace, measured in the same run
+    /// (root, perf, bpftrace): `unwind`, `daemon`, `overhead`, or all.
     Bench {
-        /// Which bench: unwind, daemon (default: both).
+        /// Which bench: unwind, daemon, overhead (default: all).
         which: Option<String>,
     },
     /// Lints (fmt, clippy), then every test of the workspace.
@@ -64,11 +65,13 @@ fn main() -> Result<()> {
             match which.as_deref() {
                 None => {
                     bench::bench(&exe, &root())?;
-                    bench_daemon::bench(&exe, &root())
+                    bench_daemon::bench(&exe, &root())?;
+                    bench_overhead::bench(&exe, &root())
                 }
                 Some("unwind") => bench::bench(&exe, &root()),
                 Some("daemon") => bench_daemon::bench(&exe, &root()),
-                Some(other) => bail!("unknown bench {other:?}: use unwind or daemon"),
+                Some("overhead") => bench_overhead::bench(&exe, &root()),
+                Some(other) => bail!("unknown bench {other:?}: use unwind, daemon or overhead"),
             }
         }
     }
