@@ -16,6 +16,16 @@ fn main() -> anyhow::Result<()> {
         root.join("profiler-common").display()
     );
     println!("cargo:rerun-if-env-changed=PATH");
+    println!("cargo:rerun-if-env-changed=PROFILER_NO_EBPF");
+
+    // Fuzzing the parsers (`cargo xtask fuzz`) needs the library, not the
+    // kernel programs: their build would inherit the sanitizer flags.
+    // Embeds an empty object, which no capture can load.
+    if env::var_os("PROFILER_NO_EBPF").is_some() {
+        let out = PathBuf::from(env::var("OUT_DIR")?).join("profiler");
+        std::fs::write(out, b"")?;
+        return Ok(());
+    }
     println!("cargo:rerun-if-env-changed=PROFILER_TOOLCHAIN_DIR");
 
     // bpf-linker is kept by `cargo xtask bootstrap` under the cache

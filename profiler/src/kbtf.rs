@@ -85,6 +85,12 @@ impl Btf {
                 2 | 7 | 8 | 9 | 10 | 11 | 12 | 16 | 18 => 0,
                 k => return Err(format!("unknown BTF kind {k}")),
             };
+            if body + extra > t1 {
+                return Err(format!(
+                    "BTF type {} runs past the type section",
+                    types.len() + 1
+                ));
+            }
             types.push(TypeInfo {
                 kind,
                 name_off,
@@ -138,6 +144,15 @@ impl Btf {
     }
 
     fn find_in(&self, t: &TypeInfo, member: &str) -> Option<Member> {
+        self.find_in_depth(t, member, 0)
+    }
+
+    /// Looks into anonymous members at most 16 deep (malformed BTF may
+    /// make a struct its own member).
+    fn find_in_depth(&self, t: &TypeInfo, member: &str, depth: u32) -> Option<Member> {
+        if depth > 16 {
+            return None;
+        }
         for i in 0..t.vlen as usize {
             let m = t.members_at + 12 * i;
             let word =
@@ -154,7 +169,7 @@ impl Btf {
                 }
             } else if let Some((_, inner)) = self.resolve(ty)
                 && (inner.kind == KIND_STRUCT || inner.kind == KIND_UNION)
-                && let Some((off, mty)) = self.find_in(inner, member)
+                && let Some((off, mty)) = self.find_in_depth(inner, member, depth + 1)
             {
                 // Anonymous struct or union: look inside.
                 return Some((bits / 8 + off, mty));
@@ -186,8 +201,12 @@ const KIND_FUNC_PROTO: u32 = 13;
 const KIND_ENUM64: u32 = 19;
 
 impl Btf {
+    /// The u32 at `at`; 0 past the end (parse checked every type's extent,
+    /// so this only guards against arithmetic on malformed values).
     fn word(&self, at: usize) -> u32 {
-        u32::from_le_bytes(self.data[at..at + 4].try_into().unwrap())
+        self.data
+            .get(at..at + 4)
+            .map_or(0, |b| u32::from_le_bytes(b.try_into().unwrap()))
     }
 
     /// The value of enumerator `name`, in whichever enum declares it.
@@ -358,6 +377,23 @@ mod tests {
         let mut h = vec![0x9f, 0xeb, 1, 0, 24, 0, 0, 0];
         h.extend_from_slice(&[0, 0, 0, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         assert!(Btf::parse(h).is_err());
+    }
+
+    /// Found by `cargo xtask fuzz` (target btf): a type whose members run
+    /// past the type section made the enum look-up read out of bounds.
+    #[test]
+    fn a_type_running_past_its_section_is_refused() {
+        let data = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/fuzz-btf-past-section.bin"
+        ))
+        .unwrap();
+        match Btf::parse(data) {
+            Err(e) => assert!(e.contains("runs past"), "{e}"),
+            Ok(btf) => {
+                let _ = btf.enum_value("memory_cgrp_id");
+            }
+        }
     }
 
     #[test]

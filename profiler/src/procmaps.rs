@@ -96,8 +96,8 @@ fn parse_line(line: &str) -> Result<MapEntry, &'static str> {
     let (start, end) = range.split_once('-').ok_or("address range without '-'")?;
     let start = u64::from_str_radix(start, 16).map_err(|_| "bad start address")?;
     let end = u64::from_str_radix(end, 16).map_err(|_| "bad end address")?;
-    if end < start {
-        return Err("end address before start");
+    if end <= start {
+        return Err("empty or inverted address range");
     }
     if perms.len() != 4 {
         return Err("permissions are not 4 characters");
@@ -237,15 +237,17 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
 
     #[test]
     fn bad_lines_are_reported_and_the_rest_kept() {
-        let text = "zz-10 r-xp 0 fd:01 1 /a\n1000-2000 r-xp 0 fd:01 1 /b\n2000-1000 r-xp 0 0 1\n3000-4000 rx 0 0:0 1 /c\n5000-6000 r-xp\n";
+        // The last line was found by `cargo xtask fuzz` (an empty range).
+        let text = "zz-10 r-xp 0 fd:01 1 /a\n1000-2000 r-xp 0 fd:01 1 /b\n2000-1000 r-xp 0 0 1\n3000-4000 rx 0 0:0 1 /c\n5000-6000 r-xp\n7-7 \u{15}\u{15}\u{15}\u{15} 3 # 3 AAAA\n";
         let (maps, errors) = parse_maps(text);
         assert_eq!(maps.len(), 1);
-        assert_eq!(errors.len(), 4);
+        assert_eq!(errors.len(), 5);
         assert_eq!(errors[0].line_no, 1);
         assert_eq!(errors[0].reason, "bad start address");
-        assert_eq!(errors[1].reason, "end address before start");
+        assert_eq!(errors[1].reason, "empty or inverted address range");
         assert_eq!(errors[2].reason, "permissions are not 4 characters");
         assert_eq!(errors[3].reason, "missing field");
+        assert_eq!(errors[4].reason, "empty or inverted address range");
     }
 
     #[test]

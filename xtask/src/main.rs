@@ -46,6 +46,12 @@ enum Cmd {
         /// Which bench: unwind, daemon, overhead (default: all).
         which: Option<String>,
     },
+    /// Runs each fuzz target (fuzz/, cargo-fuzz, nightly) for a bounded time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(default_value_t = 30)]
+        seconds: u64,
+    },
     /// Lints (fmt, clippy), then every test of the workspace.
     Test {
         /// Extra arguments for the test binaries (after `--`), e.g. a filter.
@@ -60,6 +66,7 @@ fn main() -> Result<()> {
         Cmd::Build => build().map(|_| ()),
         Cmd::Capture { record_args } => capture(&record_args),
         Cmd::Test { test_args } => test(&test_args),
+        Cmd::Fuzz { seconds } => fuzz(seconds),
         Cmd::Bench { which } => {
             let exe = build()?;
             match which.as_deref() {
@@ -267,6 +274,38 @@ fn capture(record_args: &[String]) -> Result<()> {
     cmd.args(record_args);
     eprintln!("xtask: capturing the whole system for 10 s (Ctrl-C ends it early)");
     run(&mut cmd)
+}
+
+/// Every fuzz target for `seconds` each; cargo-fuzz is installed under
+/// target/tools the first time. A crash fails the command and leaves its
+/// input under fuzz/artifacts/.
+fn fuzz(seconds: u64) -> Result<()> {
+    let ws = root();
+    let tools = ws.join("target/tools");
+    if !tools.join("bin/cargo-fuzz").is_file() {
+        eprintln!("xtask: installing cargo-fuzz into target/tools");
+        run(Command::new("cargo")
+            .args(["install", "--locked", "cargo-fuzz", "--root"])
+            .arg(&tools))?;
+    }
+    let path = path_with(&tools.join("bin"))?;
+    let list = output(
+        Command::new("cargo")
+            .args(["+nightly", "fuzz", "list"])
+            .current_dir(ws.join("fuzz"))
+            .env("PATH", &path),
+    )?;
+    for target in list.lines().map(str::trim).filter(|t| !t.is_empty()) {
+        eprintln!("xtask: fuzzing {target} for {seconds} s");
+        run(Command::new("cargo")
+            .args(["+nightly", "fuzz", "run", target, "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .current_dir(ws.join("fuzz"))
+            .env("PATH", &path)
+            .env("PROFILER_NO_EBPF", "1"))
+        .with_context(|| format!("fuzz target {target} failed: see fuzz/artifacts/{target}/"))?;
+    }
+    Ok(())
 }
 
 /// The deployment manifests, checked by the validators their platforms'
