@@ -184,6 +184,34 @@ fn bad_unwind_options_are_refused() {
     }
 }
 
+/// The remaining record options: each invalid value named, with what is
+/// accepted, exit 2, before anything is loaded.
+#[test]
+fn other_record_options_are_refused() {
+    let dir = scratch("bad-others");
+    for arg in [
+        "--max-stacks=0",
+        "--max-stacks=-3",
+        "--max-stacks=2000000",
+        "--max-stacks=many",
+    ] {
+        let out = record_in(&dir, &[arg, "-d", "1", "-o", "out"]);
+        assert_usage_error(&out, &["--max-stacks"]);
+    }
+    let out = record_in(&dir, &["--group-by", "pod", "-d", "1", "-o", "out"]);
+    assert_usage_error(&out, &["pod", "process", "container"]);
+    let out = record_in(&dir, &["-p", "not-a-pid", "-d", "1", "-o", "out"]);
+    assert_usage_error(&out, &["--pid", "not-a-pid"]);
+    let out = record_in(&dir, &["-F", "fast", "-d", "1", "-o", "out"]);
+    assert_usage_error(&out, &["--frequency", "fast"]);
+    let out = record_in(&dir, &["--no-such-option"]);
+    assert_usage_error(&out, &["--no-such-option"]);
+    assert!(
+        !dir.join("out").exists(),
+        "an output was made for bad input"
+    );
+}
+
 fn daemon_in(args: &[&str]) -> std::process::Output {
     Command::new(profiler_bin())
         .arg("daemon")
