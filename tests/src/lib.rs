@@ -175,26 +175,24 @@ pub struct Recording {
     early: String,
 }
 
-/// Starts `profiler record ARGS` and returns once it says it is recording
-/// (its programs are attached), so that events made after this are seen.
-pub fn start_record(args: &[&str]) -> Recording {
+/// Reads a child's stderr until a line starting with `marker` (panicking
+/// with what it said if it ends first); the rest is read by a thread.
+fn read_until(
+    child: &mut std::process::Child,
+    marker: &str,
+    what: &str,
+) -> (String, std::thread::JoinHandle<String>) {
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new(profiler_bin())
-        .arg("record")
-        .args(args)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run profiler");
     let mut reader = BufReader::new(child.stderr.take().unwrap());
     let mut early = String::new();
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
             let status = child.wait().unwrap();
-            panic!("profiler record {args:?} ended ({status}) before recording:\n{early}");
+            panic!("profiler {what} ended ({status}) before {marker:?}:\n{early}");
         }
         early.push_str(&line);
-        if line.starts_with("profiler: recording") {
+        if line.starts_with(marker) {
             break;
         }
     }
@@ -203,6 +201,35 @@ pub fn start_record(args: &[&str]) -> Recording {
         let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
         rest
     });
+    (early, stderr)
+}
+
+/// Children killed (and reaped) when dropped, even when a test fails.
+pub struct KillOnDrop(pub Vec<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `profiler record ARGS` and returns once it says it is recording
+/// (its programs are attached), so that events made after this are seen.
+pub fn start_record(args: &[&str]) -> Recording {
+    let mut child = Command::new(profiler_bin())
+        .arg("record")
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run profiler");
+    let (early, stderr) = read_until(
+        &mut child,
+        "profiler: recording",
+        &format!("record {args:?}"),
+    );
     Recording {
         child,
         stderr,
@@ -313,7 +340,6 @@ pub struct Daemon {
 /// Starts `profiler daemon ARGS` serving on `addr` (added as `--listen`
 /// unless `None`: the default), and returns once it serves.
 pub fn start_daemon(listen: Option<std::net::SocketAddr>, args: &[&str]) -> Daemon {
-    use std::io::{BufRead, BufReader};
     let mut cmd = Command::new(profiler_bin());
     cmd.arg("daemon").args(args);
     if let Some(a) = listen {
@@ -323,24 +349,11 @@ pub fn start_daemon(listen: Option<std::net::SocketAddr>, args: &[&str]) -> Daem
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run profiler daemon");
-    let mut reader = BufReader::new(child.stderr.take().unwrap());
-    let mut early = String::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            let status = child.wait().unwrap();
-            panic!("profiler daemon {args:?} ended ({status}) before serving:\n{early}");
-        }
-        early.push_str(&line);
-        if line.starts_with("profiler: daemon sampling") {
-            break;
-        }
-    }
-    let stderr = std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
-        rest
-    });
+    let (early, stderr) = read_until(
+        &mut child,
+        "profiler: daemon sampling",
+        &format!("daemon {args:?}"),
+    );
     Daemon {
         child: Some(child),
         stderr: Some(stderr),

@@ -12,8 +12,8 @@ use std::{
 };
 
 use tests::{
-    build_c, free_port, http_get, metric_sum, read_folded, record_ok, require_root, rss_kib,
-    scratch, start_daemon,
+    KillOnDrop, build_c, free_port, http_get, metric_sum, read_folded, record_ok, require_root,
+    rss_kib, scratch, start_daemon,
 };
 
 fn loopback(port: u16) -> SocketAddr {
@@ -97,14 +97,7 @@ fn prometheus_scrapes_the_daemon() {
         ),
     )
     .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _prom = Kill(
+    let _prom = KillOnDrop(vec![
         Command::new("prometheus")
             .arg(format!(
                 "--config.file={}",
@@ -119,7 +112,7 @@ fn prometheus_scrapes_the_daemon() {
             .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
             .spawn()
             .expect("start prometheus"),
-    );
+    ]);
     let api = |q: &str| -> Option<serde_json::Value> {
         let (status, body) = http_get(loopback(prom_port), q, Duration::from_secs(5)).ok()?;
         (status == 200).then(|| serde_json::from_slice(&body).ok())?
@@ -341,14 +334,7 @@ fn many_short_windows_keep_memory_flat() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _churn = Kill(churn);
+    let _churn = KillOnDrop(vec![churn]);
     let windows = |d: &tests::Daemon| {
         let (_, body) = d.get("/metrics");
         metric_sum(&String::from_utf8_lossy(&body), "profiler_windows_total")
@@ -443,16 +429,7 @@ fn containers_are_attributed() {
     };
     // Killed before the cgroups are removed (dropped first), even when an
     // assertion fails.
-    struct Kill(Vec<std::process::Child>);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            for c in &mut self.0 {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
-    let busy_shells = Kill(vec![busy(), busy()]);
+    let busy_shells = KillOnDrop(vec![busy(), busy()]);
     docker.add(busy_shells.0[0].id());
     k8s.add(busy_shells.0[1].id());
 

@@ -101,6 +101,51 @@ fn perf_script_shares(text: &str) -> [f64; 3] {
     shares(blocks.into_iter().map(|f| (f, 1)))
 }
 
+/// The known workload (tests/workloads/known.c) with frame pointers, at `out`.
+pub(crate) fn build_known(root: &Path, out: &Path) -> Result<()> {
+    crate::run(
+        Command::new("gcc")
+            .args(["-O2", "-g", "-fno-omit-frame-pointer", "-o"])
+            .arg(out)
+            .arg(root.join("tests/workloads/known.c")),
+    )
+}
+
+/// The busy host of the benches, for `secs`: `copies` of the known
+/// workload (built at `known`), and a Node.js JIT workload when node is
+/// installed (with the flags that name its frames).
+pub(crate) fn busy_host(
+    root: &Path,
+    known: &Path,
+    copies: usize,
+    secs: u64,
+) -> Result<Vec<std::process::Child>> {
+    let mut kids = Vec::new();
+    for _ in 0..copies {
+        kids.push(
+            Command::new(known)
+                .arg(secs.to_string())
+                .stdout(Stdio::null())
+                .spawn()?,
+        );
+    }
+    if Command::new("node").arg("--version").output().is_ok() {
+        kids.push(
+            Command::new("node")
+                .args([
+                    "--perf-basic-prof",
+                    "--interpreted-frames-native-stack",
+                    "--allow-natives-syntax",
+                ])
+                .arg(root.join("tests/workloads/busy.js"))
+                .arg(secs.to_string())
+                .stdout(Stdio::null())
+                .spawn()?,
+        );
+    }
+    Ok(kids)
+}
+
 /// Work the known workload got done: the spins it prints ("N rounds M spins").
 fn work(stdout: &str) -> f64 {
     stdout

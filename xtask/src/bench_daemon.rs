@@ -83,36 +83,9 @@ impl Drop for Kill {
 /// The busy host: a known C workload per CPU, Node.js, process churn.
 fn workloads(root: &Path, dir: &Path, secs: u64) -> Result<Kill> {
     let known = dir.join("known-daemon");
-    crate::run(
-        Command::new("gcc")
-            .args(["-O2", "-g", "-fno-omit-frame-pointer", "-o"])
-            .arg(&known)
-            .arg(root.join("tests/workloads/known.c")),
-    )?;
+    crate::bench::build_known(root, &known)?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut kids = Vec::new();
-    for _ in 0..cpus {
-        kids.push(
-            Command::new(&known)
-                .arg(secs.to_string())
-                .stdout(Stdio::null())
-                .spawn()?,
-        );
-    }
-    if Command::new("node").arg("--version").output().is_ok() {
-        kids.push(
-            Command::new("node")
-                .args([
-                    "--perf-basic-prof",
-                    "--interpreted-frames-native-stack",
-                    "--allow-natives-syntax",
-                ])
-                .arg(root.join("tests/workloads/busy.js"))
-                .arg(secs.to_string())
-                .stdout(Stdio::null())
-                .spawn()?,
-        );
-    }
+    let mut kids = crate::bench::busy_host(root, &known, cpus, secs)?;
     kids.push(
         Command::new("sh")
             .args([

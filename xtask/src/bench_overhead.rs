@@ -94,12 +94,7 @@ pub fn bench(profiler: &Path, root: &Path) -> Result<()> {
     let dir = root.join("target/bench/overhead");
     std::fs::create_dir_all(&dir)?;
     let known = dir.join("known");
-    crate::run(
-        Command::new("gcc")
-            .args(["-O2", "-g", "-fno-omit-frame-pointer", "-o"])
-            .arg(&known)
-            .arg(root.join("tests/workloads/known.c")),
-    )?;
+    crate::bench::build_known(root, &known)?;
     let mut md = String::from("# Overhead bench (issue 6)\n\n");
     let mut json = serde_json::Map::new();
 
@@ -154,29 +149,7 @@ pub fn bench(profiler: &Path, root: &Path) -> Result<()> {
     }
 
     // 2. A busy host, 10 s at 999 Hz: stop to flame graph.
-    let load = |secs: u64| -> Result<Vec<Child>> {
-        let mut v = vec![
-            Command::new(&known)
-                .arg(secs.to_string())
-                .stdout(Stdio::null())
-                .spawn()?,
-        ];
-        if Command::new("node").arg("--version").output().is_ok() {
-            v.push(
-                Command::new("node")
-                    .args([
-                        "--perf-basic-prof",
-                        "--interpreted-frames-native-stack",
-                        "--allow-natives-syntax",
-                    ])
-                    .arg(root.join("tests/workloads/busy.js"))
-                    .arg(secs.to_string())
-                    .stdout(Stdio::null())
-                    .spawn()?,
-            );
-        }
-        Ok(v)
-    };
+    let load = |secs: u64| crate::bench::busy_host(root, &known, 1, secs);
     let kids = load(14)?;
     std::thread::sleep(Duration::from_secs(1));
     let out = dir.join("ours-busy");
