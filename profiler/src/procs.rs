@@ -102,8 +102,6 @@ pub struct ProcessTable {
     pub dropped: u64,
     /// Processes that were gone before they could be read.
     pub missed: u64,
-    /// Descriptors held on replaced files (bounded).
-    open_files: usize,
 }
 
 impl Default for ProcessTable {
@@ -123,7 +121,6 @@ impl ProcessTable {
                 .map(|p| p.to_string_lossy().into_owned()),
             dropped: 0,
             missed: 0,
-            open_files: 0,
         }
     }
 
@@ -138,9 +135,7 @@ impl ProcessTable {
             Some(info) => {
                 // A pid reused by a new process replaces the old one's
                 // record: the new one is what samples from now on belong to.
-                if let Some(old) = self.procs.insert(pid, info) {
-                    self.open_files = self.open_files.saturating_sub(old.replaced.len());
-                }
+                self.procs.insert(pid, info);
             }
             None => match self.procs.get_mut(&pid) {
                 Some(known) => known.exited = true,
@@ -157,11 +152,24 @@ impl ProcessTable {
             let start = self.procs[&pid].start_time;
             match self.read(pid) {
                 Some(info) if info.start_time == start => {
-                    if let Some(old) = self.procs.insert(pid, info) {
-                        self.open_files = self.open_files.saturating_sub(old.replaced.len());
-                    }
+                    self.procs.insert(pid, info);
                 }
                 _ => self.procs.get_mut(&pid).expect("known pid").exited = true,
+            }
+        }
+    }
+
+    /// Marks exited the known processes that are gone (or whose pid now
+    /// belongs to another process), reading only their start time: what a
+    /// long-running capture needs before [`ProcessTable::evict_exited`],
+    /// without re-reading every live process's maps.
+    pub fn mark_exited(&mut self) {
+        for (pid, p) in self.procs.iter_mut().filter(|(_, p)| !p.exited) {
+            let start = fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| parse_start_time(&s));
+            if start != Some(p.start_time) {
+                p.exited = true;
             }
         }
     }
@@ -178,9 +186,7 @@ impl ProcessTable {
             .map(|(pid, _)| *pid)
             .collect();
         for pid in &gone {
-            if let Some(old) = self.procs.remove(pid) {
-                self.open_files = self.open_files.saturating_sub(old.replaced.len());
-            }
+            self.procs.remove(pid);
         }
         self.roots.retain(|_, r| Arc::strong_count(r) > 1);
         gone
@@ -251,7 +257,7 @@ impl ProcessTable {
             let crate::procmaps::Backing::File { path, deleted } = &m.backing else {
                 continue;
             };
-            if out.contains_key(path) || self.open_files >= MAX_REPLACED_FILES {
+            if out.contains_key(path) {
                 continue;
             }
             let on_disk = match root {
@@ -260,6 +266,12 @@ impl ProcessTable {
             };
             let same = !deleted && on_disk.is_ok_and(|md| md.ino() == m.inode);
             if same {
+                continue;
+            }
+            // Rare (an upgrade under a running process): count what the
+            // table holds only then.
+            let held: usize = self.procs.values().map(|p| p.replaced.len()).sum();
+            if held + out.len() >= MAX_REPLACED_FILES {
                 continue;
             }
             // Already held for this process: the same file, shared.
@@ -273,7 +285,6 @@ impl ProcessTable {
                 })
             {
                 out.insert(path.clone(), fd.clone());
-                self.open_files += 1;
                 continue;
             }
             let candidates = [
@@ -284,7 +295,6 @@ impl ProcessTable {
                 let Ok(f) = fs::File::open(&c) else { continue };
                 if f.metadata().is_ok_and(|md| md.ino() == m.inode) {
                     out.insert(path.clone(), Arc::new(OwnedFd::from(f)));
-                    self.open_files += 1;
                     break;
                 }
             }
@@ -369,7 +379,7 @@ mod tests {
         assert!(!table.get(pid).unwrap().maps.is_empty());
         child.kill().unwrap();
         child.wait().unwrap();
-        table.refresh_all();
+        table.mark_exited();
         let info = table.get(pid).unwrap();
         assert!(info.exited);
         assert!(!info.maps.is_empty());

@@ -1141,7 +1141,9 @@ impl Capture {
     /// Forgets processes that have exited, except those `keep` still
     /// needs (their stacks are not symbolized yet).
     pub fn forget_exited(&mut self, keep: impl Fn(u32) -> bool) {
-        self.procs.refresh_all();
+        // Live processes are re-read when announced (each second while
+        // sampled); here only the gone ones are found.
+        self.procs.mark_exited();
         let gone = self.procs.evict_exited(keep);
         if let Some(u) = self.unwinder.as_mut() {
             u.forget(&gone);
