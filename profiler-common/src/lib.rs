@@ -30,13 +30,12 @@ pub struct StackSample {
     pub tid: u32,
     /// Kernel stack id in the stack map, or a negative errno.
     pub kernel_stack_id: i32,
-    /// Bytes of `stack` up to the end of the last page copied (whole
-    /// pages; 0 when no page could be read).
+    /// Bytes of `stack` copied, from `sp` upward (0 when nothing could be
+    /// read).
     pub len: u32,
-    /// Bit `i` set: page `i` of `stack` was read. A page in the middle can
-    /// fail (never touched by the process, so not present) while the ones
-    /// above it still read.
-    pub page_mask: u32,
+    /// Chunks read: the first runs from `sp` to the end of its page, the
+    /// others are whole pages; the copy stops at the first that fails.
+    pub chunks: u32,
     /// Padding, zero.
     pub _pad: u32,
     /// User instruction pointer.
@@ -45,7 +44,7 @@ pub struct StackSample {
     pub sp: u64,
     /// User frame pointer (rbp).
     pub bp: u64,
-    /// Address `stack[0]` was copied from (`sp` rounded down to a page).
+    /// Address `stack[0]` was copied from (`sp`).
     pub base: u64,
     /// Name of the thread.
     pub comm: [u8; COMM_LEN],

@@ -90,6 +90,15 @@ static OOM_CGROUPS: LruHashMap<u32, TaskCgroups> = LruHashMap::with_max_entries(
 /// by the loader to the possible CPUs.
 #[map]
 static SCRATCH: Array<StackSample> = Array::with_max_entries(1024, 0);
+/// Thread (pid_tgid) -> [address, until ns]: the first page above its sp
+/// that failed to read in a recent copy (the end of the mapping holding the
+/// stack). Copies stop below it instead of taking that fault again, which
+/// costs about a microsecond a sample; an entry is trusted for a second,
+/// then the copy tries past it again (mappings change, tids are reused).
+#[map]
+static STACK_TOPS: LruHashMap<u64, [u64; 2]> = LruHashMap::with_max_entries(8192, 0);
+/// How long a [`STACK_TOPS`] entry is trusted.
+const STACK_TOP_TTL_NS: u64 = 1_000_000_000;
 /// Bytes of a [`StackSample`] before its stack copy.
 const HEADER_BYTES: usize = core::mem::size_of::<StackSample>() - STACK_COPY_MAX;
 /// Resized by the loader for the sample rate and CPU count.
@@ -290,11 +299,29 @@ fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32) -> bool
     let Some(out) = SCRATCH.get_ptr_mut(cpu) else {
         return true;
     };
-    let base = sp & !(STACK_PAGE as u64 - 1);
     let pages = cfg.stack_pages as usize;
+    // The first chunk runs from sp to the end of its page, the next ones
+    // are whole pages: a chunk never crosses the stack's top, so the top
+    // page is read whole, and nothing below sp is copied.
+    let first = STACK_PAGE as u64 - (sp & (STACK_PAGE as u64 - 1));
+    // Read back opaquely, so that the compiler cannot fold the
+    // subtraction into the destination pointer (the verifier then sees a
+    // negative variable offset and rejects the access).
+    // SAFETY: a read of a local.
+    let first = unsafe { core::ptr::read_volatile(&first) };
+    if first == 0 || first > STACK_PAGE as u64 {
+        return true;
+    }
+    let thread = ((tgid as u64) << 32) | tid as u64;
+    // SAFETY: a lookup in a hash of plain integers.
+    let top = match unsafe { STACK_TOPS.get(&thread) } {
+        Some(&[addr, until]) if addr > sp && now() < until => addr,
+        _ => u64::MAX,
+    };
     let mut len = 0u32;
+    let mut chunks = 0u32;
     // SAFETY: `out` is this CPU's scratch record; every write stays inside
-    // it (constant page offsets below STACK_COPY_MAX).
+    // it (offsets below first + 6 pages, sizes at most a page).
     unsafe {
         (*out).tgid = tgid;
         (*out).tid = tid;
@@ -302,36 +329,45 @@ fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32) -> bool
         (*out).ip = ip;
         (*out).sp = sp;
         (*out).bp = bp;
-        (*out).base = base;
+        (*out).base = sp;
         (*out).comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
         let dst = (*out).stack.as_mut_ptr();
-        // Whole pages from the one holding sp upward, up to the configured
-        // size. A page that does not read (the stack's top passed, or a
-        // page the process never touched) is skipped and marked; the
-        // helper zeroes it.
-        let mut mask = 0u32;
+        // Upward from sp until the configured size or the first chunk that
+        // does not read (the stack's top passed), as perf does: every page
+        // above sp was touched by the frames that pushed it, and trying
+        // the unmapped ones past the top costs a fault each.
         let mut i = 0;
         while i < STACK_COPY_MAX / STACK_PAGE {
             if i >= pages {
                 break;
             }
-            let off = i * STACK_PAGE;
+            let (off, size) = if i == 0 {
+                (0, first)
+            } else {
+                (first as usize + (i - 1) * STACK_PAGE, STACK_PAGE as u64)
+            };
+            let src = sp + off as u64;
+            if src >= top {
+                break;
+            }
             let rc = aya_ebpf::helpers::generated::bpf_probe_read_user(
                 dst.add(off).cast(),
-                STACK_PAGE as u32,
-                (base + off as u64) as *const core::ffi::c_void,
+                size as u32,
+                src as *const core::ffi::c_void,
             );
-            if rc == 0 {
-                mask |= 1 << i;
-                len = (off + STACK_PAGE) as u32;
+            if rc != 0 {
+                let _ = STACK_TOPS.insert(&thread, &[src, now() + STACK_TOP_TTL_NS], 0);
+                break;
             }
+            len = (off as u64 + size) as u32;
+            chunks += 1;
             i += 1;
         }
         (*out).len = len;
-        (*out).page_mask = mask;
+        (*out).chunks = chunks;
         (*out)._pad = 0;
     }
-    if (len as usize) < pages * STACK_PAGE {
+    if (chunks as usize) < pages {
         bump(Counter::StackCopiesShort);
     }
     let size = HEADER_BYTES + len as usize;

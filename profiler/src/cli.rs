@@ -137,9 +137,10 @@ pub struct RecordArgs {
     pub unwind: crate::unwind::UnwindMode,
 
     /// Most bytes of user stack copied per sample for dwarf/auto
-    /// unwinding: 4096 to 32768, in whole pages, counted from the page
-    /// holding the stack pointer (only the pages up to the stack's top are
-    /// copied). Deeper stacks are cut, and counted as truncated.
+    /// unwinding: 4096 to 32768, a multiple of 4096, counted from the
+    /// page holding the stack pointer (only what lies between the stack
+    /// pointer and the stack's top is copied). Deeper stacks are cut, and
+    /// counted as truncated.
     #[arg(long = "stack-bytes", value_name = "BYTES", default_value_t = 32768, value_parser = parse_stack_bytes)]
     pub stack_bytes: u32,
 

@@ -276,13 +276,9 @@ impl UserUnwinder {
             );
         }
         let pu = &self.procs[&s.tgid];
-        let (base, stack, mask) = (s.base, &s.stack[..len], s.page_mask);
+        let (base, stack) = (s.base, &s.stack[..len]);
         let mut read_stack = |addr: u64| -> Result<u64, ()> {
-            let off = addr.checked_sub(base).ok_or(())? as usize;
-            let page = off / profiler_common::STACK_PAGE;
-            if page >= 32 || mask & (1 << page) == 0 {
-                return Err(());
-            }
+            let off = usize::try_from(addr.checked_sub(base).ok_or(())?).map_err(|_| ())?;
             let bytes = stack.get(off..off + 8).ok_or(())?;
             Ok(u64::from_le_bytes(bytes.try_into().map_err(|_| ())?))
         };
