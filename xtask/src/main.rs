@@ -45,6 +45,10 @@ enum Cmd {
     Bench {
         /// Which bench: unwind, daemon, overhead (default: all).
         which: Option<String>,
+        /// Rounds of the overhead bench's slowdown runs (each round runs
+        /// the workload alone and under every tool, in a rotating order).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(2..=50))]
+        rounds: u32,
     },
     /// Runs each fuzz target (fuzz/, cargo-fuzz, nightly) for a bounded time.
     Fuzz {
@@ -67,17 +71,17 @@ fn main() -> Result<()> {
         Cmd::Capture { record_args } => capture(&record_args),
         Cmd::Test { test_args } => test(&test_args),
         Cmd::Fuzz { seconds } => fuzz(seconds),
-        Cmd::Bench { which } => {
+        Cmd::Bench { which, rounds } => {
             let exe = build()?;
             match which.as_deref() {
                 None => {
                     bench::bench(&exe, &root())?;
                     bench_daemon::bench(&exe, &root())?;
-                    bench_overhead::bench(&exe, &root())
+                    bench_overhead::bench(&exe, &root(), rounds as usize)
                 }
                 Some("unwind") => bench::bench(&exe, &root()),
                 Some("daemon") => bench_daemon::bench(&exe, &root()),
-                Some("overhead") => bench_overhead::bench(&exe, &root()),
+                Some("overhead") => bench_overhead::bench(&exe, &root(), rounds as usize),
                 Some(other) => bail!("unknown bench {other:?}: use unwind, daemon or overhead"),
             }
         }
