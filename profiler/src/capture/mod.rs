@@ -419,11 +419,15 @@ fn possible_cpus() -> u32 {
 }
 
 /// Ring buffer bytes for stack copies: half a second of samples at the
-/// configured rate on every CPU (reckoning 16 KiB a sample: records carry
-/// only the pages copied), a power of two between 1 and 64 MiB. Half a
-/// second covers the first look at a big binary's CFI.
-fn stack_ring_bytes(hz: u64, cpus: usize) -> u32 {
-    let record = 16 * 1024 + 128;
+/// configured rate on every CPU, a power of two between 1 and 64 MiB. A
+/// record carries the stack from sp to its top (2 to 8 KiB for most
+/// threads; deeper ones up to `stack_bytes`), so 8 KiB a sample is
+/// reckoned: the ring's pages are resident once written around, and a
+/// bigger reckoning costs the profiler's RSS more than it saves. Half a
+/// second covers the first look at a big binary's CFI; copies that find
+/// the ring full are counted (`stack_copies_lost`).
+fn stack_ring_bytes(hz: u64, cpus: usize, stack_bytes: u32) -> u32 {
+    let record = u64::from(stack_bytes.min(8192)) + 128;
     let want = hz * cpus as u64 * record / 2;
     want.clamp(1 << 20, 64 << 20)
         .next_power_of_two()
@@ -579,7 +583,7 @@ impl Capture {
             .map_max_entries(
                 names::MAP_STACK_SAMPLES,
                 if config.copy_stacks != 0 {
-                    stack_ring_bytes(cfg.frequency_hz, cpus.len())
+                    stack_ring_bytes(cfg.frequency_hz, cpus.len(), cfg.stack_bytes)
                 } else {
                     4096
                 },
