@@ -46,8 +46,8 @@ pub enum UnwindMode {
 #[derive(Debug)]
 struct FileUnwindData {
     base_svma: u64,
-    /// (p_vaddr, p_offset, p_filesz) of each loadable segment.
-    segments: Vec<(u64, u64, u64)>,
+    /// Each loadable segment.
+    segments: Vec<Segment>,
     eh_frame: Option<(Range<u64>, Arc<[u8]>)>,
     eh_frame_hdr: Option<(Range<u64>, Arc<[u8]>)>,
     debug_frame: Option<Arc<[u8]>>,
@@ -95,8 +95,17 @@ impl FileUnwindData {
         let segments = file
             .segments()
             .map(|s| {
-                let (off, size) = s.file_range();
-                (s.address(), off, size)
+                let (offset, size) = s.file_range();
+                let exec = match s.flags() {
+                    object::SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
+                    _ => false,
+                };
+                Segment {
+                    vaddr: s.address(),
+                    offset,
+                    size,
+                    exec,
+                }
             })
             .collect();
         Some(FileUnwindData {
@@ -111,13 +120,41 @@ impl FileUnwindData {
         })
     }
 
-    /// The stated virtual address of a file offset.
-    fn svma_of_offset(&self, offset: u64) -> Option<u64> {
-        self.segments
+    /// The stated virtual address of the start of a mapping of this file
+    /// at `offset` (page aligned, as the kernel maps). A segment is mapped
+    /// from its offset rounded down to a page, so the mapping can start
+    /// before the segment, inside the previous one's last page: lld lays
+    /// out Rust and C++ binaries so (text at offset 0x188cc0, vaddr
+    /// 0x189cc0, mapped from offset 0x188000). Among the segments that
+    /// cover the offset, the one whose executable flag matches the
+    /// mapping's is taken.
+    fn svma_of_offset(&self, offset: u64, exec: bool) -> Option<u64> {
+        let covers =
+            |s: &&Segment| offset >= s.offset & !(PAGE - 1) && offset < s.offset + s.size.max(1);
+        let seg = self
+            .segments
             .iter()
-            .find(|(_, off, size)| offset >= *off && offset < off + size.max(&1))
-            .map(|(vaddr, off, _)| vaddr + (offset - off))
+            .filter(covers)
+            .find(|s| s.exec == exec)
+            .or_else(|| self.segments.iter().find(covers))?;
+        Some(seg.vaddr.wrapping_add(offset.wrapping_sub(seg.offset)))
     }
+}
+
+/// Page size the kernel maps file segments with (x86_64).
+const PAGE: u64 = 4096;
+
+/// A loadable segment of an ELF file.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    /// p_vaddr.
+    vaddr: u64,
+    /// p_offset.
+    offset: u64,
+    /// p_filesz.
+    size: u64,
+    /// p_flags has PF_X.
+    exec: bool,
 }
 
 struct ProcessUnwinder {
@@ -332,7 +369,7 @@ impl UserUnwinder {
                 _ => continue,
             };
             let path = &name;
-            let Some(svma) = file.svma_of_offset(m.offset) else {
+            let Some(svma) = file.svma_of_offset(m.offset, m.exec) else {
                 continue;
             };
             let bias = m.start.wrapping_sub(svma);
@@ -405,6 +442,129 @@ impl UserUnwinder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A mapping's start svma, for the layouts the two common linkers
+    /// write: GNU ld (text segment page aligned in the file) and lld (text
+    /// segment at 0x...cc0, mapped from the page below, which belongs to
+    /// the read-only segment before it).
+    #[test]
+    fn mapping_offsets_find_their_segment() {
+        let seg = |vaddr, offset, size, exec| Segment {
+            vaddr,
+            offset,
+            size,
+            exec,
+        };
+        let file = |segments| FileUnwindData {
+            base_svma: 0,
+            segments,
+            eh_frame: None,
+            eh_frame_hdr: None,
+            debug_frame: None,
+            text: None,
+        };
+        let lld = file(vec![
+            seg(0, 0, 0x188cbc, false),
+            seg(0x189cc0, 0x188cc0, 0x3ace00, true),
+            seg(0x537ac0, 0x535ac0, 0x1cfe8, false),
+        ]);
+        assert_eq!(lld.svma_of_offset(0x188000, true), Some(0x189000));
+        assert_eq!(lld.svma_of_offset(0, false), Some(0));
+        assert_eq!(lld.svma_of_offset(0x535000, false), Some(0x537000));
+        let bfd = file(vec![
+            seg(0, 0, 0x6e0, false),
+            seg(0x1000, 0x1000, 0x1a5, true),
+            seg(0x2000, 0x2000, 0x10c, false),
+        ]);
+        assert_eq!(bfd.svma_of_offset(0x1000, true), Some(0x1000));
+        assert_eq!(bfd.svma_of_offset(0x2000, false), Some(0x2000));
+        assert_eq!(bfd.svma_of_offset(0x9000, true), None);
+    }
+
+    /// Copies this thread's registers and stack the way the sampler does.
+    #[inline(never)]
+    fn sample_here(out: &mut StackSample, stack_end: u64) {
+        let (ip, sp, bp): (u64, u64, u64);
+        // SAFETY: reads three registers.
+        unsafe {
+            std::arch::asm!(
+                "lea {ip}, [rip]",
+                "mov {sp}, rsp",
+                "mov {bp}, rbp",
+                ip = out(reg) ip,
+                sp = out(reg) sp,
+                bp = out(reg) bp,
+            );
+        }
+        let len = (stack_end - sp).min(profiler_common::STACK_COPY_MAX as u64) as usize;
+        // SAFETY: [sp, sp + len) lies in this thread's stack mapping.
+        unsafe { std::ptr::copy_nonoverlapping(sp as *const u8, out.stack.as_mut_ptr(), len) };
+        out.ip = ip;
+        out.sp = sp;
+        out.bp = bp;
+        out.base = sp;
+        out.len = len as u32;
+        out.tgid = std::process::id();
+    }
+
+    #[inline(never)]
+    fn nested(depth: u32, out: &mut StackSample, stack_end: u64) -> u32 {
+        if depth == 0 {
+            sample_here(out, stack_end);
+            return 0;
+        }
+        std::hint::black_box(nested(depth - 1, out, stack_end)) + 1
+    }
+
+    /// This test binary (linked by lld, as Rust binaries are) unwound with
+    /// its CFI from a copy of its own stack, as a sample of it would be:
+    /// every frame of the nested calls found (six: five nested calls and
+    /// the one that samples), and the walk ends at the
+    /// thread's start, not truncated. With the text segment's mapping
+    /// placed 0x1000 off, the second frame was already garbage.
+    #[test]
+    fn this_binary_unwinds_to_its_thread_start() {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let probe = 0u8;
+        let here = std::ptr::addr_of!(probe) as u64;
+        let stack_end = maps
+            .lines()
+            .filter_map(|l| {
+                let (lo, hi) = l.split_whitespace().next()?.split_once('-')?;
+                Some((
+                    u64::from_str_radix(lo, 16).ok()?,
+                    u64::from_str_radix(hi, 16).ok()?,
+                ))
+            })
+            .find(|(lo, hi)| (*lo..*hi).contains(&here))
+            .map(|(_, hi)| hi)
+            .unwrap();
+        // SAFETY: all zeroes is a valid StackSample.
+        let mut s: Box<StackSample> = unsafe { Box::new_zeroed().assume_init() };
+        nested(5, &mut s, stack_end);
+        let mut procs = ProcessTable::new();
+        procs.observe(std::process::id());
+        let mut u = UserUnwinder::new();
+        u.add(&s, &mut procs);
+        let (stacks, stats) = u.take_window();
+        let key = stacks.keys().next().unwrap();
+        let nested_at = nested as *const () as u64;
+        let in_nested = key
+            .user
+            .iter()
+            .filter(|a| (nested_at..nested_at + 256).contains(a))
+            .count();
+        assert_eq!(in_nested, 6, "frames {:x?}", key.user);
+        let test_at = this_binary_unwinds_to_its_thread_start as *const () as u64;
+        assert!(
+            key.user
+                .iter()
+                .any(|a| (test_at..test_at + 4096).contains(a)),
+            "no frame in the test function: {:x?}",
+            key.user
+        );
+        assert_eq!(stats.truncated, 0, "frames {:x?}", key.user);
+    }
 
     /// The unwind sections of truncated or garbled copies of a real binary:
     /// read without panicking (or refused), the intact one found.
