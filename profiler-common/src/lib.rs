@@ -14,7 +14,7 @@ pub const COMM_LEN: usize = 16;
 
 /// Most bytes of user stack copied per sample for unwinding in userspace:
 /// whole pages from the page holding the stack pointer upward.
-pub const STACK_COPY_MAX: usize = 32768;
+pub const STACK_COPY_MAX: usize = 65536;
 /// Page size the stack copy works in.
 pub const STACK_PAGE: usize = 4096;
 

@@ -78,7 +78,7 @@ pub struct DaemonArgs {
     pub unwind: crate::unwind::UnwindMode,
 
     /// Most bytes of user stack copied per sample (see `record`).
-    #[arg(long = "stack-bytes", value_name = "BYTES", default_value_t = 32768, value_parser = parse_stack_bytes)]
+    #[arg(long = "stack-bytes", value_name = "BYTES", default_value_t = 65536, value_parser = parse_stack_bytes)]
     pub stack_bytes: u32,
 
     /// Root frames and labels: by process or by container.
@@ -137,11 +137,11 @@ pub struct RecordArgs {
     pub unwind: crate::unwind::UnwindMode,
 
     /// Most bytes of user stack copied per sample for dwarf/auto
-    /// unwinding: 4096 to 32768, a multiple of 4096, counted from the
+    /// unwinding: 4096 to 65536, a multiple of 4096, counted from the
     /// page holding the stack pointer (only what lies between the stack
     /// pointer and the stack's top is copied). Deeper stacks are cut, and
     /// counted as truncated.
-    #[arg(long = "stack-bytes", value_name = "BYTES", default_value_t = 32768, value_parser = parse_stack_bytes)]
+    #[arg(long = "stack-bytes", value_name = "BYTES", default_value_t = 65536, value_parser = parse_stack_bytes)]
     pub stack_bytes: u32,
 
     /// Collect only the USE signals (run queues, retransmits, OOM kills,
@@ -172,15 +172,17 @@ impl RecordArgs {
     }
 }
 
-/// Parses `--stack-bytes`: a multiple of 4096 from 4096 to 32768.
+/// Parses `--stack-bytes`: a multiple of 4096 from 4096 to
+/// [`STACK_COPY_MAX`](profiler_common::STACK_COPY_MAX).
 pub fn parse_stack_bytes(s: &str) -> Result<u32, String> {
-    let v: u32 = s.trim().parse().map_err(|_| {
-        format!("invalid byte count {s:?}: use a multiple of 4096 from 4096 to 32768")
-    })?;
-    if !(4096..=32768).contains(&v) || !v.is_multiple_of(4096) {
-        return Err(format!(
-            "--stack-bytes {v}: use a multiple of 4096 from 4096 to 32768"
-        ));
+    const MAX: u32 = profiler_common::STACK_COPY_MAX as u32;
+    let what = format!("use a multiple of 4096 from 4096 to {MAX}");
+    let v: u32 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid byte count {s:?}: {what}"))?;
+    if !(4096..=MAX).contains(&v) || !v.is_multiple_of(4096) {
+        return Err(format!("--stack-bytes {v}: {what}"));
     }
     Ok(v)
 }

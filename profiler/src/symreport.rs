@@ -60,7 +60,7 @@ fn advice(r: Option<UnknownReason>) -> &'static str {
             "the kernel's stack map was full or two stacks collided in it; fewer distinct stacks (lower -F, shorter -d) lose fewer"
         }
         Some(UnknownReason::Truncated) => {
-            "the stack is deeper than the copied window: raise --stack-bytes (at most 32768); the outer frames are missing"
+            "the stack is deeper than the copied window: raise --stack-bytes (at most 65536); the outer frames are missing"
         }
         Some(UnknownReason::KernelUnknown) | None => {
             "kernel addresses not in /proc/kallsyms: run as root (kernel.kptr_restrict hides them from others)"

@@ -178,9 +178,9 @@ fn bad_unwind_options_are_refused() {
     let dir = scratch("bad-unwind");
     let out = record_in(&dir, &["--unwind", "magic", "-d", "1", "-o", "out"]);
     assert_usage_error(&out, &["magic", "fp", "dwarf", "auto"]);
-    for bytes in ["0", "100", "65536", "lots"] {
+    for bytes in ["0", "100", "69632", "lots"] {
         let out = record_in(&dir, &["--stack-bytes", bytes, "-d", "1", "-o", "out"]);
-        assert_usage_error(&out, &["multiple of 4096 from 4096 to 32768"]);
+        assert_usage_error(&out, &["multiple of 4096 from 4096 to 65536"]);
     }
 }
 

@@ -318,7 +318,7 @@ pub struct Capture {
     oom_kills: Vec<OomKill>,
     stack_samples: AsyncFd<RingBuf<MapData>>,
     unwinder: Option<UserUnwinder>,
-    /// One stack sample, reused: 32 KiB, too big for the stack and too
+    /// One stack sample, reused: 64 KiB, too big for the stack and too
     /// big to allocate per sample.
     sample_buf: Box<StackSample>,
     socket_owners: HashMap<u32, OwnerInfo>,
