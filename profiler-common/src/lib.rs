@@ -17,6 +17,8 @@ pub const COMM_LEN: usize = 16;
 pub const STACK_COPY_MAX: usize = 65536;
 /// Page size the stack copy works in.
 pub const STACK_PAGE: usize = 4096;
+/// [`StackSample::flags`]: the copy holds everything up to the stack's top.
+pub const STACK_AT_TOP: u32 = 1;
 
 /// A sample for userspace unwinding (`--unwind dwarf|auto`): the user
 /// registers the unwinder starts from and a copy of the user stack,
@@ -36,8 +38,9 @@ pub struct StackSample {
     /// Chunks read: the first runs from `sp` to the end of its page, the
     /// others are whole pages; the copy stops at the first that fails.
     pub chunks: u32,
-    /// Padding, zero.
-    pub _pad: u32,
+    /// [`STACK_AT_TOP`] when the copy ended at the stack's top rather than
+    /// at the configured size.
+    pub flags: u32,
     /// User instruction pointer.
     pub ip: u64,
     /// User stack pointer.

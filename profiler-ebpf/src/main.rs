@@ -22,8 +22,8 @@ use aya_ebpf::{
 };
 use profiler_common::{
     COMM_LEN, Config, Counter, DEPTH_SLOTS, LATENCY_SLOTS, NO_FIELD, OomEvent, ProcessEvent,
-    ProcessEventKind, RetransKey, RetransValue, STACK_COPY_MAX, STACK_PAGE, SockOwner, StackKey,
-    StackSample, TaskCgroups, cgroup_field, oom_field, retrans_field,
+    ProcessEventKind, RetransKey, RetransValue, STACK_AT_TOP, STACK_COPY_MAX, STACK_PAGE,
+    SockOwner, StackKey, StackSample, TaskCgroups, cgroup_field, oom_field, retrans_field,
 };
 
 /// Everything the loader tells the programs (see [`Config`]).
@@ -321,7 +321,7 @@ fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32) -> bool
     let mut len = 0u32;
     let mut chunks = 0u32;
     // SAFETY: `out` is this CPU's scratch record; every write stays inside
-    // it (offsets below first + 6 pages, sizes at most a page).
+    // it (offsets below first + 14 pages, sizes at most a page).
     unsafe {
         (*out).tgid = tgid;
         (*out).tid = tid;
@@ -365,7 +365,11 @@ fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32) -> bool
         }
         (*out).len = len;
         (*out).chunks = chunks;
-        (*out)._pad = 0;
+        (*out).flags = if (chunks as usize) < pages {
+            STACK_AT_TOP
+        } else {
+            0
+        };
     }
     if (chunks as usize) < pages {
         bump(Counter::StackCopiesShort);

@@ -53,7 +53,13 @@ pub const MAX_STACKS: usize = 100_000;
 /// Default `seconds` of a profile request, as Go's net/http/pprof.
 pub const DEFAULT_PROFILE_SECONDS: u64 = 30;
 
-type StackId = (u32, String, RawStackPart, bool, RawStackPart);
+type StackId = (
+    u32,
+    String,
+    RawStackPart,
+    Option<crate::unwind::Cut>,
+    RawStackPart,
+);
 
 /// Raw stacks summed over slices, bounded.
 #[derive(Default)]
@@ -69,7 +75,7 @@ impl StackAgg {
                 s.tgid,
                 s.thread.clone(),
                 s.user.clone(),
-                s.user_truncated,
+                s.user_cut,
                 s.kernel.clone(),
             );
             if let Some(c) = self.stacks.get_mut(&key) {
@@ -85,16 +91,14 @@ impl StackAgg {
     fn to_raw(&self) -> Vec<RawStack> {
         self.stacks
             .iter()
-            .map(
-                |((tgid, thread, user, truncated, kernel), &count)| RawStack {
-                    tgid: *tgid,
-                    thread: thread.clone(),
-                    user: user.clone(),
-                    user_truncated: *truncated,
-                    kernel: kernel.clone(),
-                    count,
-                },
-            )
+            .map(|((tgid, thread, user, cut, kernel), &count)| RawStack {
+                tgid: *tgid,
+                thread: thread.clone(),
+                user: user.clone(),
+                user_cut: *cut,
+                kernel: kernel.clone(),
+                count,
+            })
             .collect()
     }
 
@@ -773,7 +777,7 @@ mod tests {
             tgid,
             thread: "t".into(),
             user: Ok(vec![1, 2]),
-            user_truncated: false,
+            user_cut: None,
             kernel: Err(-14),
             count,
         };

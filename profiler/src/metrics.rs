@@ -479,7 +479,7 @@ mod tests {
             tgid,
             thread: "t".into(),
             user: Ok(vec![1]),
-            user_truncated: false,
+            user_cut: None,
             kernel: Err(-14),
             count,
         }

@@ -543,7 +543,7 @@ mod tests {
             tgid: me,
             thread: "t".into(),
             user: Ok(vec![addr, addr + 9]),
-            user_truncated: false,
+            user_cut: None,
             kernel: Err(-libc::EFAULT),
             count: 5,
         };

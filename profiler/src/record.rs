@@ -546,9 +546,10 @@ fn print_summary(
     );
     if let Some(u) = &raw.unwind {
         eprintln!(
-            "profiler: unwound {} user stacks in userspace: {} truncated, {} dropped; {} copies reached the top of their stack; {} bytes of stack per sample",
+            "profiler: unwound {} user stacks in userspace: {} truncated at the copied window, {} stopped at a frame with no unwind rule, {} dropped; {} copies reached the top of their stack; {} bytes of stack per sample",
             u.samples,
             u.truncated,
+            u.lost,
             u.dropped,
             raw.counter(Counter::StackCopiesShort),
             u.bytes.checked_div(u.samples).unwrap_or(0)

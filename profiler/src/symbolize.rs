@@ -41,9 +41,12 @@ pub enum UnknownReason {
     StackDropped,
     /// The kernel address is not in kallsyms.
     KernelUnknown,
-    /// The unwind stopped before the stack's end (stack copy too small, or
-    /// no rule to go on): the outer frames are missing.
+    /// The unwind needed stack past the copied window: the outer frames
+    /// are missing.
     Truncated,
+    /// The unwind met a frame with no rule to go on (no CFI, no usable
+    /// frame pointer): the outer frames are missing.
+    UnwindLost,
 }
 
 impl UnknownReason {
@@ -58,6 +61,7 @@ impl UnknownReason {
             UnknownReason::StackDropped => "stack dropped",
             UnknownReason::KernelUnknown => "not in kallsyms",
             UnknownReason::Truncated => "truncated stack",
+            UnknownReason::UnwindLost => "unwinding stopped",
         }
     }
 }
@@ -473,13 +477,14 @@ pub fn symbolize_stack(
         tables.user.get(&s.tgid),
         FrameKind::Unknown(UnknownReason::StackDropped),
     );
-    if s.user_truncated {
+    if let Some(cut) = s.user_cut {
+        let reason = match cut {
+            crate::unwind::Cut::Window => UnknownReason::Truncated,
+            crate::unwind::Cut::Lost => UnknownReason::UnwindLost,
+        };
         user_frames.insert(
             0,
-            Frame::new(
-                format!("[unknown: {}]", UnknownReason::Truncated),
-                FrameKind::Unknown(UnknownReason::Truncated),
-            ),
+            Frame::new(format!("[unknown: {reason}]"), FrameKind::Unknown(reason)),
         );
     }
     crate::fold::SymbolizedStack {

@@ -62,6 +62,9 @@ fn advice(r: Option<UnknownReason>) -> &'static str {
         Some(UnknownReason::Truncated) => {
             "the stack is deeper than the copied window: raise --stack-bytes (at most 65536); the outer frames are missing"
         }
+        Some(UnknownReason::UnwindLost) => {
+            "a frame that neither CFI nor a frame pointer describes (hand-written assembly, code built without unwind tables or frame pointers, or a sample in a process start-up): the outer frames are missing"
+        }
         Some(UnknownReason::KernelUnknown) | None => {
             "kernel addresses not in /proc/kallsyms: run as root (kernel.kptr_restrict hides them from others)"
         }

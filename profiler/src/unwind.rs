@@ -12,7 +12,7 @@ use framehop::{
     x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64},
 };
 use object::{Object, ObjectSection, ObjectSegment};
-use profiler_common::StackSample;
+use profiler_common::{STACK_AT_TOP, StackSample};
 
 use crate::{
     procmaps::Backing,
@@ -52,6 +52,8 @@ struct FileUnwindData {
     eh_frame_hdr: Option<(Range<u64>, Arc<[u8]>)>,
     debug_frame: Option<Arc<[u8]>>,
     text: Option<Range<u64>>,
+    /// The entry point's stated virtual address (0: none).
+    entry: u64,
 }
 
 impl FileUnwindData {
@@ -117,6 +119,7 @@ impl FileUnwindData {
             text: file
                 .section_by_name(".text")
                 .map(|s| s.address()..s.address() + s.size()),
+            entry: file.entry(),
         })
     }
 
@@ -192,18 +195,35 @@ pub struct UnwoundKey {
     pub user: Vec<u64>,
     /// Kernel stack id (or negative errno).
     pub kernel_stack_id: i32,
-    /// The unwind stopped before the stack's end (window too small, or no
-    /// way to go on).
-    pub truncated: bool,
+    /// Why the unwind stopped before the stack's end, if it did.
+    pub cut: Option<Cut>,
 }
+
+/// Why a user stack's walk ended before its outermost frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cut {
+    /// It needed stack past the copied window (`--stack-bytes`), or went
+    /// deeper than the most frames walked.
+    Window,
+    /// A frame with no rule to go on: no CFI covers it and its frame
+    /// pointer leads nowhere (hand-written assembly, code built without
+    /// unwind tables or frame pointers), or the process was not known.
+    Lost,
+}
+
+/// Bytes after a file's entry point within which a return address is
+/// still in `_start` (glibc's is 0x26 bytes long, ld.so's calls at +8).
+const ENTRY_SPAN: u64 = 64;
 
 /// Counts of what unwinding met.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct UnwindStats {
     /// Samples unwound.
     pub samples: u64,
-    /// Of those, stacks that stopped before their end.
+    /// Of those, stacks cut at the copied window (or the most frames).
     pub truncated: u64,
+    /// Of those, stacks whose walk met a frame with no rule to go on.
+    pub lost: u64,
     /// Samples dropped because the aggregation was full.
     pub dropped: u64,
     /// Bytes of stack received.
@@ -287,10 +307,10 @@ impl UserUnwinder {
         s: &StackSample,
         len: usize,
         procs: &ProcessTable,
-    ) -> (Vec<u64>, bool) {
+    ) -> (Vec<u64>, Option<Cut>) {
         let mut user = Vec::with_capacity(32);
         let Some(info) = procs.get(s.tgid) else {
-            return (vec![s.ip], true);
+            return (vec![s.ip], Some(Cut::Lost));
         };
         let key = (
             info.start_time,
@@ -314,6 +334,7 @@ impl UserUnwinder {
         }
         let pu = &self.procs[&s.tgid];
         let (base, stack) = (s.base, &s.stack[..len]);
+        let window_end = base + len as u64;
         let mut read_stack = |addr: u64| -> Result<u64, ()> {
             let off = usize::try_from(addr.checked_sub(base).ok_or(())?).map_err(|_| ())?;
             let bytes = stack.get(off..off + 8).ok_or(())?;
@@ -330,13 +351,49 @@ impl UserUnwinder {
                 Ok(Some(f)) => {
                     user.push(f.address());
                     if user.len() >= MAX_FRAMES {
-                        return (user, true);
+                        return (user, Some(Cut::Window));
                     }
                 }
-                Ok(None) => return (user, false),
-                Err(_) => return (user, true),
+                Ok(None) => return (user, None),
+                Err(e) => {
+                    // Needing stack past a copy that was cut at the
+                    // configured size: the window was too small. Anything
+                    // else: a frame with no rule to go on, unless the walk
+                    // reached the program's entry function, where a stack
+                    // ends (a _start without CFI: musl, ld.so).
+                    let past =
+                        matches!(e, framehop::Error::CouldNotReadStack(a) if a >= window_end);
+                    let cut = if past && s.flags & STACK_AT_TOP == 0 {
+                        Cut::Window
+                    } else if user.last().is_some_and(|&a| self.in_entry(info, a)) {
+                        return (user, None);
+                    } else {
+                        Cut::Lost
+                    };
+                    return (user, Some(cut));
+                }
             }
         }
+    }
+
+    /// Whether a return address lies just past the start of its file's
+    /// entry point: inside `_start`, the outermost frame of a process's
+    /// first thread (and of ld.so's start).
+    fn in_entry(&self, info: &ProcessInfo, addr: u64) -> bool {
+        let Some(m) = info.maps.iter().find(|m| m.start <= addr && addr < m.end) else {
+            return false;
+        };
+        let Backing::File { path, .. } = &m.backing else {
+            return false;
+        };
+        let Some(Some(file)) = self.files.get(&info.host_path(path)) else {
+            return false;
+        };
+        let Some(svma) = file.svma_of_offset(m.offset, m.exec) else {
+            return false;
+        };
+        let at = svma.wrapping_add(addr - m.start);
+        file.entry != 0 && at > file.entry && at <= file.entry + ENTRY_SPAN
     }
 
     fn file(&mut self, path: PathBuf) -> Option<Arc<FileUnwindData>> {
@@ -407,18 +464,20 @@ impl UserUnwinder {
         let len = (s.len as usize).min(s.stack.len());
         self.stats.samples += 1;
         self.stats.bytes += len as u64;
-        let (mut user, mut truncated) = self.unwind_once(s, len, procs);
-        let stale = truncated
+        let (mut user, mut cut) = self.unwind_once(s, len, procs);
+        let stale = cut.is_some()
             && procs.get(s.tgid).is_some_and(|info| {
                 user.last()
                     .is_some_and(|&a| !info.maps.iter().any(|m| m.start <= a && a < m.end))
             });
         if stale && self.may_reread(s.tgid) {
             procs.observe(s.tgid);
-            (user, truncated) = self.unwind_once(s, len, procs);
+            (user, cut) = self.unwind_once(s, len, procs);
         }
-        if truncated {
-            self.stats.truncated += 1;
+        match cut {
+            Some(Cut::Window) => self.stats.truncated += 1,
+            Some(Cut::Lost) => self.stats.lost += 1,
+            None => {}
         }
         let thread =
             String::from_utf8_lossy(s.comm.split(|b| *b == 0).next().unwrap_or(&[])).into_owned();
@@ -427,7 +486,7 @@ impl UserUnwinder {
             thread,
             user,
             kernel_stack_id: s.kernel_stack_id,
-            truncated,
+            cut,
         };
         if let Some(c) = self.stacks.get_mut(&key) {
             *c += 1;
@@ -462,6 +521,7 @@ mod tests {
             eh_frame_hdr: None,
             debug_frame: None,
             text: None,
+            entry: 0,
         };
         let lld = file(vec![
             seg(0, 0, 0x188cbc, false),
@@ -563,7 +623,27 @@ mod tests {
             "no frame in the test function: {:x?}",
             key.user
         );
-        assert_eq!(stats.truncated, 0, "frames {:x?}", key.user);
+        assert_eq!(stats.truncated + stats.lost, 0, "frames {:x?}", key.user);
+
+        // The same copy cut to 512 bytes: cut at the window when the copy
+        // stopped at the configured size, a lost walk when it stopped at
+        // the stack's top (a frame pointed past what the stack holds).
+        s.len = 512;
+        s.flags = 0;
+        u.add(&s, &mut procs);
+        s.flags = STACK_AT_TOP;
+        u.add(&s, &mut procs);
+        let (stacks, stats) = u.take_window();
+        let cuts: Vec<_> = stacks.keys().map(|k| k.cut).collect();
+        assert_eq!((stats.truncated, stats.lost), (1, 1), "{cuts:?}");
+
+        // A return address just inside the entry point (_start) ends a
+        // walk; one further in does not.
+        // SAFETY: getauxval has no preconditions.
+        let entry = unsafe { libc::getauxval(libc::AT_ENTRY) };
+        let info = procs.get(std::process::id()).unwrap();
+        assert!(u.in_entry(info, entry + 0x10));
+        assert!(!u.in_entry(info, entry + 0x100));
     }
 
     /// The unwind sections of truncated or garbled copies of a real binary:

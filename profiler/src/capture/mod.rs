@@ -122,8 +122,9 @@ pub struct RawStack {
     pub thread: String,
     /// User stack, leaf first.
     pub user: RawStackPart,
-    /// The user stack stopped before its end (userspace unwinding).
-    pub user_truncated: bool,
+    /// Why the user stack stopped before its end, if it did (userspace
+    /// unwinding).
+    pub user_cut: Option<crate::unwind::Cut>,
     /// Kernel stack, leaf first.
     pub kernel: RawStackPart,
     /// Samples.
@@ -267,6 +268,7 @@ impl RawProfile {
             let t = self.unwind.get_or_insert_with(Default::default);
             t.samples += u.samples;
             t.truncated += u.truncated;
+            t.lost += u.lost;
             t.dropped += u.dropped;
             t.bytes += u.bytes;
         }
@@ -981,7 +983,7 @@ impl Capture {
                 tgid: key.tgid,
                 thread,
                 user: resolve(key.user_stack_id),
-                user_truncated: false,
+                user_cut: None,
                 kernel: resolve(key.kernel_stack_id),
                 count,
             });
@@ -994,7 +996,7 @@ impl Capture {
                     tgid: key.tgid,
                     thread: key.thread,
                     user: Ok(key.user),
-                    user_truncated: key.truncated,
+                    user_cut: key.cut,
                     kernel: resolve(key.kernel_stack_id),
                     count,
                 });
