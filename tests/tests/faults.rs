@@ -120,6 +120,8 @@ fn second_ctrl_c_aborts_at_once() {
         ])
         .arg(workspace().join("tests/workloads/busy.js"))
         .arg("8")
+        // --perf-basic-prof also writes V8's isolate log into the cwd.
+        .current_dir(&dir)
         .stdout(Stdio::null())
         .spawn()
         .expect("node is needed");

@@ -139,6 +139,8 @@ pub(crate) fn busy_host(
                 ])
                 .arg(root.join("tests/workloads/busy.js"))
                 .arg(secs.to_string())
+                // --perf-basic-prof also writes V8's isolate log into the cwd.
+                .current_dir(root.join("target"))
                 .stdout(Stdio::null())
                 .spawn()?,
         );
