@@ -12,8 +12,8 @@ pub const MAX_STACK_DEPTH: usize = 127;
 /// Length of a task's `comm` (`TASK_COMM_LEN`).
 pub const COMM_LEN: usize = 16;
 
-/// Most bytes of user stack copied per sample for unwinding in userspace:
-/// whole pages from the page holding the stack pointer upward.
+/// Most bytes of user stack copied per sample for unwinding in userspace,
+/// from the stack pointer upward.
 pub const STACK_COPY_MAX: usize = 65536;
 /// Page size the stack copy works in.
 pub const STACK_PAGE: usize = 4096;
@@ -35,12 +35,11 @@ pub struct StackSample {
     /// Bytes of `stack` copied, from `sp` upward (0 when nothing could be
     /// read).
     pub len: u32,
-    /// Chunks read: the first runs from `sp` to the end of its page, the
-    /// others are whole pages; the copy stops at the first that fails.
-    pub chunks: u32,
     /// [`STACK_AT_TOP`] when the copy ended at the stack's top rather than
     /// at the configured size.
     pub flags: u32,
+    /// Padding, zero.
+    pub _pad: u32,
     /// User instruction pointer.
     pub ip: u64,
     /// User stack pointer.

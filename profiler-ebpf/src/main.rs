@@ -306,7 +306,8 @@ fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32) -> bool
     let first = STACK_PAGE as u64 - (sp & (STACK_PAGE as u64 - 1));
     // Read back opaquely, so that the compiler cannot fold the
     // subtraction into the destination pointer (the verifier then sees a
-    // negative variable offset and rejects the access).
+    // negative variable offset and rejects the access); the check below
+    // cannot fail, it gives the verifier the value's bounds again.
     // SAFETY: a read of a local.
     let first = unsafe { core::ptr::read_volatile(&first) };
     if first == 0 || first > STACK_PAGE as u64 {
@@ -363,15 +364,16 @@ fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32) -> bool
             chunks += 1;
             i += 1;
         }
-        (*out).len = len;
-        (*out).chunks = chunks;
-        (*out).flags = if (chunks as usize) < pages {
-            STACK_AT_TOP
-        } else {
-            0
-        };
     }
-    if (chunks as usize) < pages {
+    // Stopped before the configured size: the stack's top was reached.
+    let at_top = (chunks as usize) < pages;
+    // SAFETY: as above.
+    unsafe {
+        (*out).len = len;
+        (*out).flags = if at_top { STACK_AT_TOP } else { 0 };
+        (*out)._pad = 0;
+    }
+    if at_top {
         bump(Counter::StackCopiesShort);
     }
     let size = HEADER_BYTES + len as usize;

@@ -138,9 +138,8 @@ pub struct RecordArgs {
 
     /// Most bytes of user stack copied per sample for dwarf/auto
     /// unwinding: 4096 to 65536, a multiple of 4096, counted from the
-    /// page holding the stack pointer (only what lies between the stack
-    /// pointer and the stack's top is copied). Deeper stacks are cut, and
-    /// counted as truncated.
+    /// stack pointer (only what lies between it and the stack's top is
+    /// copied). Deeper stacks are cut, and counted as truncated.
     #[arg(long = "stack-bytes", value_name = "BYTES", default_value_t = 65536, value_parser = parse_stack_bytes)]
     pub stack_bytes: u32,
 

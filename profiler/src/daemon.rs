@@ -317,9 +317,10 @@ struct Window {
 }
 
 impl Window {
-    fn new(capture: &Capture) -> Self {
+    /// A window starting now, its own cost counted from `cost_start`.
+    fn new(cost_start: selfcost::Reading) -> Self {
         Window {
-            cost_start: selfcost::Reading::now(&capture.bpf_stats()),
+            cost_start,
             started: Instant::now(),
             start_time: SystemTime::now(),
             host_start: hostsnap::snapshot(),
@@ -421,7 +422,7 @@ async fn daemon(args: &DaemonArgs) -> Result<(), RecordError> {
     let tick_period = Duration::from_secs(1).min(args.window);
     let mut tick = tokio::time::interval(tick_period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut window = Window::new(&capture);
+    let mut window = Window::new(selfcost::Reading::now(&capture.bpf_stats()));
     let mut active: Vec<Active> = Vec::new();
     let mut windows_done = 0u64;
     let stop = loop {
@@ -433,14 +434,17 @@ async fn daemon(args: &DaemonArgs) -> Result<(), RecordError> {
                 // Ticks and windows start together: a window ends at the
                 // tick nearest its length, not one tick after it.
                 if window.started.elapsed() + tick_period / 4 >= args.window {
-                    end_window(&mut capture, &shared, &mut naming, &window, args);
+                    // One reading ends this window's cost and starts the
+                    // next one's.
+                    let cost = selfcost::Reading::now(&capture.bpf_stats());
+                    end_window(&mut capture, &shared, &mut naming, &window, &cost, args);
                     windows_done += 1;
-                    window = Window::new(&capture);
                     capture.forget_exited(|pid| active.iter().any(|a| a.stacks.has(pid)));
-                    let bpf = capture.bpf_stats();
                     let mut m = shared.metrics.lock().unwrap();
-                    m.update_self(&bpf);
+                    m.update_self(&cost.programs);
                     m.set_tracked(capture.procs.len());
+                    drop(m);
+                    window = Window::new(cost);
                 }
             }
             Some(req) = rx.recv() => {
@@ -465,7 +469,8 @@ async fn daemon(args: &DaemonArgs) -> Result<(), RecordError> {
     slice(&mut capture, &shared, &mut naming, &mut window, &mut active)?;
     finish_due(&mut active, &capture.procs, args, &mut naming, true);
     if window.started.elapsed() >= Duration::from_secs(1) || windows_done == 0 {
-        end_window(&mut capture, &shared, &mut naming, &window, args);
+        let cost = selfcost::Reading::now(&capture.bpf_stats());
+        end_window(&mut capture, &shared, &mut naming, &window, &cost, args);
     }
     capture.stop();
     capture.detach();
@@ -599,6 +604,7 @@ fn end_window(
     shared: &Shared,
     naming: &mut Naming,
     window: &Window,
+    cost_end: &selfcost::Reading,
     args: &DaemonArgs,
 ) {
     let elapsed = window.started.elapsed();
@@ -623,7 +629,7 @@ fn end_window(
     );
     let cost = selfcost::between(
         &window.cost_start,
-        &selfcost::Reading::now(&capture.bpf_stats()),
+        cost_end,
         elapsed.as_secs_f64(),
         raw.cpus,
         capture.stats_on(),

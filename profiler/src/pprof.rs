@@ -292,7 +292,7 @@ impl Builder {
         procs: &ProcessTable,
     ) -> Option<(u64, String)> {
         let info = procs.get(tgid)?;
-        let m = info.maps.iter().find(|m| m.start <= addr && addr < m.end)?;
+        let m = info.mapping(addr)?;
         let path = match &m.backing {
             crate::procmaps::Backing::File { path, .. } => path.clone(),
             crate::procmaps::Backing::Special(name) => name.clone(),

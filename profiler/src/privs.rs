@@ -88,12 +88,11 @@ fn get() -> std::io::Result<(u64, u64, u64)> {
     ))
 }
 
-/// Keeps only `keep` (those of them held now) in every set of every thread
-/// of the process, removes the rest from the bounding set, and sets
-/// no_new_privs; returns what is kept. Call before starting other threads
-/// or from the thread whose sets matter: capset applies to the calling
-/// thread, so this is done with `libc::syscall` per thread through
-/// /proc/self/task.
+/// Keeps only `keep` (those of them held now) in the calling thread's
+/// effective and permitted sets (inheritable and ambient emptied), removes
+/// the rest from the bounding set, and sets no_new_privs; returns what is
+/// kept. capset applies to the calling thread only: call it while the
+/// process has no other thread (the daemon runs on one).
 pub fn drop_all_but(keep: &[u32]) -> std::io::Result<u64> {
     let mask: u64 = keep.iter().fold(0, |m, c| m | 1 << c);
     let (eff, perm, _) = get()?;

@@ -62,6 +62,12 @@ pub struct ProcessInfo {
 }
 
 impl ProcessInfo {
+    /// The mapping holding `addr` (the maps are sorted and disjoint).
+    pub fn mapping(&self, addr: u64) -> Option<&MapEntry> {
+        let i = self.maps.partition_point(|m| m.start <= addr);
+        self.maps[..i].last().filter(|m| addr < m.end)
+    }
+
     /// The host path of a file as the process sees it: the file as mapped
     /// when the one on disk was replaced.
     pub fn host_path(&self, path: &str) -> PathBuf {

@@ -176,17 +176,6 @@ pub(crate) fn write_atomic(
     res.map_err(err)
 }
 
-fn peak_rss_kib() -> u64 {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// True while a process exists and is not a zombie (a zombie has exited;
 /// only its parent has not reaped it yet).
 fn process_alive(pid: u32) -> bool {
@@ -345,7 +334,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     let cost_end = selfcost::Reading::now(&capture.bpf_stats());
 
     // The USE report: table on stderr, use.json and events.jsonl.
-    let report = usereport::build(
+    let mut report = usereport::build(
         &raw,
         &host_start,
         &host_end,
@@ -353,16 +342,13 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         args.frequency,
         &clock,
     );
-    let mut report = report;
+    let stats_on = capture.stats_on();
+    let cost = |end: &selfcost::Reading| {
+        selfcost::between(&cost_start, end, elapsed.as_secs_f64(), raw.cpus, stats_on)
+    };
     // The programs' time up to the stop; our CPU and RSS up to the
     // analysis (the files are written with what they cost so far).
-    report.profiler = Some(selfcost::between(
-        &cost_start,
-        &cost_end,
-        elapsed.as_secs_f64(),
-        raw.cpus,
-        capture.stats_on(),
-    ));
+    report.profiler = Some(cost(&cost_end));
     let use_path = dir.join("use.json");
     write_atomic(&use_path, |w| {
         serde_json::to_writer_pretty(&mut *w, &report).map_err(io::Error::other)?;
@@ -427,16 +413,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     // Now that everything is written: userspace CPU including the analysis.
     let mut end = cost_end.clone();
     end.cpu_s = selfcost::Reading::now(&[]).cpu_s;
-    eprint!(
-        "{}",
-        selfcost::render(&selfcost::between(
-            &cost_start,
-            &end,
-            elapsed.as_secs_f64(),
-            raw.cpus,
-            capture.stats_on()
-        ))
-    );
+    eprint!("{}", selfcost::render(&cost(&end)));
     print_summary(
         &raw,
         &folded,
@@ -558,7 +535,7 @@ fn print_summary(
     eprintln!(
         "profiler: analysed and written in {} ms; peak RSS {} MiB",
         post.as_millis(),
-        peak_rss_kib() / 1024
+        selfcost::peak_rss_bytes() >> 20
     );
     for p in paths {
         eprintln!("profiler: wrote {}", p.display());

@@ -10,10 +10,6 @@ use serde::Serialize;
 pub struct Reading {
     /// Per program: name, run time ns, runs.
     pub programs: Vec<(String, u64, u64)>,
-    /// Run time of the programs, ns.
-    pub bpf_ns: u64,
-    /// Runs of the programs.
-    pub bpf_runs: u64,
     /// User + system CPU seconds of this process.
     pub cpu_s: f64,
 }
@@ -23,10 +19,15 @@ impl Reading {
     pub fn now(bpf: &[(String, u64, u64)]) -> Self {
         Reading {
             programs: bpf.to_vec(),
-            bpf_ns: bpf.iter().map(|b| b.1).sum(),
-            bpf_runs: bpf.iter().map(|b| b.2).sum(),
             cpu_s: crate::metrics::own_usage().map_or(0.0, |u| u.0),
         }
+    }
+
+    /// Run time (ns) and runs of all the programs.
+    fn bpf_totals(&self) -> (u64, u64) {
+        self.programs
+            .iter()
+            .fold((0, 0), |(ns, n), p| (ns + p.1, n + p.2))
     }
 }
 
@@ -73,8 +74,9 @@ pub fn between(
     cpus: usize,
     stats_on: bool,
 ) -> SelfCost {
-    let bpf_s = end.bpf_ns.saturating_sub(start.bpf_ns) as f64 / 1e9;
-    let runs = end.bpf_runs.saturating_sub(start.bpf_runs);
+    let ((ns0, n0), (ns1, n1)) = (start.bpf_totals(), end.bpf_totals());
+    let bpf_s = ns1.saturating_sub(ns0) as f64 / 1e9;
+    let runs = n1.saturating_sub(n0);
     let user = (end.cpu_s - start.cpu_s).max(0.0);
     let machine = (elapsed_s * cpus.max(1) as f64).max(1e-9);
     let peak = peak_rss_bytes();
@@ -130,30 +132,22 @@ pub fn render(c: &SelfCost) -> String {
     )
 }
 
-fn peak_rss_bytes() -> u64 {
-    status_kib("VmHWM:") * 1024
-}
-
-fn status_kib(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+/// Peak resident memory of this process (VmHWM), bytes.
+pub fn peak_rss_bytes() -> u64 {
+    kib_field("/proc/self/status", "VmHWM") * 1024
 }
 
 fn mem_total_bytes() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
+    kib_field("/proc/meminfo", "MemTotal") * 1024
+}
+
+/// A `Key: N kB` field of a /proc file (0 when unreadable).
+fn kib_field(path: &str, key: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .map(|s| crate::hostsnap::parse_meminfo(&s))
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |k| k * 1024)
+        .and_then(|m| m.get(key).copied())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -164,14 +158,10 @@ mod tests {
     fn shares_of_the_machine() {
         let a = Reading {
             programs: vec![("sample_stack".into(), 1_000_000, 10)],
-            bpf_ns: 1_000_000,
-            bpf_runs: 10,
             cpu_s: 1.0,
         };
         let b = Reading {
             programs: vec![("sample_stack".into(), 101_000_000, 1010)],
-            bpf_ns: 101_000_000,
-            bpf_runs: 1010,
             cpu_s: 1.3,
         };
         let c = between(&a, &b, 10.0, 2, true);

@@ -554,21 +554,10 @@ mod tests {
         for (name, bytes) in cases {
             let path = dir.path().join(name);
             std::fs::write(&path, &bytes).unwrap();
-            let info = ProcessInfo {
-                pid: 1,
-                ns_pid: 1,
-                name: "x".into(),
-                start_time: 1,
-                maps: crate::procmaps::parse_maps(&format!(
-                    "1000-100000 r-xp 00001000 fd:01 7 {}\n",
-                    path.display()
-                ))
-                .0,
-                root: None,
-                exited: true,
-                cgroup: None,
-                replaced: HashMap::new(),
-            };
+            let info = exited_process(&format!(
+                "1000-100000 r-xp 00001000 fd:01 7 {}\n",
+                path.display()
+            ));
             let mut sym = Symbolizer::new();
             let frames = sym.user(Some(&info), &[0x2000, 0x3000, 0x50000]);
             for (addr, fs) in &frames {
@@ -587,22 +576,24 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_missing_file_still_says_where() {
-        let info = ProcessInfo {
+    /// An exited process known by these /proc maps lines.
+    fn exited_process(maps: &str) -> ProcessInfo {
+        ProcessInfo {
             pid: 1,
             ns_pid: 1,
             name: "x".into(),
             start_time: 1,
-            maps: crate::procmaps::parse_maps(
-                "1000-2000 r-xp 00003000 fd:01 7 /nonexistent/libfoo.so\n",
-            )
-            .0,
+            maps: crate::procmaps::parse_maps(maps).0,
             root: None,
             exited: true,
             cgroup: None,
             replaced: HashMap::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn a_missing_file_still_says_where() {
+        let info = exited_process("1000-2000 r-xp 00003000 fd:01 7 /nonexistent/libfoo.so\n");
         let mut sym = Symbolizer::new();
         let frames = sym.user(Some(&info), &[0x1a2b, 0x5000]);
         assert_eq!(frames[&0x1a2b][0].name, "libfoo.so+0x3a2b");

@@ -380,7 +380,7 @@ impl UserUnwinder {
     /// entry point: inside `_start`, the outermost frame of a process's
     /// first thread (and of ld.so's start).
     fn in_entry(&self, info: &ProcessInfo, addr: u64) -> bool {
-        let Some(m) = info.maps.iter().find(|m| m.start <= addr && addr < m.end) else {
+        let Some(m) = info.mapping(addr) else {
             return false;
         };
         let Backing::File { path, .. } = &m.backing else {
@@ -466,10 +466,9 @@ impl UserUnwinder {
         self.stats.bytes += len as u64;
         let (mut user, mut cut) = self.unwind_once(s, len, procs);
         let stale = cut.is_some()
-            && procs.get(s.tgid).is_some_and(|info| {
-                user.last()
-                    .is_some_and(|&a| !info.maps.iter().any(|m| m.start <= a && a < m.end))
-            });
+            && procs
+                .get(s.tgid)
+                .is_some_and(|info| user.last().is_some_and(|&a| info.mapping(a).is_none()));
         if stale && self.may_reread(s.tgid) {
             procs.observe(s.tgid);
             (user, cut) = self.unwind_once(s, len, procs);

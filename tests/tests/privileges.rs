@@ -152,13 +152,15 @@ fn daemon_keeps_only_the_capabilities_it_needs() {
     assert_eq!(field("NoNewPrivs:"), "1");
     assert_eq!(field("Threads:"), "1", "a thread kept its capabilities");
     // Still sampling and naming after the drop.
-    let mut busy = Command::new("sh")
-        .args(["-c", "while :; do :; done"])
-        .spawn()
-        .unwrap();
+    // Killed however the test ends: the loop would run forever.
+    let busy = KillOnDrop(vec![
+        Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap(),
+    ]);
     let (code, svg) = d.get("/flamegraph.svg?seconds=2");
-    let _ = busy.kill();
-    let _ = busy.wait();
+    drop(busy);
     assert_eq!(code, 200);
     let svg = String::from_utf8_lossy(&svg);
     assert!(

@@ -149,7 +149,7 @@ pub(crate) fn busy_host(
 }
 
 /// Work the known workload got done: the spins it prints ("N rounds M spins").
-fn work(stdout: &str) -> f64 {
+pub(crate) fn work(stdout: &str) -> f64 {
     stdout
         .split_whitespace()
         .nth(2)

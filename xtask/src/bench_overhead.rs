@@ -12,7 +12,7 @@
 
 use std::{
     fmt::Write as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -22,17 +22,9 @@ use anyhow::{Context, Result, bail};
 /// Seconds the fixed workload runs.
 const WORK_S: &str = "5";
 
-fn spins(stdout: &[u8]) -> f64 {
-    String::from_utf8_lossy(stdout)
-        .split_whitespace()
-        .nth(2)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn run_known(known: &Path) -> Result<f64> {
     let out = Command::new(known).arg(WORK_S).output()?;
-    Ok(spins(&out.stdout))
+    Ok(crate::bench::work(&String::from_utf8_lossy(&out.stdout)))
 }
 
 /// One run of the workload under a tool.
@@ -46,17 +38,28 @@ struct Run {
 
 /// Mean and the half width of its 95% confidence interval (Student's t).
 fn mean_ci(v: &[f64]) -> (f64, f64) {
-    const T975: [f64; 10] = [
-        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    ];
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
     if v.len() < 2 {
         return (mean, f64::INFINITY);
     }
     let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
-    let t = T975.get(v.len() - 2).copied().unwrap_or(1.96);
-    (mean, t * (var / n).sqrt())
+    (mean, t975(v.len() - 1) * (var / n).sqrt())
+}
+
+/// Student's t 97.5% quantile for `df` degrees of freedom: the table up to
+/// 10, then the Cornish-Fisher expansion around the normal's 1.96 (within
+/// 0.002 of the table from 11 on).
+fn t975(df: usize) -> f64 {
+    const TABLE: [f64; 10] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    ];
+    if let Some(t) = df.checked_sub(1).and_then(|i| TABLE.get(i)) {
+        return *t;
+    }
+    let (z, v) = (1.959_964_f64, df as f64);
+    z + (z.powi(3) + z) / (4.0 * v)
+        + (5.0 * z.powi(5) + 16.0 * z.powi(3) + 3.0 * z) / (96.0 * v * v)
 }
 
 /// Reads `child`'s stream line by line until one contains `marker`, then
@@ -192,20 +195,6 @@ fn stop(mut c: Child) {
     let _ = c.wait();
 }
 
-/// inferno's command-line tools, installed once under target/tools.
-fn inferno(root: &Path) -> Result<PathBuf> {
-    let bin = root.join("target/tools/bin");
-    if !bin.join("inferno-flamegraph").is_file() {
-        eprintln!("xtask: installing inferno's command-line tools into target/tools");
-        crate::run(
-            Command::new("cargo")
-                .args(["install", "--locked", "inferno", "--root"])
-                .arg(root.join("target/tools")),
-        )?;
-    }
-    Ok(bin)
-}
-
 fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|rd| {
@@ -241,7 +230,7 @@ pub fn bench(profiler: &Path, root: &Path, rounds: usize) -> Result<()> {
             bail!("{tool} is needed: apt-get install {pkg}");
         }
     }
-    let tools = inferno(root)?;
+    let tools = crate::installed_tool("inferno", "inferno-flamegraph")?;
     let dir = root.join("target/bench/overhead");
     std::fs::create_dir_all(&dir)?;
     let known = dir.join("known");
@@ -442,4 +431,25 @@ pub fn bench(profiler: &Path, root: &Path, rounds: usize) -> Result<()> {
     println!("{md}");
     eprintln!("xtask: wrote {}", report.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// Against printed tables: df 4 (from ours), 11, 20, 30, 49.
+    #[test]
+    fn t_quantiles() {
+        for (df, t) in [
+            (4, 2.776),
+            (11, 2.201),
+            (20, 2.086),
+            (30, 2.042),
+            (49, 2.010),
+        ] {
+            assert!(
+                (super::t975(df) - t).abs() < 0.003,
+                "df {df}: {}",
+                super::t975(df)
+            );
+        }
+    }
 }

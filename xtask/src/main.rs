@@ -230,6 +230,21 @@ fn bootstrap() -> Result<PathBuf> {
 }
 
 /// PATH with bpf-linker's directory first.
+/// The bin directory of `target/tools`, where `cargo install --locked
+/// CRATE` puts the command-line tools the benches and fuzzing use, once:
+/// nothing is installed when `probe` is already there.
+fn installed_tool(krate: &str, probe: &str) -> Result<PathBuf> {
+    let tools = root().join("target/tools");
+    let bin = tools.join("bin");
+    if !bin.join(probe).is_file() {
+        eprintln!("xtask: installing {krate} into target/tools");
+        run(Command::new("cargo")
+            .args(["install", "--locked", krate, "--root"])
+            .arg(&tools))?;
+    }
+    Ok(bin)
+}
+
 fn path_with(bin: &Path) -> Result<std::ffi::OsString> {
     let mut dirs = vec![bin.to_path_buf()];
     dirs.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
@@ -285,14 +300,7 @@ fn capture(record_args: &[String]) -> Result<()> {
 /// input under fuzz/artifacts/.
 fn fuzz(seconds: u64) -> Result<()> {
     let ws = root();
-    let tools = ws.join("target/tools");
-    if !tools.join("bin/cargo-fuzz").is_file() {
-        eprintln!("xtask: installing cargo-fuzz into target/tools");
-        run(Command::new("cargo")
-            .args(["install", "--locked", "cargo-fuzz", "--root"])
-            .arg(&tools))?;
-    }
-    let path = path_with(&tools.join("bin"))?;
+    let path = path_with(&installed_tool("cargo-fuzz", "cargo-fuzz")?)?;
     let list = output(
         Command::new("cargo")
             .args(["+nightly", "fuzz", "list"])
