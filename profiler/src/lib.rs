@@ -16,6 +16,8 @@ pub mod fold;
 #[cfg(test)]
 mod golden;
 pub mod hostsnap;
+pub mod jitcfi;
+pub mod jitdump;
 pub mod kbtf;
 pub mod metrics;
 pub mod perfmap;

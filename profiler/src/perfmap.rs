@@ -4,7 +4,74 @@
 //! Format: one symbol a line, `START SIZE NAME`, START and SIZE in hex
 //! (with or without `0x`), NAME the rest of the line (it may hold spaces).
 //! A JIT appends as it compiles, so an address range can be named again
-//! later (code moved or recompiled): the last line covering it wins.
+//! later (code moved or recompiled, memory reused): a line replaces every
+//! earlier line whose range it overlaps ([`CodeRanges`]).
+
+use std::collections::BTreeMap;
+
+/// Code ranges in the order a JIT announced them. A range announced later
+/// replaces every earlier one it overlaps: the JIT reused that memory, so
+/// the earlier code is gone, whichever of the two starts first (V8 puts
+/// new optimized code over several dead smaller pieces, and small new
+/// pieces inside a dead large one). Looking up the nearest start instead
+/// names an address after dead code whenever a newer range starts before
+/// it.
+#[derive(Clone, Debug)]
+pub struct CodeRanges<T> {
+    /// start -> (end, value); the ranges are disjoint.
+    map: BTreeMap<u64, (u64, T)>,
+}
+
+impl<T> Default for CodeRanges<T> {
+    fn default() -> Self {
+        CodeRanges {
+            map: BTreeMap::new(),
+        }
+    }
+}
+
+impl<T> CodeRanges<T> {
+    /// Adds `[start, end)`, removing what it overlaps.
+    pub fn insert(&mut self, start: u64, end: u64, value: T) {
+        let overlapped: Vec<u64> = self
+            .map
+            .range(..end.max(start + 1))
+            .rev()
+            .take_while(|(_, (e, _))| *e > start)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in overlapped {
+            self.map.remove(&s);
+        }
+        self.map.insert(start, (end, value));
+    }
+
+    /// Removes the range starting at `start`, if any.
+    pub fn remove(&mut self, start: u64) -> Option<(u64, T)> {
+        self.map.remove(&start)
+    }
+
+    /// The value whose range holds `addr`.
+    pub fn get(&self, addr: u64) -> Option<&T> {
+        let (_, (end, v)) = self.map.range(..=addr).next_back()?;
+        (addr < *end).then_some(v)
+    }
+
+    /// The values, by address.
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.map.values().map(|(_, v)| v)
+    }
+
+    /// Number of ranges.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when there is none.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
 
 /// One symbol of a perf map.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,8 +87,8 @@ pub struct PerfMapSymbol {
 /// A parsed perf map, ready for look-ups.
 #[derive(Clone, Debug, Default)]
 pub struct PerfMap {
-    /// Sorted by start; where starts are equal only the last written is kept.
-    symbols: Vec<PerfMapSymbol>,
+    /// The live symbols: later lines replace the earlier ones they overlap.
+    symbols: CodeRanges<PerfMapSymbol>,
     /// Lines that did not parse.
     pub bad_lines: usize,
 }
@@ -38,9 +105,9 @@ impl PerfMap {
     /// Parses the text of a perf map; malformed lines are counted in
     /// [`PerfMap::bad_lines`] and skipped.
     pub fn parse(text: &str) -> Self {
-        let mut symbols: Vec<(usize, PerfMapSymbol)> = Vec::new();
+        let mut symbols = CodeRanges::default();
         let mut bad_lines = 0;
-        for (order, line) in text.lines().enumerate() {
+        for line in text.lines() {
             let line = line.trim_end_matches('\r');
             if line.trim().is_empty() {
                 continue;
@@ -60,40 +127,22 @@ impl PerfMap {
                 bad_lines += 1;
                 continue;
             }
-            symbols.push((
-                order,
+            symbols.insert(
+                start,
+                start + size,
                 PerfMapSymbol {
                     start,
                     size,
                     name: name.to_string(),
                 },
-            ));
+            );
         }
-        // Newest last for equal starts, then keep only the newest.
-        symbols.sort_by_key(|(order, s)| (s.start, *order));
-        let mut out: Vec<PerfMapSymbol> = Vec::with_capacity(symbols.len());
-        for (_, s) in symbols {
-            match out.last_mut() {
-                Some(last) if last.start == s.start => *last = s,
-                _ => out.push(s),
-            }
-        }
-        PerfMap {
-            symbols: out,
-            bad_lines,
-        }
+        PerfMap { symbols, bad_lines }
     }
 
     /// The symbol covering `addr`, if any.
     pub fn lookup(&self, addr: u64) -> Option<&PerfMapSymbol> {
-        let idx = self.symbols.partition_point(|s| s.start <= addr);
-        // Ranges can overlap (recompiled code): look back a few entries for
-        // one that covers the address.
-        self.symbols[..idx]
-            .iter()
-            .rev()
-            .take(8)
-            .find(|s| addr < s.start + s.size)
+        self.symbols.get(addr)
     }
 
     /// Number of symbols.
@@ -142,12 +191,30 @@ mod tests {
         assert!(map.lookup(0x1090).is_none());
     }
 
+    /// A later range replaces the earlier ones it overlaps, whichever
+    /// starts first: as V8 wrote it, optimized code (`*parserOnHeadersComplete`,
+    /// 0x1a00 bytes) laid over an older interpreter trampoline starting
+    /// inside it; the nearest start named 240 of its samples after the
+    /// dead trampoline.
     #[test]
-    fn overlapping_ranges_find_the_covering_symbol() {
+    fn later_ranges_replace_what_they_overlap() {
+        let text = "1100 10 small\n1000 1000 big\n";
+        let map = PerfMap::parse(text);
+        assert_eq!(map.lookup(0x1105).unwrap().name, "big");
+        assert_eq!(map.lookup(0x1200).unwrap().name, "big");
         let text = "1000 1000 big\n1100 10 small\n";
         let map = PerfMap::parse(text);
         assert_eq!(map.lookup(0x1105).unwrap().name, "small");
-        assert_eq!(map.lookup(0x1200).unwrap().name, "big");
+        assert!(
+            map.lookup(0x1200).is_none(),
+            "the big one's memory was reused"
+        );
+        assert!(map.lookup(0x1000).is_none());
+        let map = PerfMap::parse("1000 100 a\n1100 100 b\n1080 100 c\n2000 10 d\n");
+        assert_eq!(map.len(), 2);
+        assert_eq!(map.lookup(0x1090).unwrap().name, "c");
+        assert!(map.lookup(0x1190).is_none());
+        assert_eq!(map.lookup(0x2000).unwrap().name, "d");
     }
 
     #[test]

@@ -523,11 +523,13 @@ fn print_summary(
     );
     if let Some(u) = &raw.unwind {
         eprintln!(
-            "profiler: unwound {} user stacks in userspace: {} truncated at the copied window, {} stopped at a frame with no unwind rule, {} dropped; {} copies reached the top of their stack; {} bytes of stack per sample",
+            "profiler: unwound {} user stacks in userspace: {} truncated at the copied window, {} stopped at a frame with no unwind rule, {} stopped at an address that is not code, {} dropped; {} JIT frames walked with jitdump CFI; {} copies reached the top of their stack; {} bytes of stack per sample",
             u.samples,
             u.truncated,
             u.lost,
+            u.bad_address,
             u.dropped,
+            u.jit_cfi_frames,
             raw.counter(Counter::StackCopiesShort),
             u.bytes.checked_div(u.samples).unwrap_or(0)
         );

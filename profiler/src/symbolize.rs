@@ -19,6 +19,7 @@ use blazesym::symbolize::{
 use blazesym::{Addr, MaybeDefault};
 
 use crate::{
+    jitdump::JitDump,
     perfmap::PerfMap,
     procmaps::{Backing, Normalized, basename, normalize},
     procs::ProcessInfo,
@@ -31,8 +32,16 @@ pub enum UnknownReason {
     NoSymbols,
     /// The file could not be opened or parsed.
     FileUnreadable,
-    /// Anonymous executable memory with no perf map naming it (JIT code).
+    /// Anonymous executable memory, and the process has no perf map or
+    /// jitdump (JIT code of a runtime not told to write one).
     JitWithoutPerfMap,
+    /// Anonymous executable memory that the process's perf map or jitdump
+    /// does not cover (code compiled before it was started, or since it
+    /// was read; a runtime's own stubs).
+    JitNotInMap,
+    /// Memory that is not code (heap, stack, a file's data): a return
+    /// address there means the walk had already gone wrong.
+    NotCode,
     /// The address is in no mapping of the process.
     Unmapped,
     /// The process was gone before its memory maps could be read.
@@ -56,6 +65,8 @@ impl UnknownReason {
             UnknownReason::NoSymbols => "no symbols",
             UnknownReason::FileUnreadable => "file unreadable",
             UnknownReason::JitWithoutPerfMap => "JIT code without a perf map",
+            UnknownReason::JitNotInMap => "JIT code missing from the perf map",
+            UnknownReason::NotCode => "not code: the walk went wrong",
             UnknownReason::Unmapped => "unmapped address",
             UnknownReason::ProcessExited => "process exited before it was read",
             UnknownReason::StackDropped => "stack dropped",
@@ -137,6 +148,8 @@ fn frames_of(sym: &blazesym::symbolize::Sym<'_>, kind: FrameKind) -> Vec<Frame> 
 pub struct Symbolizer {
     blaze: Blaze,
     perf_maps: HashMap<u32, Option<PerfMap>>,
+    /// Jitdumps read, per process (with the JS functions they name).
+    jitdumps: HashMap<u32, Option<JitDump>>,
     /// Function symbols of the vDSO (start, end, name), read lazily from
     /// the profiler's own copy: the same image in every process.
     vdso: Option<Vec<(u64, u64, String)>>,
@@ -159,6 +172,7 @@ impl Symbolizer {
                 .enable_auto_reload(false)
                 .build(),
             perf_maps: HashMap::new(),
+            jitdumps: HashMap::new(),
             vdso: None,
         }
     }
@@ -248,6 +262,13 @@ impl Symbolizer {
         let mut by_file: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
         for &addr in addrs {
             match normalize(&process.maps, addr) {
+                Normalized::File { entry, .. }
+                | Normalized::Anonymous(entry)
+                | Normalized::Special { entry, .. }
+                    if !entry.exec =>
+                {
+                    out.insert(addr, vec![not_code(entry)]);
+                }
                 Normalized::File { entry, file_offset } => {
                     let Backing::File { path, .. } = &entry.backing else {
                         unreachable!("normalize gives File for file backings")
@@ -261,16 +282,20 @@ impl Symbolizer {
                 // predate the region (mapped after the last look).
                 Normalized::Anonymous(_) | Normalized::Unmapped => {
                     let unmapped = matches!(normalize(&process.maps, addr), Normalized::Unmapped);
-                    let frame = match self.perf_map(process).and_then(|m| m.lookup(addr)) {
+                    // A jitdump first (it has source lines and inlined
+                    // functions), then the perf map.
+                    let jit = self.jitdump(process);
+                    let has_jitdump = jit.is_some();
+                    if let Some(frames) = jit.and_then(|d| jit_frames(d, addr)) {
+                        out.insert(addr, frames);
+                        continue;
+                    }
+                    let map = self.perf_map(process);
+                    let frame = match map.and_then(|m| m.lookup(addr)) {
                         Some(sym) => Frame::new(sanitize(&sym.name), FrameKind::Jit),
-                        None if unmapped => Frame::new(
-                            format!("[unknown: {}]", UnknownReason::Unmapped),
-                            FrameKind::Unknown(UnknownReason::Unmapped),
-                        ),
-                        None => Frame::new(
-                            format!("[unknown: {}]", UnknownReason::JitWithoutPerfMap),
-                            FrameKind::Unknown(UnknownReason::JitWithoutPerfMap),
-                        ),
+                        None if unmapped => unknown(UnknownReason::Unmapped),
+                        None if map.is_some() || has_jitdump => unknown(UnknownReason::JitNotInMap),
+                        None => unknown(UnknownReason::JitWithoutPerfMap),
                     };
                     out.insert(addr, vec![frame]);
                 }
@@ -329,6 +354,19 @@ impl Symbolizer {
         }
     }
 
+    /// The process's jitdump (the file it maps as `jit-PID.dump`), read
+    /// whole once per symbolization.
+    fn jitdump(&mut self, process: &ProcessInfo) -> Option<&JitDump> {
+        self.jitdumps
+            .entry(process.pid)
+            .or_insert_with(|| {
+                let path = jitdump_path(process)?;
+                let bytes = fs::read(path).ok()?;
+                JitDump::parse(&bytes).ok()
+            })
+            .as_ref()
+    }
+
     fn perf_map(&mut self, process: &ProcessInfo) -> Option<&PerfMap> {
         self.perf_maps
             .entry(process.pid)
@@ -340,9 +378,50 @@ impl Symbolizer {
     }
 }
 
+/// The frames of JIT code named by a jitdump: the code's own function,
+/// then the function TurboFan inlined there, when the source position says
+/// so.
+fn jit_frames(dump: &JitDump, addr: u64) -> Option<Vec<Frame>> {
+    let code = dump.lookup(addr)?;
+    let mut frames = vec![Frame::new(sanitize(&code.name), FrameKind::Jit)];
+    if let Some(name) = dump.functions().inlined_at(code, addr) {
+        frames.push(Frame::new(sanitize(&name), FrameKind::Inlined));
+    }
+    Some(frames)
+}
+
+/// Where a process's jitdump is, as seen from the host: the runtime maps
+/// it (that is how perf finds it too), wherever it wrote it.
+pub fn jitdump_path(process: &ProcessInfo) -> Option<PathBuf> {
+    process.maps.iter().find_map(|m| match &m.backing {
+        Backing::File { path, .. } if crate::jitdump::is_jitdump_path(path) => {
+            Some(process.host_path(path))
+        }
+        _ => None,
+    })
+}
+
 /// Where a process's perf map is, as seen from the host.
 pub fn perf_map_path(process: &ProcessInfo) -> PathBuf {
     process.host_path(&format!("/tmp/perf-{}.map", process.ns_pid))
+}
+
+/// A user frame that could not be named, named by its reason.
+fn unknown(reason: UnknownReason) -> Frame {
+    Frame::new(format!("[unknown: {reason}]"), FrameKind::Unknown(reason))
+}
+
+/// The frame of an address in memory that is not code.
+fn not_code(entry: &crate::procmaps::MapEntry) -> Frame {
+    let what = match &entry.backing {
+        Backing::Anonymous => "anonymous memory".to_string(),
+        Backing::File { path, .. } => format!("data of {}", basename(path)),
+        Backing::Special(s) => s.clone(),
+    };
+    Frame::new(
+        format!("[unknown: not code ({what}): the walk went wrong]"),
+        FrameKind::Unknown(UnknownReason::NotCode),
+    )
 }
 
 fn unknown_kernel(addr: Addr) -> Frame {
@@ -393,6 +472,7 @@ pub fn symbol_tables_with<'a>(
 ) -> SymbolTables {
     use std::collections::HashSet;
     sym.perf_maps.clear();
+    sym.jitdumps.clear();
     let kernel_addrs: Vec<u64> = stacks
         .clone()
         .into_iter()
@@ -472,20 +552,40 @@ pub fn symbolize_stack(
             Err(_) => vec![dropped(lost)],
         }
     };
+    // A walk that reached an address in no mapping, or not in code, went
+    // wrong before it: the frames past it (kernel frame-pointer walks go
+    // on) are garbage. Keep that one frame, which says so, and stop.
+    let user_table = tables.user.get(&s.tgid);
+    let user_part: crate::capture::RawStackPart = match &s.user {
+        Ok(addrs) => {
+            let bad = |a: u64| {
+                user_table.and_then(|t| t.get(&a)).is_some_and(|fs| {
+                    fs.iter().any(|f| {
+                        matches!(
+                            f.kind,
+                            FrameKind::Unknown(UnknownReason::Unmapped | UnknownReason::NotCode)
+                        )
+                    })
+                })
+            };
+            let keep = adjusted(addrs).position(bad).map_or(addrs.len(), |i| i + 1);
+            Ok(addrs[..keep].to_vec())
+        }
+        Err(e) => Err(*e),
+    };
     let mut user_frames = expand(
-        &s.user,
-        tables.user.get(&s.tgid),
+        &user_part,
+        user_table,
         FrameKind::Unknown(UnknownReason::StackDropped),
     );
-    if let Some(cut) = s.user_cut {
-        let reason = match cut {
-            crate::unwind::Cut::Window => UnknownReason::Truncated,
-            crate::unwind::Cut::Lost => UnknownReason::UnwindLost,
-        };
-        user_frames.insert(
-            0,
-            Frame::new(format!("[unknown: {reason}]"), FrameKind::Unknown(reason)),
-        );
+    let marker = match s.user_cut {
+        Some(crate::unwind::Cut::Window) => Some(UnknownReason::Truncated),
+        Some(crate::unwind::Cut::Lost) => Some(UnknownReason::UnwindLost),
+        // The last frame itself says where the walk went wrong.
+        Some(crate::unwind::Cut::BadAddress) | None => None,
+    };
+    if let Some(reason) = marker {
+        user_frames.insert(0, unknown(reason));
     }
     crate::fold::SymbolizedStack {
         process: process_name(s.tgid, &s.thread, procs),

@@ -50,8 +50,14 @@ fn advice(r: Option<UnknownReason>) -> &'static str {
         Some(UnknownReason::JitWithoutPerfMap) => {
             "JIT code with no /tmp/perf-PID.map naming it: start Node.js with --perf-basic-prof --interpreted-frames-native-stack (JVM: -XX:+PreserveFramePointer with perf-map-agent)"
         }
+        Some(UnknownReason::JitNotInMap) => {
+            "JIT code that the process's perf map or jitdump does not cover: code compiled before the runtime started writing it, or a runtime's own stubs; with Node.js, code compiled before --perf-basic-prof/--perf-prof took effect"
+        }
         Some(UnknownReason::Unmapped) => {
-            "an address in no mapping: usually a frame-pointer chain broken by code built without frame pointers; use --unwind dwarf (the default, auto) for CFI unwinding"
+            "a return address in no mapping: the walk had gone wrong before it (a frame pointer that was not one, in code built without frame pointers); the walk stops there. Use --unwind auto (the default) for CFI unwinding"
+        }
+        Some(UnknownReason::NotCode) => {
+            "a return address in the heap, a stack or a file's data: not code, so the walk had gone wrong before it (a frame that neither CFI nor a frame pointer describes); the walk stops there. Not a missing-symbols problem"
         }
         Some(UnknownReason::ProcessExited) => {
             "the process exited before its memory maps could be read (it lived only milliseconds, or its announcement was lost)"

@@ -8,13 +8,14 @@
 use std::{collections::HashMap, ops::Range, path::PathBuf, sync::Arc};
 
 use framehop::{
-    ExplicitModuleSectionInfo, Module, Unwinder,
+    ExplicitModuleSectionInfo, FrameAddress, Module, Unwinder,
     x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64},
 };
 use object::{Object, ObjectSection, ObjectSegment};
 use profiler_common::{STACK_AT_TOP, StackSample};
 
 use crate::{
+    jitcfi::JitCfi,
     procmaps::Backing,
     procs::{ProcessInfo, ProcessTable},
 };
@@ -54,6 +55,13 @@ struct FileUnwindData {
     text: Option<Range<u64>>,
     /// The entry point's stated virtual address (0: none).
     entry: u64,
+    /// The addresses (svma) some FDE covers, sorted and merged: code
+    /// outside them has no CFI (V8's embedded builtins in `node`,
+    /// hand-written assembly).
+    cfi: Vec<Range<u64>>,
+    /// The ranges of FDEs marked as signal trampolines (augmentation
+    /// 'S': glibc's `__restore_rt`, where a signal handler returns).
+    sigreturn: Vec<Range<u64>>,
 }
 
 impl FileUnwindData {
@@ -110,17 +118,35 @@ impl FileUnwindData {
                 }
             })
             .collect();
+        let eh_frame = section(".eh_frame");
+        let debug_frame = section(".debug_frame").map(|(_, d)| d);
+        let text = file
+            .section_by_name(".text")
+            .map(|s| s.address()..s.address() + s.size());
+        let got = file.section_by_name(".got").map_or(0, |s| s.address());
+        let (cfi, sigreturn) = cfi_ranges(
+            eh_frame.as_ref().map(|(r, d)| (r.start, &d[..])),
+            debug_frame.as_deref(),
+            text.as_ref().map_or(0, |t| t.start),
+            got,
+        );
         Some(FileUnwindData {
             base_svma: file.relative_address_base(),
             segments,
-            eh_frame: section(".eh_frame"),
+            eh_frame,
             eh_frame_hdr: section(".eh_frame_hdr"),
-            debug_frame: section(".debug_frame").map(|(_, d)| d),
-            text: file
-                .section_by_name(".text")
-                .map(|s| s.address()..s.address() + s.size()),
+            debug_frame,
+            text,
             entry: file.entry(),
+            cfi,
+            sigreturn,
         })
+    }
+
+    /// Whether some FDE of the file covers `svma`.
+    fn covered(&self, svma: u64) -> bool {
+        let i = self.cfi.partition_point(|r| r.start <= svma);
+        i > 0 && svma < self.cfi[i - 1].end
     }
 
     /// The stated virtual address of the start of a mapping of this file
@@ -147,6 +173,64 @@ impl FileUnwindData {
 /// Page size the kernel maps file segments with (x86_64).
 const PAGE: u64 = 4096;
 
+/// The address ranges the FDEs of `.eh_frame` (at `eh_frame.0`) and
+/// `.debug_frame` describe, sorted and merged; and those of signal
+/// trampolines.
+fn cfi_ranges(
+    eh_frame: Option<(u64, &[u8])>,
+    debug_frame: Option<&[u8]>,
+    text: u64,
+    got: u64,
+) -> (Vec<Range<u64>>, Vec<Range<u64>>) {
+    use gimli::{BaseAddresses, CieOrFde, LittleEndian, UnwindSection};
+    fn collect<R: gimli::Reader, S: UnwindSection<R>>(
+        section: &S,
+        bases: &BaseAddresses,
+        out: &mut Vec<Range<u64>>,
+        sig: &mut Vec<Range<u64>>,
+    ) {
+        let mut entries = section.entries(bases);
+        // A malformed entry ends the list: what was read so far stands.
+        while let Ok(Some(entry)) = entries.next() {
+            if let CieOrFde::Fde(partial) = entry
+                && let Ok(fde) = partial.parse(|s, b, o| s.cie_from_offset(b, o))
+                && fde.len() > 0
+            {
+                let r = fde.initial_address()..fde.end_address();
+                if fde.cie().is_signal_trampoline() {
+                    sig.push(r.clone());
+                }
+                out.push(r);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut sig = Vec::new();
+    if let Some((addr, data)) = eh_frame {
+        let bases = BaseAddresses::default()
+            .set_eh_frame(addr)
+            .set_text(text)
+            .set_got(got);
+        let mut section = gimli::EhFrame::new(data, LittleEndian);
+        section.set_address_size(8);
+        collect(&section, &bases, &mut out, &mut sig);
+    }
+    if let Some(data) = debug_frame {
+        let mut section = gimli::DebugFrame::new(data, LittleEndian);
+        section.set_address_size(8);
+        collect(&section, &BaseAddresses::default(), &mut out, &mut sig);
+    }
+    out.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(out.len());
+    for r in out {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    (merged, sig)
+}
+
 /// A loadable segment of an ELF file.
 #[derive(Clone, Copy, Debug)]
 struct Segment {
@@ -162,6 +246,8 @@ struct Segment {
 
 struct ProcessUnwinder {
     unwinder: UnwinderX86_64<Arc<[u8]>>,
+    /// The jitdump the process maps, as the host sees it.
+    jitdump: Option<PathBuf>,
     /// Which maps it was built from.
     maps_key: (u64, usize),
     /// The files it uses: held, so that the cache knows which are in use.
@@ -209,6 +295,93 @@ pub enum Cut {
     /// pointer leads nowhere (hand-written assembly, code built without
     /// unwind tables or frame pointers), or the process was not known.
     Lost,
+    /// The walk reached an address in no mapping, or in memory that is
+    /// not code (heap, stack, data): the frames before it were wrong
+    /// (a frame pointer used as one that was not). That address is the
+    /// last frame kept, and says so; nothing past it is read.
+    BadAddress,
+}
+
+/// Unwind data of files by host path (None: read and found unusable).
+type FileMap = HashMap<PathBuf, Option<Arc<FileUnwindData>>>;
+
+/// The file mapping `addr` and the address's stated virtual address
+/// in it, when its unwind data is loaded.
+fn file_at<'f>(
+    files: &'f FileMap,
+    info: &ProcessInfo,
+    addr: u64,
+) -> Option<(&'f FileUnwindData, u64)> {
+    let m = info.mapping(addr)?;
+    let Backing::File { path, .. } = &m.backing else {
+        return None;
+    };
+    let file = files.get(&info.host_path(path))?.as_deref()?;
+    let svma = file.svma_of_offset(m.offset, m.exec)?;
+    Some((file, svma.wrapping_add(addr - m.start)))
+}
+
+/// Whether `addr` is in a signal trampoline (`__restore_rt`), by its
+/// FDE (glibc's covers the byte before it too, for return addresses
+/// looked up one byte back).
+fn in_sigreturn(files: &FileMap, info: &ProcessInfo, addr: u64) -> bool {
+    file_at(files, info, addr)
+        .is_some_and(|(file, at)| file.sigreturn.iter().any(|r| r.contains(&at)))
+}
+
+/// Whether `addr` is code of a file (executable, in a section of
+/// text) that none of the file's CFI covers.
+fn uncovered_code(files: &FileMap, info: &ProcessInfo, addr: u64) -> bool {
+    file_at(files, info, addr).is_some_and(|(file, at)| {
+        (file.eh_frame.is_some() || file.debug_frame.is_some())
+            && info.mapping(addr).is_some_and(|m| m.exec)
+            && !file.covered(at)
+    })
+}
+
+/// Whether a return address lies just past the start of its file's
+/// entry point: inside `_start`, the outermost frame of a process's
+/// first thread (and of ld.so's start).
+fn in_entry(files: &FileMap, info: &ProcessInfo, addr: u64) -> bool {
+    file_at(files, info, addr).is_some_and(|(file, at)| {
+        file.entry != 0 && at > file.entry && at <= file.entry + ENTRY_SPAN
+    })
+}
+
+/// Where `struct ucontext`'s `uc_mcontext` is (x86_64: after uc_flags,
+/// uc_link and the 24-byte uc_stack), and its registers' slots.
+const UC_MCONTEXT: u64 = 40;
+const REG_RBP: u64 = 10;
+const REG_RSP: u64 = 15;
+const REG_RIP: u64 = 16;
+
+/// The interrupted registers (ip, sp, bp) of a signal frame whose
+/// `ucontext` starts at `uc` (the stack pointer once the handler returned
+/// to the trampoline: its return address popped).
+fn signal_frame(
+    uc: u64,
+    read_stack: &mut impl FnMut(u64) -> Result<u64, ()>,
+) -> Option<(u64, u64, u64)> {
+    let reg = |r: u64| uc + UC_MCONTEXT + r * 8;
+    let ip = read_stack(reg(REG_RIP)).ok()?;
+    let sp = read_stack(reg(REG_RSP)).ok()?;
+    let bp = read_stack(reg(REG_RBP)).ok()?;
+    (ip != 0 && sp > uc).then_some((ip, sp, bp))
+}
+
+/// One frame-pointer step: the frame at rbp holds the caller's rbp and,
+/// above it, the return address.
+fn fp_step(
+    regs: &mut UnwindRegsX86_64,
+    read_stack: &mut impl FnMut(u64) -> Result<u64, ()>,
+) -> Result<Option<u64>, framehop::Error> {
+    let bp = regs.bp();
+    let caller_bp = read_stack(bp).map_err(|()| framehop::Error::CouldNotReadStack(bp))?;
+    let ra = read_stack(bp + 8).map_err(|()| framehop::Error::CouldNotReadStack(bp + 8))?;
+    regs.set_sp(bp + 16);
+    regs.set_bp(caller_bp);
+    regs.set_ip(ra);
+    Ok(Some(ra))
 }
 
 /// Bytes after a file's entry point within which a return address is
@@ -224,8 +397,13 @@ pub struct UnwindStats {
     pub truncated: u64,
     /// Of those, stacks whose walk met a frame with no rule to go on.
     pub lost: u64,
+    /// Of those, walks stopped at a return address in no mapping or in
+    /// memory that is not code.
+    pub bad_address: u64,
     /// Samples dropped because the aggregation was full.
     pub dropped: u64,
+    /// Frames of JIT code stepped over with the CFI of a jitdump.
+    pub jit_cfi_frames: u64,
     /// Bytes of stack received.
     pub bytes: u64,
 }
@@ -233,12 +411,15 @@ pub struct UnwindStats {
 /// Unwinds copied stacks and aggregates them.
 #[derive(Default)]
 pub struct UserUnwinder {
-    files: HashMap<PathBuf, Option<Arc<FileUnwindData>>>,
+    files: FileMap,
     /// The vDSO image, the same in every 64-bit process of this kernel:
     /// read from the profiler's own memory.
     vdso: Option<Arc<FileUnwindData>>,
     procs: HashMap<u32, ProcessUnwinder>,
     rereads: HashMap<u32, std::time::Instant>,
+    /// The JIT code's CFI of processes that write a jitdump.
+    jit: HashMap<u32, JitCfi>,
+    jit_ctx: Option<Box<gimli::UnwindContext<usize>>>,
     cache: CacheX86_64,
     /// Aggregated stacks.
     pub stacks: HashMap<UnwoundKey, u64>,
@@ -276,6 +457,7 @@ impl UserUnwinder {
         for pid in pids {
             self.procs.remove(pid);
             self.rereads.remove(pid);
+            self.jit.remove(pid);
         }
         self.files
             .retain(|_, f| f.as_ref().is_some_and(|f| Arc::strong_count(f) > 1));
@@ -286,11 +468,11 @@ impl UserUnwinder {
         self.files.len()
     }
 
-    /// True when the maps of `tgid` were not re-read in the last 100 ms.
+    /// True when the maps of `tgid` were not re-read in the last 20 ms.
     fn may_reread(&mut self, tgid: u32) -> bool {
         let now = std::time::Instant::now();
         match self.rereads.get(&tgid) {
-            Some(t) if now.duration_since(*t) < std::time::Duration::from_millis(100) => false,
+            Some(t) if now.duration_since(*t) < std::time::Duration::from_millis(20) => false,
             _ => {
                 if self.rereads.len() > MAX_FILES * 8 {
                     self.rereads.clear();
@@ -327,11 +509,36 @@ impl UserUnwinder {
                 s.tgid,
                 ProcessUnwinder {
                     unwinder,
+                    jitdump: crate::symbolize::jitdump_path(info),
                     maps_key: key,
                     _files: files,
                 },
             );
         }
+        // The leaf in a file's code that no CFI covers (V8's embedded
+        // builtins in `node`, assembly without unwind tables): framehop
+        // then takes [sp] as the return address, right only for a function
+        // that set up no frame. V8's builtins set up frames as its JIT code
+        // does, and [sp] then holds a spilled value: the walk went on from
+        // garbage. Walk the frame pointer there instead, as perf -g does,
+        // when rbp points into the stack above sp.
+        let mut leaf_by_fp = s.bp > s.sp
+            && s.bp + 16 <= s.base + len as u64
+            && uncovered_code(&self.files, info, s.ip);
+        if let Some(path) = &self.procs[&s.tgid].jitdump {
+            let j = self
+                .jit
+                .entry(s.tgid)
+                .or_insert_with(|| JitCfi::new(path.clone()));
+            if !j.is_for(path) {
+                *j = JitCfi::new(path.clone());
+            }
+            j.refresh();
+        }
+        let jit = self.jit.get(&s.tgid);
+        let ctx = self
+            .jit_ctx
+            .get_or_insert_with(|| Box::new(gimli::UnwindContext::new()));
         let pu = &self.procs[&s.tgid];
         let (base, stack) = (s.base, &s.stack[..len]);
         let window_end = base + len as u64;
@@ -340,18 +547,69 @@ impl UserUnwinder {
             let bytes = stack.get(off..off + 8).ok_or(())?;
             Ok(u64::from_le_bytes(bytes.try_into().map_err(|_| ())?))
         };
-        let mut iter = pu.unwinder.iter_frames(
-            s.ip,
-            UnwindRegsX86_64::new(s.ip, s.sp, s.bp),
-            &mut self.cache,
-            &mut read_stack,
-        );
+        let mut regs = UnwindRegsX86_64::new(s.ip, s.sp, s.bp);
+        user.push(s.ip);
+        let mut at = FrameAddress::from_instruction_pointer(s.ip);
+        let mut first = true;
         loop {
-            match iter.next() {
-                Ok(Some(f)) => {
-                    user.push(f.address());
+            // JIT code with CFI from the jitdump: its own rules (right in
+            // prologues and epilogues, where frame pointers are not).
+            let sp_before = regs.sp();
+            let jit_step = jit
+                .and_then(|j| j.get(at.address_for_lookup()))
+                .and_then(|f| f.step(ctx, at.address_for_lookup(), &mut regs, &mut read_stack));
+            let step = if let Some(ra) = jit_step {
+                self.stats.jit_cfi_frames += 1;
+                Ok(Some(ra))
+            } else if first && leaf_by_fp {
+                fp_step(&mut regs, &mut read_stack)
+            } else {
+                pu.unwinder
+                    .unwind_frame(at, &mut regs, &mut self.cache, &mut read_stack)
+            };
+            // Our own steps must move up the stack, as framehop's do.
+            if (jit_step.is_some() || (first && leaf_by_fp)) && regs.sp() <= sp_before {
+                return (user, Some(Cut::Lost));
+            }
+            first = false;
+            match step {
+                Ok(Some(ra)) => {
+                    let Some(next) = FrameAddress::from_return_address(ra) else {
+                        return (user, None);
+                    };
+                    user.push(ra);
+                    // A return address in no mapping, or in memory that
+                    // is not code, means the walk already went wrong:
+                    // stop there, that frame saying so (unless the
+                    // jitdump has code there: mapped since the maps were
+                    // read).
+                    let known_jit = jit.is_some_and(|j| j.codes.get(ra - 1).is_some());
+                    if info.mapping(ra).is_none_or(|m| !m.exec) && !known_jit {
+                        return (user, Some(Cut::BadAddress));
+                    }
                     if user.len() >= MAX_FRAMES {
                         return (user, Some(Cut::Window));
+                    }
+                    at = next;
+                    // A signal handler returning into the signal
+                    // trampoline: the interrupted code's registers are in
+                    // the signal frame's ucontext, right above (V8's
+                    // --cpu-prof samples by SIGPROF; Go preempts by
+                    // signal). The trampoline frame is left out; the
+                    // interrupted instruction is a frame of its own,
+                    // walked as a leaf.
+                    if in_sigreturn(&self.files, info, ra - 1) {
+                        let Some((ip, sp, bp)) = signal_frame(regs.sp(), &mut read_stack) else {
+                            return (user, Some(Cut::Lost));
+                        };
+                        user.pop();
+                        // Return addresses are named one byte back: the
+                        // interrupted instruction is one past that.
+                        user.push(ip + 1);
+                        regs = UnwindRegsX86_64::new(ip, sp, bp);
+                        at = FrameAddress::from_instruction_pointer(ip);
+                        first = true;
+                        leaf_by_fp = bp > sp && uncovered_code(&self.files, info, ip);
                     }
                 }
                 Ok(None) => return (user, None),
@@ -365,7 +623,7 @@ impl UserUnwinder {
                         matches!(e, framehop::Error::CouldNotReadStack(a) if a >= window_end);
                     let cut = if past && s.flags & STACK_AT_TOP == 0 {
                         Cut::Window
-                    } else if user.last().is_some_and(|&a| self.in_entry(info, a)) {
+                    } else if user.last().is_some_and(|&a| in_entry(&self.files, info, a)) {
                         return (user, None);
                     } else {
                         Cut::Lost
@@ -374,26 +632,6 @@ impl UserUnwinder {
                 }
             }
         }
-    }
-
-    /// Whether a return address lies just past the start of its file's
-    /// entry point: inside `_start`, the outermost frame of a process's
-    /// first thread (and of ld.so's start).
-    fn in_entry(&self, info: &ProcessInfo, addr: u64) -> bool {
-        let Some(m) = info.mapping(addr) else {
-            return false;
-        };
-        let Backing::File { path, .. } = &m.backing else {
-            return false;
-        };
-        let Some(Some(file)) = self.files.get(&info.host_path(path)) else {
-            return false;
-        };
-        let Some(svma) = file.svma_of_offset(m.offset, m.exec) else {
-            return false;
-        };
-        let at = svma.wrapping_add(addr - m.start);
-        file.entry != 0 && at > file.entry && at <= file.entry + ENTRY_SPAN
     }
 
     fn file(&mut self, path: PathBuf) -> Option<Arc<FileUnwindData>> {
@@ -456,7 +694,7 @@ impl UserUnwinder {
     /// Unwinds one sample with what is known of its process, and counts it.
     /// When the unwind stops at an address in none of the maps read so far
     /// (a library or JIT region mapped since), the maps are read again,
-    /// at most every 100 ms per process, and the unwind retried.
+    /// at most every 20 ms per process, and the unwind retried.
     pub fn add(&mut self, s: &StackSample, procs: &mut ProcessTable) {
         if procs.get(s.tgid).is_none() {
             procs.observe(s.tgid);
@@ -465,10 +703,19 @@ impl UserUnwinder {
         self.stats.samples += 1;
         self.stats.bytes += len as u64;
         let (mut user, mut cut) = self.unwind_once(s, len, procs);
+        // The walk ended at an address in no mapping, or in anonymous
+        // memory that was not executable when the maps were read: a JIT
+        // maps and commits code as it runs (V8 reserves its code range
+        // inaccessible and makes pages executable as it fills them), so
+        // the maps may predate it. Heap, stack and file data are not code
+        // whenever read.
         let stale = cut.is_some()
-            && procs
-                .get(s.tgid)
-                .is_some_and(|info| user.last().is_some_and(|&a| info.mapping(a).is_none()));
+            && procs.get(s.tgid).is_some_and(|info| {
+                user.last().is_some_and(|&a| match info.mapping(a) {
+                    None => true,
+                    Some(m) => m.backing == Backing::Anonymous && !m.exec,
+                })
+            });
         if stale && self.may_reread(s.tgid) {
             procs.observe(s.tgid);
             (user, cut) = self.unwind_once(s, len, procs);
@@ -476,6 +723,7 @@ impl UserUnwinder {
         match cut {
             Some(Cut::Window) => self.stats.truncated += 1,
             Some(Cut::Lost) => self.stats.lost += 1,
+            Some(Cut::BadAddress) => self.stats.bad_address += 1,
             None => {}
         }
         let thread =
@@ -521,6 +769,8 @@ mod tests {
             debug_frame: None,
             text: None,
             entry: 0,
+            cfi: Vec::new(),
+            sigreturn: Vec::new(),
         };
         let lld = file(vec![
             seg(0, 0, 0x188cbc, false),
@@ -641,8 +891,8 @@ mod tests {
         // SAFETY: getauxval has no preconditions.
         let entry = unsafe { libc::getauxval(libc::AT_ENTRY) };
         let info = procs.get(std::process::id()).unwrap();
-        assert!(u.in_entry(info, entry + 0x10));
-        assert!(!u.in_entry(info, entry + 0x100));
+        assert!(in_entry(&u.files, info, entry + 0x10));
+        assert!(!in_entry(&u.files, info, entry + 0x100));
     }
 
     /// The unwind sections of truncated or garbled copies of a real binary:

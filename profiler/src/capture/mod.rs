@@ -269,6 +269,8 @@ impl RawProfile {
             t.samples += u.samples;
             t.truncated += u.truncated;
             t.lost += u.lost;
+            t.bad_address += u.bad_address;
+            t.jit_cfi_frames += u.jit_cfi_frames;
             t.dropped += u.dropped;
             t.bytes += u.bytes;
         }

@@ -1,0 +1,727 @@
+//! Reading jitdump files (`jit-PID.dump`, the format `perf inject --jit`
+//! reads), written by Node.js/V8 with `--perf-prof`, and by the JVM and
+//! .NET with their agents.
+//!
+//! A runtime maps the file into its own memory (that is how perf, and we,
+//! find it: a mapping whose name is `jit-PID.dump`) and appends records as
+//! it compiles. The records we use:
+//!
+//! - code load (0): address, size and name of a piece of JIT code;
+//! - debug info (2), written just before the load it belongs to: for
+//!   address ranges of the code, the source file, line and column. V8
+//!   writes addresses 0x40 (an ELF header, where `perf inject` places the
+//!   code) past the code's real address, and for code where TurboFan
+//!   inlined other functions, the position in the innermost inlined
+//!   function (its own file and line);
+//! - unwinding info (4), just before its load: `.eh_frame` (CIE + FDE)
+//!   followed by an `.eh_frame_hdr`, describing the code's frames
+//!   (`--perf-prof-unwinding-info`);
+//! - code move (1): code moved to another address.
+//!
+//! The file can end in a partly written record (the runtime is still
+//! writing): parsing stops there, and [`JitDumpParser::feed`] picks up
+//! where it stopped when more bytes come.
+
+use std::{collections::HashMap, sync::Arc};
+
+use crate::perfmap::CodeRanges;
+
+/// `JiTD`, as written by a little-endian runtime.
+const MAGIC: u32 = 0x4A69_5444;
+/// What V8 adds to each debug-info address (an ELF header's size).
+pub const V8_DEBUG_ADDR_BIAS: u64 = 0x40;
+const RECORD_HEADER: usize = 16;
+const LOAD: u32 = 0;
+const MOVE: u32 = 1;
+const DEBUG_INFO: u32 = 2;
+const UNWINDING_INFO: u32 = 4;
+
+/// One source position of JIT code: from `offset` (bytes from the code's
+/// start) to the next entry's, the code came from `file`:`line`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LineEntry {
+    /// Offset from the code's start.
+    pub offset: u64,
+    /// 1-based line.
+    pub line: u32,
+    /// 1-based column (V8), or the discriminator other runtimes write.
+    pub column: u32,
+    /// Source file (script name or URL).
+    pub file: Arc<str>,
+}
+
+/// One piece of JIT code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JitCode {
+    /// First address.
+    pub start: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Name as the runtime wrote it (V8: `JS:*name file:line:col`,
+    /// `Builtin:Name`, `RegExp:pattern`...).
+    pub name: String,
+    /// Source positions, sorted by offset (empty without debug info).
+    pub lines: Vec<LineEntry>,
+    /// `.eh_frame` for the code, when the runtime wrote unwinding info.
+    pub eh_frame: Option<Arc<[u8]>>,
+}
+
+impl JitCode {
+    /// The source position of the instruction at `addr`.
+    pub fn line_at(&self, addr: u64) -> Option<&LineEntry> {
+        let off = addr.checked_sub(self.start)?;
+        let i = self.lines.partition_point(|l| l.offset <= off);
+        i.checked_sub(1).map(|i| &self.lines[i])
+    }
+}
+
+/// Why a file is not a jitdump we can read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum JitDumpError {
+    /// Shorter than its header.
+    #[error("shorter than a jitdump header")]
+    Short,
+    /// Not `JiTD` (or a big-endian runtime's).
+    #[error("not a jitdump (magic {0:#x})")]
+    Magic(u32),
+}
+
+/// Incremental parser: bytes in, code records out.
+#[derive(Debug, Default)]
+pub struct JitDumpParser {
+    /// Bytes of a record not complete yet (and the header, at first).
+    pending: Vec<u8>,
+    header_done: bool,
+    debug: Option<(u64, Vec<LineEntry>)>,
+    unwind: Option<Arc<[u8]>>,
+    /// Bytes consumed so far (whole records and the header).
+    pub consumed: u64,
+    /// Records that did not parse (skipped).
+    pub bad_records: u64,
+}
+
+/// What a record did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Code loaded.
+    Load(JitCode),
+    /// Code moved: (old start, new start, size).
+    Move(u64, u64, u64),
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// A NUL-terminated string at `at`, and the offset past its NUL.
+fn cstr_at(b: &[u8], at: usize) -> Option<(&str, usize)> {
+    let rest = b.get(at..)?;
+    let len = rest.iter().position(|&c| c == 0)?;
+    Some((std::str::from_utf8(&rest[..len]).ok()?, at + len + 1))
+}
+
+impl JitDumpParser {
+    /// Parses what `bytes` completes; records cut at the end wait for the
+    /// next call.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<Event>, JitDumpError> {
+        self.pending.extend_from_slice(bytes);
+        let buf = std::mem::take(&mut self.pending);
+        let mut at = 0usize;
+        if !self.header_done {
+            if buf.len() < 40 {
+                self.pending = buf;
+                return Ok(Vec::new());
+            }
+            let magic = u32_at(&buf, 0).ok_or(JitDumpError::Short)?;
+            if magic != MAGIC {
+                return Err(JitDumpError::Magic(magic));
+            }
+            let size = u32_at(&buf, 8).unwrap_or(40).max(40) as usize;
+            if buf.len() < size {
+                self.pending = buf;
+                return Ok(Vec::new());
+            }
+            at = size;
+            self.header_done = true;
+        }
+        let mut events = Vec::new();
+        while let (Some(id), Some(size)) = (u32_at(&buf, at), u32_at(&buf, at + 4)) {
+            let size = size as usize;
+            if size < RECORD_HEADER {
+                // A corrupt length: nothing after it can be framed.
+                self.bad_records += 1;
+                at = buf.len();
+                break;
+            }
+            let Some(rec) = buf.get(at..at + size) else {
+                break; // cut: the runtime is still writing it
+            };
+            if self.record(id, rec, &mut events).is_none() {
+                self.bad_records += 1;
+            }
+            at += size;
+        }
+        self.consumed += at as u64;
+        self.pending = buf[at.min(buf.len())..].to_vec();
+        Ok(events)
+    }
+
+    fn record(&mut self, id: u32, r: &[u8], events: &mut Vec<Event>) -> Option<()> {
+        let body = RECORD_HEADER;
+        match id {
+            LOAD => {
+                let code_addr = u64_at(r, body + 16)?;
+                let size = u64_at(r, body + 24)?;
+                let (name, _) = cstr_at(r, body + 40)?;
+                let lines = match self.debug.take() {
+                    Some((addr, lines)) if addr == code_addr => lines,
+                    _ => Vec::new(),
+                };
+                events.push(Event::Load(JitCode {
+                    start: code_addr,
+                    size,
+                    name: name.to_string(),
+                    lines,
+                    eh_frame: self.unwind.take(),
+                }));
+            }
+            MOVE => {
+                let old = u64_at(r, body + 16)?;
+                let new = u64_at(r, body + 24)?;
+                let size = u64_at(r, body + 32)?;
+                events.push(Event::Move(old, new, size));
+            }
+            DEBUG_INFO => {
+                let code_addr = u64_at(r, body)?;
+                let n = u64_at(r, body + 8)?;
+                let mut at = body + 16;
+                let mut files: HashMap<&str, Arc<str>> = HashMap::new();
+                let mut raw = Vec::with_capacity(n.min(4096) as usize);
+                let mut prev: Option<Arc<str>> = None;
+                for _ in 0..n {
+                    let addr = u64_at(r, at)?;
+                    let line = u32_at(r, at + 8)?;
+                    let column = u32_at(r, at + 12)?;
+                    // A name of one byte 0xff: the same file as the entry
+                    // before (the jitdump specification's shorthand).
+                    let file = if r.get(at + 16..at + 18) == Some(&[0xff, 0][..]) {
+                        at += 18;
+                        prev.clone()?
+                    } else {
+                        let (file, next) = cstr_at(r, at + 16)?;
+                        at = next;
+                        files.entry(file).or_insert_with(|| Arc::from(file)).clone()
+                    };
+                    prev = Some(file.clone());
+                    raw.push((addr, line, column, file));
+                }
+                // V8 writes each address an ELF header's size past the
+                // code (where perf inject puts it); others write it as is.
+                let bias = if raw
+                    .first()
+                    .is_some_and(|e| e.0 >= code_addr + V8_DEBUG_ADDR_BIAS)
+                {
+                    V8_DEBUG_ADDR_BIAS
+                } else {
+                    0
+                };
+                let mut lines: Vec<LineEntry> = raw
+                    .into_iter()
+                    .filter_map(|(addr, line, column, file)| {
+                        Some(LineEntry {
+                            offset: addr.checked_sub(code_addr + bias)?,
+                            line,
+                            column,
+                            file,
+                        })
+                    })
+                    .collect();
+                lines.sort_by_key(|l| l.offset);
+                self.debug = Some((code_addr, lines));
+            }
+            UNWINDING_INFO => {
+                let unwinding_size = u64_at(r, body)? as usize;
+                let hdr_size = u64_at(r, body + 8)? as usize;
+                let mapped_size = u64_at(r, body + 16)?;
+                let data = r.get(body + 24..body + 24 + unwinding_size)?;
+                // mapped_size 0: V8 wrote an empty table (no info).
+                self.unwind = (mapped_size > 0 && unwinding_size > hdr_size)
+                    .then(|| Arc::from(&data[..unwinding_size - hdr_size]));
+            }
+            _ => {} // close (3) and records of later versions
+        }
+        Some(())
+    }
+}
+
+/// The code of a jitdump, ready for look-ups.
+#[derive(Clone, Debug, Default)]
+pub struct JitDump {
+    /// The live code: a later load replaces the earlier ones it overlaps.
+    codes: CodeRanges<JitCode>,
+    /// The JS functions every load named.
+    functions: JsFunctions,
+    /// Records that did not parse.
+    pub bad_records: u64,
+}
+
+impl JitDump {
+    /// Parses a whole file's bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Self, JitDumpError> {
+        let mut p = JitDumpParser::default();
+        let events = p.feed(bytes)?;
+        let mut d = JitDump::default();
+        d.apply(events);
+        d.bad_records = p.bad_records;
+        Ok(d)
+    }
+
+    /// Applies parsed records in order.
+    pub fn apply(&mut self, events: Vec<Event>) {
+        for e in events {
+            match e {
+                Event::Load(c) => {
+                    self.functions.note(&c);
+                    let end = c.start.saturating_add(c.size.max(1));
+                    self.codes.insert(c.start, end, c);
+                }
+                Event::Move(old, new, size) => {
+                    if let Some((_, mut c)) = self.codes.remove(old) {
+                        c.start = new;
+                        c.size = size;
+                        self.codes.insert(new, new.saturating_add(size.max(1)), c);
+                    }
+                }
+            }
+        }
+        self.functions.seal();
+    }
+
+    /// The JS functions it names, for telling inlined code apart.
+    pub fn functions(&self) -> &JsFunctions {
+        &self.functions
+    }
+
+    /// The code holding `addr`.
+    pub fn lookup(&self, addr: u64) -> Option<&JitCode> {
+        self.codes.get(addr)
+    }
+
+    /// Every live piece of code, by address.
+    pub fn codes(&self) -> impl Iterator<Item = &JitCode> {
+        self.codes.values()
+    }
+
+    /// Number of live pieces of code.
+    pub fn len(&self) -> usize {
+        self.codes.len()
+    }
+
+    /// True when no code was loaded.
+    pub fn is_empty(&self) -> bool {
+        self.codes.is_empty()
+    }
+}
+
+/// A V8 code name split up: `JS:*name file:line:col` (kind `JS`, tier
+/// `*`). Tiers: `~` interpreted, `^` baseline (Sparkplug), `+` Maglev,
+/// `*` TurboFan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct V8Name<'a> {
+    /// `JS`, `Eval`, `Script`, `Function`...
+    pub kind: &'a str,
+    /// The tier mark, if any.
+    pub tier: Option<char>,
+    /// The function's name (empty: anonymous).
+    pub function: &'a str,
+    /// Its script.
+    pub file: &'a str,
+    /// Where the function starts (1-based line and column).
+    pub line: u32,
+    /// Column of its start.
+    pub column: u32,
+}
+
+impl<'a> V8Name<'a> {
+    /// Parses a V8 code name of a JS function; None for builtins, stubs,
+    /// regular expressions.
+    pub fn parse(name: &'a str) -> Option<Self> {
+        let (kind, rest) = name.split_once(':')?;
+        if kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_alphabetic()) {
+            return None;
+        }
+        let (tier, rest) = match rest.chars().next() {
+            Some(c @ ('~' | '^' | '+' | '*')) => (Some(c), &rest[1..]),
+            _ => (None, rest),
+        };
+        let (function, place) = rest.rsplit_once(' ')?;
+        let (file_line, column) = place.rsplit_once(':')?;
+        let (file, line) = file_line.rsplit_once(':')?;
+        Some(V8Name {
+            kind,
+            tier,
+            function,
+            file,
+            line: line.parse().ok()?,
+            column: column.parse().ok()?,
+        })
+    }
+
+    /// The name without its tier mark: the same function whichever tier
+    /// ran it (`JS:name file:line:col`).
+    pub fn untiered(&self) -> String {
+        format!(
+            "{}:{} {}:{}:{}",
+            self.kind, self.function, self.file, self.line, self.column
+        )
+    }
+}
+
+/// A function's start, the furthest position known to be its own, and its
+/// untiered name.
+type Extent = ((u32, u32), (u32, u32), String);
+
+/// The JS functions a jitdump names, per script, with where each ends as
+/// far as their baseline code shows (Sparkplug code inlines nothing, so
+/// every source position of it is the function's own): used to tell which
+/// function an inlined source position of TurboFan code belongs to.
+#[derive(Clone, Debug, Default)]
+pub struct JsFunctions {
+    /// Untiered name -> (script, start).
+    starts: HashMap<String, (Arc<str>, (u32, u32))>,
+    /// Untiered name -> furthest own position of its baseline code.
+    ends: HashMap<String, (u32, u32)>,
+    /// Script -> (start, end, untiered name), sorted by start (built by
+    /// [`JsFunctions::seal`]).
+    by_file: HashMap<Arc<str>, Vec<Extent>>,
+    /// Source position (line, column) -> the functions whose baseline code
+    /// has that exact position: the positions of a function's bytecode,
+    /// which TurboFan code inlining it carries too.
+    positions: HashMap<(u32, u32), Vec<Arc<str>>>,
+}
+
+impl JsFunctions {
+    /// Notes a piece of code (every load, live or since replaced: the
+    /// extent of a function stays known after its baseline code is gone).
+    pub fn note(&mut self, c: &JitCode) {
+        // JS functions only: not scripts, evals, or the synthetic
+        // class-field initializers, whose positions span a whole file or
+        // class body around the functions inside them.
+        let Some(n) =
+            V8Name::parse(&c.name).filter(|n| n.kind == "JS" && !n.function.starts_with('<'))
+        else {
+            return;
+        };
+        let key = n.untiered();
+        let start = (n.line, n.column);
+        if n.tier == Some('^') {
+            let name: Arc<str> = Arc::from(key.as_str());
+            for l in c.lines.iter().filter(|l| &*l.file == n.file) {
+                let e = self.ends.entry(key.clone()).or_insert(start);
+                *e = (*e).max((l.line, l.column));
+                let at = self.positions.entry((l.line, l.column)).or_default();
+                if !at.contains(&name) && at.len() < 8 {
+                    at.push(name.clone());
+                }
+            }
+        }
+        self.starts
+            .entry(key)
+            .or_insert_with(|| (Arc::from(n.file), start));
+    }
+
+    /// Builds the index the look-ups use, from what was noted.
+    pub fn seal(&mut self) {
+        let mut by_file: HashMap<Arc<str>, Vec<_>> = HashMap::new();
+        for (name, (file, start)) in &self.starts {
+            let end = self.ends.get(name).copied().unwrap_or(*start);
+            by_file
+                .entry(file.clone())
+                .or_default()
+                .push((*start, end, name.clone()));
+        }
+        for v in by_file.values_mut() {
+            v.sort();
+        }
+        self.by_file = by_file;
+    }
+
+    /// The innermost function of `file` whose known extent spans
+    /// `line`:`column`.
+    pub fn at(&self, file: &str, line: u32, column: u32) -> Option<&str> {
+        let fns = self.by_file.get(file)?;
+        let pos = (line, column);
+        let i = fns.partition_point(|(start, _, _)| *start <= pos);
+        fns[..i]
+            .iter()
+            .rev()
+            .find(|(start, end, _)| end > start && pos <= *end)
+            .map(|(_, _, n)| n.as_str())
+    }
+
+    /// The function TurboFan inlined at `addr` of `code`, when its source
+    /// position says so (None: the code's own function, or not known).
+    ///
+    /// V8 (Node 18-22) writes the innermost inlined function's line and
+    /// column but the script name of the code's own function, so the
+    /// script cannot be trusted: a position is first looked up exactly
+    /// among the positions of every function's baseline code (whatever its
+    /// script; among several, the one in the code's own script), then by
+    /// extent in the code's own script. A position found neither way is
+    /// left to the code's own function.
+    pub fn inlined_at(&self, code: &JitCode, addr: u64) -> Option<String> {
+        let own = V8Name::parse(&code.name)?;
+        let l = code.line_at(addr)?;
+        let own_key = own.untiered();
+        let pos = (l.line, l.column);
+        if let Some(names) = self.positions.get(&pos) {
+            if names.iter().any(|n| **n == *own_key) {
+                return None;
+            }
+            let in_own_file = |n: &&Arc<str>| V8Name::parse(n).is_some_and(|v| v.file == own.file);
+            let pick = match names.len() {
+                1 => names.first(),
+                _ => {
+                    let mut same = names.iter().filter(in_own_file);
+                    match (same.next(), same.next()) {
+                        (Some(n), None) => Some(n),
+                        _ => None,
+                    }
+                }
+            };
+            return pick.map(|n| n.to_string());
+        }
+        match self.at(&l.file, l.line, l.column) {
+            Some(f) if f != own_key => Some(f.to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a mapped file's path names a jitdump (`.../jit-PID.dump`).
+pub fn is_jitdump_path(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    name.strip_prefix("jit-")
+        .and_then(|r| r.strip_suffix(".dump"))
+        .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Bytes of a jitdump as V8 writes one (little endian).
+    #[derive(Default)]
+    pub(crate) struct Writer(pub Vec<u8>);
+
+    impl Writer {
+        pub(crate) fn new() -> Self {
+            let mut w = Writer(Vec::new());
+            w.u32(MAGIC);
+            w.u32(1);
+            w.u32(40);
+            w.u32(62); // EM_X86_64
+            w.u32(0xdead_beef);
+            w.u32(1234);
+            w.u64(0);
+            w.u64(0);
+            w
+        }
+        fn u32(&mut self, v: u32) {
+            self.0.extend_from_slice(&v.to_le_bytes());
+        }
+        fn u64(&mut self, v: u64) {
+            self.0.extend_from_slice(&v.to_le_bytes());
+        }
+        fn record(&mut self, id: u32, body: &[u8]) {
+            let size = RECORD_HEADER + body.len();
+            let padded = size.div_ceil(8) * 8;
+            self.u32(id);
+            self.u32(padded as u32);
+            self.u64(0);
+            self.0.extend_from_slice(body);
+            self.0.resize(self.0.len() + padded - size, 0);
+        }
+        pub(crate) fn load(&mut self, addr: u64, size: u64, name: &str) {
+            let mut b = Writer(Vec::new());
+            b.u32(1234);
+            b.u32(1234);
+            b.u64(addr);
+            b.u64(addr);
+            b.u64(size);
+            b.u64(0);
+            b.0.extend_from_slice(name.as_bytes());
+            b.0.push(0);
+            b.0.resize(b.0.len() + size as usize, 0xcc);
+            self.record(LOAD, &b.0);
+        }
+        pub(crate) fn debug(&mut self, addr: u64, entries: &[(u64, u32, &str)]) {
+            let mut b = Writer(Vec::new());
+            b.u64(addr);
+            b.u64(entries.len() as u64);
+            for (off, line, file) in entries {
+                b.u64(addr + off + V8_DEBUG_ADDR_BIAS);
+                b.u32(*line);
+                b.u32(1);
+                b.0.extend_from_slice(file.as_bytes());
+                b.0.push(0);
+            }
+            self.record(DEBUG_INFO, &b.0);
+        }
+        pub(crate) fn unwinding(&mut self, eh_frame: &[u8]) {
+            let hdr = [0u8; 20];
+            let mut b = Writer(Vec::new());
+            b.u64((eh_frame.len() + hdr.len()) as u64);
+            b.u64(hdr.len() as u64);
+            b.u64((eh_frame.len() + hdr.len()) as u64);
+            b.0.extend_from_slice(eh_frame);
+            b.0.extend_from_slice(&hdr);
+            self.record(UNWINDING_INFO, &b.0);
+        }
+    }
+
+    #[test]
+    fn loads_lines_and_unwinding_info_are_read() {
+        let mut w = Writer::new();
+        w.debug(0x1000, &[(0, 10, "/app/a.js"), (0x20, 12, "/app/b.js")]);
+        w.unwinding(&[1, 2, 3, 4]);
+        w.load(0x1000, 0x40, "JS:*outer /app/a.js:9:1");
+        w.load(0x2000, 0x10, "Builtin:Foo");
+        let d = JitDump::parse(&w.0).unwrap();
+        assert_eq!(d.len(), 2);
+        let c = d.lookup(0x1025).unwrap();
+        assert_eq!(c.name, "JS:*outer /app/a.js:9:1");
+        assert_eq!(c.eh_frame.as_deref(), Some(&[1u8, 2, 3, 4][..]));
+        let l = c.line_at(0x1025).unwrap();
+        assert_eq!((&*l.file, l.line), ("/app/b.js", 12));
+        assert_eq!(c.line_at(0x1001).unwrap().line, 10);
+        let b = d.lookup(0x2000).unwrap();
+        assert!(b.lines.is_empty() && b.eh_frame.is_none());
+        assert!(d.lookup(0x2010).is_none());
+        assert!(d.lookup(0x1040).is_none());
+    }
+
+    /// Fed a byte at a time (a file read while the runtime writes it),
+    /// the same records come out, each once, and cut records wait.
+    #[test]
+    fn a_file_read_while_written_parses_the_same() {
+        let mut w = Writer::new();
+        for i in 0..20u64 {
+            w.debug(0x10_000 + i * 0x100, &[(0, i as u32, "/x.js")]);
+            w.load(0x10_000 + i * 0x100, 0x80, &format!("JS:*f{i} /x.js:{i}:1"));
+        }
+        let whole = JitDump::parse(&w.0).unwrap();
+        let mut p = JitDumpParser::default();
+        let mut d = JitDump::default();
+        for b in w.0.chunks(7) {
+            d.apply(p.feed(b).unwrap());
+        }
+        assert!(d.codes().eq(whole.codes()));
+        assert_eq!(d.len(), 20);
+        assert_eq!(p.consumed, w.0.len() as u64);
+    }
+
+    #[test]
+    fn garbage_and_truncation_are_survived() {
+        assert_eq!(
+            JitDump::parse(&[0u8; 64]).unwrap_err(),
+            JitDumpError::Magic(0)
+        );
+        assert!(JitDump::parse(&[]).unwrap().is_empty());
+        let mut w = Writer::new();
+        w.load(0x1000, 0x40, "JS:*a");
+        let full = w.0.len();
+        w.load(0x2000, 0x40, "JS:*b");
+        // Cut inside the second record: the first stands.
+        let d = JitDump::parse(&w.0[..full + 10]).unwrap();
+        assert_eq!(d.len(), 1);
+        // A record whose length is nonsense ends the parse, not the process.
+        let mut bad = w.0.clone();
+        bad[full + 4..full + 8].copy_from_slice(&3u32.to_le_bytes());
+        let d = JitDump::parse(&bad).unwrap();
+        assert_eq!((d.len(), d.bad_records), (1, 1));
+        // Every prefix of a real file parses without a panic.
+        for n in 0..w.0.len() {
+            let _ = JitDump::parse(&w.0[..n]);
+        }
+    }
+
+    #[test]
+    fn v8_names_parse() {
+        let n =
+            V8Name::parse("JS:*trim_prefix /app/node_modules/express/lib/router/index.js:293:23")
+                .unwrap();
+        assert_eq!(
+            (n.kind, n.tier, n.function, n.line, n.column),
+            ("JS", Some('*'), "trim_prefix", 293, 23)
+        );
+        assert_eq!(n.file, "/app/node_modules/express/lib/router/index.js");
+        assert_eq!(
+            n.untiered(),
+            "JS:trim_prefix /app/node_modules/express/lib/router/index.js:293:23"
+        );
+        let anon = V8Name::parse("JS:~ node:internal/main:1:1").unwrap();
+        assert_eq!(
+            (anon.function, anon.file, anon.tier),
+            ("", "node:internal/main", Some('~'))
+        );
+        assert!(V8Name::parse("Builtin:ArgumentsAdaptorTrampoline").is_none());
+        assert!(V8Name::parse("RegExp:^\\s+").is_none());
+    }
+
+    /// TurboFan code of `outer` with `inner` (same script) and `other`
+    /// (another script) inlined, its debug info naming outer's script for
+    /// every position as V8 does: positions of inner's and other's
+    /// baseline code are theirs, positions within inner's extent too, the
+    /// rest outer's; a position matching nothing is left to outer.
+    #[test]
+    fn inlined_functions_are_told_by_their_positions() {
+        let mut w = Writer::new();
+        w.debug(0x1000, &[(0, 20, "/a.js"), (8, 25, "/a.js")]);
+        w.load(0x1000, 0x40, "JS:^inner /a.js:20:1");
+        w.debug(0x2000, &[(0, 10, "/a.js"), (8, 40, "/a.js")]);
+        w.load(0x2000, 0x40, "JS:^outer /a.js:10:1");
+        w.debug(0x4000, &[(0, 300, "/b.js"), (8, 307, "/b.js")]);
+        w.load(0x4000, 0x40, "JS:^other /b.js:300:1");
+        w.debug(
+            0x3000,
+            &[
+                (0, 10, "/a.js"),
+                (0x10, 22, "/a.js"),
+                (0x20, 307, "/a.js"),
+                (0x30, 12, "/a.js"),
+                (0x38, 999, "/a.js"),
+            ],
+        );
+        w.load(0x3000, 0x40, "JS:*outer /a.js:10:1");
+        let d = JitDump::parse(&w.0).unwrap();
+        let f = d.functions();
+        let code = d.lookup(0x3000).unwrap();
+        assert_eq!(f.inlined_at(code, 0x3004), None);
+        assert_eq!(
+            f.inlined_at(code, 0x3014).as_deref(),
+            Some("JS:inner /a.js:20:1")
+        );
+        assert_eq!(
+            f.inlined_at(code, 0x3024).as_deref(),
+            Some("JS:other /b.js:300:1")
+        );
+        assert_eq!(f.inlined_at(code, 0x3034), None);
+        assert_eq!(f.inlined_at(code, 0x303c), None);
+        // The baseline code itself inlines nothing.
+        assert_eq!(f.inlined_at(d.lookup(0x1004).unwrap(), 0x1004), None);
+    }
+
+    #[test]
+    fn jitdump_paths_are_recognized() {
+        assert!(is_jitdump_path("/srv/app/jit-4242.dump"));
+        assert!(is_jitdump_path("jit-1.dump"));
+        assert!(!is_jitdump_path("/tmp/jit-.dump"));
+        assert!(!is_jitdump_path("/tmp/jit-12a.dump"));
+        assert!(!is_jitdump_path("/tmp/perf-12.map"));
+    }
+}
