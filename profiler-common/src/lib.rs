@@ -19,6 +19,11 @@ pub const STACK_COPY_MAX: usize = 65536;
 pub const STACK_PAGE: usize = 4096;
 /// [`StackSample::flags`]: the copy holds everything up to the stack's top.
 pub const STACK_AT_TOP: u32 = 1;
+/// [`StackSample::flags`]: `stack` holds user return addresses the kernel
+/// walked by frame pointer (u64 each, leaf first; `len` bytes of them),
+/// not a stack copy: with `--unwind fp`, a stack whose id collided with
+/// another's in the stack map is sent this way instead of being dropped.
+pub const STACK_IPS: u32 = 2;
 
 /// A sample for userspace unwinding (`--unwind dwarf|auto`): the user
 /// registers the unwinder starts from and a copy of the user stack,
@@ -202,11 +207,15 @@ pub enum Counter {
     /// Sum of the run-queue latencies timed, in microseconds (the sum of
     /// the latency histogram).
     RunqLatencyTotalUs = 19,
+    /// User stacks walked in the kernel (`--unwind fp`) that collided with
+    /// another in the stack map and were sent to userspace as addresses
+    /// instead ([`STACK_IPS`]).
+    UserStacksSentAside = 20,
 }
 
 impl Counter {
     /// Number of counters (the size of [`names::MAP_COUNTERS`]).
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Samples,
@@ -229,6 +238,7 @@ impl Counter {
         Counter::StackCopiesShort,
         Counter::UserRegsMissing,
         Counter::RunqLatencyTotalUs,
+        Counter::UserStacksSentAside,
     ];
 }
 
@@ -296,8 +306,12 @@ pub struct Config {
     pub copy_stacks: u8,
     /// Pages of user stack to copy (1..=STACK_COPY_MAX/STACK_PAGE).
     pub stack_pages: u8,
+    /// Non-zero (`--unwind fp`): a user stack whose id collides in the
+    /// stack map is sent through [`names::MAP_STACK_SAMPLES`] as
+    /// addresses ([`STACK_IPS`]).
+    pub send_collided: u8,
     /// Padding, zero.
-    pub _pad2: [u8; 2],
+    pub _pad2: u8,
     /// Offset of `stack` (the kernel stack pointer) in `task_struct`, to find
     /// the user registers of a sample taken in kernel mode.
     pub task_stack: u32,

@@ -21,9 +21,10 @@ use aya_ebpf::{
     },
 };
 use profiler_common::{
-    COMM_LEN, Config, Counter, DEPTH_SLOTS, LATENCY_SLOTS, NO_FIELD, OomEvent, ProcessEvent,
-    ProcessEventKind, RetransKey, RetransValue, STACK_AT_TOP, STACK_COPY_MAX, STACK_PAGE,
-    SockOwner, StackKey, StackSample, TaskCgroups, cgroup_field, oom_field, retrans_field,
+    COMM_LEN, Config, Counter, DEPTH_SLOTS, LATENCY_SLOTS, MAX_STACK_DEPTH, NO_FIELD, OomEvent,
+    ProcessEvent, ProcessEventKind, RetransKey, RetransValue, STACK_AT_TOP, STACK_COPY_MAX,
+    STACK_IPS, STACK_PAGE, SockOwner, StackKey, StackSample, TaskCgroups, cgroup_field, oom_field,
+    retrans_field,
 };
 
 /// Everything the loader tells the programs (see [`Config`]).
@@ -49,7 +50,8 @@ static CONFIG: Config = Config {
     sock_owner_sk: NO_FIELD,
     copy_stacks: 0,
     stack_pages: 4,
-    _pad2: [0; 2],
+    send_collided: 0,
+    _pad2: 0,
     task_stack: 0,
     thread_size: 16384,
     _pad3: 0,
@@ -191,20 +193,31 @@ fn try_sample(ctx: &PerfEventContext) {
         // No user registers (a kernel thread): count the kernel stack.
     }
 
-    let user_stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-        Ok(id) => id as i32,
-        Err(e) => {
-            if dropped(e) {
-                bump(Counter::UserStackDropped);
-            }
-            e
-        }
-    };
     let kernel_stack_id = match ctx.get_stackid(&STACKS, 0) {
         Ok(id) => id as i32,
         Err(e) => {
             if dropped(e) {
                 bump(Counter::KernelStackDropped);
+            }
+            e
+        }
+    };
+    let user_stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(id) => id as i32,
+        Err(e) => {
+            // Another stack holds this one's bucket: send its addresses
+            // to userspace instead of losing it.
+            if e == -EEXIST
+                && cfg.send_collided != 0
+                && tgid != 0
+                && send_user_ips(ctx, tgid, tid, kernel_stack_id)
+            {
+                bump(Counter::UserStacksSentAside);
+                announce(cfg, tgid);
+                return;
+            }
+            if dropped(e) {
+                bump(Counter::UserStackDropped);
             }
             e
         }
@@ -236,6 +249,62 @@ fn try_sample(ctx: &PerfEventContext) {
     if tgid != 0 {
         announce(cfg, tgid);
     }
+}
+
+/// Walks the user stack by frame pointer into this CPU's scratch record
+/// and sends the addresses (`STACK_IPS`) through the stack ring. False
+/// when nothing could be sent (then the sample is counted as dropped).
+#[inline(always)]
+fn send_user_ips(ctx: &PerfEventContext, tgid: u32, tid: u32, kernel_stack_id: i32) -> bool {
+    use aya_ebpf::EbpfContext;
+    // SAFETY: no preconditions.
+    let cpu = unsafe { aya_ebpf::helpers::bpf_get_smp_processor_id() };
+    let Some(out) = SCRATCH.get_ptr_mut(cpu) else {
+        return false;
+    };
+    // SAFETY: `out` is this CPU's scratch record; bpf_get_stack writes at
+    // most the size given, which is inside `stack`.
+    let len = unsafe {
+        let n = aya_ebpf::helpers::generated::bpf_get_stack(
+            ctx.as_ptr(),
+            (*out).stack.as_mut_ptr().cast(),
+            (MAX_STACK_DEPTH * 8) as u32,
+            BPF_F_USER_STACK as u64,
+        );
+        if n <= 0 {
+            return false;
+        }
+        (*out).tgid = tgid;
+        (*out).tid = tid;
+        (*out).kernel_stack_id = kernel_stack_id;
+        (*out).len = n as u32;
+        (*out).flags = STACK_IPS;
+        (*out)._pad = 0;
+        (*out).ip = 0;
+        (*out).sp = 0;
+        (*out).bp = 0;
+        (*out).base = 0;
+        (*out).comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+        n as usize
+    };
+    let size = HEADER_BYTES + len;
+    if size > HEADER_BYTES + MAX_STACK_DEPTH * 8 {
+        return false;
+    }
+    // SAFETY: `out` is this CPU's scratch record; `size` is bounded by it.
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_ringbuf_output(
+            core::ptr::addr_of!(STACK_SAMPLES).cast_mut().cast(),
+            out.cast(),
+            size as u64,
+            BPF_RB_NO_WAKEUP,
+        )
+    };
+    if rc != 0 {
+        bump(Counter::StackCopiesLost);
+        return false;
+    }
+    true
 }
 
 /// User registers (ip, sp, bp) of the sampled task: the sample's own when

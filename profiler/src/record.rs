@@ -493,6 +493,10 @@ fn print_summary(
         }
     };
     warn(
+        Counter::UserStacksSentAside,
+        "user stacks collided in the kernel's stack map and were sent to userspace as addresses instead (none lost)",
+    );
+    warn(
         Counter::EventsLost,
         "new-process notifications lost: those processes may show unnamed frames",
     );
@@ -521,7 +525,7 @@ fn print_summary(
         Counter::UserRegsMissing,
         "samples without user registers (counted with kernel frames only)",
     );
-    if let Some(u) = &raw.unwind {
+    if let Some(u) = raw.unwind.as_ref().filter(|u| u.samples > 0) {
         eprintln!(
             "profiler: unwound {} user stacks in userspace: {} truncated at the copied window, {} stopped at a frame with no unwind rule, {} stopped at an address that is not code, {} dropped; {} JIT frames walked with jitdump CFI; {} copies reached the top of their stack; {} bytes of stack per sample",
             u.samples,

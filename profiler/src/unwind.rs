@@ -12,7 +12,7 @@ use framehop::{
     x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64},
 };
 use object::{Object, ObjectSection, ObjectSegment};
-use profiler_common::{STACK_AT_TOP, StackSample};
+use profiler_common::{STACK_AT_TOP, STACK_IPS, StackSample};
 
 use crate::{
     jitcfi::JitCfi,
@@ -404,6 +404,9 @@ pub struct UnwindStats {
     pub dropped: u64,
     /// Frames of JIT code stepped over with the CFI of a jitdump.
     pub jit_cfi_frames: u64,
+    /// Stacks walked by frame pointer in the kernel and sent as addresses
+    /// (`--unwind fp`, their id collided in the stack map).
+    pub walked_in_kernel: u64,
     /// Bytes of stack received.
     pub bytes: u64,
 }
@@ -549,6 +552,14 @@ impl UserUnwinder {
         };
         let mut regs = UnwindRegsX86_64::new(s.ip, s.sp, s.bp);
         user.push(s.ip);
+        // The sampled instruction itself in no mapping known, or not in
+        // code: nothing to walk from (the maps are re-read and the walk
+        // retried when they may be stale).
+        if info.mapping(s.ip).is_none_or(|m| !m.exec)
+            && jit.is_none_or(|j| j.codes.get(s.ip).is_none())
+        {
+            return (user, Some(Cut::BadAddress));
+        }
         let mut at = FrameAddress::from_instruction_pointer(s.ip);
         let mut first = true;
         loop {
@@ -700,6 +711,18 @@ impl UserUnwinder {
             procs.observe(s.tgid);
         }
         let len = (s.len as usize).min(s.stack.len());
+        if s.flags & STACK_IPS != 0 {
+            // Walked in the kernel already (a frame-pointer stack that
+            // collided in the stack map): aggregate it as it is.
+            self.stats.walked_in_kernel += 1;
+            let user: Vec<u64> = s.stack[..len]
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+                .take_while(|&a| a != 0)
+                .collect();
+            self.count(s, user, None);
+            return;
+        }
         self.stats.samples += 1;
         self.stats.bytes += len as u64;
         let (mut user, mut cut) = self.unwind_once(s, len, procs);
@@ -726,6 +749,11 @@ impl UserUnwinder {
             Some(Cut::BadAddress) => self.stats.bad_address += 1,
             None => {}
         }
+        self.count(s, user, cut);
+    }
+
+    /// Counts one more sample of a stack.
+    fn count(&mut self, s: &StackSample, user: Vec<u64>, cut: Option<Cut>) {
         let thread =
             String::from_utf8_lossy(s.comm.split(|b| *b == 0).next().unwrap_or(&[])).into_owned();
         let key = UnwoundKey {

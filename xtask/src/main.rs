@@ -370,6 +370,23 @@ fn validate_deploy(ws: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The npm modules of the tests' real Node.js service (tests/node), from
+/// its lockfile, when they are not installed yet (.ci/run installs them).
+fn node_modules(ws: &Path) -> Result<()> {
+    let dir = ws.join("tests/node");
+    if dir.join("node_modules/.package-lock.json").is_file() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing the Node.js test service's modules (npm ci in tests/node)");
+    run(Command::new("npm").current_dir(&dir).args([
+        "ci",
+        "--no-audit",
+        "--no-fund",
+        "--loglevel=error",
+    ]))
+    .context("npm ci in tests/node (Node.js and npm are needed for the Node.js tests)")
+}
+
 fn test(test_args: &[String]) -> Result<()> {
     let exe = build()?;
     let bin = bootstrap()?;
@@ -392,6 +409,7 @@ fn test(test_args: &[String]) -> Result<()> {
         "warnings",
     ])?;
     validate_deploy(&ws)?;
+    node_modules(&ws)?;
     if !is_root() {
         eprintln!(
             "xtask: not root: the privileged tests will say they were skipped; run as root (CI does) for the full suite"

@@ -271,6 +271,7 @@ impl RawProfile {
             t.lost += u.lost;
             t.bad_address += u.bad_address;
             t.jit_cfi_frames += u.jit_cfi_frames;
+            t.walked_in_kernel += u.walked_in_kernel;
             t.dropped += u.dropped;
             t.bytes += u.bytes;
         }
@@ -305,6 +306,7 @@ pub fn counter_name(c: Counter) -> &'static str {
         Counter::StackCopiesShort => "stack_copies_short",
         Counter::UserRegsMissing => "samples_without_user_registers",
         Counter::RunqLatencyTotalUs => "runqueue_latency_total_us",
+        Counter::UserStacksSentAside => "user_stacks_sent_aside_on_collision",
     }
 }
 
@@ -467,7 +469,8 @@ fn build_config(
         copy_stacks: (cfg.stacks && cfg.unwind != UnwindMode::Fp).into(),
         stack_pages: (cfg.stack_bytes as usize / STACK_PAGE).clamp(1, STACK_COPY_MAX / STACK_PAGE)
             as u8,
-        _pad2: [0; 2],
+        send_collided: (cfg.stacks && cfg.unwind == UnwindMode::Fp).into(),
+        _pad2: 0,
         task_stack: 0,
         thread_size: thread_size(),
         _pad3: 0,
@@ -578,7 +581,7 @@ impl Capture {
             )
             .map_max_entries(
                 names::MAP_SCRATCH,
-                if config.copy_stacks != 0 {
+                if config.copy_stacks != 0 || config.send_collided != 0 {
                     possible_cpus()
                 } else {
                     1
@@ -588,6 +591,9 @@ impl Capture {
                 names::MAP_STACK_SAMPLES,
                 if config.copy_stacks != 0 {
                     stack_ring_bytes(cfg.frequency_hz, cpus.len(), cfg.stack_bytes)
+                } else if config.send_collided != 0 {
+                    // Collided frame-pointer stacks: addresses, 1 KiB at most.
+                    stack_ring_bytes(cfg.frequency_hz, cpus.len(), 1024)
                 } else {
                     4096
                 },
@@ -615,7 +621,11 @@ impl Capture {
         // SAFETY: as above.
         let stack_samples =
             unsafe { AsyncFd::register(stack_samples) }.map_err(|e| CaptureError::Io(e.into()))?;
-        let unwinder = (config.copy_stacks != 0).then(UserUnwinder::new);
+        // Copied stacks are unwound in userspace; with --unwind fp, stacks
+        // that collided in the stack map arrive as addresses and are
+        // aggregated the same way.
+        let unwinder =
+            (config.copy_stacks != 0 || config.send_collided != 0).then(UserUnwinder::new);
 
         let mut procs = ProcessTable::new();
         for pid in &cfg.pids {
