@@ -4,6 +4,8 @@
 //! The tests run the real binary as root against real processes; without
 //! root they say they are skipped and why.
 
+pub mod node;
+
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},

@@ -1,0 +1,391 @@
+//! The real Node.js service of the tests and benches (tests/node: Express
+//! rendering Markdown with marked, under autocannon), and reading what
+//! perf and V8's own profiler say of it, to compare in the same run.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use crate::{pct, read_folded, workspace};
+
+/// The service's npm modules, installed by .ci/run (`npm ci` from the
+/// lockfile; `cargo xtask test` does it too when they are missing).
+pub fn node_dir() -> PathBuf {
+    let d = workspace().join("tests/node");
+    assert!(
+        d.join("node_modules/express").is_dir() && d.join("node_modules/autocannon").is_dir(),
+        "tests/node/node_modules is missing: run `npm ci --prefix tests/node` (cargo xtask test does)"
+    );
+    d
+}
+
+/// The service, started in `cwd` (where V8 writes its jitdump and CPU
+/// profile) with `flags`; its port read from its first line of output.
+pub fn start_service(cwd: &Path, flags: &[&str]) -> (Child, u16) {
+    let mut child = Command::new("node")
+        .current_dir(cwd)
+        .args(flags)
+        .arg(node_dir().join("server.js"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("node is needed (.ci/run installs it)");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("the service printed {line:?}, not its port"));
+    (child, port)
+}
+
+/// autocannon against the service for `secs`, 10 connections.
+pub fn load(port: u16, secs: u32) -> Child {
+    Command::new("node")
+        .arg(node_dir().join("node_modules/.bin/autocannon"))
+        .args(["-c", "10", "-d", &secs.to_string()])
+        .arg(format!("http://127.0.0.1:{port}/docs/1"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+pub fn sigterm_and_wait(mut child: Child) {
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+}
+
+/// A JS function's identity whatever tier ran it: `JS:*name file:line:col`
+/// and `JS:name file:line:col` are the same function.
+pub fn js_function(frame: &str) -> Option<String> {
+    let f = frame
+        .strip_suffix("_[j]")
+        .or_else(|| frame.strip_suffix("_[i]"))
+        .unwrap_or(frame);
+    let rest = f.strip_prefix("JS:")?;
+    let rest = rest.trim_start_matches(['*', '~', '^', '+']);
+    let (_, place) = rest.rsplit_once(' ')?;
+    // name file:line:col, the place being file:line:col.
+    let mut it = place.rsplitn(3, ':');
+    let (_col, _line) = (
+        it.next()?.parse::<u32>().ok()?,
+        it.next()?.parse::<u32>().ok()?,
+    );
+    Some(format!("JS:{rest}"))
+}
+
+/// Per function, the share (0..1) of the stacks holding a JS frame that
+/// hold it, from (frames, count) pairs.
+pub fn js_shares<'a>(stacks: impl Iterator<Item = (Vec<&'a str>, u64)>) -> HashMap<String, f64> {
+    let mut total = 0u64;
+    let mut per: HashMap<String, u64> = HashMap::new();
+    for (frames, n) in stacks {
+        let fns: HashSet<String> = frames.iter().filter_map(|f| js_function(f)).collect();
+        if fns.is_empty() {
+            continue;
+        }
+        total += n;
+        for f in fns {
+            *per.entry(f).or_default() += n;
+        }
+    }
+    per.into_iter()
+        .map(|(k, v)| (k, v as f64 / total.max(1) as f64))
+        .collect()
+}
+
+/// A perf map read the way the profiler reads one: a later line replaces
+/// the earlier ones it overlaps. perf 6.1 looks up the nearest start
+/// instead and calls an address inside a newer, longer range that starts
+/// before an older one `[unknown]`; judging its walks by its own look-ups
+/// would count that against perf.
+pub fn perf_map_names(path: &Path) -> BTreeMap<u64, (u64, String)> {
+    let mut m: BTreeMap<u64, (u64, String)> = BTreeMap::new();
+    for line in std::fs::read_to_string(path).unwrap().lines() {
+        let mut p = line.splitn(3, ' ');
+        let (Some(a), Some(s), Some(n)) = (p.next(), p.next(), p.next()) else {
+            continue;
+        };
+        let (Ok(a), Ok(s)) = (u64::from_str_radix(a, 16), u64::from_str_radix(s, 16)) else {
+            continue;
+        };
+        let end = a + s;
+        let over: Vec<u64> = m
+            .range(..end)
+            .rev()
+            .take_while(|(_, (e, _))| *e > a)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in over {
+            m.remove(&k);
+        }
+        m.insert(a, (end, n.to_string()));
+    }
+    m
+}
+
+/// perf script's stacks (leaf first), frames in perf maps named again
+/// from the map (see [`perf_map_names`]).
+pub fn perf_stacks(data: &Path, map: &BTreeMap<u64, (u64, String)>) -> Vec<Vec<String>> {
+    let out = Command::new("perf")
+        .args(["script", "-i"])
+        .arg(data)
+        .output()
+        .expect("perf is needed (.ci/run installs linux-perf)");
+    assert!(out.status.success(), "perf script failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut stacks = Vec::new();
+    let mut cur: Option<Vec<String>> = None;
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            stacks.extend(cur.take());
+            continue;
+        }
+        if !line.starts_with(['\t', ' ']) {
+            stacks.extend(cur.take());
+            cur = Some(Vec::new());
+            continue;
+        }
+        let Some(frames) = cur.as_mut() else { continue };
+        // "\t    7f99f0243b53 sym+0x13 (dso)"
+        let l = line.trim();
+        let Some((addr, rest)) = l.split_once(' ') else {
+            continue;
+        };
+        let Ok(addr) = u64::from_str_radix(addr, 16) else {
+            continue;
+        };
+        let (sym, dso) = rest.rsplit_once(" (").unwrap_or((rest, ""));
+        let name = if dso.contains("/perf-") && dso.ends_with(".map)") {
+            let a = if frames.is_empty() { addr } else { addr - 1 };
+            map.range(..=a)
+                .next_back()
+                .filter(|(_, (end, _))| a < *end)
+                .map_or("[unknown]".to_string(), |(_, (_, n))| n.clone())
+        } else {
+            sym.rsplit_once("+0x").map_or(sym, |(s, _)| s).to_string()
+        };
+        frames.push(name);
+    }
+    stacks.extend(cur);
+    stacks
+}
+
+/// V8's own profile: one stack (outermost first) per sample, JS frames
+/// named as the jitdump and perf map name them (1-based line and column).
+pub fn cpu_profile_stacks(dir: &Path) -> Vec<(Vec<String>, u64)> {
+    let path = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "cpuprofile"))
+        .expect("node --cpu-prof wrote no .cpuprofile");
+    let prof: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let nodes = prof["nodes"].as_array().unwrap();
+    let mut parent: HashMap<u64, u64> = HashMap::new();
+    let mut name: HashMap<u64, Option<String>> = HashMap::new();
+    for n in nodes {
+        let id = n["id"].as_u64().unwrap();
+        for c in n["children"].as_array().into_iter().flatten() {
+            parent.insert(c.as_u64().unwrap(), id);
+        }
+        let cf = &n["callFrame"];
+        let url = cf["url"].as_str().unwrap_or("");
+        name.insert(
+            id,
+            (!url.is_empty()).then(|| {
+                format!(
+                    "JS:{} {}:{}:{}",
+                    cf["functionName"].as_str().unwrap_or(""),
+                    url.strip_prefix("file://").unwrap_or(url),
+                    cf["lineNumber"].as_u64().unwrap_or(0) + 1,
+                    cf["columnNumber"].as_u64().unwrap_or(0) + 1
+                )
+            }),
+        );
+    }
+    let mut counts: HashMap<u64, u64> = HashMap::new();
+    for s in prof["samples"].as_array().unwrap() {
+        *counts.entry(s.as_u64().unwrap()).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .map(|(leaf, n)| {
+            let mut frames = Vec::new();
+            let mut at = Some(leaf);
+            while let Some(id) = at {
+                frames.extend(name[&id].clone());
+                at = parent.get(&id).copied();
+            }
+            frames.reverse();
+            (frames, n)
+        })
+        .collect()
+}
+
+pub fn is_unknown(frame: &str) -> bool {
+    frame.starts_with("[unknown") || frame.contains("+0x")
+}
+
+/// What one run of the service said, profiled three ways at once.
+pub struct SameRun {
+    /// Our folded stacks.
+    pub folded: BTreeMap<String, u64>,
+    /// Our stderr.
+    pub stderr: String,
+    /// perf -g's stacks (leaf first).
+    pub perf: Vec<Vec<String>>,
+    /// V8's own profile (outermost first, JS frames only).
+    pub v8: Vec<(Vec<String>, u64)>,
+}
+
+/// Node flags for the same-run comparison: a perf map for perf, a jitdump
+/// with unwinding info for us, and V8's own profile.
+pub const SAME_RUN_FLAGS: &[&str] = &[
+    "--perf-basic-prof",
+    "--perf-prof",
+    "--perf-prof-unwinding-info",
+    "--interpreted-frames-native-stack",
+    "--cpu-prof",
+];
+
+/// The service under autocannon, warmed for 3 s, then profiled for `secs`
+/// by `profiler record -F 999 -p PID` (`profiler` the binary, `extra` more
+/// arguments), `perf record -g -F 999 -p PID` and V8's `--cpu-prof`, all
+/// at once, in `dir`.
+pub fn same_run(profiler: &Path, dir: &Path, secs: u32, extra: &[&str]) -> SameRun {
+    let cwd = dir.join("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let (node, port) = start_service(&cwd, SAME_RUN_FLAGS);
+    let node_pid = node.id();
+    let load = crate::KillOnDrop(vec![load(port, secs + 8)]);
+    // Warm: V8 compiles and inlines the hot paths first.
+    std::thread::sleep(Duration::from_secs(3));
+    let perf_data = dir.join("perf.data");
+    let mut perf = Command::new("perf")
+        .args(["record", "-q", "-g", "-F", "999", "-p"])
+        .arg(node_pid.to_string())
+        .arg("-o")
+        .arg(&perf_data)
+        .args(["--", "sleep", &secs.to_string()])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("perf is needed (.ci/run installs linux-perf)");
+    let out_dir = dir.join("out");
+    let rec = Command::new(profiler)
+        .current_dir(dir)
+        .args(["record", "-F", "999", "-d", &secs.to_string(), "-p"])
+        .arg(node_pid.to_string())
+        .arg("-o")
+        .arg(&out_dir)
+        .args(extra)
+        .output()
+        .expect("run profiler");
+    let stderr = String::from_utf8_lossy(&rec.stderr).into_owned();
+    assert!(rec.status.success(), "profiler record failed:\n{stderr}");
+    assert!(perf.wait().unwrap().success(), "perf record failed");
+    // The load ends before the service, so that it exits idle.
+    drop(load);
+    sigterm_and_wait(node);
+    let map = perf_map_names(Path::new(&format!("/tmp/perf-{node_pid}.map")));
+    SameRun {
+        folded: read_folded(&out_dir),
+        stderr,
+        perf: perf_stacks(&perf_data, &map),
+        v8: cpu_profile_stacks(&cwd),
+    }
+}
+
+impl SameRun {
+    /// Percent of our samples, and of perf's, with an unknown frame.
+    pub fn unknown_pct(&self) -> (f64, f64) {
+        let total: u64 = self.folded.values().sum();
+        let unknown: u64 = self
+            .folded
+            .iter()
+            .filter(|(l, _)| l.split(';').any(is_unknown))
+            .map(|(_, n)| n)
+            .sum();
+        let perf_unknown = self
+            .perf
+            .iter()
+            .filter(|s| s.iter().any(|f| is_unknown(f)))
+            .count() as u64;
+        (
+            pct(unknown, total),
+            pct(perf_unknown, self.perf.len() as u64),
+        )
+    }
+
+    /// Per JS function: (perf's share, ours by frames of JIT code only),
+    /// for those perf puts on `min` of samples or more, most first.
+    pub fn against_perf(&self, min: f64) -> Vec<(String, f64, f64)> {
+        let ours = js_shares(
+            self.folded
+                .iter()
+                .map(|(l, n)| (l.split(';').filter(|f| f.ends_with("_[j]")).collect(), *n)),
+        );
+        let perf = self.perf_shares();
+        let mut rows: Vec<(String, f64, f64)> = perf
+            .iter()
+            .filter(|(_, p)| **p >= min)
+            .map(|(f, p)| (f.clone(), *p, ours.get(f).copied().unwrap_or(0.0)))
+            .collect();
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        rows
+    }
+
+    fn perf_shares(&self) -> HashMap<String, f64> {
+        js_shares(
+            self.perf
+                .iter()
+                .map(|s| (s.iter().map(String::as_str).collect(), 1)),
+        )
+    }
+
+    /// Per JS function V8 puts on `min` or more: (V8's share, ours with
+    /// inlined frames, perf's), most first.
+    pub fn against_v8(&self, min: f64) -> Vec<(String, f64, f64, f64)> {
+        let v8 = js_shares(
+            self.v8
+                .iter()
+                .map(|(f, n)| (f.iter().map(String::as_str).collect(), *n)),
+        );
+        let ours = js_shares(
+            self.folded
+                .iter()
+                .map(|(l, n)| (l.split(';').collect(), *n)),
+        );
+        let perf = self.perf_shares();
+        let mut rows: Vec<(String, f64, f64, f64)> = v8
+            .iter()
+            .filter(|(_, v)| **v >= min)
+            .map(|(f, v)| {
+                (
+                    f.clone(),
+                    *v,
+                    ours.get(f).copied().unwrap_or(0.0),
+                    perf.get(f).copied().unwrap_or(0.0),
+                )
+            })
+            .collect();
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        rows
+    }
+
+    /// JIT frames the run walked with jitdump CFI (from the summary).
+    pub fn jit_cfi_frames(&self) -> u64 {
+        self.stderr
+            .split("; ")
+            .find_map(|p| p.strip_suffix(" JIT frames walked with jitdump CFI"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
