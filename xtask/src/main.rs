@@ -18,6 +18,7 @@ use anyhow::{Context, Result, bail};
 
 mod bench;
 mod bench_daemon;
+mod bench_node;
 mod bench_overhead;
 use clap::{Parser, Subcommand};
 
@@ -41,9 +42,10 @@ enum Cmd {
         record_args: Vec<String>,
     },
     /// Benchmarks against perf and bpftrace, measured in the same run
-    /// (root, perf, bpftrace): `unwind`, `daemon`, `overhead`, or all.
+    /// (root, perf, bpftrace, node): `unwind`, `daemon`, `overhead`,
+    /// `node`, or all.
     Bench {
-        /// Which bench: unwind, daemon, overhead (default: all).
+        /// Which bench: unwind, daemon, overhead, node (default: all).
         which: Option<String>,
         /// Rounds of the overhead bench's slowdown runs (each round runs
         /// the workload alone and under every tool, in a rotating order).
@@ -77,12 +79,16 @@ fn main() -> Result<()> {
                 None => {
                     bench::bench(&exe, &root())?;
                     bench_daemon::bench(&exe, &root())?;
-                    bench_overhead::bench(&exe, &root(), rounds as usize)
+                    bench_overhead::bench(&exe, &root(), rounds as usize)?;
+                    bench_node::bench(&exe, &root())
                 }
                 Some("unwind") => bench::bench(&exe, &root()),
                 Some("daemon") => bench_daemon::bench(&exe, &root()),
                 Some("overhead") => bench_overhead::bench(&exe, &root(), rounds as usize),
-                Some(other) => bail!("unknown bench {other:?}: use unwind, daemon or overhead"),
+                Some("node") => bench_node::bench(&exe, &root()),
+                Some(other) => {
+                    bail!("unknown bench {other:?}: use unwind, daemon, overhead or node")
+                }
             }
         }
     }
