@@ -327,6 +327,71 @@ impl JitDump {
     }
 }
 
+/// A jitdump followed as the runtime appends to it: each
+/// [`JitDumpReader::refresh`] parses only the bytes written since the last,
+/// in bounded chunks (a long-lived runtime's dump holds every piece of code
+/// it compiled, machine code included: hundreds of MB).
+#[derive(Debug)]
+pub struct JitDumpReader {
+    path: std::path::PathBuf,
+    parser: JitDumpParser,
+    read_to: u64,
+    /// What was read so far.
+    pub dump: JitDump,
+    /// Not a jitdump: not read again.
+    broken: bool,
+}
+
+impl JitDumpReader {
+    /// For the file at `path`, nothing read yet.
+    pub fn new(path: std::path::PathBuf) -> Self {
+        JitDumpReader {
+            path,
+            parser: JitDumpParser::default(),
+            read_to: 0,
+            dump: JitDump::default(),
+            broken: false,
+        }
+    }
+
+    /// Whether this follows the file at `path`.
+    pub fn is_for(&self, path: &std::path::Path) -> bool {
+        self.path == path
+    }
+
+    /// Reads and applies what was appended since the last call; false
+    /// when the file is not (or no longer) a readable jitdump.
+    pub fn refresh(&mut self) -> bool {
+        use std::io::{Read, Seek, SeekFrom};
+        if self.broken {
+            return false;
+        }
+        let Ok(mut file) = std::fs::File::open(&self.path) else {
+            return self.read_to > 0;
+        };
+        if file.seek(SeekFrom::Start(self.read_to)).is_err() {
+            return self.read_to > 0;
+        }
+        let mut chunk = vec![0u8; 1 << 20];
+        loop {
+            let n = match file.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            self.read_to += n as u64;
+            match self.parser.feed(&chunk[..n]) {
+                Ok(events) => self.dump.apply(events),
+                Err(_) => {
+                    self.broken = true;
+                    return false;
+                }
+            }
+        }
+        self.dump.bad_records = self.parser.bad_records;
+        true
+    }
+}
+
 /// A V8 code name split up: `JS:*name file:line:col` (kind `JS`, tier
 /// `*`). Tiers: `~` interpreted, `^` baseline (Sparkplug), `+` Maglev,
 /// `*` TurboFan.
@@ -623,6 +688,27 @@ pub(crate) mod tests {
         assert!(d.codes().eq(whole.codes()));
         assert_eq!(d.len(), 20);
         assert_eq!(p.consumed, w.0.len() as u64);
+    }
+
+    /// A reader follows a file as it grows, reading only what is new.
+    #[test]
+    fn a_reader_follows_a_growing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jit-1.dump");
+        let mut w = Writer::new();
+        w.load(0x1000, 0x10, "JS:*a /a.js:1:1");
+        std::fs::write(&path, &w.0).unwrap();
+        let mut r = JitDumpReader::new(path.clone());
+        assert!(r.refresh());
+        assert_eq!(r.dump.len(), 1);
+        w.load(0x2000, 0x10, "JS:*b /a.js:5:1");
+        std::fs::write(&path, &w.0).unwrap();
+        assert!(r.refresh());
+        assert_eq!(r.dump.len(), 2);
+        assert_eq!(r.dump.lookup(0x2004).unwrap().name, "JS:*b /a.js:5:1");
+        std::fs::write(&path, [0u8; 64]).unwrap();
+        let mut bad = JitDumpReader::new(path);
+        assert!(!bad.refresh());
     }
 
     #[test]

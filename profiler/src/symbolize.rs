@@ -19,7 +19,7 @@ use blazesym::symbolize::{
 use blazesym::{Addr, MaybeDefault};
 
 use crate::{
-    jitdump::JitDump,
+    jitdump::{JitDump, JitDumpReader},
     perfmap::PerfMap,
     procmaps::{Backing, Normalized, basename, normalize},
     procs::ProcessInfo,
@@ -149,7 +149,11 @@ pub struct Symbolizer {
     blaze: Blaze,
     perf_maps: HashMap<u32, Option<PerfMap>>,
     /// Jitdumps read, per process (with the JS functions they name).
-    jitdumps: HashMap<u32, Option<JitDump>>,
+    /// Jitdumps followed, per process, and the symbolization round each
+    /// was last brought up to date in (a daemon's symbolizer lives for
+    /// many windows: only what the runtime appended is read again).
+    jitdumps: HashMap<u32, (JitDumpReader, u64)>,
+    round: u64,
     /// Function symbols of the vDSO (start, end, name), read lazily from
     /// the profiler's own copy: the same image in every process.
     vdso: Option<Vec<(u64, u64, String)>>,
@@ -173,6 +177,7 @@ impl Symbolizer {
                 .build(),
             perf_maps: HashMap::new(),
             jitdumps: HashMap::new(),
+            round: 1,
             vdso: None,
         }
     }
@@ -354,17 +359,36 @@ impl Symbolizer {
         }
     }
 
-    /// The process's jitdump (the file it maps as `jit-PID.dump`), read
-    /// whole once per symbolization.
+    /// The process's jitdump (the file it maps as `jit-PID.dump`), brought
+    /// up to date once per symbolization round.
     fn jitdump(&mut self, process: &ProcessInfo) -> Option<&JitDump> {
-        self.jitdumps
+        let path = jitdump_path(process)?;
+        let round = self.round;
+        let (reader, at) = self
+            .jitdumps
             .entry(process.pid)
-            .or_insert_with(|| {
-                let path = jitdump_path(process)?;
-                let bytes = fs::read(path).ok()?;
-                JitDump::parse(&bytes).ok()
-            })
-            .as_ref()
+            .or_insert_with(|| (JitDumpReader::new(path.clone()), 0));
+        if !reader.is_for(&path) {
+            *reader = JitDumpReader::new(path);
+            *at = 0;
+        }
+        if *at != round {
+            *at = round;
+            if !reader.refresh() {
+                return None;
+            }
+        }
+        Some(&reader.dump)
+    }
+
+    /// Starts a symbolization round: perf maps are read afresh, jitdumps
+    /// brought up to date, and those of processes not symbolized in the
+    /// last rounds dropped.
+    fn new_round(&mut self) {
+        self.perf_maps.clear();
+        self.round += 1;
+        let round = self.round;
+        self.jitdumps.retain(|_, (_, at)| round - *at < 4);
     }
 
     fn perf_map(&mut self, process: &ProcessInfo) -> Option<&PerfMap> {
@@ -471,8 +495,7 @@ pub fn symbol_tables_with<'a>(
     procs: &crate::procs::ProcessTable,
 ) -> SymbolTables {
     use std::collections::HashSet;
-    sym.perf_maps.clear();
-    sym.jitdumps.clear();
+    sym.new_round();
     let kernel_addrs: Vec<u64> = stacks
         .clone()
         .into_iter()
