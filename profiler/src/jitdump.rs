@@ -284,8 +284,14 @@ impl JitDump {
     pub fn apply(&mut self, events: Vec<Event>) {
         for e in events {
             match e {
-                Event::Load(c) => {
+                Event::Load(mut c) => {
                     self.functions.note(&c);
+                    // Source positions are looked up only in optimized
+                    // code (TurboFan, Maglev: the tiers that inline); the
+                    // rest were noted above and need not be kept.
+                    if !V8Name::parse(&c.name).is_some_and(|n| matches!(n.tier, Some('*' | '+'))) {
+                        c.lines = Vec::new();
+                    }
                     let end = c.start.saturating_add(c.size.max(1));
                     self.codes.insert(c.start, end, c);
                 }
