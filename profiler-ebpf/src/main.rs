@@ -287,8 +287,19 @@ fn send_user_ips(ctx: &PerfEventContext, tgid: u32, tid: u32, kernel_stack_id: i
         (*out).comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
         n as usize
     };
-    let size = HEADER_BYTES + len;
-    if size > HEADER_BYTES + MAX_STACK_DEPTH * 8 {
+    if len > MAX_STACK_DEPTH * 8 {
+        return false;
+    }
+    send_scratch(out, HEADER_BYTES + len)
+}
+
+/// Sends the first `size` bytes of this CPU's scratch record through the
+/// stack ring; a full ring is counted. No wakeup per sample: userspace
+/// drains on a short timer, which saves a wakeup and two context switches
+/// a sample.
+#[inline(always)]
+fn send_scratch(out: *mut StackSample, size: usize) -> bool {
+    if size > core::mem::size_of::<StackSample>() {
         return false;
     }
     // SAFETY: `out` is this CPU's scratch record; `size` is bounded by it.
@@ -445,24 +456,7 @@ fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32) -> bool
     if at_top {
         bump(Counter::StackCopiesShort);
     }
-    let size = HEADER_BYTES + len as usize;
-    if size > core::mem::size_of::<StackSample>() {
-        return true;
-    }
-    // SAFETY: `out` is this CPU's scratch record; `size` is bounded by it.
-    let rc = unsafe {
-        aya_ebpf::helpers::generated::bpf_ringbuf_output(
-            core::ptr::addr_of!(STACK_SAMPLES).cast_mut().cast(),
-            out.cast(),
-            size as u64,
-            // No wakeup per sample: userspace drains on a short timer,
-            // which saves a wakeup and two context switches a sample.
-            BPF_RB_NO_WAKEUP,
-        )
-    };
-    if rc != 0 {
-        bump(Counter::StackCopiesLost);
-    }
+    send_scratch(out, HEADER_BYTES + len as usize);
     true
 }
 
