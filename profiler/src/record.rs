@@ -473,7 +473,13 @@ fn print_summary(
     paths: &[PathBuf],
     post: Duration,
 ) {
-    let lost = raw.counter(Counter::CountMapFull);
+    // With --unwind fp, stacks sent aside on collisions share the bound.
+    let lost = raw.counter(Counter::CountMapFull)
+        + raw
+            .unwind
+            .as_ref()
+            .filter(|u| u.samples == 0)
+            .map_or(0, |u| u.dropped);
     let dropped_user = raw.counter(Counter::UserStackDropped);
     let dropped_kernel = raw.counter(Counter::KernelStackDropped);
     let no_stack = raw.counter(Counter::NoStack);

@@ -422,6 +422,10 @@ pub struct UserUnwinder {
     rereads: HashMap<u32, std::time::Instant>,
     /// The JIT code's CFI of processes that write a jitdump.
     jit: HashMap<u32, JitCfi>,
+    /// Most distinct stacks kept (default [`MAX_STACKS`]); with
+    /// `--unwind fp` the kernel's bound (`--max-stacks`), which the
+    /// stacks sent aside on collisions share.
+    pub max_stacks: Option<usize>,
     jit_ctx: Option<Box<gimli::UnwindContext<usize>>>,
     cache: CacheX86_64,
     /// Aggregated stacks.
@@ -765,7 +769,7 @@ impl UserUnwinder {
         };
         if let Some(c) = self.stacks.get_mut(&key) {
             *c += 1;
-        } else if self.stacks.len() < MAX_STACKS {
+        } else if self.stacks.len() < self.max_stacks.unwrap_or(MAX_STACKS) {
             self.stacks.insert(key, 1);
         } else {
             self.stats.dropped += 1;

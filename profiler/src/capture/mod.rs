@@ -624,8 +624,13 @@ impl Capture {
         // Copied stacks are unwound in userspace; with --unwind fp, stacks
         // that collided in the stack map arrive as addresses and are
         // aggregated the same way.
-        let unwinder =
-            (config.copy_stacks != 0 || config.send_collided != 0).then(UserUnwinder::new);
+        let unwinder = (config.copy_stacks != 0 || config.send_collided != 0).then(|| {
+            let mut u = UserUnwinder::new();
+            if config.copy_stacks == 0 {
+                u.max_stacks = Some(cfg.count_map_entries as usize);
+            }
+            u
+        });
 
         let mut procs = ProcessTable::new();
         for pid in &cfg.pids {
