@@ -41,6 +41,16 @@ fn record_works_with_only_its_capabilities() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
+    // A process that lives in system calls, so that kernel frames are
+    // sampled whatever else the machine does (a busy user loop takes
+    // none; the run failed once on a quiet CI host for lack of them).
+    let _syscalls = KillOnDrop(vec![
+        Command::new("timeout")
+            .args(["5", "dd", "if=/dev/zero", "of=/dev/null", "bs=64"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ]);
     thread::sleep(Duration::from_millis(300));
     let out_dir = dir.join("out");
     let out = Command::new("setpriv")
