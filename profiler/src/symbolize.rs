@@ -734,4 +734,37 @@ mod tests {
             FrameKind::Unknown(UnknownReason::ProcessExited)
         );
     }
+
+    /// Heap, stack and a file's data are not code: a frame there says the
+    /// walk went wrong, not that symbols are missing. JIT memory with no
+    /// perf map and no jitdump says so.
+    #[test]
+    fn addresses_that_are_not_code_say_so() {
+        let info = exited_process(
+            "1000-2000 rw-p 00000000 00:00 0 [heap]\n\
+             3000-4000 rw-p 00000000 00:00 0 [stack]\n\
+             5000-6000 r--p 00001000 fd:01 7 /nonexistent/libfoo.so\n\
+             7000-8000 rw-p 00000000 00:00 0\n\
+             9000-a000 r-xp 00000000 00:00 0\n",
+        );
+        let mut sym = Symbolizer::new();
+        let frames = sym.user(Some(&info), &[0x1010, 0x3010, 0x5010, 0x7010, 0x9010]);
+        for (addr, what) in [
+            (0x1010, "[heap]"),
+            (0x3010, "[stack]"),
+            (0x5010, "data of libfoo.so"),
+            (0x7010, "anonymous memory"),
+        ] {
+            let f = &frames[&addr][0];
+            assert_eq!(f.kind, FrameKind::Unknown(UnknownReason::NotCode), "{f:?}");
+            assert!(
+                f.name.contains(what) && f.name.contains("the walk went wrong"),
+                "{f:?}"
+            );
+        }
+        assert_eq!(
+            frames[&0x9010][0].kind,
+            FrameKind::Unknown(UnknownReason::JitWithoutPerfMap)
+        );
+    }
 }

@@ -857,19 +857,12 @@ mod tests {
         std::hint::black_box(nested(depth - 1, out, stack_end)) + 1
     }
 
-    /// This test binary (linked by lld, as Rust binaries are) unwound with
-    /// its CFI from a copy of its own stack, as a sample of it would be:
-    /// every frame of the nested calls found (six: five nested calls and
-    /// the one that samples), and the walk ends at the
-    /// thread's start, not truncated. With the text segment's mapping
-    /// placed 0x1000 off, the second frame was already garbage.
-    #[test]
-    fn this_binary_unwinds_to_its_thread_start() {
+    /// The top of the calling thread's stack mapping.
+    fn this_stack_end() -> u64 {
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
         let probe = 0u8;
         let here = std::ptr::addr_of!(probe) as u64;
-        let stack_end = maps
-            .lines()
+        maps.lines()
             .filter_map(|l| {
                 let (lo, hi) = l.split_whitespace().next()?.split_once('-')?;
                 Some((
@@ -879,7 +872,161 @@ mod tests {
             })
             .find(|(lo, hi)| (*lo..*hi).contains(&here))
             .map(|(_, hi)| hi)
-            .unwrap();
+            .unwrap()
+    }
+
+    /// The sample a SIGUSR1 handler takes of its own stack, and the top of
+    /// that stack.
+    static SIGNAL_SAMPLE: std::sync::atomic::AtomicPtr<StackSample> =
+        std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+    static SIGNAL_STACK_END: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    extern "C" fn take_sample(_: libc::c_int) {
+        let out = SIGNAL_SAMPLE.load(std::sync::atomic::Ordering::SeqCst);
+        let end = SIGNAL_STACK_END.load(std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: the test set `out` to a live sample before raising.
+        unsafe { sample_here(&mut *out, end) };
+    }
+
+    #[inline(never)]
+    fn raise_nested(depth: u32) -> u32 {
+        if depth == 0 {
+            // SAFETY: raises a signal whose handler the test installed.
+            unsafe { libc::raise(libc::SIGUSR1) };
+            return 0;
+        }
+        std::hint::black_box(raise_nested(depth - 1)) + 1
+    }
+
+    /// A sample taken inside a signal handler (as V8's --cpu-prof SIGPROF
+    /// handler is sampled) unwinds through the signal frame to the code
+    /// the signal interrupted: the nested calls that raised it and the
+    /// test function are found below the handler.
+    #[test]
+    fn walks_continue_through_signal_frames() {
+        // SAFETY: all zeroes is a valid StackSample.
+        let mut s: Box<StackSample> = unsafe { Box::new_zeroed().assume_init() };
+        SIGNAL_SAMPLE.store(&mut *s, std::sync::atomic::Ordering::SeqCst);
+        SIGNAL_STACK_END.store(this_stack_end(), std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: installs a handler (no SA_ONSTACK: it runs on this
+        // thread's stack) for a signal this test raises on itself.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = take_sample as *const () as usize;
+            libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+        }
+        raise_nested(3);
+        let mut procs = ProcessTable::new();
+        procs.observe(std::process::id());
+        let mut u = UserUnwinder::new();
+        u.add(&s, &mut procs);
+        let (stacks, _) = u.take_window();
+        let key = stacks.keys().next().unwrap();
+        let at = raise_nested as *const () as u64;
+        let in_raise = key
+            .user
+            .iter()
+            .filter(|a| (at..at + 256).contains(a))
+            .count();
+        assert_eq!(in_raise, 4, "frames {:x?}", key.user);
+        let test_at = walks_continue_through_signal_frames as *const () as u64;
+        assert!(
+            key.user
+                .iter()
+                .any(|a| (test_at..test_at + 4096).contains(a)),
+            "no frame in the test function: {:x?}",
+            key.user
+        );
+    }
+
+    // A function without CFI (as V8's builtins in `node`) that sets up a
+    // frame, spills a heap pointer at [sp] and samples itself there: the
+    // leaf of the sample is in code no FDE covers.
+    std::arch::global_asm!(
+        ".text",
+        ".globl profiler_test_framed_no_cfi",
+        "profiler_test_framed_no_cfi:",
+        "push rbp",
+        "mov rbp, rsp",
+        "push rdi",
+        "push rdi",
+        "lea rsi, [rip]",
+        "mov rdx, rsp",
+        "mov rcx, rbp",
+        "call {cb}",
+        "pop rdi",
+        "pop rdi",
+        "pop rbp",
+        "ret",
+        cb = sym sample_from_asm,
+    );
+
+    unsafe extern "C" {
+        fn profiler_test_framed_no_cfi(out: *mut StackSample);
+    }
+
+    /// Copies the stack of the no-CFI function's frame as the sampler
+    /// would have at `ip` (its registers given; its frame lies above ours).
+    extern "C" fn sample_from_asm(out: *mut StackSample, ip: u64, sp: u64, bp: u64) {
+        let end = SIGNAL_STACK_END.load(std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: [sp, end) is this thread's live stack above this frame.
+        unsafe {
+            let len = (end - sp).min(profiler_common::STACK_COPY_MAX as u64) as usize;
+            std::ptr::copy_nonoverlapping(sp as *const u8, (*out).stack.as_mut_ptr(), len);
+            (*out).ip = ip;
+            (*out).sp = sp;
+            (*out).bp = bp;
+            (*out).base = sp;
+            (*out).len = len as u32;
+            (*out).tgid = std::process::id();
+        }
+    }
+
+    /// The leaf in code of a file that no FDE covers, with a frame set up
+    /// and a heap pointer at [sp] (V8's builtins): walked by its frame
+    /// pointer, the caller is found and the walk goes on; taking [sp] as
+    /// the return address (framehop's rule for a frameless leaf) ended it
+    /// at "not code" after one frame of garbage.
+    #[test]
+    fn a_leaf_without_cfi_is_walked_by_its_frame_pointer() {
+        // SAFETY: all zeroes is a valid StackSample.
+        let mut s: Box<StackSample> = unsafe { Box::new_zeroed().assume_init() };
+        SIGNAL_STACK_END.store(this_stack_end(), std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: the function only reads its argument's address.
+        unsafe { profiler_test_framed_no_cfi(&mut *s) };
+        let mut procs = ProcessTable::new();
+        procs.observe(std::process::id());
+        let mut u = UserUnwinder::new();
+        u.add(&s, &mut procs);
+        let (stacks, stats) = u.take_window();
+        let key = stacks.keys().next().unwrap();
+        let test_at = a_leaf_without_cfi_is_walked_by_its_frame_pointer as *const () as u64;
+        assert!(
+            key.user
+                .iter()
+                .skip(1)
+                .take(2)
+                .any(|a| (test_at..test_at + 4096).contains(a)),
+            "the caller is not the second frame: {:x?}",
+            key.user
+        );
+        assert_eq!(
+            (stats.bad_address, stats.lost, key.cut),
+            (0, 0, None),
+            "frames {:x?}",
+            key.user
+        );
+    }
+
+    /// This test binary (linked by lld, as Rust binaries are) unwound with
+    /// its CFI from a copy of its own stack, as a sample of it would be:
+    /// every frame of the nested calls found (six: five nested calls and
+    /// the one that samples), and the walk ends at the
+    /// thread's start, not truncated. With the text segment's mapping
+    /// placed 0x1000 off, the second frame was already garbage.
+    #[test]
+    fn this_binary_unwinds_to_its_thread_start() {
+        let stack_end = this_stack_end();
         // SAFETY: all zeroes is a valid StackSample.
         let mut s: Box<StackSample> = unsafe { Box::new_zeroed().assume_init() };
         nested(5, &mut s, stack_end);
