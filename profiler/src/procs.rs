@@ -12,7 +12,7 @@ use std::{
     sync::Arc,
 };
 
-use crate::procmaps::{MapEntry, parse_maps};
+use crate::procmaps::{Backing, MapEntry, parse_maps};
 
 /// Most processes kept at once; past it new processes are counted, not kept.
 pub const MAX_PROCESSES: usize = 32 * 1024;
@@ -141,6 +141,10 @@ impl ProcessTable {
             Some(info) => {
                 // A pid reused by a new process replaces the old one's
                 // record: the new one is what samples from now on belong to.
+                let info = match self.procs.remove(&pid) {
+                    Some(old) => keep_unmapped_code(&old, info),
+                    None => info,
+                };
                 self.procs.insert(pid, info);
             }
             None => match self.procs.get_mut(&pid) {
@@ -158,6 +162,7 @@ impl ProcessTable {
             let start = self.procs[&pid].start_time;
             match self.read(pid) {
                 Some(info) if info.start_time == start => {
+                    let info = keep_unmapped_code(&self.procs[&pid], info);
                     self.procs.insert(pid, info);
                 }
                 _ => self.procs.get_mut(&pid).expect("known pid").exited = true,
@@ -342,9 +347,81 @@ impl ProcessTable {
     }
 }
 
+/// A new read of a process that was read before: its maps, plus the
+/// executable mappings of the earlier read that nothing in the new one
+/// overlaps. Samples taken before a mapping went away still name their
+/// code: a runtime unmaps its code while it exits (V8 unmaps its remapped
+/// builtins and decommits its code space before the process's last
+/// read), and a library can be unloaded before the capture ends. Nothing
+/// is kept across an exec (another executable) or a reused pid.
+fn keep_unmapped_code(old: &ProcessInfo, mut new: ProcessInfo) -> ProcessInfo {
+    let exe = |i: &ProcessInfo| {
+        i.maps.iter().find_map(|m| match &m.backing {
+            Backing::File { path, .. } => Some(path.clone()),
+            _ => None,
+        })
+    };
+    if old.start_time != new.start_time || exe(old) != exe(&new) {
+        return new;
+    }
+    let kept: Vec<MapEntry> = old
+        .maps
+        .iter()
+        .filter(|m| m.exec)
+        .filter(|m| !new.maps.iter().any(|n| n.start < m.end && m.start < n.end))
+        .cloned()
+        .collect();
+    if !kept.is_empty() {
+        new.maps.extend(kept);
+        new.maps.sort_by_key(|m| m.start);
+    }
+    new
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn info(start_time: u64, maps: &str) -> ProcessInfo {
+        ProcessInfo {
+            pid: 7,
+            ns_pid: 7,
+            name: "node".into(),
+            start_time,
+            maps: parse_maps(maps).0,
+            root: None,
+            exited: false,
+            cgroup: None,
+            replaced: HashMap::new(),
+        }
+    }
+
+    /// A read taken while the runtime tears itself down (its remapped
+    /// builtins unmapped, its code space decommitted) keeps the code the
+    /// earlier read saw where nothing overlaps it; across an exec or a
+    /// reused pid nothing is kept.
+    #[test]
+    fn code_unmapped_since_the_last_read_is_kept() {
+        let before = info(
+            5,
+            "1000-2000 r-xp 00001000 fd:01 9 /usr/bin/node\n\
+             7000-8000 r-xp 014c4000 fd:01 9 /usr/bin/node\n\
+             9000-a000 rwxp 00000000 00:00 0\n",
+        );
+        let after = info(
+            5,
+            "1000-2000 r-xp 00001000 fd:01 9 /usr/bin/node\n\
+             9000-a000 ---p 00000000 00:00 0\n",
+        );
+        let merged = keep_unmapped_code(&before, after.clone());
+        let kept: Vec<(u64, bool)> = merged.maps.iter().map(|m| (m.start, m.exec)).collect();
+        assert_eq!(kept, vec![(0x1000, true), (0x7000, true), (0x9000, false)]);
+        assert!(merged.mapping(0x7abc).is_some());
+        let reused = info(6, "1000-2000 r-xp 00001000 fd:01 9 /usr/bin/node\n");
+        assert_eq!(keep_unmapped_code(&before, reused).maps.len(), 1);
+        let execed = info(5, "1000-2000 r-xp 00001000 fd:01 3 /usr/bin/other\n");
+        assert_eq!(keep_unmapped_code(&before, execed).maps.len(), 1);
+    }
 
     #[test]
     fn start_time_survives_odd_command_names() {

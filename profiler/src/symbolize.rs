@@ -272,7 +272,14 @@ impl Symbolizer {
                 | Normalized::Special { entry, .. }
                     if !entry.exec =>
                 {
-                    out.insert(addr, vec![not_code(entry)]);
+                    // Anonymous memory the JIT says held code (it
+                    // decommits its code space before exiting, after the
+                    // samples were taken) is JIT code; else not code.
+                    let jit = match entry.backing {
+                        Backing::Anonymous => self.jit_frames(process, addr),
+                        _ => None,
+                    };
+                    out.insert(addr, jit.unwrap_or_else(|| vec![not_code(entry)]));
                 }
                 Normalized::File { entry, file_offset } => {
                     let Backing::File { path, .. } = &entry.backing else {
@@ -287,20 +294,18 @@ impl Symbolizer {
                 // predate the region (mapped after the last look).
                 Normalized::Anonymous(_) | Normalized::Unmapped => {
                     let unmapped = matches!(normalize(&process.maps, addr), Normalized::Unmapped);
-                    // A jitdump first (it has source lines and inlined
-                    // functions), then the perf map.
-                    let jit = self.jitdump(process);
-                    let has_jitdump = jit.is_some();
-                    if let Some(frames) = jit.and_then(|d| jit_frames(d, addr)) {
+                    if let Some(frames) = self.jit_frames(process, addr) {
                         out.insert(addr, frames);
                         continue;
                     }
-                    let map = self.perf_map(process);
-                    let frame = match map.and_then(|m| m.lookup(addr)) {
-                        Some(sym) => Frame::new(sanitize(&sym.name), FrameKind::Jit),
-                        None if unmapped => unknown(UnknownReason::Unmapped),
-                        None if map.is_some() || has_jitdump => unknown(UnknownReason::JitNotInMap),
-                        None => unknown(UnknownReason::JitWithoutPerfMap),
+                    let has_map =
+                        self.jitdump(process).is_some() || self.perf_map(process).is_some();
+                    let frame = if unmapped {
+                        unknown(UnknownReason::Unmapped)
+                    } else if has_map {
+                        unknown(UnknownReason::JitNotInMap)
+                    } else {
+                        unknown(UnknownReason::JitWithoutPerfMap)
                     };
                     out.insert(addr, vec![frame]);
                 }
@@ -357,6 +362,16 @@ impl Symbolizer {
                 .collect(),
             Err(_) => vec![Err(UnknownReason::FileUnreadable); offsets.len()],
         }
+    }
+
+    /// The frames of JIT code at `addr`: from the jitdump first (it has
+    /// source positions and inlined functions), then the perf map.
+    fn jit_frames(&mut self, process: &ProcessInfo, addr: u64) -> Option<Vec<Frame>> {
+        if let Some(frames) = self.jitdump(process).and_then(|d| jit_frames(d, addr)) {
+            return Some(frames);
+        }
+        let sym = self.perf_map(process)?.lookup(addr)?;
+        Some(vec![Frame::new(sanitize(&sym.name), FrameKind::Jit)])
     }
 
     /// The process's jitdump (the file it maps as `jit-PID.dump`), brought
