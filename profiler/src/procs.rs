@@ -364,11 +364,20 @@ fn keep_unmapped_code(old: &ProcessInfo, mut new: ProcessInfo) -> ProcessInfo {
     if old.start_time != new.start_time || exe(old) != exe(&new) {
         return new;
     }
+    let overlaps = |a: &MapEntry, b: &MapEntry| a.start < b.end && b.start < a.end;
+    // Anonymous memory that is not executable now, over code that was:
+    // the code was decommitted or unmapped back into a reservation
+    // (V8's code range); the code is what earlier samples ran.
+    new.maps.retain(|n| {
+        n.exec
+            || n.backing != Backing::Anonymous
+            || !old.maps.iter().any(|m| m.exec && overlaps(m, n))
+    });
     let kept: Vec<MapEntry> = old
         .maps
         .iter()
         .filter(|m| m.exec)
-        .filter(|m| !new.maps.iter().any(|n| n.start < m.end && m.start < n.end))
+        .filter(|m| !new.maps.iter().any(|n| overlaps(m, n)))
         .cloned()
         .collect();
     if !kept.is_empty() {
@@ -411,11 +420,11 @@ mod tests {
         let after = info(
             5,
             "1000-2000 r-xp 00001000 fd:01 9 /usr/bin/node\n\
-             9000-a000 ---p 00000000 00:00 0\n",
+             6000-c000 ---p 00000000 00:00 0\n",
         );
         let merged = keep_unmapped_code(&before, after.clone());
         let kept: Vec<(u64, bool)> = merged.maps.iter().map(|m| (m.start, m.exec)).collect();
-        assert_eq!(kept, vec![(0x1000, true), (0x7000, true), (0x9000, false)]);
+        assert_eq!(kept, vec![(0x1000, true), (0x7000, true), (0x9000, true)]);
         assert!(merged.mapping(0x7abc).is_some());
         let reused = info(6, "1000-2000 r-xp 00001000 fd:01 9 /usr/bin/node\n");
         assert_eq!(keep_unmapped_code(&before, reused).maps.len(), 1);
