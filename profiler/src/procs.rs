@@ -229,6 +229,13 @@ impl ProcessTable {
         let start_time = parse_start_time(&stat)?;
         let maps_text = fs::read_to_string(format!("{dir}/maps")).ok()?;
         let (maps, _bad) = parse_maps(&maps_text);
+        // No mappings: a zombie (exited, not yet reaped: its memory is
+        // gone) or a kernel thread. A read of a zombie replaced what was
+        // read while it lived, and every sample of a command that had
+        // just exited lost its native frames.
+        if maps.is_empty() {
+            return None;
+        }
         let name = fs::read_to_string(format!("{dir}/comm"))
             .map(|s| s.trim_end().to_string())
             .unwrap_or_default();

@@ -134,14 +134,17 @@ fn nodejs_functions_are_named_with_their_shares() {
         a + b > 1500,
         "JS functions named in too few samples ({a} + {b} of {total}):\n{folded:#?}"
     );
-    // The command's own process, read while it lived and torn down
-    // before its end (V8 unmaps its code then): no stack of it has more
-    // than one unknown frame (a walk stops at the first address that is
-    // not code).
-    let runs = samples_where(&folded, "node", |f| {
-        f.iter().filter(|fr| fr.starts_with("[unknown")).count() > 1
+    // The command's own process, read while it lived and read again as a
+    // zombie (no maps) or while V8 tore itself down (its code unmapped):
+    // its stacks stay named.
+    let unnamed = samples_where(&folded, "node", |f| {
+        f.iter()
+            .any(|fr| fr.starts_with("[unknown") || fr.contains("+0x"))
     });
-    assert_eq!(runs, 0, "stacks with several unknown frames:\n{folded:#?}");
+    assert!(
+        pct(unnamed, total) < 5.0,
+        "{unnamed} of {total} node samples have an unknown frame:\n{folded:#?}"
+    );
     let share_a = pct(a, a + b);
     assert!(
         (share_a - 70.0).abs() <= 5.0,
