@@ -31,8 +31,11 @@ use crate::{
 
 /// How often a process's jitdump is read again for code loaded since.
 const REFRESH: Duration = Duration::from_millis(100);
-/// Most bytes read from one dump at once (a runtime writes a few MB).
-const READ_MAX: u64 = 64 << 20;
+/// Most bytes read from one dump at once: a long-lived runtime's dump
+/// holds every piece of code it compiled (hundreds of MB); catching up
+/// runs in steps of this size, one per [`REFRESH`], so that the drain of
+/// the stack ring is never held up long.
+const READ_MAX: u64 = 8 << 20;
 /// Where the `.eh_frame` of a piece of code is placed to parse it first:
 /// any address far from zero, so that a backwards pc-relative pointer
 /// does not wrap.
