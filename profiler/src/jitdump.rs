@@ -333,29 +333,26 @@ impl JitDump {
     }
 }
 
-/// A jitdump followed as the runtime appends to it: each
-/// [`JitDumpReader::refresh`] parses only the bytes written since the last,
-/// in bounded chunks (a long-lived runtime's dump holds every piece of code
-/// it compiled, machine code included: hundreds of MB).
+/// A jitdump file followed as the runtime appends to it: each
+/// [`JitDumpFollower::read_new`] parses only the bytes written since the
+/// last, in chunks of 1 MiB. The symbolizer ([`JitDumpReader`]) and the
+/// unwinder's JIT CFI ([`crate::jitcfi::JitCfi`]) each follow one.
 #[derive(Debug)]
-pub struct JitDumpReader {
+pub struct JitDumpFollower {
     path: std::path::PathBuf,
     parser: JitDumpParser,
     read_to: u64,
-    /// What was read so far.
-    pub dump: JitDump,
     /// Not a jitdump: not read again.
     broken: bool,
 }
 
-impl JitDumpReader {
+impl JitDumpFollower {
     /// For the file at `path`, nothing read yet.
     pub fn new(path: std::path::PathBuf) -> Self {
-        JitDumpReader {
+        JitDumpFollower {
             path,
             parser: JitDumpParser::default(),
             read_to: 0,
-            dump: JitDump::default(),
             broken: false,
         }
     }
@@ -365,36 +362,86 @@ impl JitDumpReader {
         self.path == path
     }
 
-    /// Reads and applies what was appended since the last call; false
-    /// when the file is not (or no longer) a readable jitdump.
-    pub fn refresh(&mut self) -> bool {
+    /// The records completed since the last call, reading at most `max`
+    /// bytes (a long-lived runtime's dump holds every piece of code it
+    /// compiled, machine code included: hundreds of MB); None when the
+    /// file is not a jitdump.
+    pub fn read_new(&mut self, max: u64) -> Option<Vec<Event>> {
         use std::io::{Read, Seek, SeekFrom};
         if self.broken {
-            return false;
+            return None;
         }
+        let mut events = Vec::new();
         let Ok(mut file) = std::fs::File::open(&self.path) else {
-            return self.read_to > 0;
+            return Some(events);
         };
         if file.seek(SeekFrom::Start(self.read_to)).is_err() {
-            return self.read_to > 0;
+            return Some(events);
         }
         let mut chunk = vec![0u8; 1 << 20];
-        loop {
-            let n = match file.read(&mut chunk) {
+        let mut left = max;
+        while left > 0 {
+            let want = chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = match file.read(&mut chunk[..want]) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
             self.read_to += n as u64;
+            left -= n as u64;
             match self.parser.feed(&chunk[..n]) {
-                Ok(events) => self.dump.apply(events),
+                Ok(e) => events.extend(e),
                 Err(_) => {
                     self.broken = true;
-                    return false;
+                    return None;
                 }
             }
         }
-        self.dump.bad_records = self.parser.bad_records;
-        true
+        Some(events)
+    }
+
+    /// Whether any of the file was read (it exists and was readable).
+    pub fn has_read(&self) -> bool {
+        self.read_to > 0
+    }
+
+    /// Records that did not parse so far.
+    pub fn bad_records(&self) -> u64 {
+        self.parser.bad_records
+    }
+}
+
+/// A jitdump followed for symbolization: what was read so far, as a
+/// [`JitDump`].
+#[derive(Debug)]
+pub struct JitDumpReader {
+    follower: JitDumpFollower,
+    /// What was read so far.
+    pub dump: JitDump,
+}
+
+impl JitDumpReader {
+    /// For the file at `path`, nothing read yet.
+    pub fn new(path: std::path::PathBuf) -> Self {
+        JitDumpReader {
+            follower: JitDumpFollower::new(path),
+            dump: JitDump::default(),
+        }
+    }
+
+    /// Whether this follows the file at `path`.
+    pub fn is_for(&self, path: &std::path::Path) -> bool {
+        self.follower.is_for(path)
+    }
+
+    /// Reads and applies all that was appended since the last call; false
+    /// when the file is not a jitdump, or was never readable.
+    pub fn refresh(&mut self) -> bool {
+        let Some(events) = self.follower.read_new(u64::MAX) else {
+            return false;
+        };
+        self.dump.apply(events);
+        self.dump.bad_records = self.follower.bad_records();
+        self.follower.has_read()
     }
 }
 

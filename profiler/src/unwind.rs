@@ -250,8 +250,10 @@ struct ProcessUnwinder {
     jitdump: Option<PathBuf>,
     /// Which maps it was built from.
     maps_key: (u64, usize),
-    /// The files it uses: held, so that the cache knows which are in use.
-    _files: Vec<Arc<FileUnwindData>>,
+    /// Its executable file mappings (and the vDSO), by address: the rules
+    /// of our own walk look their file up here, without allocating, per
+    /// frame. The files are held, so that the cache knows which are in use.
+    modules: Vec<MappedFile>,
 }
 
 /// This process's vDSO image (`[vdso]` in /proc/self/maps), read from
@@ -305,47 +307,47 @@ pub enum Cut {
 /// Unwind data of files by host path (None: read and found unusable).
 type FileMap = HashMap<PathBuf, Option<Arc<FileUnwindData>>>;
 
-/// The file mapping `addr` and the address's stated virtual address
-/// in it, when its unwind data is loaded.
-fn file_at<'f>(
-    files: &'f FileMap,
-    info: &ProcessInfo,
-    addr: u64,
-) -> Option<(&'f FileUnwindData, u64)> {
-    let m = info.mapping(addr)?;
-    let Backing::File { path, .. } = &m.backing else {
-        return None;
-    };
-    let file = files.get(&info.host_path(path))?.as_deref()?;
-    let svma = file.svma_of_offset(m.offset, m.exec)?;
-    Some((file, svma.wrapping_add(addr - m.start)))
+/// An executable mapping of a file whose unwind data is loaded.
+struct MappedFile {
+    range: Range<u64>,
+    file: Arc<FileUnwindData>,
+    /// Address minus stated virtual address.
+    bias: u64,
 }
 
-/// Whether `addr` is in a signal trampoline (`__restore_rt`), by its
-/// FDE (glibc's covers the byte before it too, for return addresses
-/// looked up one byte back).
-fn in_sigreturn(files: &FileMap, info: &ProcessInfo, addr: u64) -> bool {
-    file_at(files, info, addr)
-        .is_some_and(|(file, at)| file.sigreturn.iter().any(|r| r.contains(&at)))
-}
+impl ProcessUnwinder {
+    /// The file mapping `addr` and the address's stated virtual address
+    /// in it.
+    fn file_at(&self, addr: u64) -> Option<(&FileUnwindData, u64)> {
+        let i = self.modules.partition_point(|m| m.range.start <= addr);
+        let m = self.modules[..i].last().filter(|m| addr < m.range.end)?;
+        Some((&m.file, addr.wrapping_sub(m.bias)))
+    }
 
-/// Whether `addr` is code of a file (executable, in a section of
-/// text) that none of the file's CFI covers.
-fn uncovered_code(files: &FileMap, info: &ProcessInfo, addr: u64) -> bool {
-    file_at(files, info, addr).is_some_and(|(file, at)| {
-        (file.eh_frame.is_some() || file.debug_frame.is_some())
-            && info.mapping(addr).is_some_and(|m| m.exec)
-            && !file.covered(at)
-    })
-}
+    /// Whether `addr` is in a signal trampoline (`__restore_rt`), by its
+    /// FDE (glibc's covers the byte before it too, for return addresses
+    /// looked up one byte back).
+    fn in_sigreturn(&self, addr: u64) -> bool {
+        self.file_at(addr)
+            .is_some_and(|(file, at)| file.sigreturn.iter().any(|r| r.contains(&at)))
+    }
 
-/// Whether a return address lies just past the start of its file's
-/// entry point: inside `_start`, the outermost frame of a process's
-/// first thread (and of ld.so's start).
-fn in_entry(files: &FileMap, info: &ProcessInfo, addr: u64) -> bool {
-    file_at(files, info, addr).is_some_and(|(file, at)| {
-        file.entry != 0 && at > file.entry && at <= file.entry + ENTRY_SPAN
-    })
+    /// Whether `addr` is code of a file that none of the file's CFI
+    /// covers.
+    fn uncovered_code(&self, addr: u64) -> bool {
+        self.file_at(addr).is_some_and(|(file, at)| {
+            (file.eh_frame.is_some() || file.debug_frame.is_some()) && !file.covered(at)
+        })
+    }
+
+    /// Whether a return address lies just past the start of its file's
+    /// entry point: inside `_start`, the outermost frame of a process's
+    /// first thread (and of ld.so's start).
+    fn in_entry(&self, addr: u64) -> bool {
+        self.file_at(addr).is_some_and(|(file, at)| {
+            file.entry != 0 && at > file.entry && at <= file.entry + ENTRY_SPAN
+        })
+    }
 }
 
 /// Where `struct ucontext`'s `uc_mcontext` is (x86_64: after uc_flags,
@@ -404,9 +406,6 @@ pub struct UnwindStats {
     pub dropped: u64,
     /// Frames of JIT code stepped over with the CFI of a jitdump.
     pub jit_cfi_frames: u64,
-    /// Stacks walked by frame pointer in the kernel and sent as addresses
-    /// (`--unwind fp`, their id collided in the stack map).
-    pub walked_in_kernel: u64,
     /// Bytes of stack received.
     pub bytes: u64,
 }
@@ -426,7 +425,6 @@ pub struct UserUnwinder {
     /// `--unwind fp` the kernel's bound (`--max-stacks`), which the
     /// stacks sent aside on collisions share.
     pub max_stacks: Option<usize>,
-    jit_ctx: Option<Box<gimli::UnwindContext<usize>>>,
     cache: CacheX86_64,
     /// Aggregated stacks.
     pub stacks: HashMap<UnwoundKey, u64>,
@@ -511,14 +509,14 @@ impl UserUnwinder {
             if self.procs.len() >= MAX_PROCS {
                 self.procs.clear();
             }
-            let (unwinder, files) = self.build(info);
+            let (unwinder, modules) = self.build(info);
             self.procs.insert(
                 s.tgid,
                 ProcessUnwinder {
                     unwinder,
                     jitdump: crate::symbolize::jitdump_path(info),
                     maps_key: key,
-                    _files: files,
+                    modules,
                 },
             );
         }
@@ -529,9 +527,6 @@ impl UserUnwinder {
         // does, and [sp] then holds a spilled value: the walk went on from
         // garbage. Walk the frame pointer there instead, as perf -g does,
         // when rbp points into the stack above sp.
-        let mut leaf_by_fp = s.bp > s.sp
-            && s.bp + 16 <= s.base + len as u64
-            && uncovered_code(&self.files, info, s.ip);
         if let Some(path) = &self.procs[&s.tgid].jitdump {
             let j = self
                 .jit
@@ -543,10 +538,9 @@ impl UserUnwinder {
             j.refresh();
         }
         let jit = self.jit.get(&s.tgid);
-        let ctx = self
-            .jit_ctx
-            .get_or_insert_with(|| Box::new(gimli::UnwindContext::new()));
         let pu = &self.procs[&s.tgid];
+        let mut leaf_by_fp =
+            s.bp > s.sp && s.bp + 16 <= s.base + len as u64 && pu.uncovered_code(s.ip);
         let (base, stack) = (s.base, &s.stack[..len]);
         let window_end = base + len as u64;
         let mut read_stack = |addr: u64| -> Result<u64, ()> {
@@ -572,7 +566,7 @@ impl UserUnwinder {
             let sp_before = regs.sp();
             let jit_step = jit
                 .and_then(|j| j.get(at.address_for_lookup()))
-                .and_then(|f| f.step(ctx, at.address_for_lookup(), &mut regs, &mut read_stack));
+                .and_then(|f| f.step(at.address_for_lookup(), &mut regs, &mut read_stack));
             let step = if let Some(ra) = jit_step {
                 self.stats.jit_cfi_frames += 1;
                 Ok(Some(ra))
@@ -613,7 +607,7 @@ impl UserUnwinder {
                     // signal). The trampoline frame is left out; the
                     // interrupted instruction is a frame of its own,
                     // walked as a leaf.
-                    if in_sigreturn(&self.files, info, ra - 1) {
+                    if pu.in_sigreturn(ra - 1) {
                         let Some((ip, sp, bp)) = signal_frame(regs.sp(), &mut read_stack) else {
                             return (user, Some(Cut::Lost));
                         };
@@ -624,7 +618,7 @@ impl UserUnwinder {
                         regs = UnwindRegsX86_64::new(ip, sp, bp);
                         at = FrameAddress::from_instruction_pointer(ip);
                         first = true;
-                        leaf_by_fp = bp > sp && uncovered_code(&self.files, info, ip);
+                        leaf_by_fp = bp > sp && pu.uncovered_code(ip);
                     }
                 }
                 Ok(None) => return (user, None),
@@ -638,7 +632,7 @@ impl UserUnwinder {
                         matches!(e, framehop::Error::CouldNotReadStack(a) if a >= window_end);
                     let cut = if past && s.flags & STACK_AT_TOP == 0 {
                         Cut::Window
-                    } else if user.last().is_some_and(|&a| in_entry(&self.files, info, a)) {
+                    } else if user.last().is_some_and(|&a| pu.in_entry(a)) {
                         return (user, None);
                     } else {
                         Cut::Lost
@@ -660,12 +654,9 @@ impl UserUnwinder {
         data
     }
 
-    fn build(
-        &mut self,
-        info: &ProcessInfo,
-    ) -> (UnwinderX86_64<Arc<[u8]>>, Vec<Arc<FileUnwindData>>) {
+    fn build(&mut self, info: &ProcessInfo) -> (UnwinderX86_64<Arc<[u8]>>, Vec<MappedFile>) {
         let mut unwinder = UnwinderX86_64::new();
-        let mut used: Vec<Arc<FileUnwindData>> = Vec::new();
+        let mut modules = Vec::new();
         for m in info.maps.iter().filter(|m| m.exec) {
             let (name, file) = match &m.backing {
                 Backing::File { path, .. } => match self.file(info.host_path(path)) {
@@ -699,11 +690,13 @@ impl UserUnwinder {
                 file.base_svma.wrapping_add(bias),
                 section_info,
             ));
-            if !used.iter().any(|u| Arc::ptr_eq(u, &file)) {
-                used.push(file);
-            }
+            modules.push(MappedFile {
+                range: m.start..m.end,
+                file,
+                bias,
+            });
         }
-        (unwinder, used)
+        (unwinder, modules)
     }
 
     /// Unwinds one sample with what is known of its process, and counts it.
@@ -718,7 +711,6 @@ impl UserUnwinder {
         if s.flags & STACK_IPS != 0 {
             // Walked in the kernel already (a frame-pointer stack that
             // collided in the stack map): aggregate it as it is.
-            self.stats.walked_in_kernel += 1;
             let user: Vec<u64> = s.stack[..len]
                 .chunks_exact(8)
                 .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
@@ -857,6 +849,27 @@ mod tests {
         std::hint::black_box(nested(depth - 1, out, stack_end)) + 1
     }
 
+    /// This process, known, and an unwinder that unwound `s` of it: the
+    /// stack it made and the figures.
+    fn unwind_own(s: &StackSample) -> (UserUnwinder, ProcessTable, UnwoundKey, UnwindStats) {
+        let mut procs = ProcessTable::new();
+        procs.observe(std::process::id());
+        let mut u = UserUnwinder::new();
+        u.add(s, &mut procs);
+        let (stacks, stats) = u.take_window();
+        let key = stacks.into_keys().next().unwrap();
+        (u, procs, key, stats)
+    }
+
+    /// How many of a stack's frames lie in the `span` bytes from `f`.
+    fn frames_in(key: &UnwoundKey, f: *const (), span: u64) -> usize {
+        let at = f as u64;
+        key.user
+            .iter()
+            .filter(|a| (at..at + span).contains(a))
+            .count()
+    }
+
     /// The top of the calling thread's stack mapping.
     fn this_stack_end() -> u64 {
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
@@ -916,24 +929,12 @@ mod tests {
             libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
         }
         raise_nested(3);
-        let mut procs = ProcessTable::new();
-        procs.observe(std::process::id());
-        let mut u = UserUnwinder::new();
-        u.add(&s, &mut procs);
-        let (stacks, _) = u.take_window();
-        let key = stacks.keys().next().unwrap();
-        let at = raise_nested as *const () as u64;
-        let in_raise = key
-            .user
-            .iter()
-            .filter(|a| (at..at + 256).contains(a))
-            .count();
-        assert_eq!(in_raise, 4, "frames {:x?}", key.user);
-        let test_at = walks_continue_through_signal_frames as *const () as u64;
+        let (_, _, key, _) = unwind_own(&s);
+        let raise = raise_nested as *const ();
+        assert_eq!(frames_in(&key, raise, 256), 4, "frames {:x?}", key.user);
+        let test = walks_continue_through_signal_frames as *const ();
         assert!(
-            key.user
-                .iter()
-                .any(|a| (test_at..test_at + 4096).contains(a)),
+            frames_in(&key, test, 4096) > 0,
             "no frame in the test function: {:x?}",
             key.user
         );
@@ -994,12 +995,7 @@ mod tests {
         SIGNAL_STACK_END.store(this_stack_end(), std::sync::atomic::Ordering::SeqCst);
         // SAFETY: the function only reads its argument's address.
         unsafe { profiler_test_framed_no_cfi(&mut *s) };
-        let mut procs = ProcessTable::new();
-        procs.observe(std::process::id());
-        let mut u = UserUnwinder::new();
-        u.add(&s, &mut procs);
-        let (stacks, stats) = u.take_window();
-        let key = stacks.keys().next().unwrap();
+        let (_, _, key, stats) = unwind_own(&s);
         let test_at = a_leaf_without_cfi_is_walked_by_its_frame_pointer as *const () as u64;
         assert!(
             key.user
@@ -1030,24 +1026,12 @@ mod tests {
         // SAFETY: all zeroes is a valid StackSample.
         let mut s: Box<StackSample> = unsafe { Box::new_zeroed().assume_init() };
         nested(5, &mut s, stack_end);
-        let mut procs = ProcessTable::new();
-        procs.observe(std::process::id());
-        let mut u = UserUnwinder::new();
-        u.add(&s, &mut procs);
-        let (stacks, stats) = u.take_window();
-        let key = stacks.keys().next().unwrap();
-        let nested_at = nested as *const () as u64;
-        let in_nested = key
-            .user
-            .iter()
-            .filter(|a| (nested_at..nested_at + 256).contains(a))
-            .count();
-        assert_eq!(in_nested, 6, "frames {:x?}", key.user);
-        let test_at = this_binary_unwinds_to_its_thread_start as *const () as u64;
+        let (mut u, mut procs, key, stats) = unwind_own(&s);
+        let nested_fn = nested as *const ();
+        assert_eq!(frames_in(&key, nested_fn, 256), 6, "frames {:x?}", key.user);
+        let test = this_binary_unwinds_to_its_thread_start as *const ();
         assert!(
-            key.user
-                .iter()
-                .any(|a| (test_at..test_at + 4096).contains(a)),
+            frames_in(&key, test, 4096) > 0,
             "no frame in the test function: {:x?}",
             key.user
         );
@@ -1069,9 +1053,9 @@ mod tests {
         // walk; one further in does not.
         // SAFETY: getauxval has no preconditions.
         let entry = unsafe { libc::getauxval(libc::AT_ENTRY) };
-        let info = procs.get(std::process::id()).unwrap();
-        assert!(in_entry(&u.files, info, entry + 0x10));
-        assert!(!in_entry(&u.files, info, entry + 0x100));
+        let pu = &u.procs[&std::process::id()];
+        assert!(pu.in_entry(entry + 0x10));
+        assert!(!pu.in_entry(entry + 0x100));
     }
 
     /// The unwind sections of truncated or garbled copies of a real binary:

@@ -271,7 +271,6 @@ impl RawProfile {
             t.lost += u.lost;
             t.bad_address += u.bad_address;
             t.jit_cfi_frames += u.jit_cfi_frames;
-            t.walked_in_kernel += u.walked_in_kernel;
             t.dropped += u.dropped;
             t.bytes += u.bytes;
         }
