@@ -172,9 +172,9 @@ impl RecordArgs {
 }
 
 /// Parses `--stack-bytes`: a multiple of 4096 from 4096 to
-/// [`STACK_COPY_MAX`](profiler_common::STACK_COPY_MAX).
+/// [`STACK_COPY_MAX`](profiler_common::stacks::STACK_COPY_MAX).
 pub fn parse_stack_bytes(s: &str) -> Result<u32, String> {
-    const MAX: u32 = profiler_common::STACK_COPY_MAX as u32;
+    const MAX: u32 = profiler_common::stacks::STACK_COPY_MAX as u32;
     let what = format!("use a multiple of 4096 from 4096 to {MAX}");
     let v: u32 = s
         .trim()

@@ -32,11 +32,12 @@ use tokio::{
 };
 
 use crate::{
-    capture::{Capture, CaptureConfig, RawProfile, RawStack, RawStackPart},
+    capture::{Capture, CaptureConfig},
     cli::{DaemonArgs, GroupBy},
     containers::{Attributor, group_of},
     fold, hostsnap,
     metrics::Metrics,
+    model::{RawProfile, RawStack, RawStackPart},
     pprof, preflight,
     procs::ProcessTable,
     record::{RecordError, hostname, write_atomic},
@@ -57,7 +58,7 @@ type StackId = (
     u32,
     String,
     RawStackPart,
-    Option<crate::unwind::Cut>,
+    Option<crate::model::Cut>,
     RawStackPart,
 );
 
@@ -472,8 +473,10 @@ async fn daemon(args: &DaemonArgs) -> Result<(), RecordError> {
         let cost = selfcost::Reading::now(&capture.bpf_stats());
         end_window(&mut capture, &shared, &mut naming, &window, &cost, args);
     }
-    capture.stop();
-    capture.detach();
+    let stopped = capture.stop().err();
+    for e in stopped.into_iter().chain(capture.detach()) {
+        eprintln!("profiler: warning: {e} (the kernel detaches it when the profiler exits)");
+    }
     server.abort();
     eprintln!("profiler: daemon stopped after {} windows", windows_done);
     Ok(())
@@ -611,9 +614,12 @@ fn end_window(
     let host_end = hostsnap::snapshot();
     let mut raw = window.signals.clone();
     raw.stacks = window.stacks.to_raw();
-    if window.stacks.dropped > 0 {
-        *raw.counters.entry("window_stacks_dropped").or_default() += window.stacks.dropped;
-    }
+    // The window's stack table continues the kernel's count map: samples
+    // it had no room for are lost the same way, and reported so.
+    raw.counters.add(
+        profiler_common::counters::Counter::CountMapFull,
+        window.stacks.dropped,
+    );
     let procs = &capture.procs;
     {
         let mut m = shared.metrics.lock().unwrap();

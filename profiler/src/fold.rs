@@ -1,42 +1,26 @@
 //! The fold stage: symbolized stacks to folded lines
 //! (`process;outer;...;leaf COUNT`), the input of every flame graph tool.
 
-use std::{collections::BTreeMap, io};
+use std::io;
 
-use crate::symbolize::{Frame, FrameKind, sanitize};
-
-/// One symbolized stack and how often it was sampled.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SymbolizedStack {
-    /// Root frame: the process name.
-    pub process: String,
-    /// A frame above the process (`--group-by container`): the container,
-    /// or `host`.
-    pub group: Option<String>,
-    /// Thread-group id (0: idle).
-    pub tgid: u32,
-    /// User frames, outermost first.
-    pub user: Vec<Frame>,
-    /// Kernel frames, outermost first.
-    pub kernel: Vec<Frame>,
-    /// Samples.
-    pub count: u64,
-}
-
-/// Folded stacks: line (without count) to count, sorted so that output is
-/// deterministic.
-pub type Folded = BTreeMap<String, u64>;
+pub use crate::model::{Folded, SymbolizedStack};
+use crate::model::{Frame, FrameKind};
 
 /// The name of a frame as folded: annotated `_[k]` (kernel), `_[i]`
 /// (inlined) or `_[j]` (JIT), the annotations flame graph tools colour by.
 pub fn folded_name(frame: &Frame) -> String {
     let name = sanitize(&frame.name);
-    match frame.kind {
-        FrameKind::Kernel | FrameKind::KernelUnknown => format!("{name}_[k]"),
+    match &frame.kind {
+        k if k.is_kernel() => format!("{name}_[k]"),
         FrameKind::Inlined => format!("{name}_[i]"),
         FrameKind::Jit => format!("{name}_[j]"),
-        FrameKind::User | FrameKind::Unknown(_) => name,
+        _ => name,
     }
+}
+
+/// Frame names go into `;`-separated folded lines: no `;` or newline.
+pub fn sanitize(name: &str) -> String {
+    name.replace(';', ":").replace(['\n', '\r'], " ")
 }
 
 /// Folds stacks; identical lines add up.
@@ -79,7 +63,7 @@ pub fn total(folded: &Folded) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::symbolize::UnknownReason;
+    use crate::model::{Side, Unknown, UnknownReason};
 
     fn f(name: &str, kind: FrameKind) -> Frame {
         Frame {
@@ -126,10 +110,10 @@ mod tests {
                 ],
                 kernel: vec![
                     f("asm_sysvec_apic_timer_interrupt", FrameKind::Kernel),
-                    f(
-                        "[unknown kernel 0xffffffff81000000]",
-                        FrameKind::KernelUnknown,
-                    ),
+                    Frame::unknown(Unknown {
+                        offset: Some(0xffffffff81000000),
+                        ..Unknown::new(UnknownReason::KernelUnknown, Side::Kernel)
+                    }),
                 ],
                 count: 2,
             },
@@ -149,14 +133,10 @@ mod tests {
                 tgid: 1,
                 process: "stripped".into(),
                 user: vec![
-                    f(
-                        "libfoo.so+0x1a2b",
-                        FrameKind::Unknown(UnknownReason::NoSymbols),
+                    Frame::unknown(
+                        Unknown::new(UnknownReason::NoSymbols, Side::User).at("libfoo.so", 0x1a2b),
                     ),
-                    f(
-                        "[unknown: JIT code without a perf map]",
-                        FrameKind::Unknown(UnknownReason::JitWithoutPerfMap),
-                    ),
+                    Frame::unknown(Unknown::new(UnknownReason::JitWithoutPerfMap, Side::User)),
                 ],
                 kernel: vec![],
                 count: 1,

@@ -22,7 +22,7 @@
 //! writing): parsing stops there, and [`JitDumpParser::feed`] picks up
 //! where it stopped when more bytes come.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use crate::perfmap::CodeRanges;
 
@@ -618,6 +618,17 @@ impl JsFunctions {
             _ => None,
         }
     }
+}
+
+/// Where a process's jitdump is, as seen from the host: the runtime maps
+/// it (that is how perf finds it too), wherever it wrote it.
+pub fn path_of(process: &crate::procs::ProcessInfo) -> Option<PathBuf> {
+    process.maps.iter().find_map(|m| match &m.backing {
+        crate::procmaps::Backing::File { path, .. } if is_jitdump_path(path) => {
+            Some(process.host_path(path))
+        }
+        _ => None,
+    })
 }
 
 /// Whether a mapped file's path names a jitdump (`.../jit-PID.dump`).

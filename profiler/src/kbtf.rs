@@ -269,9 +269,9 @@ impl Btf {
 }
 
 /// Finds the offsets of the task -> cgroup chain (see
-/// `profiler_common::cgroup_field`), or says why they cannot be found.
+/// `profiler_common::oom::cgroup_field`), or says why they cannot be found.
 pub fn cgroup_offsets(btf: &Btf) -> Result<[u32; 7], String> {
-    use profiler_common::{NO_FIELD, cgroup_field as f};
+    use profiler_common::{NO_FIELD, oom::cgroup_field as f};
     let need = |s: &str, m: &str| -> Result<Member, String> {
         member_offset(btf, s, m).ok_or_else(|| format!("struct {s} has no member {m}"))
     };
@@ -406,7 +406,7 @@ mod tests {
             }
         };
         let c = cgroup_offsets(&btf).expect("cgroup offsets");
-        use profiler_common::{NO_FIELD, cgroup_field as f};
+        use profiler_common::{NO_FIELD, oom::cgroup_field as f};
         assert!(c.iter().all(|&o| o != NO_FIELD), "{c:?}");
         assert!(btf.enum_value("memory_cgrp_id").is_some());
         assert!(btf.enum_value("no_such_enumerator_at_all").is_none());

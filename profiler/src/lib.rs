@@ -20,6 +20,7 @@ pub mod jitcfi;
 pub mod jitdump;
 pub mod kbtf;
 pub mod metrics;
+pub mod model;
 pub mod perfmap;
 pub mod pprof;
 pub mod preflight;

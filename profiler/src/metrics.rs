@@ -8,14 +8,14 @@ use std::{
     sync::{Arc, Mutex, atomic::AtomicU64},
 };
 
-use profiler_common::{Counter as K, LATENCY_SLOTS};
+use profiler_common::{counters::Counter as K, sched::LATENCY_SLOTS};
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet},
     metrics::{MetricType, counter::Counter, family::Family, gauge::Gauge},
     registry::{Registry, Unit},
 };
 
-use crate::capture::RawProfile;
+use crate::model::RawProfile;
 
 /// Most distinct `container` label values at once; the rest are counted
 /// as `other`. Values unseen for [`LABEL_TTL_WINDOWS`] windows are dropped.
@@ -246,7 +246,7 @@ impl Metrics {
         for c in LOST {
             m.lost
                 .get_or_create(&ReasonLabel {
-                    reason: crate::capture::counter_name(c).to_string(),
+                    reason: c.name().to_string(),
                 })
                 .inc_by(0);
         }
@@ -297,7 +297,7 @@ impl Metrics {
             if n > 0 {
                 self.lost
                     .get_or_create(&ReasonLabel {
-                        reason: crate::capture::counter_name(c).to_string(),
+                        reason: c.name().to_string(),
                     })
                     .inc_by(n);
             }
@@ -453,12 +453,8 @@ impl Metrics {
 
 /// The daemon's CPU seconds (user + system) and RSS in bytes.
 pub fn own_usage() -> Option<(f64, u64)> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14, 15 (utime, stime) and 24 (rss pages); `rest` starts at 3.
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    let rss_pages: u64 = f.get(21)?.parse().ok()?;
+    let stat = crate::procs::Stat::read("self")?;
+    let (ticks, rss_pages) = (stat.utime + stat.stime, stat.rss_pages);
     // SAFETY: sysconf has no preconditions.
     let (hz, page) = unsafe {
         (
@@ -472,7 +468,7 @@ pub fn own_usage() -> Option<(f64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::RawStack;
+    use crate::model::RawStack;
 
     fn stack(tgid: u32, count: u64) -> RawStack {
         RawStack {
@@ -497,8 +493,8 @@ mod tests {
             ..Default::default()
         };
         raw.runq_latency[0][3] = 2; // 8..15 us
-        raw.counters.insert("runqueue_latency_total_us", 20);
-        raw.counters.insert("kernel_stacks_dropped", 1);
+        raw.counters.add(K::RunqLatencyTotalUs, 20);
+        raw.counters.add(K::KernelStackDropped, 1);
         let mut names = |tgid: u32| (tgid == 10).then(|| "docker:3f1a2b4c5d6e".to_string());
         m.add_slice(&raw, &mut names, &mut |_, _| None, &mut |_, _| None);
         m.end_window(&raw, &mut names);

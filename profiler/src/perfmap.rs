@@ -7,7 +7,7 @@
 //! later (code moved or recompiled, memory reused): a line replaces every
 //! earlier line whose range it overlaps ([`CodeRanges`]).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::PathBuf};
 
 /// Code ranges in the order a JIT announced them. A range announced later
 /// replaces every earlier one it overlaps: the JIT reused that memory, so
@@ -154,6 +154,11 @@ impl PerfMap {
     pub fn is_empty(&self) -> bool {
         self.symbols.is_empty()
     }
+}
+
+/// Where a process's perf map is, as seen from the host.
+pub fn path_of(process: &crate::procs::ProcessInfo) -> PathBuf {
+    process.host_path(&format!("/tmp/perf-{}.map", process.ns_pid))
 }
 
 #[cfg(test)]

@@ -15,9 +15,9 @@ use std::{
 use prost::Message;
 
 use crate::{
-    capture::RawStack,
+    model::{Frame, FrameKind, RawStack},
     procs::ProcessTable,
-    symbolize::{Frame, FrameKind, SymbolTables, adjusted, process_name},
+    symbolize::{SymbolTables, adjusted, process_name},
 };
 
 // profile.proto (github.com/google/pprof/proto/profile.proto), the fields
@@ -249,8 +249,8 @@ impl Builder {
     }
 
     fn function(&mut self, frame: &Frame, file: &str) -> u64 {
-        let tag = match frame.kind {
-            FrameKind::Kernel | FrameKind::KernelUnknown => "[kernel.kallsyms]",
+        let tag = match &frame.kind {
+            k if k.is_kernel() => "[kernel.kallsyms]",
             FrameKind::Jit => "[jit]",
             _ => "",
         };
@@ -515,7 +515,7 @@ pub fn read_build_id(path: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::RawStack;
+    use crate::model::RawStack;
 
     #[test]
     fn build_id_of_a_system_binary_matches_readelf() {

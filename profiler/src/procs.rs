@@ -81,12 +81,64 @@ impl ProcessInfo {
     }
 }
 
-/// Field 22 (`starttime`) of `/proc/PID/stat`; the command name in field 2
-/// may hold spaces and parentheses, so parse after its last `)`.
-pub fn parse_start_time(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // After ")" come fields 3.. ; starttime is field 22, i.e. the 20th here.
-    rest.split_whitespace().nth(19)?.parse().ok()
+/// The fields of `/proc/PID/stat` the profiler uses (parsed here only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    /// State: `R`, `S`, `D`, `Z` (zombie), `X` (dead), ...
+    pub state: char,
+    /// User CPU time, in clock ticks.
+    pub utime: u64,
+    /// System CPU time, in clock ticks.
+    pub stime: u64,
+    /// Start time after boot, in clock ticks: with the pid, identifies a
+    /// process (pids are reused).
+    pub start_time: u64,
+    /// Resident pages.
+    pub rss_pages: u64,
+}
+
+impl Stat {
+    /// Parses the text of a stat file (the name in parentheses may hold
+    /// spaces and parentheses: fields are counted after its last `)`).
+    pub fn parse(text: &str) -> Option<Stat> {
+        let rest = &text[text.rfind(')')? + 1..];
+        // `rest` starts at field 3 (state).
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |field: usize| -> Option<u64> { f.get(field - 3)?.parse().ok() };
+        Some(Stat {
+            state: f.first()?.chars().next()?,
+            utime: num(14)?,
+            stime: num(15)?,
+            start_time: num(22)?,
+            rss_pages: num(24)?,
+        })
+    }
+
+    /// Reads `/proc/PID/stat` (`pid`: a number, or `self`).
+    pub fn read(pid: impl std::fmt::Display) -> Option<Stat> {
+        Stat::parse(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    }
+
+    /// Whether the process has exited (a zombie: only its parent has not
+    /// reaped it yet).
+    pub fn exited(&self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
+}
+
+/// What a live process's owner of a socket is: its name and cgroup.
+pub fn owner_info(pid: u32) -> crate::model::OwnerInfo {
+    crate::model::OwnerInfo {
+        comm: comm_of(pid),
+        cgroup: crate::cgroups::cgroup_of(pid),
+    }
+}
+
+/// A live process's name (`/proc/PID/comm`).
+pub fn comm_of(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_string())
 }
 
 /// The innermost pid of the `NSpid:` line of `/proc/PID/status`.
@@ -176,9 +228,7 @@ impl ProcessTable {
     /// without re-reading every live process's maps.
     pub fn mark_exited(&mut self) {
         for (pid, p) in self.procs.iter_mut().filter(|(_, p)| !p.exited) {
-            let start = fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| parse_start_time(&s));
+            let start = Stat::read(pid).map(|s| s.start_time);
             if start != Some(p.start_time) {
                 p.exited = true;
             }
@@ -225,8 +275,7 @@ impl ProcessTable {
 
     fn read(&mut self, pid: u32) -> Option<ProcessInfo> {
         let dir = format!("/proc/{pid}");
-        let stat = fs::read_to_string(format!("{dir}/stat")).ok()?;
-        let start_time = parse_start_time(&stat)?;
+        let start_time = Stat::read(pid)?.start_time;
         let maps_text = fs::read_to_string(format!("{dir}/maps")).ok()?;
         let (maps, _bad) = parse_maps(&maps_text);
         // No mappings: a zombie (exited, not yet reaped: its memory is
@@ -236,9 +285,7 @@ impl ProcessTable {
         if maps.is_empty() {
             return None;
         }
-        let name = fs::read_to_string(format!("{dir}/comm"))
-            .map(|s| s.trim_end().to_string())
-            .unwrap_or_default();
+        let name = comm_of(pid).unwrap_or_default();
         let ns_pid = fs::read_to_string(format!("{dir}/status"))
             .ok()
             .and_then(|s| parse_ns_pid(&s))
@@ -442,8 +489,10 @@ mod tests {
     #[test]
     fn start_time_survives_odd_command_names() {
         let stat = "4242 (my (odd) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 1 0 987654 1000 200 18446744073709551615";
-        assert_eq!(parse_start_time(stat), Some(987654));
-        assert_eq!(parse_start_time("garbage"), None);
+        let s = Stat::parse(stat).unwrap();
+        assert_eq!(s.start_time, 987654);
+        assert_eq!((s.state, s.utime, s.stime, s.rss_pages), ('S', 5, 3, 200));
+        assert_eq!(Stat::parse("garbage"), None);
     }
 
     #[test]

@@ -9,15 +9,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler_common::Counter;
+use profiler_common::counters::Counter;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    capture::{Capture, CaptureConfig, CaptureError, RawProfile},
+    capture::{Capture, CaptureConfig, CaptureError},
     cli::{GroupBy, RecordArgs},
     containers::{Attributor, group_of},
     fold::{self, Folded},
     hostsnap,
+    model::RawProfile,
     preflight::{self, PreflightError},
     render, selfcost,
     symbolize::symbolize_profile,
@@ -179,13 +180,7 @@ pub(crate) fn write_atomic(
 /// True while a process exists and is not a zombie (a zombie has exited;
 /// only its parent has not reaped it yet).
 fn process_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
+    crate::procs::Stat::read(pid).is_some_and(|s| !s.exited())
 }
 
 /// Runs `profiler record`.
@@ -246,7 +241,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         let spawned = tokio::process::Command::new(&args.command[0])
             .args(&args.command[1..])
             .spawn();
-        capture.remove_pid(own_pid);
+        capture.remove_pid(own_pid)?;
         let c = spawned.map_err(|source| RecordError::Spawn {
             cmd: args.command.join(" "),
             source,
@@ -298,7 +293,11 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     };
     let stopped = Instant::now();
     let elapsed = stopped - started;
-    capture.stop();
+    // A sampler that would not detach keeps counting into maps already
+    // read: what was captured stands.
+    if let Err(e) = capture.stop() {
+        eprintln!("profiler: warning: {e}");
+    }
     let host_end = hostsnap::snapshot();
 
     // From here on the work is synchronous: a second Ctrl-C or SIGTERM
@@ -406,7 +405,9 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         written_paths.insert(0, folded_path);
     }
     let written = Instant::now();
-    capture.detach();
+    for e in capture.detach() {
+        eprintln!("profiler: warning: {e} (the kernel detaches it when the profiler exits)");
+    }
 
     eprint!("{}", usereport::render_table(&report));
     eprint!("{symbols_text}");

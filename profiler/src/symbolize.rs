@@ -6,11 +6,7 @@
 //! process's perf map. An address that cannot be named becomes a frame
 //! that says where it is (`libfoo.so+0x1a2b`) or why it is unknown.
 
-use std::{
-    collections::HashMap,
-    fmt, fs,
-    path::{Path, PathBuf},
-};
+use std::{collections::HashMap, fs, path::Path};
 
 use blazesym::symbolize::{
     Symbolized, Symbolizer as Blaze,
@@ -20,103 +16,14 @@ use blazesym::{Addr, MaybeDefault};
 
 use crate::{
     jitdump::{JitDump, JitDumpReader},
+    model::{
+        Cut, Frame, FrameKind, RawProfile, RawStack, RawStackPart, Side, SymbolizedStack, Unknown,
+        UnknownReason,
+    },
     perfmap::PerfMap,
-    procmaps::{Backing, Normalized, basename, normalize},
-    procs::ProcessInfo,
+    procmaps::{Backing, MapEntry, Normalized, basename, normalize},
+    procs::{ProcessInfo, ProcessTable},
 };
-
-/// Why a frame could not be named.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum UnknownReason {
-    /// The file has no symbol covering the address (stripped, or not code).
-    NoSymbols,
-    /// The file could not be opened or parsed.
-    FileUnreadable,
-    /// Anonymous executable memory, and the process has no perf map or
-    /// jitdump (JIT code of a runtime not told to write one).
-    JitWithoutPerfMap,
-    /// Anonymous executable memory that the process's perf map or jitdump
-    /// does not cover (code compiled before it was started, or since it
-    /// was read; a runtime's own stubs).
-    JitNotInMap,
-    /// Memory that is not code (heap, stack, a file's data): a return
-    /// address there means the walk had already gone wrong.
-    NotCode,
-    /// The address is in no mapping of the process.
-    Unmapped,
-    /// The process was gone before its memory maps could be read.
-    ProcessExited,
-    /// The stack walk was dropped (stack map full or hash collision).
-    StackDropped,
-    /// The kernel address is not in kallsyms.
-    KernelUnknown,
-    /// The unwind needed stack past the copied window: the outer frames
-    /// are missing.
-    Truncated,
-    /// The unwind met a frame with no rule to go on (no CFI, no usable
-    /// frame pointer): the outer frames are missing.
-    UnwindLost,
-}
-
-impl UnknownReason {
-    /// A short name, used in frame names and reports.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UnknownReason::NoSymbols => "no symbols",
-            UnknownReason::FileUnreadable => "file unreadable",
-            UnknownReason::JitWithoutPerfMap => "JIT code without a perf map",
-            UnknownReason::JitNotInMap => "JIT code missing from the perf map",
-            UnknownReason::NotCode => "not code: the walk went wrong",
-            UnknownReason::Unmapped => "unmapped address",
-            UnknownReason::ProcessExited => "process exited before it was read",
-            UnknownReason::StackDropped => "stack dropped",
-            UnknownReason::KernelUnknown => "not in kallsyms",
-            UnknownReason::Truncated => "truncated stack",
-            UnknownReason::UnwindLost => "unwinding stopped",
-        }
-    }
-}
-
-impl fmt::Display for UnknownReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What kind of code a frame is in; decides its annotation when folded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum FrameKind {
-    /// Native user code.
-    User,
-    /// A function inlined into its caller (folded with `_[i]`).
-    Inlined,
-    /// JIT-compiled code named by a perf map (folded with `_[j]`).
-    Jit,
-    /// Kernel code (folded with `_[k]`).
-    Kernel,
-    /// A user frame that could not be named, and why.
-    Unknown(UnknownReason),
-    /// A kernel frame that could not be named (folded with `_[k]`).
-    KernelUnknown,
-}
-
-/// One frame of a symbolized stack.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Frame {
-    /// Function name, or where the frame is when it has none.
-    pub name: String,
-    /// What kind of code it is.
-    pub kind: FrameKind,
-}
-
-impl Frame {
-    fn new(name: impl Into<String>, kind: FrameKind) -> Self {
-        Frame {
-            name: name.into(),
-            kind,
-        }
-    }
-}
 
 /// Strips the `::h0123456789abcdef` hash of a demangled Rust legacy name.
 fn strip_rust_hash(name: &str) -> &str {
@@ -132,14 +39,14 @@ fn strip_rust_hash(name: &str) -> &str {
 /// The frames (outermost first) for one symbolized address.
 fn frames_of(sym: &blazesym::symbolize::Sym<'_>, kind: FrameKind) -> Vec<Frame> {
     let mut out = Vec::with_capacity(1 + sym.inlined.len());
-    out.push(Frame::new(strip_rust_hash(&sym.name), kind));
     let inlined_kind = if kind == FrameKind::Kernel {
         FrameKind::Kernel
     } else {
         FrameKind::Inlined
     };
+    out.push(Frame::new(strip_rust_hash(&sym.name), kind));
     for f in sym.inlined.iter() {
-        out.push(Frame::new(strip_rust_hash(&f.name), inlined_kind));
+        out.push(Frame::new(strip_rust_hash(&f.name), inlined_kind.clone()));
     }
     out
 }
@@ -228,14 +135,14 @@ impl Symbolizer {
                 for (addr, res) in addrs.iter().zip(results) {
                     let frames = match res {
                         Symbolized::Sym(sym) => frames_of(&sym, FrameKind::Kernel),
-                        Symbolized::Unknown(_) => vec![unknown_kernel(*addr)],
+                        Symbolized::Unknown(r) => vec![unknown_kernel(*addr, Some(r))],
                     };
                     out.insert(*addr, frames);
                 }
             }
             Err(_) => {
                 for addr in addrs {
-                    out.insert(*addr, vec![unknown_kernel(*addr)]);
+                    out.insert(*addr, vec![unknown_kernel(*addr, None)]);
                 }
             }
         }
@@ -252,13 +159,7 @@ impl Symbolizer {
         let mut out: HashMap<u64, Vec<Frame>> = HashMap::with_capacity(addrs.len());
         let Some(process) = process else {
             for &a in addrs {
-                out.insert(
-                    a,
-                    vec![Frame::new(
-                        format!("[unknown: {}]", UnknownReason::ProcessExited),
-                        FrameKind::Unknown(UnknownReason::ProcessExited),
-                    )],
-                );
+                out.insert(a, vec![unknown(UnknownReason::ProcessExited)]);
             }
             return out;
         };
@@ -281,6 +182,15 @@ impl Symbolizer {
                     };
                     out.insert(addr, jit.unwrap_or_else(|| vec![not_code(entry)]));
                 }
+                // memfd: anonymous memory with a name, as JITs and some
+                // runtimes map their code: named by the JIT's maps.
+                Normalized::File { entry, .. } if is_memfd(&entry.backing) => {
+                    let frame = match self.jit_frames(process, addr) {
+                        Some(frames) => frames,
+                        None => vec![self.jit_unknown(process)],
+                    };
+                    out.insert(addr, frame);
+                }
                 Normalized::File { entry, file_offset } => {
                     let Backing::File { path, .. } = &entry.backing else {
                         unreachable!("normalize gives File for file backings")
@@ -298,14 +208,10 @@ impl Symbolizer {
                         out.insert(addr, frames);
                         continue;
                     }
-                    let has_map =
-                        self.jitdump(process).is_some() || self.perf_map(process).is_some();
                     let frame = if unmapped {
                         unknown(UnknownReason::Unmapped)
-                    } else if has_map {
-                        unknown(UnknownReason::JitNotInMap)
                     } else {
-                        unknown(UnknownReason::JitWithoutPerfMap)
+                        self.jit_unknown(process)
                     };
                     out.insert(addr, vec![frame]);
                 }
@@ -317,13 +223,9 @@ impl Symbolizer {
                     out.insert(addr, vec![Frame::new(name, FrameKind::User)]);
                 }
                 Normalized::Special { entry, offset } => {
-                    out.insert(
-                        addr,
-                        vec![Frame::new(
-                            format!("{}+{offset:#x}", entry.backing),
-                            FrameKind::Unknown(UnknownReason::NoSymbols),
-                        )],
-                    );
+                    let u = Unknown::new(UnknownReason::NoSymbols, Side::User)
+                        .at(entry.backing.to_string(), offset);
+                    out.insert(addr, vec![Frame::unknown(u)]);
                 }
             }
         }
@@ -336,10 +238,7 @@ impl Symbolizer {
             for ((addr, off), res) in items.into_iter().zip(resolved) {
                 let frames = match res {
                     Ok(frames) => frames,
-                    Err(reason) => vec![Frame::new(
-                        format!("{name}+{off:#x}"),
-                        FrameKind::Unknown(reason),
-                    )],
+                    Err(u) => vec![Frame::unknown(u.at(name, off))],
                 };
                 out.insert(addr, frames);
             }
@@ -347,7 +246,7 @@ impl Symbolizer {
         out
     }
 
-    fn file(&self, path: &Path, offsets: &[u64]) -> Vec<Result<Vec<Frame>, UnknownReason>> {
+    fn file(&self, path: &Path, offsets: &[u64]) -> Vec<Result<Vec<Frame>, Unknown>> {
         let src = Source::Elf(Elf::new(path));
         match self
             .blaze
@@ -357,10 +256,15 @@ impl Symbolizer {
                 .into_iter()
                 .map(|r| match r {
                     Symbolized::Sym(sym) => Ok(frames_of(&sym, FrameKind::User)),
-                    Symbolized::Unknown(_) => Err(UnknownReason::NoSymbols),
+                    Symbolized::Unknown(r) => {
+                        Err(Unknown::new(UnknownReason::NoSymbols, Side::User)
+                            .detail(blaze_reason(r)))
+                    }
                 })
                 .collect(),
-            Err(_) => vec![Err(UnknownReason::FileUnreadable); offsets.len()],
+            Err(_) => {
+                vec![Err(Unknown::new(UnknownReason::FileUnreadable, Side::User)); offsets.len()]
+            }
         }
     }
 
@@ -371,13 +275,27 @@ impl Symbolizer {
             return Some(frames);
         }
         let sym = self.perf_map(process)?.lookup(addr)?;
-        Some(vec![Frame::new(sanitize(&sym.name), FrameKind::Jit)])
+        Some(vec![Frame::new(
+            crate::fold::sanitize(&sym.name),
+            FrameKind::Jit,
+        )])
+    }
+
+    /// The frame of JIT code that no map of the process names: whether it
+    /// has a perf map or jitdump says why.
+    fn jit_unknown(&mut self, process: &ProcessInfo) -> Frame {
+        let has_map = self.jitdump(process).is_some() || self.perf_map(process).is_some();
+        unknown(if has_map {
+            UnknownReason::JitNotInMap
+        } else {
+            UnknownReason::JitWithoutPerfMap
+        })
     }
 
     /// The process's jitdump (the file it maps as `jit-PID.dump`), brought
     /// up to date once per symbolization round.
     fn jitdump(&mut self, process: &ProcessInfo) -> Option<&JitDump> {
-        let path = jitdump_path(process)?;
+        let path = crate::jitdump::path_of(process)?;
         let round = self.round;
         let (reader, at) = self
             .jitdumps
@@ -410,7 +328,7 @@ impl Symbolizer {
         self.perf_maps
             .entry(process.pid)
             .or_insert_with(|| {
-                let path = perf_map_path(process);
+                let path = crate::perfmap::path_of(process);
                 fs::read_to_string(path).ok().map(|t| PerfMap::parse(&t))
             })
             .as_ref()
@@ -422,36 +340,43 @@ impl Symbolizer {
 /// so.
 fn jit_frames(dump: &JitDump, addr: u64) -> Option<Vec<Frame>> {
     let code = dump.lookup(addr)?;
-    let mut frames = vec![Frame::new(sanitize(&code.name), FrameKind::Jit)];
+    let mut frames = vec![Frame::new(
+        crate::fold::sanitize(&code.name),
+        FrameKind::Jit,
+    )];
     if let Some(name) = dump.functions().inlined_at(code, addr) {
-        frames.push(Frame::new(sanitize(&name), FrameKind::Inlined));
+        frames.push(Frame::new(crate::fold::sanitize(&name), FrameKind::Inlined));
     }
     Some(frames)
 }
 
-/// Where a process's jitdump is, as seen from the host: the runtime maps
-/// it (that is how perf finds it too), wherever it wrote it.
-pub fn jitdump_path(process: &ProcessInfo) -> Option<PathBuf> {
-    process.maps.iter().find_map(|m| match &m.backing {
-        Backing::File { path, .. } if crate::jitdump::is_jitdump_path(path) => {
-            Some(process.host_path(path))
-        }
-        _ => None,
-    })
-}
-
-/// Where a process's perf map is, as seen from the host.
-pub fn perf_map_path(process: &ProcessInfo) -> PathBuf {
-    process.host_path(&format!("/tmp/perf-{}.map", process.ns_pid))
-}
-
 /// A user frame that could not be named, named by its reason.
 fn unknown(reason: UnknownReason) -> Frame {
-    Frame::new(format!("[unknown: {reason}]"), FrameKind::Unknown(reason))
+    Frame::unknown(Unknown::new(reason, Side::User))
+}
+
+/// Whether a mapping is of a memfd (anonymous memory with a name).
+fn is_memfd(backing: &Backing) -> bool {
+    matches!(backing, Backing::File { path, .. } if path.starts_with("/memfd:"))
+}
+
+/// blazesym's reason for an address it could not name, in its words.
+fn blaze_reason(r: blazesym::symbolize::Reason) -> &'static str {
+    use blazesym::symbolize::Reason;
+    match r {
+        Reason::Unmapped => "address not in the process's maps",
+        Reason::InvalidFileOffset => "file offset outside the file's code",
+        Reason::MissingComponent => "mapping without a file",
+        Reason::MissingSyms => "the file has no symbols",
+        Reason::Unsupported => "unsupported kind of mapping",
+        Reason::UnknownAddr => "no symbol covers the address",
+        Reason::IgnoredError => "an error in the file",
+        _ => "unknown",
+    }
 }
 
 /// The frame of an address in memory that is not code.
-fn not_code(entry: &crate::procmaps::MapEntry) -> Frame {
+fn not_code(entry: &MapEntry) -> Frame {
     let what = match &entry.backing {
         Backing::Anonymous => "anonymous memory".to_string(),
         Backing::File { path, .. } => format!("data of {}", basename(path)),
@@ -459,20 +384,18 @@ fn not_code(entry: &crate::procmaps::MapEntry) -> Frame {
     };
     Frame::new(
         format!("[unknown: not code ({what}): the walk went wrong]"),
-        FrameKind::Unknown(UnknownReason::NotCode),
+        FrameKind::Unknown(Unknown::new(UnknownReason::NotCode, Side::User)),
     )
 }
 
-fn unknown_kernel(addr: Addr) -> Frame {
-    Frame::new(
-        format!("[unknown kernel {addr:#x}]"),
-        FrameKind::KernelUnknown,
-    )
-}
-
-/// Frame names go into `;`-separated folded lines: no `;` or newline.
-pub fn sanitize(name: &str) -> String {
-    name.replace(';', ":").replace(['\n', '\r'], " ")
+/// A kernel address not in kallsyms.
+fn unknown_kernel(addr: Addr, r: Option<blazesym::symbolize::Reason>) -> Frame {
+    let mut u = Unknown::new(UnknownReason::KernelUnknown, Side::Kernel);
+    u.offset = Some(addr);
+    if let Some(r) = r {
+        u = u.detail(blaze_reason(r));
+    }
+    Frame::unknown(u)
 }
 
 /// A return address points after its call: step back one byte so it
@@ -496,8 +419,8 @@ pub struct SymbolTables {
 
 /// Symbolizes every address of `stacks` once, with a fresh symbolizer.
 pub fn symbol_tables<'a>(
-    stacks: impl IntoIterator<Item = &'a crate::capture::RawStack> + Clone,
-    procs: &crate::procs::ProcessTable,
+    stacks: impl IntoIterator<Item = &'a RawStack> + Clone,
+    procs: &ProcessTable,
 ) -> SymbolTables {
     symbol_tables_with(&mut Symbolizer::new(), stacks, procs)
 }
@@ -506,8 +429,8 @@ pub fn symbol_tables<'a>(
 /// files are reused; perf maps are read afresh, JIT code moves).
 pub fn symbol_tables_with<'a>(
     sym: &mut Symbolizer,
-    stacks: impl IntoIterator<Item = &'a crate::capture::RawStack> + Clone,
-    procs: &crate::procs::ProcessTable,
+    stacks: impl IntoIterator<Item = &'a RawStack> + Clone,
+    procs: &ProcessTable,
 ) -> SymbolTables {
     use std::collections::HashSet;
     sym.new_round();
@@ -535,7 +458,7 @@ pub fn symbol_tables_with<'a>(
 }
 
 /// The name of a process as shown in root frames and labels.
-pub fn process_name(tgid: u32, thread: &str, procs: &crate::procs::ProcessTable) -> String {
+pub fn process_name(tgid: u32, thread: &str, procs: &ProcessTable) -> String {
     match (tgid, procs.get(tgid)) {
         (0, _) => "swapper".to_string(),
         (_, Some(p)) if !p.name.is_empty() => p.name.clone(),
@@ -545,11 +468,11 @@ pub fn process_name(tgid: u32, thread: &str, procs: &crate::procs::ProcessTable)
 
 /// Symbolizes a capture's stacks (those of `exclude` left out).
 pub fn symbolize_profile(
-    raw: &crate::capture::RawProfile,
-    procs: &crate::procs::ProcessTable,
+    raw: &RawProfile,
+    procs: &ProcessTable,
     exclude: Option<u32>,
-) -> Vec<crate::fold::SymbolizedStack> {
-    let stacks: Vec<&crate::capture::RawStack> = raw
+) -> Vec<SymbolizedStack> {
+    let stacks: Vec<&RawStack> = raw
         .stacks
         .iter()
         .filter(|s| Some(s.tgid) != exclude)
@@ -563,46 +486,44 @@ pub fn symbolize_profile(
 
 /// One raw stack to frames, by tables made with [`symbol_tables`].
 pub fn symbolize_stack(
-    s: &crate::capture::RawStack,
+    s: &RawStack,
     tables: &SymbolTables,
-    procs: &crate::procs::ProcessTable,
-) -> crate::fold::SymbolizedStack {
-    let dropped =
-        |kind: FrameKind| Frame::new(format!("[unknown: {}]", UnknownReason::StackDropped), kind);
-    let expand = |part: &crate::capture::RawStackPart,
-                  table: Option<&HashMap<u64, Vec<Frame>>>,
-                  lost: FrameKind|
-     -> Vec<Frame> {
-        match part {
-            Ok(addrs) => {
-                let mut frames = Vec::new();
-                let adj: Vec<u64> = adjusted(addrs).collect();
-                for a in adj.iter().rev() {
-                    if let Some(fs) = table.and_then(|t| t.get(a)) {
-                        frames.extend(fs.iter().cloned());
+    procs: &ProcessTable,
+) -> SymbolizedStack {
+    let expand =
+        |part: &RawStackPart, table: Option<&HashMap<u64, Vec<Frame>>>, side: Side| -> Vec<Frame> {
+            match part {
+                Ok(addrs) => {
+                    let mut frames = Vec::new();
+                    let adj: Vec<u64> = adjusted(addrs).collect();
+                    for a in adj.iter().rev() {
+                        if let Some(fs) = table.and_then(|t| t.get(a)) {
+                            frames.extend(fs.iter().cloned());
+                        }
                     }
+                    frames
                 }
-                frames
+                // -EFAULT: no stack of this kind (kernel thread, or a sample in
+                // user mode); anything else was dropped.
+                Err(e) if *e == -libc::EFAULT => Vec::new(),
+                Err(_) => vec![Frame::unknown(Unknown::new(
+                    UnknownReason::StackDropped,
+                    side,
+                ))],
             }
-            // -EFAULT: no stack of this kind (kernel thread, or a sample in
-            // user mode); anything else was dropped.
-            Err(e) if *e == -libc::EFAULT => Vec::new(),
-            Err(_) => vec![dropped(lost)],
-        }
-    };
+        };
     // A walk that reached an address in no mapping, or not in code, went
     // wrong before it: the frames past it (kernel frame-pointer walks go
     // on) are garbage. Keep that one frame, which says so, and stop.
     let user_table = tables.user.get(&s.tgid);
-    let user_part: crate::capture::RawStackPart = match &s.user {
+    let user_part: RawStackPart = match &s.user {
         Ok(addrs) => {
             let bad = |a: u64| {
                 user_table.and_then(|t| t.get(&a)).is_some_and(|fs| {
                     fs.iter().any(|f| {
-                        matches!(
-                            f.kind,
-                            FrameKind::Unknown(UnknownReason::Unmapped | UnknownReason::NotCode)
-                        )
+                        f.unknown_info().is_some_and(|u| {
+                            matches!(u.reason, UnknownReason::Unmapped | UnknownReason::NotCode)
+                        })
                     })
                 })
             };
@@ -611,26 +532,22 @@ pub fn symbolize_stack(
         }
         Err(e) => Err(*e),
     };
-    let mut user_frames = expand(
-        &user_part,
-        user_table,
-        FrameKind::Unknown(UnknownReason::StackDropped),
-    );
+    let mut user_frames = expand(&user_part, user_table, Side::User);
     let marker = match s.user_cut {
-        Some(crate::unwind::Cut::Window) => Some(UnknownReason::Truncated),
-        Some(crate::unwind::Cut::Lost) => Some(UnknownReason::UnwindLost),
+        Some(Cut::Window) => Some(UnknownReason::Truncated),
+        Some(Cut::Lost) => Some(UnknownReason::UnwindLost),
         // The last frame itself says where the walk went wrong.
-        Some(crate::unwind::Cut::BadAddress) | None => None,
+        Some(Cut::BadAddress) | None => None,
     };
     if let Some(reason) = marker {
         user_frames.insert(0, unknown(reason));
     }
-    crate::fold::SymbolizedStack {
+    SymbolizedStack {
         process: process_name(s.tgid, &s.thread, procs),
         group: None,
         tgid: s.tgid,
         user: user_frames,
-        kernel: expand(&s.kernel, Some(&tables.kernel), FrameKind::KernelUnknown),
+        kernel: expand(&s.kernel, Some(&tables.kernel), Side::Kernel),
         count: s.count,
     }
 }
@@ -702,7 +619,7 @@ mod tests {
                 assert!(!fs.is_empty(), "{name}: {addr:#x} has no frame");
                 for f in fs {
                     assert!(!f.name.is_empty(), "{name}: empty name at {addr:#x}");
-                    if let FrameKind::Unknown(_) = f.kind {
+                    if f.unknown_info().is_some() {
                         assert!(
                             f.name.starts_with(&format!("{name}+0x")),
                             "{name}: {} does not say where",
@@ -736,17 +653,17 @@ mod tests {
         let frames = sym.user(Some(&info), &[0x1a2b, 0x5000]);
         assert_eq!(frames[&0x1a2b][0].name, "libfoo.so+0x3a2b");
         assert_eq!(
-            frames[&0x1a2b][0].kind,
-            FrameKind::Unknown(UnknownReason::FileUnreadable)
+            frames[&0x1a2b][0].unknown_info().map(|u| u.reason),
+            Some(UnknownReason::FileUnreadable)
         );
         assert_eq!(
-            frames[&0x5000][0].kind,
-            FrameKind::Unknown(UnknownReason::Unmapped)
+            frames[&0x5000][0].unknown_info().map(|u| u.reason),
+            Some(UnknownReason::Unmapped)
         );
         let none = sym.user(None, &[0x10]);
         assert_eq!(
-            none[&0x10][0].kind,
-            FrameKind::Unknown(UnknownReason::ProcessExited)
+            none[&0x10][0].unknown_info().map(|u| u.reason),
+            Some(UnknownReason::ProcessExited)
         );
     }
 
@@ -760,10 +677,14 @@ mod tests {
              3000-4000 rw-p 00000000 00:00 0 [stack]\n\
              5000-6000 r--p 00001000 fd:01 7 /nonexistent/libfoo.so\n\
              7000-8000 rw-p 00000000 00:00 0\n\
-             9000-a000 r-xp 00000000 00:00 0\n",
+             9000-a000 r-xp 00000000 00:00 0\n\
+             b000-c000 r-xp 00000000 00:01 9 /memfd:jit (deleted)\n",
         );
         let mut sym = Symbolizer::new();
-        let frames = sym.user(Some(&info), &[0x1010, 0x3010, 0x5010, 0x7010, 0x9010]);
+        let frames = sym.user(
+            Some(&info),
+            &[0x1010, 0x3010, 0x5010, 0x7010, 0x9010, 0xb010],
+        );
         for (addr, what) in [
             (0x1010, "[heap]"),
             (0x3010, "[stack]"),
@@ -771,15 +692,25 @@ mod tests {
             (0x7010, "anonymous memory"),
         ] {
             let f = &frames[&addr][0];
-            assert_eq!(f.kind, FrameKind::Unknown(UnknownReason::NotCode), "{f:?}");
+            assert_eq!(
+                f.unknown_info().map(|u| u.reason),
+                Some(UnknownReason::NotCode),
+                "{f:?}"
+            );
             assert!(
                 f.name.contains(what) && f.name.contains("the walk went wrong"),
                 "{f:?}"
             );
         }
-        assert_eq!(
-            frames[&0x9010][0].kind,
-            FrameKind::Unknown(UnknownReason::JitWithoutPerfMap)
-        );
+        // Anonymous code, and code in a memfd (anonymous memory with a
+        // name): JIT code, not a stripped file.
+        for addr in [0x9010, 0xb010] {
+            assert_eq!(
+                frames[&addr][0].unknown_info().map(|u| u.reason),
+                Some(UnknownReason::JitWithoutPerfMap),
+                "{:?}",
+                frames[&addr]
+            );
+        }
     }
 }

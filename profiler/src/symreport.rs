@@ -6,10 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::{
-    fold::SymbolizedStack,
-    symbolize::{FrameKind, UnknownReason},
-};
+use crate::model::{Side, SymbolizedStack, Unknown, UnknownReason};
 
 /// One cause of unknown frames.
 #[derive(Clone, Debug, Serialize)]
@@ -24,6 +21,8 @@ pub struct Cause {
     pub examples: Vec<String>,
     /// What to do about it.
     pub advice: String,
+    /// The symbolizer's own reasons, where it gave any.
+    pub symbolizer: Vec<String>,
 }
 
 /// symbols.json.
@@ -39,41 +38,55 @@ pub struct SymbolReport {
     pub causes: Vec<Cause>,
 }
 
-fn advice(r: Option<UnknownReason>) -> &'static str {
-    match r {
-        Some(UnknownReason::NoSymbols) => {
+fn advice(u: &Unknown) -> &'static str {
+    match u.reason {
+        UnknownReason::NoSymbols => {
             "the file has no symbol for these addresses (stripped): install its debug symbols (Debian: the -dbgsym package) or build without -s/strip; frames show file+offset meanwhile"
         }
-        Some(UnknownReason::FileUnreadable) => {
+        UnknownReason::FileUnreadable => {
             "the mapped file could not be opened: deleted or replaced on disk, or in a container whose files were gone; keep the process and its container running until the capture ends"
         }
-        Some(UnknownReason::JitWithoutPerfMap) => {
-            "JIT code with no /tmp/perf-PID.map naming it: start Node.js with --perf-basic-prof --interpreted-frames-native-stack (JVM: -XX:+PreserveFramePointer with perf-map-agent)"
+        UnknownReason::JitWithoutPerfMap => {
+            "JIT code (anonymous executable memory, or a memfd: mapping) with no /tmp/perf-PID.map or jitdump naming it: start Node.js with --perf-basic-prof --interpreted-frames-native-stack (JVM: -XX:+PreserveFramePointer with perf-map-agent)"
         }
-        Some(UnknownReason::JitNotInMap) => {
+        UnknownReason::JitNotInMap => {
             "JIT code that the process's perf map or jitdump does not cover: code compiled before the runtime started writing it, or a runtime's own stubs; with Node.js, code compiled before --perf-basic-prof/--perf-prof took effect"
         }
-        Some(UnknownReason::Unmapped) => {
+        UnknownReason::Unmapped => {
             "a return address in no mapping: the walk had gone wrong before it (a frame pointer that was not one, in code built without frame pointers); the walk stops there. Use --unwind auto (the default) for CFI unwinding"
         }
-        Some(UnknownReason::NotCode) => {
+        UnknownReason::NotCode => {
             "a return address in the heap, a stack or a file's data: not code, so the walk had gone wrong before it (a frame that neither CFI nor a frame pointer describes); the walk stops there. Not a missing-symbols problem"
         }
-        Some(UnknownReason::ProcessExited) => {
+        UnknownReason::ProcessExited => {
             "the process exited before its memory maps could be read (it lived only milliseconds, or its announcement was lost)"
         }
-        Some(UnknownReason::StackDropped) => {
-            "the kernel's stack map was full or two stacks collided in it; fewer distinct stacks (lower -F, shorter -d) lose fewer"
+        UnknownReason::StackDropped => {
+            if u.side == Side::Kernel {
+                "the kernel stack was not recorded: the kernel's stack map was full or two stacks collided in it; a bigger --max-stacks (or fewer distinct stacks: lower -F, shorter -d) loses fewer"
+            } else {
+                "the user stack was not recorded: the kernel's stack map was full or two stacks collided in it; a bigger --max-stacks (or fewer distinct stacks: lower -F, shorter -d) loses fewer"
+            }
         }
-        Some(UnknownReason::Truncated) => {
+        UnknownReason::Truncated => {
             "the stack is deeper than the copied window: raise --stack-bytes (at most 65536); the outer frames are missing"
         }
-        Some(UnknownReason::UnwindLost) => {
+        UnknownReason::UnwindLost => {
             "a frame that neither CFI nor a frame pointer describes (hand-written assembly, code built without unwind tables or frame pointers, or a sample in a process start-up): the outer frames are missing"
         }
-        Some(UnknownReason::KernelUnknown) | None => {
+        UnknownReason::KernelUnknown => {
             "kernel addresses not in /proc/kallsyms: run as root (kernel.kptr_restrict hides them from others)"
         }
+    }
+}
+
+/// The name a cause is reported under.
+fn cause_name(u: &Unknown) -> &'static str {
+    match (u.side, u.reason) {
+        (Side::Kernel, UnknownReason::KernelUnknown) => "kernel address not in kallsyms",
+        (Side::Kernel, UnknownReason::StackDropped) => "kernel stack dropped",
+        (Side::User, UnknownReason::StackDropped) => "user stack dropped",
+        (_, r) => r.as_str(),
     }
 }
 
@@ -81,35 +94,36 @@ fn advice(r: Option<UnknownReason>) -> &'static str {
 pub fn build(stacks: &[SymbolizedStack]) -> SymbolReport {
     let mut samples = 0;
     let mut named = 0;
-    // reason name -> (samples, examples, reason)
-    let mut causes: BTreeMap<&'static str, (u64, BTreeSet<String>, Option<UnknownReason>)> =
-        BTreeMap::new();
+    // cause -> (samples, examples, an unknown frame of it, symbolizer reasons)
+    type Entry<'a> = (u64, BTreeSet<String>, &'a Unknown, BTreeSet<&'static str>);
+    let mut causes: BTreeMap<&'static str, Entry<'_>> = BTreeMap::new();
     for s in stacks {
         samples += s.count;
         let mut seen: BTreeSet<&'static str> = BTreeSet::new();
-        for f in s.user.iter().chain(&s.kernel) {
-            let reason = match f.kind {
-                FrameKind::Unknown(r) => Some(r),
-                FrameKind::KernelUnknown => None,
-                _ => continue,
-            };
-            let key = reason.map_or("kernel address not in kallsyms", UnknownReason::as_str);
+        for u in s
+            .user
+            .iter()
+            .chain(&s.kernel)
+            .filter_map(|f| f.unknown_info())
+        {
+            let key = cause_name(u);
             let entry = causes
                 .entry(key)
-                .or_insert_with(|| (0, BTreeSet::new(), reason));
+                .or_insert_with(|| (0, BTreeSet::new(), u, BTreeSet::new()));
             if seen.insert(key) {
                 entry.0 += s.count;
             }
-            let example = match reason {
-                Some(UnknownReason::NoSymbols | UnknownReason::FileUnreadable) => f
-                    .name
-                    .rsplit_once("+0x")
-                    .map_or(f.name.as_str(), |(file, _)| file)
-                    .to_string(),
+            // Where it is: the file when known (a kernel address is not a
+            // place worth listing), else the process.
+            let example = match (&u.file, u.side) {
+                (Some(file), Side::User) => file.clone(),
                 _ => s.process.clone(),
             };
             if entry.1.len() < 5 {
                 entry.1.insert(example);
+            }
+            if let Some(d) = u.detail {
+                entry.3.insert(d);
             }
         }
         if seen.is_empty() {
@@ -125,12 +139,13 @@ pub fn build(stacks: &[SymbolizedStack]) -> SymbolReport {
     };
     let mut causes: Vec<Cause> = causes
         .into_iter()
-        .map(|(name, (n, ex, r))| Cause {
+        .map(|(name, (n, ex, u, details))| Cause {
             reason: name.to_string(),
             samples: n,
             share: share(n),
             examples: ex.into_iter().collect(),
-            advice: advice(r).to_string(),
+            advice: advice(u).to_string(),
+            symbolizer: details.into_iter().map(str::to_string).collect(),
         })
         .collect();
     causes.sort_by(|a, b| b.samples.cmp(&a.samples).then(a.reason.cmp(&b.reason)));
@@ -164,7 +179,7 @@ pub fn render(r: &SymbolReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::symbolize::Frame;
+    use crate::model::{Frame, FrameKind};
 
     fn f(name: &str, kind: FrameKind) -> Frame {
         Frame {
@@ -189,8 +204,12 @@ mod tests {
                 tgid: 1,
                 process: "a".into(),
                 user: vec![
-                    f("libx.so+0x10", FrameKind::Unknown(UnknownReason::NoSymbols)),
-                    f("libx.so+0x20", FrameKind::Unknown(UnknownReason::NoSymbols)),
+                    Frame::unknown(
+                        Unknown::new(UnknownReason::NoSymbols, Side::User).at("libx.so", 0x10),
+                    ),
+                    Frame::unknown(
+                        Unknown::new(UnknownReason::NoSymbols, Side::User).at("libx.so", 0x20),
+                    ),
                 ],
                 kernel: vec![],
                 count: 3,
@@ -199,16 +218,30 @@ mod tests {
                 group: None,
                 tgid: 1,
                 process: "node".into(),
-                user: vec![f(
-                    "[unknown: JIT code without a perf map]",
-                    FrameKind::Unknown(UnknownReason::JitWithoutPerfMap),
-                )],
-                kernel: vec![f("[unknown kernel 0x1]", FrameKind::KernelUnknown)],
+                user: vec![Frame::unknown(Unknown::new(
+                    UnknownReason::JitWithoutPerfMap,
+                    Side::User,
+                ))],
+                kernel: vec![Frame::unknown(Unknown {
+                    offset: Some(1),
+                    ..Unknown::new(UnknownReason::KernelUnknown, Side::Kernel)
+                })],
                 count: 1,
+            },
+            SymbolizedStack {
+                group: None,
+                tgid: 1,
+                process: "b".into(),
+                user: vec![f("main", FrameKind::User)],
+                kernel: vec![Frame::unknown(Unknown::new(
+                    UnknownReason::StackDropped,
+                    Side::Kernel,
+                ))],
+                count: 2,
             },
         ];
         let r = build(&stacks);
-        assert_eq!((r.samples, r.fully_named_samples), (10, 6));
+        assert_eq!((r.samples, r.fully_named_samples), (12, 6));
         assert_eq!(r.causes[0].reason, "no symbols");
         assert_eq!(r.causes[0].samples, 3, "a stack counts once per cause");
         assert_eq!(r.causes[0].examples, vec!["libx.so".to_string()]);
@@ -219,6 +252,20 @@ mod tests {
             .unwrap();
         assert!(jit.advice.contains("--perf-basic-prof"));
         assert_eq!(jit.examples, vec!["node".to_string()]);
-        assert!(render(&r).contains("60.0% of 10 samples"));
+        assert!(render(&r).contains("50.0% of 12 samples"));
+        // A kernel stack the stack map dropped is not a kallsyms problem.
+        let dropped = r
+            .causes
+            .iter()
+            .find(|c| c.reason == "kernel stack dropped")
+            .unwrap();
+        assert_eq!(dropped.samples, 2);
+        assert!(!dropped.advice.contains("kallsyms"), "{}", dropped.advice);
+        let kallsyms = r
+            .causes
+            .iter()
+            .find(|c| c.reason == "kernel address not in kallsyms")
+            .unwrap();
+        assert_eq!(kallsyms.samples, 1);
     }
 }

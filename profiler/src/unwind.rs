@@ -12,10 +12,11 @@ use framehop::{
     x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64},
 };
 use object::{Object, ObjectSection, ObjectSegment};
-use profiler_common::{STACK_AT_TOP, STACK_IPS, StackSample};
+use profiler_common::stacks::{STACK_AT_TOP, STACK_IPS, StackSample};
 
 use crate::{
     jitcfi::JitCfi,
+    model::{Cut, UnwindStats},
     procmaps::Backing,
     procs::{ProcessInfo, ProcessTable},
 };
@@ -287,23 +288,6 @@ pub struct UnwoundKey {
     pub cut: Option<Cut>,
 }
 
-/// Why a user stack's walk ended before its outermost frame.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Cut {
-    /// It needed stack past the copied window (`--stack-bytes`), or went
-    /// deeper than the most frames walked.
-    Window,
-    /// A frame with no rule to go on: no CFI covers it and its frame
-    /// pointer leads nowhere (hand-written assembly, code built without
-    /// unwind tables or frame pointers), or the process was not known.
-    Lost,
-    /// The walk reached an address in no mapping, or in memory that is
-    /// not code (heap, stack, data): the frames before it were wrong
-    /// (a frame pointer used as one that was not). That address is the
-    /// last frame kept, and says so; nothing past it is read.
-    BadAddress,
-}
-
 /// Unwind data of files by host path (None: read and found unusable).
 type FileMap = HashMap<PathBuf, Option<Arc<FileUnwindData>>>;
 
@@ -389,26 +373,6 @@ fn fp_step(
 /// Bytes after a file's entry point within which a return address is
 /// still in `_start` (glibc's is 0x26 bytes long, ld.so's calls at +8).
 const ENTRY_SPAN: u64 = 64;
-
-/// Counts of what unwinding met.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct UnwindStats {
-    /// Samples unwound.
-    pub samples: u64,
-    /// Of those, stacks cut at the copied window (or the most frames).
-    pub truncated: u64,
-    /// Of those, stacks whose walk met a frame with no rule to go on.
-    pub lost: u64,
-    /// Of those, walks stopped at a return address in no mapping or in
-    /// memory that is not code.
-    pub bad_address: u64,
-    /// Samples dropped because the aggregation was full.
-    pub dropped: u64,
-    /// Frames of JIT code stepped over with the CFI of a jitdump.
-    pub jit_cfi_frames: u64,
-    /// Bytes of stack received.
-    pub bytes: u64,
-}
 
 /// Unwinds copied stacks and aggregates them.
 #[derive(Default)]
@@ -514,7 +478,7 @@ impl UserUnwinder {
                 s.tgid,
                 ProcessUnwinder {
                     unwinder,
-                    jitdump: crate::symbolize::jitdump_path(info),
+                    jitdump: crate::jitdump::path_of(info),
                     maps_key: key,
                     modules,
                 },
@@ -829,7 +793,7 @@ mod tests {
                 bp = out(reg) bp,
             );
         }
-        let len = (stack_end - sp).min(profiler_common::STACK_COPY_MAX as u64) as usize;
+        let len = (stack_end - sp).min(profiler_common::stacks::STACK_COPY_MAX as u64) as usize;
         // SAFETY: [sp, sp + len) lies in this thread's stack mapping.
         unsafe { std::ptr::copy_nonoverlapping(sp as *const u8, out.stack.as_mut_ptr(), len) };
         out.ip = ip;
@@ -972,7 +936,7 @@ mod tests {
         let end = SIGNAL_STACK_END.load(std::sync::atomic::Ordering::SeqCst);
         // SAFETY: [sp, end) is this thread's live stack above this frame.
         unsafe {
-            let len = (end - sp).min(profiler_common::STACK_COPY_MAX as u64) as usize;
+            let len = (end - sp).min(profiler_common::stacks::STACK_COPY_MAX as u64) as usize;
             std::ptr::copy_nonoverlapping(sp as *const u8, (*out).stack.as_mut_ptr(), len);
             (*out).ip = ip;
             (*out).sp = sp;

@@ -8,12 +8,15 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use profiler_common::{LATENCY_SLOTS, RetransKey, RetransValue};
+use profiler_common::{
+    sched::LATENCY_SLOTS,
+    tcp::{RetransKey, RetransValue},
+};
 use serde::Serialize;
 
 use crate::{
-    capture::{OomKill, OwnerInfo, RawProfile},
     hostsnap::HostSnapshot,
+    model::{OomKill, OwnerInfo, RawProfile},
 };
 
 /// Version tag of the use.json schema.
@@ -366,7 +369,7 @@ pub fn retrans_conn(
     let pid = (v.owner_tgid != 0).then_some(v.owner_tgid);
     // What was read while the owner lived, else what /proc says now, else
     // the cgroup v2 id the kernel recorded.
-    let now = pid.map(OwnerInfo::read).unwrap_or_default();
+    let now = pid.map(crate::procs::owner_info).unwrap_or_default();
     let kernel_comm = (v.owner_tgid != 0)
         .then(|| comm_str(&v.owner_comm))
         .filter(|c| !c.is_empty());
@@ -493,7 +496,10 @@ pub fn build(
         }
     });
     let runqueue_depth = (!missing("runqueue_depth")).then(|| {
-        let h = sum_rows(&raw.runq_depth, profiler_common::DEPTH_SLOTS as usize);
+        let h = sum_rows(
+            &raw.runq_depth,
+            profiler_common::sched::DEPTH_SLOTS as usize,
+        );
         let samples: u64 = h.iter().sum();
         let weighted: u64 = h.iter().enumerate().map(|(d, &c)| d as u64 * c).sum();
         let last = h.iter().rposition(|&c| c > 0).map_or(0, |i| i + 1);
@@ -556,7 +562,7 @@ pub fn build(
     let rx = end.net.rx_bytes.saturating_sub(start.net.rx_bytes) as f64 / secs;
     let tx = end.net.tx_bytes.saturating_sub(start.net.tx_bytes) as f64 / secs;
     let network = Network {
-        tcp_retransmits: raw.counter(profiler_common::Counter::Retransmits),
+        tcp_retransmits: raw.counter(profiler_common::counters::Counter::Retransmits),
         retransmits_by_connection: conns,
         kernel_retrans_segs: delta("RetransSegs", &start.tcp, &end.tcp),
         kernel_out_segs: delta("OutSegs", &start.tcp, &end.tcp),

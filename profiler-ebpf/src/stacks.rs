@@ -1,0 +1,325 @@
+//! Stack sampling: the perf_event program on each CPU's cpu-clock. It
+//! counts every tick (CPU utilization), reads the run-queue depth (see
+//! [`crate::sched`]), then takes the sampled task's stacks: kernel and user
+//! walked in the kernel and counted in [`COUNTS`] (`--unwind fp`), or the
+//! user registers and a copy of the user stack sent through
+//! [`STACK_SAMPLES`] for CFI unwinding in userspace.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::BPF_F_USER_STACK,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id},
+    macros::perf_event,
+    maps::{Array, LruHashMap, PerCpuHashMap, RingBuf, StackTrace},
+    programs::{PerfEventContext, tracing::StackIdContext},
+};
+use profiler_common::{
+    COMM_LEN,
+    config::Config,
+    counters::Counter,
+    stacks::{
+        self, MAX_STACK_DEPTH, SAMPLE_HEADER_BYTES, STACK_AT_TOP, STACK_COPY_MAX, STACK_IPS,
+        STACK_PAGE, StackKey, StackSample,
+    },
+};
+
+use crate::{EEXIST, bump, config, dropped, now};
+
+map!(STACKS: StackTrace = with_max_entries(stacks::STACKS));
+map!(COUNTS: PerCpuHashMap<StackKey, u64> = with_max_entries(stacks::COUNTS));
+map!(
+    /// Where a stack sample is assembled: one slot per CPU, sized by the
+    /// loader to the possible CPUs.
+    SCRATCH: Array<StackSample> = with_max_entries(stacks::SCRATCH)
+);
+map!(
+    /// Thread (pid_tgid) -> [address, until ns]: the first page above its
+    /// sp that failed to read in a recent copy (the end of the mapping
+    /// holding the stack). Copies stop below it instead of taking that
+    /// fault again, which costs about a microsecond a sample; an entry is
+    /// trusted for a second, then the copy tries past it again (mappings
+    /// change, tids are reused).
+    STACK_TOPS: LruHashMap<u64, [u64; 2]> = with_max_entries(stacks::STACK_TOPS)
+);
+map!(STACK_SAMPLES: RingBuf = with_byte_size(stacks::STACK_SAMPLES));
+
+/// How long a [`STACK_TOPS`] entry is trusted.
+const STACK_TOP_TTL_NS: u64 = 1_000_000_000;
+/// bpf_ringbuf_output flag: do not wake the reader.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+
+prog_named!(sample_stack, stacks::PROG_SAMPLE);
+#[perf_event]
+pub fn sample_stack(ctx: PerfEventContext) -> u32 {
+    try_sample(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_sample(ctx: &PerfEventContext) {
+    let cfg = config();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+
+    // Utilization and run-queue depth see every tick, whatever the filter.
+    bump(Counter::CpuTicks);
+    if tid != 0 {
+        bump(Counter::CpuBusyTicks);
+    }
+    if cfg.runqueue_depth != 0 {
+        crate::sched::runqueue_depth(cfg, tid);
+    }
+    if cfg.take_stacks == 0 {
+        return;
+    }
+
+    if cfg.filter_pids != 0 && !crate::procs::profiled(tgid) {
+        return;
+    }
+    bump(Counter::Samples);
+
+    if cfg.copy_stacks != 0 && tgid != 0 {
+        if copy_stack(ctx, cfg, tgid, tid) {
+            crate::procs::announce(cfg, tgid);
+            return;
+        }
+        // No user registers (a kernel thread): count the kernel stack.
+    }
+
+    let kernel_stack_id = kernel_stack(ctx);
+    let user_stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(id) => id as i32,
+        Err(e) => {
+            // Another stack holds this one's bucket: send its addresses
+            // to userspace instead of losing it.
+            if e == -EEXIST
+                && cfg.send_collided != 0
+                && tgid != 0
+                && send_user_ips(ctx, tgid, tid, kernel_stack_id)
+            {
+                bump(Counter::UserStacksSentAside);
+                crate::procs::announce(cfg, tgid);
+                return;
+            }
+            if dropped(e) {
+                bump(Counter::UserStackDropped);
+            }
+            e
+        }
+    };
+    if user_stack_id < 0 && kernel_stack_id < 0 {
+        bump(Counter::NoStack);
+    }
+
+    let comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+    let key = StackKey {
+        tgid,
+        user_stack_id,
+        kernel_stack_id,
+        comm,
+    };
+    match COUNTS.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value of this CPU: no concurrent writer.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            if COUNTS.insert(&key, &1, 0).is_err() {
+                bump(Counter::CountMapFull);
+            }
+        }
+    }
+
+    // Tell userspace about a process when it is first sampled, and again
+    // while it keeps being sampled, so that it reads the process's memory
+    // maps while the process lives.
+    if tgid != 0 {
+        crate::procs::announce(cfg, tgid);
+    }
+}
+
+/// The kernel stack's id in [`STACKS`], or the walk's negative errno
+/// (counted when the stack was dropped for lack of room).
+#[inline(always)]
+fn kernel_stack(ctx: &PerfEventContext) -> i32 {
+    match ctx.get_stackid(&STACKS, 0) {
+        Ok(id) => id as i32,
+        Err(e) => {
+            if dropped(e) {
+                bump(Counter::KernelStackDropped);
+            }
+            e
+        }
+    }
+}
+
+/// This CPU's scratch record.
+#[inline(always)]
+fn scratch() -> Option<*mut StackSample> {
+    // SAFETY: no preconditions.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    SCRATCH.get_ptr_mut(cpu)
+}
+
+/// Walks the user stack by frame pointer into this CPU's scratch record
+/// and sends the addresses (`STACK_IPS`) through the stack ring. False
+/// when nothing could be sent (then the sample is counted as dropped).
+#[inline(always)]
+fn send_user_ips(ctx: &PerfEventContext, tgid: u32, tid: u32, kernel_stack_id: i32) -> bool {
+    let Some(out) = scratch() else {
+        return false;
+    };
+    // SAFETY: `out` is this CPU's scratch record; bpf_get_stack writes at
+    // most the size given, which is inside `stack`.
+    let len = unsafe {
+        let n = aya_ebpf::helpers::generated::bpf_get_stack(
+            ctx.as_ptr(),
+            (*out).stack.as_mut_ptr().cast(),
+            (MAX_STACK_DEPTH * 8) as u32,
+            BPF_F_USER_STACK as u64,
+        );
+        if n <= 0 {
+            return false;
+        }
+        (*out).tgid = tgid;
+        (*out).tid = tid;
+        (*out).kernel_stack_id = kernel_stack_id;
+        (*out).len = n as u32;
+        (*out).flags = STACK_IPS;
+        (*out)._pad = 0;
+        (*out).ip = 0;
+        (*out).sp = 0;
+        (*out).bp = 0;
+        (*out).base = 0;
+        (*out).comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+        n as usize
+    };
+    if len > MAX_STACK_DEPTH * 8 {
+        return false;
+    }
+    send_scratch(out, SAMPLE_HEADER_BYTES + len)
+}
+
+/// Sends the first `size` bytes of this CPU's scratch record through the
+/// stack ring; a full ring is counted. No wakeup per sample: userspace
+/// drains on a short timer, which saves a wakeup and two context switches
+/// a sample.
+#[inline(always)]
+fn send_scratch(out: *mut StackSample, size: usize) -> bool {
+    if size > core::mem::size_of::<StackSample>() {
+        return false;
+    }
+    // SAFETY: `out` is this CPU's scratch record; `size` is bounded by it.
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_ringbuf_output(
+            core::ptr::addr_of!(STACK_SAMPLES).cast_mut().cast(),
+            out.cast(),
+            size as u64,
+            BPF_RB_NO_WAKEUP,
+        )
+    };
+    if rc != 0 {
+        bump(Counter::StackCopiesLost);
+        return false;
+    }
+    true
+}
+
+/// Sends the user registers and a copy of the user stack to userspace for
+/// unwinding with the binaries' CFI. Returns false when the task has no
+/// user registers.
+#[inline(always)]
+fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32) -> bool {
+    let Some((ip, sp, bp)) = crate::arch::user_regs(ctx, cfg) else {
+        bump(Counter::UserRegsMissing);
+        return false;
+    };
+    let kernel_stack_id = kernel_stack(ctx);
+    // Built in a per-CPU scratch record, then sent with only the pages
+    // copied: the ring buffer carries what the stack holds, not the most
+    // it could hold.
+    let Some(out) = scratch() else {
+        return true;
+    };
+    let pages = cfg.stack_pages as usize;
+    // The first chunk runs from sp to the end of its page, the next ones
+    // are whole pages: a chunk never crosses the stack's top, so the top
+    // page is read whole, and nothing below sp is copied.
+    let first = STACK_PAGE as u64 - (sp & (STACK_PAGE as u64 - 1));
+    // Read back opaquely, so that the compiler cannot fold the
+    // subtraction into the destination pointer (the verifier then sees a
+    // negative variable offset and rejects the access); the check below
+    // cannot fail, it gives the verifier the value's bounds again.
+    // SAFETY: a read of a local.
+    let first = unsafe { core::ptr::read_volatile(&first) };
+    if first == 0 || first > STACK_PAGE as u64 {
+        return true;
+    }
+    let thread = ((tgid as u64) << 32) | tid as u64;
+    // SAFETY: a lookup in a hash of plain integers.
+    let top = match unsafe { STACK_TOPS.get(&thread) } {
+        Some(&[addr, until]) if addr > sp && now() < until => addr,
+        _ => u64::MAX,
+    };
+    let mut len = 0u32;
+    let mut chunks = 0u32;
+    // SAFETY: `out` is this CPU's scratch record; every write stays inside
+    // it (offsets below first + 14 pages, sizes at most a page).
+    unsafe {
+        (*out).tgid = tgid;
+        (*out).tid = tid;
+        (*out).kernel_stack_id = kernel_stack_id;
+        (*out).ip = ip;
+        (*out).sp = sp;
+        (*out).bp = bp;
+        (*out).base = sp;
+        (*out).comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+        let dst = (*out).stack.as_mut_ptr();
+        // Upward from sp until the configured size or the first chunk that
+        // does not read (the stack's top passed), as perf does: every page
+        // above sp was touched by the frames that pushed it, and trying
+        // the unmapped ones past the top costs a fault each.
+        let mut i = 0;
+        while i < STACK_COPY_MAX / STACK_PAGE {
+            if i >= pages {
+                break;
+            }
+            let (off, size) = if i == 0 {
+                (0, first)
+            } else {
+                (first as usize + (i - 1) * STACK_PAGE, STACK_PAGE as u64)
+            };
+            let src = sp + off as u64;
+            if src >= top {
+                break;
+            }
+            let rc = aya_ebpf::helpers::generated::bpf_probe_read_user(
+                dst.add(off).cast(),
+                size as u32,
+                src as *const core::ffi::c_void,
+            );
+            if rc != 0 {
+                // A full LRU map evicts: the insert cannot fail for room,
+                // and a lost hint only costs the next copy one fault.
+                let _ = STACK_TOPS.insert(&thread, &[src, now() + STACK_TOP_TTL_NS], 0);
+                break;
+            }
+            len = (off as u64 + size) as u32;
+            chunks += 1;
+            i += 1;
+        }
+    }
+    // Stopped before the configured size: the stack's top was reached.
+    let at_top = (chunks as usize) < pages;
+    // SAFETY: as above.
+    unsafe {
+        (*out).len = len;
+        (*out).flags = if at_top { STACK_AT_TOP } else { 0 };
+        (*out)._pad = 0;
+    }
+    if at_top {
+        bump(Counter::StackCopiesShort);
+    }
+    // A full ring is counted by send_scratch; the sample was taken.
+    send_scratch(out, SAMPLE_HEADER_BYTES + len as usize);
+    true
+}

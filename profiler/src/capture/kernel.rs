@@ -1,0 +1,230 @@
+//! What every signal's loader part uses: finding maps and programs in the
+//! loaded object, registering ring buffers with tokio, and facts about the
+//! machine (CPUs, kernel stack size, the monotonic clock).
+
+use std::fs;
+
+use aya::{
+    Ebpf,
+    maps::{MapData, RingBuf},
+    programs::{TracePoint, trace_point::TracePointLinkId},
+};
+use profiler_common::{MapDef, ProgDef};
+use tokio::io::unix::AsyncFd;
+
+use super::{CaptureError, Setup};
+
+/// A ring buffer of the object, registered for readiness.
+pub type Ring = AsyncFd<RingBuf<MapData>>;
+
+/// Takes a map out of the loaded object, typed.
+pub fn take_map<T>(ebpf: &mut Ebpf, def: MapDef) -> Result<T, CaptureError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let name = def.name;
+    let map = ebpf.take_map(name).ok_or(CaptureError::Map {
+        name,
+        source: aya::maps::MapError::InvalidName { name: name.into() },
+    })?;
+    T::try_from(map).map_err(|source| CaptureError::Map { name, source })
+}
+
+/// Takes a ring buffer out of the loaded object and registers it.
+pub fn take_ring(ebpf: &mut Ebpf, def: MapDef) -> Result<Ring, CaptureError> {
+    let ring: RingBuf<MapData> = take_map(ebpf, def)?;
+    // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns
+    // the RingBuf, and always reports that same fd.
+    unsafe { AsyncFd::register(ring) }.map_err(|e| CaptureError::Io(e.into()))
+}
+
+/// A program of the loaded object, typed.
+pub fn program<'a, T>(ebpf: &'a mut Ebpf, def: ProgDef) -> Result<&'a mut T, CaptureError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let name = def.name;
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| CaptureError::Program {
+            what: format!("find program {name} in the eBPF object"),
+            source: aya::programs::ProgramError::NotLoaded,
+        })?;
+    prog.try_into().map_err(|source| CaptureError::Program {
+        what: format!("use program {name}"),
+        source,
+    })
+}
+
+/// Reads every record waiting in a ring as a `T` (records shorter than a
+/// `T` are skipped).
+pub fn drain_ring<T: Copy>(ring: &mut Ring, mut f: impl FnMut(T)) {
+    let rb = ring.get_mut();
+    while let Some(item) = rb.next() {
+        if item.len() >= std::mem::size_of::<T>() {
+            // SAFETY: the kernel wrote a T (plain integers) at the start of
+            // the record; read_unaligned copes with any alignment.
+            let v: T = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            f(v);
+        }
+    }
+}
+
+/// Tracepoint programs attached by a signal, to detach at the end.
+#[derive(Default)]
+pub struct Tracepoints(Vec<(ProgDef, TracePointLinkId)>);
+
+impl Tracepoints {
+    /// Loads `prog` and attaches it to each of `points` (category, name).
+    /// When the kernel refuses, `signal` is marked unavailable with its
+    /// answer and false is returned; a point in `optional` that is
+    /// missing only loses what it adds.
+    pub fn attach(
+        &mut self,
+        ebpf: &mut Ebpf,
+        setup: &mut Setup<'_>,
+        signal: &'static str,
+        def: ProgDef,
+        points: &[(&str, &str)],
+        optional: &[&str],
+    ) -> Result<bool, CaptureError> {
+        let prog: &mut TracePoint = program(ebpf, def)?;
+        if let Err(e) = prog.load() {
+            setup.unavailable(
+                signal,
+                format!("the kernel refused program {}: {e}", def.name),
+            );
+            return Ok(false);
+        }
+        let mut all = true;
+        for (category, name) in points {
+            match prog.attach(category, name) {
+                Ok(link) => self.0.push((def, link)),
+                Err(_) if optional.contains(name) => {}
+                Err(e) => {
+                    setup.unavailable(
+                        signal,
+                        format!("cannot attach to tracepoint {category}:{name}: {e}"),
+                    );
+                    all = false;
+                }
+            }
+        }
+        Ok(all)
+    }
+
+    /// Detaches them all; returns what failed.
+    pub fn detach(&mut self, ebpf: &mut Ebpf) -> Vec<CaptureError> {
+        let mut errors = Vec::new();
+        for (def, link) in self.0.drain(..) {
+            let result = program::<TracePoint>(ebpf, def).and_then(|prog| {
+                prog.detach(link).map_err(|source| CaptureError::Program {
+                    what: format!("detach program {}", def.name),
+                    source,
+                })
+            });
+            if let Err(e) = result {
+                errors.push(e);
+            }
+        }
+        errors
+    }
+}
+
+/// Parses a CPU list such as `0-3,5,7-8` (`/sys/devices/system/cpu/online`).
+pub fn parse_cpu_list(s: &str) -> Option<Vec<u32>> {
+    let mut out = Vec::new();
+    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) = (a.parse().ok()?, b.parse().ok()?);
+                if b < a {
+                    return None;
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().ok()?),
+        }
+    }
+    Some(out)
+}
+
+/// Online CPUs.
+pub fn online_cpus() -> Result<Vec<u32>, CaptureError> {
+    let text = fs::read_to_string("/sys/devices/system/cpu/online")
+        .map_err(|e| CaptureError::Cpus(e.to_string()))?;
+    parse_cpu_list(&text).ok_or_else(|| CaptureError::Cpus(format!("unparsable {text:?}")))
+}
+
+/// Possible CPUs (the ids a CPU can have), for per-CPU slots.
+pub fn possible_cpus() -> u32 {
+    fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|t| parse_cpu_list(&t))
+        .and_then(|c| c.into_iter().max())
+        .map_or(1024, |m| m + 1)
+}
+
+/// The kernel stack size (THREAD_SIZE): 16 KiB on x86_64, 32 KiB with
+/// KASAN (read from the kernel's config where it is on disk).
+pub fn thread_size() -> u32 {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let config = fs::read_to_string(format!("/boot/config-{}", release.trim())).unwrap_or_default();
+    if config.lines().any(|l| l == "CONFIG_KASAN=y") {
+        32768
+    } else {
+        16384
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A per-CPU array slot's values (empty when it cannot be read).
+pub fn per_cpu(map: &aya::maps::PerCpuArray<MapData, u64>, idx: u32) -> Vec<u64> {
+    map.get(&idx, 0)
+        .map(|v| v.iter().copied().collect())
+        .unwrap_or_default()
+}
+
+/// `cur - prev` per CPU, remembering `cur`.
+pub fn delta(prev: &mut Vec<u64>, cur: Vec<u64>) -> Vec<u64> {
+    let d = cur
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v.saturating_sub(prev.get(i).copied().unwrap_or(0)))
+        .collect();
+    *prev = cur;
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(
+            parse_cpu_list("0-3,5,7-8\n"),
+            Some(vec![0, 1, 2, 3, 5, 7, 8])
+        );
+        assert_eq!(parse_cpu_list("0"), Some(vec![0]));
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list("x"), None);
+    }
+
+    #[test]
+    fn deltas_per_cpu() {
+        let mut prev = Vec::new();
+        assert_eq!(delta(&mut prev, vec![3, 4]), vec![3, 4]);
+        assert_eq!(delta(&mut prev, vec![5, 4, 1]), vec![2, 0, 1]);
+    }
+}

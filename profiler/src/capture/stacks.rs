@@ -1,0 +1,297 @@
+//! Stack sampling, loader side: attaches the sampler to the cpu-clock of
+//! every online CPU, unwinds the stack copies it sends (or aggregates the
+//! collided frame-pointer stacks), and at each window reads the counted
+//! stacks out of the kernel's maps. Kernel side:
+//! `profiler-ebpf/src/stacks.rs`; shared types: `profiler_common::stacks`.
+
+use std::collections::HashMap;
+
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuHashMap, StackTraceMap},
+    programs::{
+        PerfEvent,
+        perf_event::{
+            PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
+        },
+    },
+};
+use profiler_common::stacks::{
+    self, SAMPLE_HEADER_BYTES, STACK_COPY_MAX, STACK_PAGE, StackKey, StackSample,
+};
+
+use super::{
+    CaptureConfig, CaptureError, Setup, Signal,
+    kernel::{Ring, possible_cpus, program, take_map, take_ring, thread_size},
+};
+use crate::{
+    model::{RawProfile, RawStack, RawStackPart},
+    procs::ProcessTable,
+    unwind::{UnwindMode, UserUnwinder},
+};
+
+/// The stack-sampling signal.
+pub struct Stacks {
+    frequency_hz: u64,
+    perf_links: Vec<PerfEventLinkId>,
+    samples: Option<Ring>,
+    unwinder: Option<UserUnwinder>,
+    /// One stack sample, reused: 64 KiB, too big for the stack and too
+    /// big to allocate per sample.
+    sample_buf: Box<StackSample>,
+    maps: Option<(
+        PerCpuHashMap<MapData, StackKey, u64>,
+        StackTraceMap<MapData>,
+    )>,
+}
+
+impl Stacks {
+    /// The signal, for a capture configured as `cfg`.
+    pub fn new(cfg: &CaptureConfig) -> Self {
+        Stacks {
+            frequency_hz: cfg.frequency_hz,
+            perf_links: Vec::new(),
+            samples: None,
+            unwinder: None,
+            // SAFETY: StackSample is plain integers and bytes; all zeroes
+            // is a valid value.
+            sample_buf: unsafe { Box::new_zeroed().assume_init() },
+            maps: None,
+        }
+    }
+}
+
+/// Ring buffer bytes for stack copies: half a second of samples at the
+/// configured rate on every CPU, a power of two between 1 and 64 MiB. A
+/// record carries the stack from sp to its top (2 to 8 KiB for most
+/// threads; deeper ones up to `stack_bytes`), so 8 KiB a sample is
+/// reckoned: the ring's pages are resident once written around, and a
+/// bigger reckoning costs the profiler's RSS more than it saves. Half a
+/// second covers the first look at a big binary's CFI; copies that find
+/// the ring full are counted (`stack_copies_lost`).
+fn stack_ring_bytes(hz: u64, cpus: usize, stack_bytes: u32) -> u32 {
+    let record = u64::from(stack_bytes.min(8192)) + 128;
+    let want = hz * cpus as u64 * record / 2;
+    want.clamp(1 << 20, 64 << 20)
+        .next_power_of_two()
+        .min(64 << 20) as u32
+}
+
+impl Signal for Stacks {
+    fn configure(&mut self, setup: &mut Setup<'_>) {
+        let cfg = setup.cfg;
+        let c = &mut setup.config;
+        c.take_stacks = cfg.stacks.into();
+        c.copy_stacks = (cfg.stacks && cfg.unwind != UnwindMode::Fp).into();
+        c.stack_pages =
+            (cfg.stack_bytes as usize / STACK_PAGE).clamp(1, STACK_COPY_MAX / STACK_PAGE) as u8;
+        c.send_collided = (cfg.stacks && cfg.unwind == UnwindMode::Fp).into();
+        c.thread_size = thread_size();
+        if c.copy_stacks != 0
+            && let Ok(btf) = setup.btf
+            && let Some((off, _)) = crate::kbtf::member_offset(btf, "task_struct", "stack")
+        {
+            c.task_stack = off;
+        }
+        let (copy, collided) = (c.copy_stacks != 0, c.send_collided != 0);
+        let cpus = setup.cpus.len();
+        let sizes = &mut setup.sizes;
+        sizes.push((
+            stacks::STACKS,
+            if cfg.stacks { cfg.stack_map_entries } else { 1 },
+        ));
+        sizes.push((
+            stacks::COUNTS,
+            if cfg.stacks { cfg.count_map_entries } else { 1 },
+        ));
+        sizes.push((
+            stacks::SCRATCH,
+            if copy || collided { possible_cpus() } else { 1 },
+        ));
+        sizes.push((
+            stacks::STACK_SAMPLES,
+            if copy {
+                stack_ring_bytes(cfg.frequency_hz, cpus, cfg.stack_bytes)
+            } else if collided {
+                // Collided frame-pointer stacks: addresses, 1 KiB at most.
+                stack_ring_bytes(cfg.frequency_hz, cpus, 1024)
+            } else {
+                4096
+            },
+        ));
+        // Copied stacks are unwound in userspace; with --unwind fp, stacks
+        // that collided in the stack map arrive as addresses and are
+        // aggregated the same way.
+        self.unwinder = (copy || collided).then(|| {
+            let mut u = UserUnwinder::new();
+            if !copy {
+                u.max_stacks = Some(cfg.count_map_entries as usize);
+            }
+            u
+        });
+    }
+
+    fn attach(&mut self, ebpf: &mut Ebpf, setup: &mut Setup<'_>) -> Result<(), CaptureError> {
+        self.samples = Some(take_ring(ebpf, stacks::STACK_SAMPLES)?);
+        let prog: &mut PerfEvent = program(ebpf, stacks::PROG_SAMPLE)?;
+        prog.load().map_err(|source| CaptureError::Program {
+            what: "load the sampling program".into(),
+            source,
+        })?;
+        // cpu-clock counts nanoseconds: a fixed period gives exactly
+        // `frequency_hz` samples per second per CPU, with no ramp-up.
+        let period = (1_000_000_000 / self.frequency_hz.max(1)).max(1);
+        for &cpu in setup.cpus {
+            let link = prog
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Period(period),
+                    false,
+                )
+                .map_err(|source| CaptureError::Program {
+                    what: format!("attach the sampler to the cpu-clock of CPU {cpu}"),
+                    source,
+                })?;
+            self.perf_links.push(link);
+        }
+        Ok(())
+    }
+
+    fn rings(&self) -> Vec<&Ring> {
+        self.samples.iter().collect()
+    }
+
+    /// Stack samples are sent without wakeups.
+    fn polled(&self) -> bool {
+        self.unwinder.is_some()
+    }
+
+    fn drain(&mut self, procs: &mut ProcessTable) {
+        let (Some(unwinder), Some(ring)) = (self.unwinder.as_mut(), self.samples.as_mut()) else {
+            return;
+        };
+        let rb = ring.get_mut();
+        while let Some(item) = rb.next() {
+            if item.len() < SAMPLE_HEADER_BYTES {
+                continue;
+            }
+            // The kernel sends the header and only the pages it copied:
+            // the rest of the record stays zero.
+            let sample = &mut self.sample_buf;
+            let n = item.len().min(std::mem::size_of::<StackSample>());
+            // SAFETY: copies n <= size_of::<StackSample>() bytes of plain
+            // integers into it.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    item.as_ptr(),
+                    (&mut **sample as *mut StackSample).cast::<u8>(),
+                    n,
+                )
+            };
+            sample.len = sample.len.min((n - SAMPLE_HEADER_BYTES) as u32);
+            unwinder.add(sample, procs);
+        }
+    }
+
+    fn stop(&mut self, ebpf: &mut Ebpf) -> Result<(), CaptureError> {
+        let prog: &mut PerfEvent = program(ebpf, stacks::PROG_SAMPLE)?;
+        let mut result = Ok(());
+        for link in self.perf_links.drain(..) {
+            if let Err(source) = prog.detach(link) {
+                result = Err(CaptureError::Program {
+                    what: "detach the sampler from a CPU's cpu-clock".into(),
+                    source,
+                });
+            }
+        }
+        result
+    }
+
+    fn collect(
+        &mut self,
+        ebpf: &mut Ebpf,
+        out: &mut RawProfile,
+        drain: bool,
+    ) -> Result<(), CaptureError> {
+        if self.maps.is_none() {
+            self.maps = Some((
+                take_map(ebpf, stacks::COUNTS)?,
+                take_map(ebpf, stacks::STACKS)?,
+            ));
+        }
+        let (counts, stack_map) = self.maps.as_mut().expect("taken above");
+        let mut cache: HashMap<i32, RawStackPart> = HashMap::new();
+        let mut resolve = |id: i32| -> RawStackPart {
+            if id < 0 {
+                return Err(id);
+            }
+            cache
+                .entry(id)
+                .or_insert_with(|| match stack_map.get(&(id as u32), 0) {
+                    Ok(trace) => Ok(trace.frames().iter().map(|f| f.ip).collect()),
+                    Err(_) => Err(-libc::ENOENT), // the stack was overwritten
+                })
+                .clone()
+        };
+        let mut count_keys = Vec::new();
+        for item in counts.iter() {
+            let Ok((key, per_cpu)) = item else { continue };
+            if drain {
+                count_keys.push(key);
+            }
+            let count: u64 = per_cpu.iter().sum();
+            if count == 0 {
+                continue;
+            }
+            let thread = String::from_utf8_lossy(key.comm.split(|b| *b == 0).next().unwrap_or(&[]))
+                .into_owned();
+            out.stacks.push(RawStack {
+                tgid: key.tgid,
+                thread,
+                user: resolve(key.user_stack_id),
+                user_cut: None,
+                kernel: resolve(key.kernel_stack_id),
+                count,
+            });
+        }
+        if let Some(unwinder) = self.unwinder.as_mut() {
+            let (unwound, stats) = unwinder.take_window();
+            out.unwind = Some(stats);
+            for (key, count) in unwound {
+                out.stacks.push(RawStack {
+                    tgid: key.tgid,
+                    thread: key.thread,
+                    user: Ok(key.user),
+                    user_cut: key.cut,
+                    kernel: resolve(key.kernel_stack_id),
+                    count,
+                });
+            }
+        }
+        if drain {
+            // A key or stack gone already (a sample raced the delete) is
+            // what this removal wanted.
+            for key in count_keys {
+                let _ = counts.remove(&key);
+            }
+            let ids: Vec<u32> = stack_map.stack_ids().filter_map(Result::ok).collect();
+            for id in ids {
+                let _ = stack_map.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    fn forget(&mut self, gone: &[u32]) {
+        if let Some(u) = self.unwinder.as_mut() {
+            u.forget(gone);
+        }
+    }
+
+    fn detach(&mut self, ebpf: &mut Ebpf) -> Vec<CaptureError> {
+        // Normally stopped already; a capture that ended in an error
+        // stops here.
+        self.stop(ebpf).err().into_iter().collect()
+    }
+}

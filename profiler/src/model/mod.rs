@@ -1,0 +1,18 @@
+//! The data that flows between the stages, apart from the stages that
+//! make and use it (see ARCHITECTURE.md):
+//!
+//! capture ([`RawProfile`] of [`RawStack`]s, per-signal data) ->
+//! normalize and symbolize ([`Frame`]s, each unknown one an [`Unknown`]
+//! with its reason) -> [`SymbolizedStack`] -> fold ([`Folded`]) ->
+//! render and export.
+//!
+//! Stages import this module, not each other's types.
+
+mod frames;
+mod raw;
+
+pub use frames::{Folded, Frame, FrameKind, Side, SymbolizedStack, Unknown, UnknownReason};
+pub use raw::{
+    Counters, Cut, MAX_SOCKET_OWNERS, OomKill, OwnerInfo, RawProfile, RawStack, RawStackPart,
+    Unavailable, UnwindStats,
+};

@@ -1,0 +1,236 @@
+//! What the capture stage records: counted raw stacks and the USE
+//! signals' data of one window.
+
+use std::collections::HashMap;
+
+use profiler_common::{
+    counters::Counter,
+    oom::OomEvent,
+    tcp::{RetransKey, RetransValue},
+};
+
+/// A stack as recorded: addresses leaf first, or the errno of the walk.
+pub type RawStackPart = Result<Vec<u64>, i32>;
+
+/// Why a user stack unwound in userspace stopped before its end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cut {
+    /// It needed stack past the copied window (`--stack-bytes`), or went
+    /// deeper than the most frames walked.
+    Window,
+    /// A frame with no rule to go on: no CFI covers it and its frame
+    /// pointer leads nowhere (hand-written assembly, code built without
+    /// unwind tables or frame pointers), or the process was not known.
+    Lost,
+    /// The walk reached an address in no mapping, or in memory that is
+    /// not code (heap, stack, data): the frames before it were wrong
+    /// (a frame pointer used as one that was not). That address is the
+    /// last frame kept, and says so; nothing past it is read.
+    BadAddress,
+}
+
+/// One counted key of the capture.
+#[derive(Clone, Debug)]
+pub struct RawStack {
+    /// Thread-group id (0: idle).
+    pub tgid: u32,
+    /// Name of the sampled thread.
+    pub thread: String,
+    /// User stack, leaf first.
+    pub user: RawStackPart,
+    /// Why the user stack stopped before its end, if it did (userspace
+    /// unwinding).
+    pub user_cut: Option<Cut>,
+    /// Kernel stack, leaf first.
+    pub kernel: RawStackPart,
+    /// Samples.
+    pub count: u64,
+}
+
+/// Userspace unwinding figures of a window (dwarf/auto, and collided
+/// frame-pointer stacks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindStats {
+    /// Samples unwound.
+    pub samples: u64,
+    /// Of those, stacks cut at the copied window (or the most frames).
+    pub truncated: u64,
+    /// Of those, stacks whose walk met a frame with no rule to go on.
+    pub lost: u64,
+    /// Of those, walks stopped at a return address in no mapping or in
+    /// memory that is not code.
+    pub bad_address: u64,
+    /// Samples dropped because the aggregation was full.
+    pub dropped: u64,
+    /// Frames of JIT code stepped over with the CFI of a jitdump.
+    pub jit_cfi_frames: u64,
+    /// Bytes of stack received.
+    pub bytes: u64,
+}
+
+impl UnwindStats {
+    /// Adds another window's figures.
+    pub fn add(&mut self, u: &UnwindStats) {
+        self.samples += u.samples;
+        self.truncated += u.truncated;
+        self.lost += u.lost;
+        self.bad_address += u.bad_address;
+        self.jit_cfi_frames += u.jit_cfi_frames;
+        self.dropped += u.dropped;
+        self.bytes += u.bytes;
+    }
+}
+
+/// An OOM kill as seen, with what userspace added while the victim lived.
+#[derive(Clone, Debug)]
+pub struct OomKill {
+    /// The kernel's record.
+    pub event: OomEvent,
+    /// Victim's memory cgroup path: from the ids the kernel programs read
+    /// off its task, else from /proc/PID/cgroup, resolved at once.
+    pub victim_cgroup: Option<String>,
+}
+
+/// What was read of a socket's owner while it lived.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnerInfo {
+    /// Process name.
+    pub comm: Option<String>,
+    /// Cgroup path.
+    pub cgroup: Option<String>,
+}
+
+/// A signal that could not be collected, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unavailable {
+    /// Which signal (`runqueue_latency`, `runqueue_depth`, ...).
+    pub signal: &'static str,
+    /// Why, in words that say what would fix it.
+    pub reason: String,
+}
+
+/// The kernel programs' counters of a window, summed over CPUs, keyed by
+/// [`Counter`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters([u64; Counter::COUNT as usize]);
+
+impl Counters {
+    /// One counter's value.
+    pub fn get(&self, c: Counter) -> u64 {
+        self.0[c as usize]
+    }
+
+    /// Adds `n` to a counter.
+    pub fn add(&mut self, c: Counter, n: u64) {
+        self.0[c as usize] += n;
+    }
+
+    /// Every counter with its value, in index order.
+    pub fn iter(&self) -> impl Iterator<Item = (Counter, u64)> + '_ {
+        Counter::ALL.into_iter().map(|c| (c, self.get(c)))
+    }
+}
+
+/// Most socket owners remembered in one capture.
+pub const MAX_SOCKET_OWNERS: usize = 4096;
+
+/// Everything the kernel side recorded in a window.
+#[derive(Clone, Debug, Default)]
+pub struct RawProfile {
+    /// Counted stacks.
+    pub stacks: Vec<RawStack>,
+    /// The kernel programs' counters.
+    pub counters: Counters,
+    /// Online CPUs sampled.
+    pub cpus: usize,
+    /// Online CPU ids.
+    pub cpu_ids: Vec<u32>,
+    /// cpu-clock ticks per CPU (index: CPU id).
+    pub cpu_ticks: Vec<u64>,
+    /// Ticks per CPU that found a task other than idle.
+    pub cpu_busy_ticks: Vec<u64>,
+    /// Run-queue latency histogram per CPU (`[cpu][slot]`, log2 us).
+    pub runq_latency: Vec<Vec<u64>>,
+    /// Longest run-queue wait seen, in microseconds.
+    pub runq_latency_max_us: u64,
+    /// Run-queue depth histogram per CPU (`[cpu][depth]`).
+    pub runq_depth: Vec<Vec<u64>>,
+    /// Retransmits per connection (summed over CPUs; owner where known).
+    pub retransmits: Vec<(RetransKey, RetransValue)>,
+    /// OOM kills, in order.
+    pub oom_kills: Vec<OomKill>,
+    /// Signals not collected, with the reason.
+    pub unavailable: Vec<Unavailable>,
+    /// Name and cgroup of the processes owning retransmitting sockets,
+    /// read when their first retransmit was seen.
+    pub socket_owners: HashMap<u32, OwnerInfo>,
+    /// Name of the cfs_rq count field the depth was read from.
+    pub depth_field: Option<&'static str>,
+    /// Userspace unwinding figures (dwarf/auto).
+    pub unwind: Option<UnwindStats>,
+}
+
+impl RawProfile {
+    /// Adds what `other` recorded (a later slice of the same capture) to
+    /// this one, except its stacks: counters, ticks, histograms,
+    /// retransmits (by connection), OOM kills, socket owners.
+    pub fn merge_signals(&mut self, other: RawProfile) {
+        fn add_vec(a: &mut Vec<u64>, b: &[u64]) {
+            if a.len() < b.len() {
+                a.resize(b.len(), 0);
+            }
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+        }
+        fn add_rows(a: &mut Vec<Vec<u64>>, b: &[Vec<u64>]) {
+            if a.len() < b.len() {
+                a.resize(b.len(), Vec::new());
+            }
+            for (x, y) in a.iter_mut().zip(b) {
+                add_vec(x, y);
+            }
+        }
+        for (c, v) in other.counters.iter() {
+            self.counters.add(c, v);
+        }
+        self.cpus = other.cpus;
+        self.cpu_ids = other.cpu_ids;
+        add_vec(&mut self.cpu_ticks, &other.cpu_ticks);
+        add_vec(&mut self.cpu_busy_ticks, &other.cpu_busy_ticks);
+        add_rows(&mut self.runq_latency, &other.runq_latency);
+        self.runq_latency_max_us = self.runq_latency_max_us.max(other.runq_latency_max_us);
+        add_rows(&mut self.runq_depth, &other.runq_depth);
+        for (key, v) in other.retransmits {
+            match self.retransmits.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, t)) => {
+                    t.count += v.count;
+                    t.first_ns = t.first_ns.min(v.first_ns);
+                    t.last_ns = t.last_ns.max(v.last_ns);
+                    if t.owner_tgid == 0 {
+                        t.owner_tgid = v.owner_tgid;
+                        t.owner_cgroup = v.owner_cgroup;
+                        t.owner_comm = v.owner_comm;
+                    }
+                }
+                None => self.retransmits.push((key, v)),
+            }
+        }
+        self.oom_kills.extend(other.oom_kills);
+        for (pid, o) in other.socket_owners {
+            if self.socket_owners.len() < MAX_SOCKET_OWNERS {
+                self.socket_owners.insert(pid, o);
+            }
+        }
+        self.unavailable = other.unavailable;
+        self.depth_field = other.depth_field;
+        if let Some(u) = other.unwind {
+            self.unwind.get_or_insert_with(Default::default).add(&u);
+        }
+    }
+
+    /// Value of one counter.
+    pub fn counter(&self, c: Counter) -> u64 {
+        self.counters.get(c)
+    }
+}
