@@ -3,8 +3,7 @@
 use std::{
     fs,
     io::{self, Write as _},
-    os::unix::fs::OpenOptionsExt as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::ExitStatus,
     time::{Duration, Instant},
 };
@@ -19,6 +18,7 @@ use crate::{
     fold::{self, Folded},
     hostsnap,
     model::RawProfile,
+    output::{self, OutputError},
     preflight::{self, PreflightError},
     render, selfcost,
     symbolize::symbolize_profile,
@@ -43,34 +43,9 @@ pub enum RecordError {
         #[source]
         source: io::Error,
     },
-    /// The output directory disappeared during the capture.
-    #[error(
-        "the output directory {dir} was removed during the capture; nothing was written. Pass -o a directory that stays"
-    )]
-    OutputRemoved {
-        /// The directory.
-        dir: PathBuf,
-    },
-    /// Writing an output failed.
-    #[error(
-        "cannot write {path}: {source}. Free space there (or fix its permissions), or pass another -o DIR; the files already written with their final names are complete"
-    )]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// The daemon's HTTP address could not be bound.
-    #[error("cannot listen on {addr}: {source}. Pick a free port with --listen ADDR:PORT")]
-    Listen {
-        /// The address.
-        addr: std::net::SocketAddr,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
+    /// An output could not be written.
+    #[error(transparent)]
+    Output(#[from] OutputError),
     /// Anything else of the runtime.
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -80,10 +55,7 @@ impl RecordError {
     /// True for errors of the user's input (exit code 2), false for
     /// failures while running (exit code 1).
     pub fn is_usage(&self) -> bool {
-        matches!(
-            self,
-            RecordError::Preflight(_) | RecordError::Spawn { .. } | RecordError::Listen { .. }
-        )
+        matches!(self, RecordError::Preflight(_) | RecordError::Spawn { .. })
     }
 }
 
@@ -116,65 +88,10 @@ pub struct Outcome {
 }
 
 fn default_output_dir() -> PathBuf {
-    // SAFETY: time(2) and localtime_r(3) on a zeroed tm.
-    let stamp = unsafe {
-        let t = libc::time(std::ptr::null_mut());
-        let mut tm: libc::tm = std::mem::zeroed();
-        libc::localtime_r(&t, &mut tm);
-        format!(
-            "{:04}{:02}{:02}-{:02}{:02}{:02}",
-            tm.tm_year + 1900,
-            tm.tm_mon + 1,
-            tm.tm_mday,
-            tm.tm_hour,
-            tm.tm_min,
-            tm.tm_sec
-        )
-    };
-    PathBuf::from(format!("profile-{stamp}"))
-}
-
-pub(crate) fn hostname() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
-}
-
-/// Writes a file under a temporary name, then renames it: a file with the
-/// final name is always complete.
-pub(crate) fn write_atomic(
-    path: &Path,
-    write: impl FnOnce(&mut io::BufWriter<fs::File>) -> io::Result<()>,
-) -> Result<(), RecordError> {
-    let err = |source: io::Error| match path.parent() {
-        Some(dir) if !dir.exists() => RecordError::OutputRemoved {
-            dir: dir.to_path_buf(),
-        },
-        _ => RecordError::Write {
-            path: path.to_path_buf(),
-            source,
-        },
-    };
-    let tmp = path.with_extension("tmp");
-    let res = (|| {
-        // 0644 whatever the umask: outputs are never world-writable.
-        let mut w = io::BufWriter::new(
-            fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o644)
-                .open(&tmp)?,
-        );
-        write(&mut w)?;
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res.map_err(err)
+    PathBuf::from(format!(
+        "profile-{}",
+        output::stamp(std::time::SystemTime::now())
+    ))
 }
 
 /// True while a process exists and is not a zombie (a zombie has exited;
@@ -304,7 +221,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     // (the first when the capture ended otherwise) must act at once, from
     // the signal handler itself.
     drop((sigint, sigterm));
-    abort_on_signal(
+    output::abort_on_signal(
         if matches!(reason, StopReason::Interrupted | StopReason::Terminated) {
             1
         } else {
@@ -349,12 +266,9 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     // analysis (the files are written with what they cost so far).
     report.profiler = Some(cost(&cost_end));
     let use_path = dir.join("use.json");
-    write_atomic(&use_path, |w| {
-        serde_json::to_writer_pretty(&mut *w, &report).map_err(io::Error::other)?;
-        writeln!(w)
-    })?;
+    output::write_json(&use_path, &report)?;
     let events_path = dir.join("events.jsonl");
-    write_atomic(&events_path, |w| {
+    output::write_atomic(&events_path, |w| {
         for line in usereport::events_jsonl(&report) {
             writeln!(w, "{line}")?;
         }
@@ -384,23 +298,20 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
 
         let symbols = symreport::build(&stacks);
         let symbols_path = dir.join("symbols.json");
-        write_atomic(&symbols_path, |w| {
-            serde_json::to_writer_pretty(&mut *w, &symbols).map_err(io::Error::other)?;
-            writeln!(w)
-        })?;
+        output::write_json(&symbols_path, &symbols)?;
         symbols_text = symreport::render(&symbols);
         written_paths.push(symbols_path);
 
         let folded_path = dir.join("stacks.folded");
-        write_atomic(&folded_path, |w| fold::write_folded(&folded, w))?;
+        output::write_atomic(&folded_path, |w| fold::write_folded(&folded, w))?;
         let svg_path = dir.join("flamegraph.svg");
         let title = render::Title {
-            host: hostname(),
+            host: output::hostname(),
             duration_s: elapsed.as_secs_f64(),
             frequency_hz: args.frequency,
             samples,
         };
-        write_atomic(&svg_path, |w| render::flamegraph(&folded, &title, w))?;
+        output::write_atomic(&svg_path, |w| render::flamegraph(&folded, &title, w))?;
         written_paths.insert(0, svg_path);
         written_paths.insert(0, folded_path);
     }
@@ -430,39 +341,6 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         unique_stacks,
         command_status,
     })
-}
-
-/// Signals still to come before one aborts (see [`abort_on_signal`]).
-static SIGNALS_TO_ABORT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
-extern "C" fn on_signal_while_writing(_: libc::c_int) {
-    use std::sync::atomic::Ordering;
-    // Only async-signal-safe calls here: write(2) and _exit(2).
-    let left = SIGNALS_TO_ABORT.fetch_sub(1, Ordering::SeqCst);
-    let msg: &[u8] = if left <= 1 {
-        b"profiler: interrupted again, aborting without writing\n"
-    } else {
-        b"profiler: writing what was captured; interrupt again to abort\n"
-    };
-    // SAFETY: write(2) of a static buffer to stderr.
-    unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
-    if left <= 1 {
-        // SAFETY: _exit(2) ends the process at once, no destructors.
-        unsafe { libc::_exit(130) };
-    }
-}
-
-/// While the outputs are written (synchronous work, where the runtime's
-/// signal handling cannot run): the `n`th SIGINT or SIGTERM from now ends
-/// the process at once with status 130; the ones before say so.
-pub(crate) fn abort_on_signal(n: u32) {
-    SIGNALS_TO_ABORT.store(n, std::sync::atomic::Ordering::SeqCst);
-    let handler = on_signal_while_writing as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: installing a handler that only makes async-signal-safe calls.
-    unsafe {
-        libc::signal(libc::SIGINT, handler);
-        libc::signal(libc::SIGTERM, handler);
-    }
 }
 
 fn print_summary(
