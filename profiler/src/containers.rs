@@ -6,8 +6,8 @@
 
 use std::{
     collections::HashMap,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -157,27 +157,45 @@ pub fn parse_ecs_tasks(json: &str) -> HashMap<String, EcsContainer> {
 /// The ECS agent's introspection endpoint on an ECS-on-EC2 host.
 pub const ECS_AGENT: &str = "127.0.0.1:51678";
 
-/// Names containers, asking the ECS agent (at most every 30 s, with a
-/// short timeout: on a host without it, one refused connection) when a
-/// container under `/ecs/` is not known yet.
+/// Names containers, asking the ECS agent when a container under `/ecs/`
+/// is not known yet (at most every 30 s). The question runs on a thread of
+/// its own: a daemon's loop never waits on the agent (the answer names
+/// the containers from then on); a one-shot capture waits up to `wait`.
 #[derive(Debug)]
 pub struct Attributor {
     agent: Option<SocketAddr>,
+    wait: Duration,
     ecs: HashMap<String, EcsContainer>,
     last_ask: Option<Instant>,
+    pending: Option<mpsc::Receiver<Result<String, String>>>,
+    /// The last failure reported, not repeated.
+    last_error: Option<String>,
     cache: HashMap<String, Option<Container>>,
 }
 
 /// Most cgroup paths remembered.
 const MAX_CACHED: usize = 16 * 1024;
 
+/// How long one question to the agent may take.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(1);
+
 impl Attributor {
-    /// An attributor asking the ECS agent at `agent` (None: never).
+    /// An attributor asking the ECS agent at `agent` (None: never),
+    /// never waiting for its answer.
     pub fn new(agent: Option<SocketAddr>) -> Self {
+        Self::waiting(agent, Duration::ZERO)
+    }
+
+    /// An attributor that waits up to `wait` for the agent's answer when
+    /// it asks.
+    pub fn waiting(agent: Option<SocketAddr>, wait: Duration) -> Self {
         Attributor {
             agent,
+            wait,
             ecs: HashMap::new(),
             last_ask: None,
+            pending: None,
+            last_error: None,
             cache: HashMap::new(),
         }
     }
@@ -185,6 +203,7 @@ impl Attributor {
     /// The container of a process whose cgroup is `cgroup`.
     pub fn container(&mut self, cgroup: Option<&str>) -> Option<Container> {
         let path = cgroup?;
+        self.take_answer(Duration::ZERO);
         if let Some(c) = self.cache.get(path)
             && c.as_ref()
                 .is_none_or(|c| c.ecs_task_id.is_none() || c.name.is_some())
@@ -212,18 +231,56 @@ impl Attributor {
 
     fn ask_agent(&mut self) {
         let Some(agent) = self.agent else { return };
-        if self
-            .last_ask
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(30))
+        if self.pending.is_none()
+            && self
+                .last_ask
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(30))
         {
-            return;
-        }
-        self.last_ask = Some(Instant::now());
-        if let Some(body) = http_get(agent, "/v1/tasks", Duration::from_millis(300)) {
-            let tasks = parse_ecs_tasks(&body);
-            if !tasks.is_empty() {
-                self.ecs = tasks;
+            self.last_ask = Some(Instant::now());
+            let (tx, rx) = mpsc::channel();
+            let asked = std::thread::Builder::new()
+                .name("ecs-agent".into())
+                .spawn(move || {
+                    let answer = http_get(agent, "/v1/tasks", AGENT_TIMEOUT)
+                        .map_err(|e| format!("ECS agent at {agent}: {e}"));
+                    // The attributor is gone: nobody to tell.
+                    let _ = tx.send(answer);
+                });
+            match asked {
+                Ok(_) => self.pending = Some(rx),
+                Err(e) => self.report(format!("cannot ask the ECS agent: {e}")),
             }
+        }
+        self.take_answer(self.wait);
+    }
+
+    /// Takes the agent's answer if it has come (waiting up to `wait`).
+    fn take_answer(&mut self, wait: Duration) {
+        let Some(rx) = &self.pending else { return };
+        let answer = match rx.recv_timeout(wait) {
+            Ok(answer) => answer,
+            Err(mpsc::RecvTimeoutError::Timeout) => return,
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err("the ECS agent thread ended".into()),
+        };
+        self.pending = None;
+        match answer {
+            Ok(body) => {
+                let tasks = parse_ecs_tasks(&body);
+                if !tasks.is_empty() {
+                    self.ecs = tasks;
+                    // Containers seen unnamed are named from now on.
+                    self.cache
+                        .retain(|_, c| c.as_ref().is_none_or(|c| c.ecs_task_id.is_none()));
+                }
+            }
+            Err(e) => self.report(e),
+        }
+    }
+
+    fn report(&mut self, e: String) {
+        if self.last_error.as_ref() != Some(&e) {
+            eprintln!("profiler: containers keep their ids as names: {e}");
+            self.last_error = Some(e);
         }
     }
 }
@@ -244,24 +301,26 @@ pub fn group_of(
         .map_or_else(|| "host".to_string(), |c| c.label())
 }
 
-/// A plain HTTP/1.0 GET with a timeout on every step; the body on a 200.
-pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
-    s.set_read_timeout(Some(timeout)).ok()?;
-    s.set_write_timeout(Some(timeout)).ok()?;
-    // One write: a server may read the request in one go.
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut buf = Vec::new();
-    s.take(8 << 20).read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?;
-    (status == "200").then(|| body.to_string())
+/// An HTTP GET of `path` at `addr` (plain HTTP), the whole exchange
+/// bounded by `timeout`; the body of a 2xx answer.
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, ureq::Error> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .build()
+        .into();
+    agent
+        .get(&format!("http://{addr}{path}"))
+        .call()?
+        .body_mut()
+        .with_config()
+        .limit(8 << 20)
+        .read_to_string()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+
     use super::*;
 
     const ID: &str = "3f1a2b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7a8";
@@ -354,7 +413,7 @@ mod tests {
             }
             served
         });
-        let mut a = Attributor::new(Some(addr));
+        let mut a = Attributor::waiting(Some(addr), Duration::from_secs(5));
         let path = format!("/ecs/8e4f3c2b1a0d4e5f9a8b7c6d5e4f3a2b/{ID}");
         let c = a.container(Some(&path)).unwrap();
         assert_eq!(c.name.as_deref(), Some("checkout/api"));

@@ -5,12 +5,7 @@
 //! Locations carry the address and their mapping (file, offsets, build id);
 //! inlined functions are extra lines of one location, innermost first.
 
-use std::{
-    collections::HashMap,
-    fs::File,
-    io::{Read, Seek, SeekFrom, Write},
-    path::Path,
-};
+use std::{collections::HashMap, fs::File, io::Write, path::Path};
 
 use prost::Message;
 
@@ -461,59 +456,23 @@ impl Builder {
     }
 }
 
-/// The GNU build id of an ELF file (hex), read from its PT_NOTE segments
-/// without reading the rest of the file.
+/// The GNU build id of an ELF file (hex). The file is mapped, not read:
+/// only its headers and notes are touched.
 pub fn read_build_id(path: &Path) -> Option<String> {
-    let mut f = File::open(path).ok()?;
-    let mut eh = [0u8; 64];
-    f.read_exact(&mut eh).ok()?;
-    if &eh[..4] != b"\x7fELF" || eh[4] != 2 || eh[5] != 1 {
-        return None; // not a 64-bit little-endian ELF
-    }
-    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as u64;
-    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) as u64;
-    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
-    let (phoff, phentsize, phnum) = (u64_at(&eh, 32), u16_at(&eh, 54), u16_at(&eh, 56));
-    if phentsize < 56 || phnum > 256 {
-        return None;
-    }
-    let mut ph = vec![0u8; (phentsize * phnum) as usize];
-    f.seek(SeekFrom::Start(phoff)).ok()?;
-    f.read_exact(&mut ph).ok()?;
-    for i in 0..phnum as usize {
-        let h = &ph[i * phentsize as usize..];
-        if u32_at(h, 0) != 4 {
-            continue; // PT_NOTE
-        }
-        let (off, size) = (u64_at(h, 8), u64_at(h, 32).min(64 * 1024));
-        let mut notes = vec![0u8; size as usize];
-        f.seek(SeekFrom::Start(off)).ok()?;
-        f.read_exact(&mut notes).ok()?;
-        let mut at = 0usize;
-        while at + 12 <= notes.len() {
-            let (namesz, descsz, ty) = (
-                u32_at(&notes, at) as usize,
-                u32_at(&notes, at + 4) as usize,
-                u32_at(&notes, at + 8),
-            );
-            let name_at = at + 12;
-            let desc_at = name_at + namesz.div_ceil(4) * 4;
-            let end = desc_at + descsz.div_ceil(4) * 4;
-            if end > notes.len() {
-                break;
-            }
-            if ty == 3 && &notes[name_at..name_at + namesz] == b"GNU\0" {
-                let desc = &notes[desc_at..desc_at + descsz];
-                return Some(desc.iter().map(|b| format!("{b:02x}")).collect());
-            }
-            at = end;
-        }
-    }
-    None
+    use object::Object;
+    let file = File::open(path).ok()?;
+    // SAFETY: a read-only private mapping of a file we opened; binaries in
+    // use are not truncated (a truncated one could fault the read).
+    let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+    let elf = object::File::parse(&*map).ok()?;
+    let id = elf.build_id().ok()??;
+    Some(id.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::io::Read;
+
     use super::*;
     use crate::model::RawStack;
 

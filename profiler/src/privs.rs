@@ -101,17 +101,27 @@ pub fn drop_all_but(keep: &[u32]) -> std::io::Result<u64> {
     if eff & (1 << cap::SETPCAP) != 0 {
         for c in 0..64u32 {
             if mask & (1 << c) == 0 {
-                // SAFETY: prctl with plain integer arguments; EINVAL for
-                // capabilities this kernel does not know ends the loop's use.
-                unsafe { libc::prctl(libc::PR_CAPBSET_DROP, c as libc::c_ulong, 0, 0, 0) };
+                // SAFETY: prctl with plain integer arguments.
+                let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, c as libc::c_ulong, 0, 0, 0) };
+                if rc != 0 {
+                    let e = std::io::Error::last_os_error();
+                    // EINVAL: a capability this kernel does not know; the
+                    // ones above it are unknown too.
+                    if e.raw_os_error() == Some(libc::EINVAL) {
+                        break;
+                    }
+                    return Err(e);
+                }
             }
         }
     }
     // SAFETY: prctl with plain integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     // No ambient capabilities survive either.
     // SAFETY: as above.
-    unsafe {
+    let rc = unsafe {
         libc::prctl(
             libc::PR_CAP_AMBIENT,
             libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
@@ -120,6 +130,14 @@ pub fn drop_all_but(keep: &[u32]) -> std::io::Result<u64> {
             0,
         )
     };
+    // EINVAL: a kernel without ambient capabilities (before 4.3): none to
+    // clear.
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e);
+        }
+    }
     let mut hdr = CapHeader {
         version: CAP_VERSION_3,
         pid: 0,

@@ -283,11 +283,15 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         let exclude = has_command.then_some(own_pid);
         let mut stacks = symbolize_profile(&raw, &capture.procs, exclude);
         if args.group_by == GroupBy::Container {
-            let mut attributor = Attributor::new(Some(
-                crate::containers::ECS_AGENT
-                    .parse()
-                    .expect("a valid address"),
-            ));
+            // A one-shot capture can wait a second for the ECS agent.
+            let mut attributor = Attributor::waiting(
+                Some(
+                    crate::containers::ECS_AGENT
+                        .parse()
+                        .expect("a valid address"),
+                ),
+                Duration::from_secs(1),
+            );
             for s in &mut stacks {
                 s.group = Some(group_of(s.tgid, &capture.procs, &mut attributor));
             }

@@ -69,31 +69,15 @@ impl FileUnwindData {
     /// Reads the unwind sections of a file, mapping it rather than reading
     /// it: of a 100 MB binary only the headers and the CFI are touched.
     fn read(path: &std::path::Path) -> Option<Self> {
-        use std::os::fd::AsRawFd;
         let file = std::fs::File::open(path).ok()?;
-        let len = file.metadata().ok()?.len() as usize;
-        if len == 0 {
+        // SAFETY: a private read-only mapping of a file we opened; the
+        // bytes are only read while it lives. A file truncated meanwhile
+        // could fault: binaries in use are not truncated.
+        let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+        if map.is_empty() {
             return None;
         }
-        // SAFETY: a private read-only mapping of a file we opened, unmapped
-        // below; the bytes are only read while it lives. A file truncated
-        // meanwhile could fault: binaries in use are not truncated.
-        unsafe {
-            let ptr = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                file.as_raw_fd(),
-                0,
-            );
-            if ptr == libc::MAP_FAILED {
-                return None;
-            }
-            let data = Self::parse(std::slice::from_raw_parts(ptr.cast::<u8>(), len));
-            libc::munmap(ptr, len);
-            data
-        }
+        Self::parse(&map)
     }
 
     fn parse(data: &[u8]) -> Option<Self> {

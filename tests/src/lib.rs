@@ -411,29 +411,28 @@ impl Drop for Daemon {
     }
 }
 
-/// A plain HTTP/1.0 GET: status code and body.
+/// An HTTP GET (the project's one client, ureq): status code and body,
+/// whatever the status; the connection must open within 5 s and the whole
+/// answer arrive within `timeout`.
 pub fn http_get(
     addr: std::net::SocketAddr,
     path: &str,
     timeout: std::time::Duration,
-) -> std::io::Result<(u16, Vec<u8>)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
-    s.set_read_timeout(Some(timeout))?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no HTTP header end"))?;
-    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
-    Ok((status, buf[end + 4..].to_vec()))
+) -> Result<(u16, Vec<u8>), ureq::Error> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(std::time::Duration::from_secs(5)))
+        .timeout_global(Some(timeout))
+        .build()
+        .into();
+    let mut resp = agent.get(&format!("http://{addr}{path}")).call()?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(256 << 20)
+        .read_to_vec()?;
+    Ok((status, body))
 }
 
 /// Resident memory of a process, in KiB.

@@ -7,8 +7,7 @@
 
 use std::{
     fmt::Write as _,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -25,21 +24,8 @@ const HZ: &str = "49";
 type Response = (u16, Vec<u8>);
 
 fn get(addr: SocketAddr, path: &str) -> Result<Response> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("no end of HTTP header")?;
-    let status = String::from_utf8_lossy(&buf[..end])
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("no HTTP status")?;
-    Ok((status, buf[end + 4..].to_vec()))
+    tests::http_get(addr, path, Duration::from_secs(120))
+        .with_context(|| format!("GET http://{addr}{path}"))
 }
 
 fn metric(text: &str, name: &str) -> f64 {
