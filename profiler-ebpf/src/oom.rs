@@ -17,6 +17,8 @@ use profiler_common::{
     oom::{self, OomEvent, TaskCgroups, cgroup_field, field},
 };
 
+use aya_log_ebpf::{info, warn};
+
 use crate::{bump, config, now, read};
 
 map!(OOM_EVENTS: RingBuf = with_byte_size(oom::OOM_EVENTS));
@@ -33,6 +35,7 @@ pub fn oom_victim(ctx: TracePointContext) -> u32 {
     bump(Counter::OomKills);
     let Some(mut entry) = OOM_EVENTS.reserve::<OomEvent>(0) else {
         bump(Counter::OomEventsLost);
+        warn!(&ctx, "OOM event ring full: a kill not recorded");
         return 0;
     };
     let mut comm = [0u8; COMM_LEN];
@@ -67,6 +70,7 @@ pub fn oom_victim(ctx: TracePointContext) -> u32 {
         let task = unsafe { bpf_get_current_task() } as *const u8;
         event.victim = task_cgroups(task);
     }
+    info!(&ctx, "OOM kill of pid {}", event.pid);
     entry.write(event);
     entry.submit(0);
     0

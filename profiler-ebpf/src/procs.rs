@@ -13,6 +13,8 @@ use profiler_common::{
     procs::{self, ProcessEvent, ProcessEventKind},
 };
 
+use aya_log_ebpf::warn;
+
 use crate::{bump, config, now, read};
 
 map!(PIDS: HashMap<u32, u8> = with_max_entries(procs::PIDS));
@@ -80,6 +82,10 @@ pub fn follow_fork(ctx: TracePointContext) -> u32 {
         bump(Counter::ForksFollowed);
     } else {
         bump(Counter::ForksDropped);
+        warn!(
+            &ctx,
+            "pid filter full: child {} of {} not followed", child, parent
+        );
     }
     0
 }

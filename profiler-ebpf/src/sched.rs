@@ -15,6 +15,8 @@ use profiler_common::{
     sched::{self, DEPTH_SLOTS, LATENCY_SLOTS},
 };
 
+use aya_log_ebpf::warn;
+
 use crate::{COUNTERS, add, bump, config, now, read};
 
 map!(RUNQ_LAT: PerCpuArray<u64> = with_max_entries(sched::RUNQ_LAT));
@@ -70,18 +72,19 @@ prog_named!(sched_wakeup, sched::PROG_WAKEUP);
 #[tracepoint]
 pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
     if let Some(pid) = read::<i32>(&ctx, config().wakeup_pid) {
-        enqueued(pid as u32);
+        enqueued(&ctx, pid as u32);
     }
     0
 }
 
 #[inline(always)]
-fn enqueued(pid: u32) {
+fn enqueued(ctx: &TracePointContext, pid: u32) {
     if pid == 0 {
         return;
     }
     if RUNQ_START.insert(&pid, &now(), 0).is_err() {
         bump(Counter::RunqStartFull);
+        warn!(ctx, "run-queue start map full: wakeup of {} not timed", pid);
     }
 }
 
@@ -96,7 +99,7 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
         read::<i32>(&ctx, cfg.switch_prev_pid),
     ) && (state as u64) & cfg.switch_runnable_mask == 0
     {
-        enqueued(prev as u32);
+        enqueued(&ctx, prev as u32);
     }
     let Some(next) = read::<i32>(&ctx, cfg.switch_next_pid) else {
         return 0;

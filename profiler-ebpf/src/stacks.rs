@@ -23,6 +23,8 @@ use profiler_common::{
     },
 };
 
+use aya_log_ebpf::warn;
+
 use crate::{EEXIST, bump, config, dropped, now};
 
 map!(STACKS: StackTrace = with_max_entries(stacks::STACKS));
@@ -125,6 +127,7 @@ fn try_sample(ctx: &PerfEventContext) {
         None => {
             if COUNTS.insert(&key, &1, 0).is_err() {
                 bump(Counter::CountMapFull);
+                warn!(ctx, "count map full: a sample of pid {} lost", tgid);
             }
         }
     }
@@ -196,7 +199,7 @@ fn send_user_ips(ctx: &PerfEventContext, tgid: u32, tid: u32, kernel_stack_id: i
     if len > MAX_STACK_DEPTH * 8 {
         return false;
     }
-    send_scratch(out, SAMPLE_HEADER_BYTES + len)
+    send_scratch(ctx, out, SAMPLE_HEADER_BYTES + len)
 }
 
 /// Sends the first `size` bytes of this CPU's scratch record through the
@@ -204,7 +207,7 @@ fn send_user_ips(ctx: &PerfEventContext, tgid: u32, tid: u32, kernel_stack_id: i
 /// drains on a short timer, which saves a wakeup and two context switches
 /// a sample.
 #[inline(always)]
-fn send_scratch(out: *mut StackSample, size: usize) -> bool {
+fn send_scratch(ctx: &PerfEventContext, out: *mut StackSample, size: usize) -> bool {
     if size > core::mem::size_of::<StackSample>() {
         return false;
     }
@@ -219,6 +222,7 @@ fn send_scratch(out: *mut StackSample, size: usize) -> bool {
     };
     if rc != 0 {
         bump(Counter::StackCopiesLost);
+        warn!(ctx, "stack ring full: a stack sample lost");
         return false;
     }
     true
@@ -320,6 +324,6 @@ fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32) -> bool
         bump(Counter::StackCopiesShort);
     }
     // A full ring is counted by send_scratch; the sample was taken.
-    send_scratch(out, SAMPLE_HEADER_BYTES + len as usize);
+    send_scratch(ctx, out, SAMPLE_HEADER_BYTES + len as usize);
     true
 }

@@ -15,6 +15,8 @@ use profiler_common::{
     tcp::{self, RetransKey, RetransValue, SockOwner, field},
 };
 
+use aya_log_ebpf::warn;
+
 use crate::{bump, config, now, read};
 
 map!(RETRANS: PerCpuHashMap<RetransKey, RetransValue> = with_max_entries(tcp::RETRANS));
@@ -115,6 +117,10 @@ fn count_retransmit(ctx: &TracePointContext, f: &[u32; 9], state: i32) -> u32 {
     }
     if RETRANS.insert(&key, &value, 0).is_err() {
         bump(Counter::RetransMapFull);
+        warn!(
+            ctx,
+            "retransmit map full: port {} -> {} counted, not kept", key.sport, key.dport
+        );
     } else if value.owner_tgid != 0 && OWNER_EVENTS.output::<u32>(&value.owner_tgid, 0).is_err() {
         // A new connection: userspace notes its owner while it lives.
         bump(Counter::EventsLost);

@@ -73,13 +73,9 @@ pub struct DaemonArgs {
     #[arg(long = "max-profile-seconds", value_name = "S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub max_profile_seconds: u64,
 
-    /// How user stacks are walked (see `record --unwind`).
-    #[arg(long = "unwind", value_enum, default_value = "auto")]
-    pub unwind: crate::unwind::UnwindMode,
-
-    /// Most bytes of user stack copied per sample (see `record`).
-    #[arg(long = "stack-bytes", value_name = "BYTES", default_value_t = 65536, value_parser = parse_stack_bytes)]
-    pub stack_bytes: u32,
+    /// Stack walking and diagnostics, as `record`'s.
+    #[command(flatten)]
+    pub capture: CaptureOptions,
 
     /// Root frames and labels: by process or by container.
     #[arg(long = "group-by", value_enum, default_value = "container")]
@@ -103,6 +99,30 @@ pub fn parse_agent(s: &str) -> Result<AgentAddr, String> {
     s.parse()
         .map(|a| AgentAddr(Some(a)))
         .map_err(|_| format!("invalid address {s:?}: use ADDR:PORT (e.g. 127.0.0.1:51678) or none"))
+}
+
+/// Options of both `record` and `daemon`: how stacks are walked, and the
+/// kernel programs' diagnostics.
+#[derive(Debug, Args, Clone)]
+pub struct CaptureOptions {
+    /// How user stacks are walked: `fp` (frame pointers, in the kernel),
+    /// `dwarf` (the binaries' CFI on a copied stack, in userspace, frame
+    /// pointers where no CFI covers an address), `auto` (as dwarf).
+    #[arg(long = "unwind", value_enum, default_value = "auto")]
+    pub unwind: crate::unwind::UnwindMode,
+
+    /// Most bytes of user stack copied per sample for dwarf/auto
+    /// unwinding: 4096 to 65536, a multiple of 4096, counted from the
+    /// stack pointer (only what lies between it and the stack's top is
+    /// copied). Deeper stacks are cut, and counted as truncated.
+    #[arg(long = "stack-bytes", value_name = "BYTES", default_value_t = 65536, value_parser = parse_stack_bytes)]
+    pub stack_bytes: u32,
+
+    /// Print the kernel programs' diagnostics (a map that filled up, a
+    /// ring that overflowed, each OOM kill) as they happen. Off by
+    /// default, and then compiled out of the programs by the verifier.
+    #[arg(short = 'v', long = "verbose")]
+    pub verbose: bool,
 }
 
 /// Options of `profiler record`.
@@ -130,18 +150,9 @@ pub struct RecordArgs {
     #[arg(short = 'o', long = "output", value_name = "DIR")]
     pub output: Option<PathBuf>,
 
-    /// How user stacks are walked: `fp` (frame pointers, in the kernel),
-    /// `dwarf` (the binaries' CFI on a copied stack, in userspace, frame
-    /// pointers where no CFI covers an address), `auto` (as dwarf).
-    #[arg(long = "unwind", value_enum, default_value = "auto")]
-    pub unwind: crate::unwind::UnwindMode,
-
-    /// Most bytes of user stack copied per sample for dwarf/auto
-    /// unwinding: 4096 to 65536, a multiple of 4096, counted from the
-    /// stack pointer (only what lies between it and the stack's top is
-    /// copied). Deeper stacks are cut, and counted as truncated.
-    #[arg(long = "stack-bytes", value_name = "BYTES", default_value_t = 65536, value_parser = parse_stack_bytes)]
-    pub stack_bytes: u32,
+    /// Stack walking and diagnostics.
+    #[command(flatten)]
+    pub capture: CaptureOptions,
 
     /// Collect only the USE signals (run queues, retransmits, OOM kills,
     /// utilization): no stacks, no flame graph, the lowest overhead.

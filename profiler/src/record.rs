@@ -136,8 +136,9 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         filter: has_command || !tgids.is_empty(),
         follow_forks: has_command,
         stacks: args.stacks(),
-        unwind: args.unwind,
-        stack_bytes: args.stack_bytes,
+        unwind: args.capture.unwind,
+        stack_bytes: args.capture.stack_bytes,
+        verbose: args.capture.verbose,
     };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

@@ -187,10 +187,50 @@ fn full_kernel_maps_are_counted_and_the_capture_goes_on() {
         .and_then(|l| l.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no lost count in {err}"));
     assert!(lost > 0, "a 4-entry count map lost nothing:\n{err}");
+    // Without --verbose the kernel programs say nothing.
+    assert!(!err.contains("profiler: kernel "), "{err}");
     let folded = read_folded(&out_dir);
     assert!(!folded.is_empty() && folded.len() <= 8, "{folded:#?}");
     let u = read_use(&out_dir);
     assert!(u["cpu"]["count"].as_u64().unwrap() >= 1);
+
+    // With it, the sampler says which samples it lost, as they are lost
+    // (aya-log), one line per sample counted as lost.
+    let loops = busy_loops(2, 3);
+    let out = record_ok(
+        &dir,
+        &[
+            "--verbose",
+            "--unwind",
+            "fp",
+            "--max-stacks",
+            "4",
+            "-F",
+            "499",
+            "-d",
+            "2",
+            "-o",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    for mut l in loops {
+        let _ = l.wait();
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    let said = err
+        .lines()
+        .filter(|l| l.starts_with("profiler: kernel warn: count map full: a sample of pid "))
+        .count() as u64;
+    let lost: u64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("profiler: lost "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no lost count in {err}"));
+    assert!(
+        lost > 0 && said > 0,
+        "{said} of {lost} lost samples told:\n{err}"
+    );
+    assert!(said <= lost, "{said} told, {lost} lost:\n{err}");
 }
 
 /// Thousands of short-lived processes while the daemon runs: it keeps

@@ -36,6 +36,7 @@ use profiler_common::{
     config::{self, Config},
     counters::{self, Counter},
 };
+use tokio::io::unix::AsyncFd;
 
 pub use kernel::parse_cpu_list;
 use kernel::{Ring, delta, per_cpu, take_map};
@@ -72,6 +73,9 @@ pub struct CaptureConfig {
     pub unwind: UnwindMode,
     /// Bytes of user stack copied per sample (dwarf/auto), whole pages.
     pub stack_bytes: u32,
+    /// Print the kernel programs' diagnostics (aya-log); when off, their
+    /// log level is 0 and the verifier removes the logging code.
+    pub verbose: bool,
 }
 
 impl Default for CaptureConfig {
@@ -87,6 +91,7 @@ impl Default for CaptureConfig {
             stacks: true,
             unwind: UnwindMode::Auto,
             stack_bytes: stacks::STACK_COPY_MAX as u32,
+            verbose: false,
         }
     }
 }
@@ -199,6 +204,25 @@ pub trait Signal {
     fn detach(&mut self, ebpf: &mut Ebpf) -> Vec<CaptureError>;
 }
 
+/// Prints the kernel programs' log records (`--verbose`) on stderr.
+struct KernelLog;
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        eprintln!(
+            "profiler: kernel {}: {}",
+            record.level().as_str().to_lowercase(),
+            record.args()
+        );
+    }
+
+    fn flush(&self) {}
+}
+
 /// The signals, in the order they attach (the sampler last, once the rest
 /// is ready) and drain (after process tracking, which is first).
 fn signals(cfg: &CaptureConfig) -> Vec<Box<dyn Signal>> {
@@ -226,6 +250,8 @@ pub struct Capture {
     /// of BPF programs while a BPF_ENABLE_STATS descriptor is open (and
     /// stops when it closes, unlike the sysctl).
     stats_fd: Option<std::os::fd::OwnedFd>,
+    /// The kernel programs' log records (`--verbose`).
+    logs: Option<AsyncFd<aya_log::EbpfLogger<KernelLog>>>,
     /// Processes read while they lived.
     pub procs: ProcessTable,
 }
@@ -253,6 +279,10 @@ impl Capture {
         }
         let mut loader = EbpfLoader::new();
         loader.override_global(config::CONFIG, &setup.config, true);
+        // Level 0 turns every log statement off; the global is read-only,
+        // so the verifier drops the logging code altogether.
+        let log_level: u8 = if cfg.verbose { u8::MAX } else { 0 };
+        loader.override_global(aya_log::LEVEL, &log_level, true);
         for (def, size) in &setup.sizes {
             loader.map_max_entries(def.name, *size);
         }
@@ -270,6 +300,15 @@ impl Capture {
             s.attach(&mut ebpf, &mut setup)?;
         }
         let unavailable = setup.unavailable;
+        let logs = if cfg.verbose {
+            let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, KernelLog)
+                .map_err(|e| CaptureError::Io(std::io::Error::other(e)))?;
+            // SAFETY: the logger owns its ring's fd for as long as the
+            // AsyncFd owns the logger, and always reports that same fd.
+            Some(unsafe { AsyncFd::register(logger) }.map_err(|e| CaptureError::Io(e.into()))?)
+        } else {
+            None
+        };
         Ok(Capture {
             ebpf,
             tracking,
@@ -279,6 +318,7 @@ impl Capture {
             counters: None,
             prev: vec![Vec::new(); Counter::COUNT as usize],
             stats_fd,
+            logs,
             procs,
         })
     }
@@ -313,6 +353,7 @@ impl Capture {
             .flat_map(|s| s.rings())
             .collect();
         let polled = self.signals.iter().any(|s| s.polled());
+        let logs = self.logs.as_ref();
         let mut timer = Box::pin(tokio::time::sleep(std::time::Duration::from_millis(20)));
         std::future::poll_fn(|cx| {
             for ring in &rings {
@@ -320,6 +361,12 @@ impl Capture {
                     guard?.clear_ready();
                     return Poll::Ready(Ok(()));
                 }
+            }
+            if let Some(logs) = logs
+                && let Poll::Ready(guard) = logs.poll_read_ready(cx)
+            {
+                guard?.clear_ready();
+                return Poll::Ready(Ok(()));
             }
             if polled && Pin::new(&mut timer).poll(cx).is_ready() {
                 return Poll::Ready(Ok(()));
@@ -332,6 +379,9 @@ impl Capture {
     /// Reads every signal's rings: the memory maps of newly announced
     /// processes first, then what the others sent.
     pub fn drain_events(&mut self) {
+        if let Some(logs) = self.logs.as_mut() {
+            logs.get_mut().flush();
+        }
         self.tracking.drain(&mut self.procs);
         for s in &mut self.signals {
             s.drain(&mut self.procs);

@@ -141,8 +141,9 @@ async fn daemon(args: &DaemonArgs) -> Result<(), DaemonError> {
     let cfg = CaptureConfig {
         frequency_hz: args.frequency,
         stacks: true,
-        unwind: args.unwind,
-        stack_bytes: args.stack_bytes,
+        unwind: args.capture.unwind,
+        stack_bytes: args.capture.stack_bytes,
+        verbose: args.capture.verbose,
         ..Default::default()
     };
     let mut sigint = signal(SignalKind::interrupt())?;
