@@ -450,3 +450,56 @@ fn oom_kill_in_a_memory_cgroup_is_recorded() {
         "{events}"
     );
 }
+
+/// `pgmajfault` of /proc/vmstat: the kernel's count of major faults.
+fn vmstat_major_faults() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("pgmajfault "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("pgmajfault in /proc/vmstat")
+}
+
+/// Counted events against known work: a pipe ping-pong of 20,000 round
+/// trips switches context at least 40,000 times; a binary run after the
+/// page cache was dropped faults its pages in from disk, and no more
+/// major faults are counted than the kernel's own count around the run.
+#[test]
+fn counted_events_agree_with_known_work() {
+    if !require_root("counted_events_agree_with_known_work") {
+        return;
+    }
+    let dir = scratch("counted");
+    let out_dir = dir.join("out");
+    let faults_before = vmstat_major_faults();
+    record_ok(
+        &dir,
+        &[
+            "--no-stacks",
+            "-o",
+            out_dir.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "perf bench sched pipe -l 20000 >/dev/null && sync && \
+             echo 3 > /proc/sys/vm/drop_caches && perf --version >/dev/null",
+        ],
+    );
+    let faults_after = vmstat_major_faults();
+    let u = read_use(&out_dir);
+    let secs = u["duration_s"].as_f64().unwrap();
+    let switches = u["cpu"]["context_switches_per_s"].as_f64().unwrap() * secs;
+    assert!(
+        switches >= 40_000.0,
+        "{switches:.0} context switches counted"
+    );
+    assert!(u["cpu"]["migrations_per_s"].as_f64().is_some());
+    let faults = (u["memory"]["major_faults_per_s"].as_f64().unwrap() * secs).round() as u64;
+    assert!(faults > 0, "no major fault counted");
+    assert!(
+        faults <= faults_after - faults_before,
+        "{faults} major faults counted, the kernel saw {}",
+        faults_after - faults_before
+    );
+}

@@ -13,11 +13,14 @@
 //!   pointers or stack copies unwound here) and CPU ticks;
 //! - [`sched`]: run-queue latency and depth;
 //! - [`tcp`]: TCP retransmits and their sockets' owners;
-//! - [`oom`]: OOM kills and their victims' cgroups.
+//! - [`oom`]: OOM kills and their victims' cgroups;
+//! - [`counted`]: context switches, migrations and major faults, counted
+//!   by perf events (no kernel program).
 //!
 //! The counters every program bumps ([`profiler_common::counters`]) are
 //! read here, for all of them.
 
+mod counted;
 mod kernel;
 mod oom;
 mod procs;
@@ -230,6 +233,7 @@ fn signals(cfg: &CaptureConfig) -> Vec<Box<dyn Signal>> {
         Box::new(sched::Sched::default()),
         Box::new(tcp::Tcp::default()),
         Box::new(oom::Oom::default()),
+        Box::new(counted::Counted::default()),
         Box::new(stacks::Stacks::new(cfg)),
     ]
 }

@@ -13,6 +13,6 @@ mod raw;
 
 pub use frames::{Folded, Frame, FrameKind, Side, SymbolizedStack, Unknown, UnknownReason};
 pub use raw::{
-    Counters, Cut, MAX_SOCKET_OWNERS, OomKill, OwnerInfo, RawProfile, RawStack, RawStackPart,
-    Unavailable, UnwindStats,
+    CountedEvents, Counters, Cut, MAX_SOCKET_OWNERS, OomKill, OwnerInfo, RawProfile, RawStack,
+    RawStackPart, Unavailable, UnwindStats,
 };

@@ -131,6 +131,25 @@ impl Counters {
     }
 }
 
+/// Events the kernel counted in a window, over every CPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CountedEvents {
+    /// Context switches.
+    pub context_switches: u64,
+    /// Tasks moved from one CPU to another.
+    pub migrations: u64,
+    /// Page faults that waited for I/O.
+    pub major_faults: u64,
+}
+
+impl CountedEvents {
+    fn add(&mut self, o: &CountedEvents) {
+        self.context_switches += o.context_switches;
+        self.migrations += o.migrations;
+        self.major_faults += o.major_faults;
+    }
+}
+
 /// Most socket owners remembered in one capture.
 pub const MAX_SOCKET_OWNERS: usize = 4096;
 
@@ -168,6 +187,8 @@ pub struct RawProfile {
     pub depth_field: Option<&'static str>,
     /// Userspace unwinding figures (dwarf/auto).
     pub unwind: Option<UnwindStats>,
+    /// Events the kernel counted (None: not counted).
+    pub counted: Option<CountedEvents>,
 }
 
 impl RawProfile {
@@ -224,6 +245,9 @@ impl RawProfile {
         }
         self.unavailable = other.unavailable;
         self.depth_field = other.depth_field;
+        if let Some(c) = other.counted {
+            self.counted.get_or_insert_with(Default::default).add(&c);
+        }
         if let Some(u) = other.unwind {
             self.unwind.get_or_insert_with(Default::default).add(&u);
         }
