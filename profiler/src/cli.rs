@@ -92,13 +92,15 @@ pub struct DaemonArgs {
 pub struct AgentAddr(pub Option<std::net::SocketAddr>);
 
 /// Parses `--ecs-agent`: an address, or `none`.
-pub fn parse_agent(s: &str) -> Result<AgentAddr, String> {
+pub fn parse_agent(s: &str) -> Result<AgentAddr, BadValue> {
     if s == "none" {
         return Ok(AgentAddr(None));
     }
-    s.parse()
-        .map(|a| AgentAddr(Some(a)))
-        .map_err(|_| format!("invalid address {s:?}: use ADDR:PORT (e.g. 127.0.0.1:51678) or none"))
+    s.parse().map(|a| AgentAddr(Some(a))).map_err(|_| {
+        BadValue(format!(
+            "invalid address {s:?}: use ADDR:PORT (e.g. 127.0.0.1:51678) or none"
+        ))
+    })
 }
 
 /// Options of both `record` and `daemon`: how stacks are walked, and the
@@ -184,47 +186,44 @@ impl RecordArgs {
 
 /// Parses `--stack-bytes`: a multiple of 4096 from 4096 to
 /// [`STACK_COPY_MAX`](profiler_common::stacks::STACK_COPY_MAX).
-pub fn parse_stack_bytes(s: &str) -> Result<u32, String> {
+pub fn parse_stack_bytes(s: &str) -> Result<u32, BadValue> {
     const MAX: u32 = profiler_common::stacks::STACK_COPY_MAX as u32;
     let what = format!("use a multiple of 4096 from 4096 to {MAX}");
     let v: u32 = s
         .trim()
         .parse()
-        .map_err(|_| format!("invalid byte count {s:?}: {what}"))?;
+        .map_err(|_| BadValue(format!("invalid byte count {s:?}: {what}")))?;
     if !(4096..=MAX).contains(&v) || !v.is_multiple_of(4096) {
-        return Err(format!("--stack-bytes {v}: {what}"));
+        return Err(BadValue(format!("--stack-bytes {v}: {what}")));
     }
     Ok(v)
 }
 
-/// Parses `10`, `10s`, `2m`, `1h`, `500ms`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+/// Parses a duration: a number of seconds (`10`, `1.5`), or a number with
+/// a unit as humantime reads it (`10s`, `2m`, `1h`, `500ms`, `1m 30s`).
+pub fn parse_duration(s: &str) -> Result<Duration, BadValue> {
     let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
+    let bad = |why: String| {
+        BadValue(format!(
+            "invalid duration {s:?} ({why}): use seconds or a number with a unit, e.g. 10, 10s, 2m, 500ms"
+        ))
     };
-    let v: f64 = num.parse().map_err(|_| {
-        format!(
-            "invalid duration {s:?}: use a number with an optional unit, e.g. 10, 10s, 2m, 500ms"
-        )
-    })?;
-    let secs = match unit {
-        "ms" => v / 1000.0,
-        "s" | "" => v,
-        "m" => v * 60.0,
-        "h" => v * 3600.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit {unit:?} in {s:?}: use ms, s, m or h"
-            ));
-        }
+    let positive = || BadValue(format!("duration must be positive (got {s:?})"));
+    let d = match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 => Duration::from_secs_f64(secs),
+        Ok(_) => return Err(positive()),
+        Err(_) => humantime::parse_duration(s).map_err(|e| bad(e.to_string()))?,
     };
-    if !secs.is_finite() || secs <= 0.0 {
-        return Err(format!("duration must be positive (got {s:?})"));
+    if d.is_zero() {
+        return Err(positive());
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
+
+/// A command-line value that cannot be used, and what to use instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadValue(String);
 
 #[cfg(test)]
 mod tests {
@@ -275,7 +274,10 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("0").is_err());
         assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("10d").is_err());
+        assert_eq!(parse_duration("10d").unwrap(), Duration::from_secs(864_000));
+        assert_eq!(parse_duration("1m 30s").unwrap(), Duration::from_secs(90));
+        assert!(parse_duration("10x").is_err());
+        assert!(parse_duration("-1").is_err());
         assert!(parse_duration("").is_err());
     }
 }

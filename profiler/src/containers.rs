@@ -167,7 +167,7 @@ pub struct Attributor {
     wait: Duration,
     ecs: HashMap<String, EcsContainer>,
     last_ask: Option<Instant>,
-    pending: Option<mpsc::Receiver<Result<String, String>>>,
+    pending: Option<mpsc::Receiver<Result<String, ureq::Error>>>,
     /// The last failure reported, not repeated.
     last_error: Option<String>,
     cache: HashMap<String, Option<Container>>,
@@ -241,8 +241,7 @@ impl Attributor {
             let asked = std::thread::Builder::new()
                 .name("ecs-agent".into())
                 .spawn(move || {
-                    let answer = http_get(agent, "/v1/tasks", AGENT_TIMEOUT)
-                        .map_err(|e| format!("ECS agent at {agent}: {e}"));
+                    let answer = http_get(agent, "/v1/tasks", AGENT_TIMEOUT);
                     // The attributor is gone: nobody to tell.
                     let _ = tx.send(answer);
                 });
@@ -257,10 +256,13 @@ impl Attributor {
     /// Takes the agent's answer if it has come (waiting up to `wait`).
     fn take_answer(&mut self, wait: Duration) {
         let Some(rx) = &self.pending else { return };
+        let agent = self.agent.map_or_else(String::new, |a| a.to_string());
         let answer = match rx.recv_timeout(wait) {
-            Ok(answer) => answer,
+            Ok(answer) => answer.map_err(|e| format!("ECS agent at {agent}: {e}")),
             Err(mpsc::RecvTimeoutError::Timeout) => return,
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err("the ECS agent thread ended".into()),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(format!("the thread asking the ECS agent at {agent} ended"))
+            }
         };
         self.pending = None;
         match answer {

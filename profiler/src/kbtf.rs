@@ -44,28 +44,62 @@ pub struct Btf {
     by_name: HashMap<String, Vec<u32>>,
 }
 
+/// Why BTF could not give what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    /// The kernel's BTF file could not be read.
+    #[error("kernel BTF unreadable ({VMLINUX_BTF}: {0}); needs CONFIG_DEBUG_INFO_BTF")]
+    Unreadable(#[source] std::io::Error),
+    /// The bytes are not BTF this parser understands.
+    #[error("BTF unparsable: {0}")]
+    Malformed(String),
+    /// A struct lacks a member the programs read.
+    #[error("struct {strukt} has no member {member}{note}")]
+    NoMember {
+        /// The struct.
+        strukt: &'static str,
+        /// The member.
+        member: &'static str,
+        /// Why a kernel may lack it.
+        note: &'static str,
+    },
+    /// A count field is not the 4-byte integer the programs read.
+    #[error("cfs_rq.{field} is {size} bytes, expected a 4-byte count")]
+    BadSize {
+        /// The field.
+        field: &'static str,
+        /// Its size.
+        size: u32,
+    },
+    /// No run-queue count field this profiler knows.
+    #[error("struct cfs_rq has none of the fields {}", COUNT_FIELDS.join(", "))]
+    NoCountField,
+}
+
 /// A member found: its byte offset and its type id.
 pub type Member = (u32, u32);
 
 impl Btf {
     /// Parses raw BTF (the bytes of /sys/kernel/btf/vmlinux).
-    pub fn parse(data: Vec<u8>) -> Result<Self, String> {
+    pub fn parse(data: Vec<u8>) -> Result<Self, BtfError> {
+        let bad = |what: String| BtfError::Malformed(what);
+        let short = || BtfError::Malformed("short BTF header".into());
         let u32_at = |d: &[u8], o: usize| -> Option<u32> {
             d.get(o..o + 4)
                 .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
         };
         if data.get(0..2) != Some(&[0x9f, 0xeb]) {
-            return Err("not little-endian BTF (bad magic)".into());
+            return Err(bad("not little-endian BTF (bad magic)".into()));
         }
-        let hdr_len = u32_at(&data, 4).ok_or("short BTF header")? as usize;
-        let type_off = u32_at(&data, 8).ok_or("short BTF header")? as usize;
-        let type_len = u32_at(&data, 12).ok_or("short BTF header")? as usize;
-        let str_off = u32_at(&data, 16).ok_or("short BTF header")? as usize;
-        let str_len = u32_at(&data, 20).ok_or("short BTF header")? as usize;
+        let hdr_len = u32_at(&data, 4).ok_or_else(short)? as usize;
+        let type_off = u32_at(&data, 8).ok_or_else(short)? as usize;
+        let type_len = u32_at(&data, 12).ok_or_else(short)? as usize;
+        let str_off = u32_at(&data, 16).ok_or_else(short)? as usize;
+        let str_len = u32_at(&data, 20).ok_or_else(short)? as usize;
         let (t0, t1) = (hdr_len + type_off, hdr_len + type_off + type_len);
         let strings_at = hdr_len + str_off;
         if t1 > data.len() || strings_at + str_len > data.len() {
-            return Err("BTF sections run past the end".into());
+            return Err(bad("BTF sections run past the end".into()));
         }
         let mut types = Vec::with_capacity(type_len / 16);
         let mut at = t0;
@@ -83,13 +117,13 @@ impl Btf {
                 4 | 5 | 15 | 19 => 12 * vlen as usize, // STRUCT, UNION, DATASEC, ENUM64
                 6 | 13 => 8 * vlen as usize,           // ENUM, FUNC_PROTO
                 2 | 7 | 8 | 9 | 10 | 11 | 12 | 16 | 18 => 0,
-                k => return Err(format!("unknown BTF kind {k}")),
+                k => return Err(bad(format!("unknown BTF kind {k}"))),
             };
             if body + extra > t1 {
-                return Err(format!(
+                return Err(bad(format!(
                     "BTF type {} runs past the type section",
                     types.len() + 1
-                ));
+                )));
             }
             types.push(TypeInfo {
                 kind,
@@ -270,10 +304,14 @@ impl Btf {
 
 /// Finds the offsets of the task -> cgroup chain (see
 /// `profiler_common::oom::cgroup_field`), or says why they cannot be found.
-pub fn cgroup_offsets(btf: &Btf) -> Result<[u32; 7], String> {
+pub fn cgroup_offsets(btf: &Btf) -> Result<[u32; 7], BtfError> {
     use profiler_common::{NO_FIELD, oom::cgroup_field as f};
-    let need = |s: &str, m: &str| -> Result<Member, String> {
-        member_offset(btf, s, m).ok_or_else(|| format!("struct {s} has no member {m}"))
+    let need = |strukt: &'static str, member: &'static str| -> Result<Member, BtfError> {
+        member_offset(btf, strukt, member).ok_or(BtfError::NoMember {
+            strukt,
+            member,
+            note: "",
+        })
     };
     let mut out = [NO_FIELD; 7];
     out[f::TASK_PID] = need("task_struct", "pid")?.0;
@@ -286,7 +324,11 @@ pub fn cgroup_offsets(btf: &Btf) -> Result<[u32; 7], String> {
         // Before 5.5 the id was a union of {ino, generation}: its low
         // word is still the inode number, read as a u64 and masked.
         if member_offset(btf, "kernfs_node", "id").is_none() {
-            return Err("kernfs_node.id not found".into());
+            return Err(BtfError::NoMember {
+                strukt: "kernfs_node",
+                member: "id",
+                note: "",
+            });
         }
     }
     out[f::KN_ID] = kn_id;
@@ -325,21 +367,24 @@ pub struct DepthOffsets {
 pub const COUNT_FIELDS: [&str; 3] = ["h_nr_runnable", "h_nr_running", "h_nr_queued"];
 
 /// Finds the run-queue depth offsets, or says why they cannot be found.
-pub fn depth_offsets(btf: &Btf) -> Result<DepthOffsets, String> {
-    let (se, _) = member_offset(btf, "task_struct", "se").ok_or("task_struct has no member se")?;
-    let (cfs_rq, _) = member_offset(btf, "sched_entity", "cfs_rq").ok_or(
-        "sched_entity has no member cfs_rq (kernel built without CONFIG_FAIR_GROUP_SCHED)",
-    )?;
-    let (rq, _) = member_offset(btf, "cfs_rq", "rq")
-        .ok_or("cfs_rq has no member rq (no CONFIG_FAIR_GROUP_SCHED)")?;
-    let (cfs, _) = member_offset(btf, "rq", "cfs").ok_or("rq has no member cfs")?;
+pub fn depth_offsets(btf: &Btf) -> Result<DepthOffsets, BtfError> {
+    let need = |strukt: &'static str, member: &'static str, note: &'static str| {
+        member_offset(btf, strukt, member).ok_or(BtfError::NoMember {
+            strukt,
+            member,
+            note,
+        })
+    };
+    let (se, _) = need("task_struct", "se", "")?;
+    let no_group = " (kernel built without CONFIG_FAIR_GROUP_SCHED)";
+    let (cfs_rq, _) = need("sched_entity", "cfs_rq", no_group)?;
+    let (rq, _) = need("cfs_rq", "rq", no_group)?;
+    let (cfs, _) = need("rq", "cfs", "")?;
     for field in COUNT_FIELDS {
         if let Some((off, ty)) = member_offset(btf, "cfs_rq", field) {
             let size = btf.int_size(ty).unwrap_or(0);
             if size != 4 {
-                return Err(format!(
-                    "cfs_rq.{field} is {size} bytes, expected a 4-byte count"
-                ));
+                return Err(BtfError::BadSize { field, size });
             }
             return Ok(DepthOffsets {
                 task_cfs_rq: se + cfs_rq,
@@ -349,18 +394,13 @@ pub fn depth_offsets(btf: &Btf) -> Result<DepthOffsets, String> {
             });
         }
     }
-    Err(format!(
-        "struct cfs_rq has none of the fields {}",
-        COUNT_FIELDS.join(", ")
-    ))
+    Err(BtfError::NoCountField)
 }
 
 /// Loads the kernel's BTF.
-pub fn load() -> Result<Btf, String> {
-    let data = std::fs::read(VMLINUX_BTF).map_err(|e| {
-        format!("kernel BTF unreadable ({VMLINUX_BTF}: {e}); needs CONFIG_DEBUG_INFO_BTF")
-    })?;
-    Btf::parse(data).map_err(|e| format!("kernel BTF unparsable ({VMLINUX_BTF}: {e})"))
+pub fn load() -> Result<Btf, BtfError> {
+    let data = std::fs::read(VMLINUX_BTF).map_err(BtfError::Unreadable)?;
+    Btf::parse(data)
 }
 
 #[cfg(test)]
@@ -389,7 +429,7 @@ mod tests {
         ))
         .unwrap();
         match Btf::parse(data) {
-            Err(e) => assert!(e.contains("runs past"), "{e}"),
+            Err(e) => assert!(e.to_string().contains("runs past"), "{e}"),
             Ok(btf) => {
                 let _ = btf.enum_value("memory_cgrp_id");
             }

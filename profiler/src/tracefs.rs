@@ -16,6 +16,19 @@ pub struct Field {
     pub size: u32,
 }
 
+/// A tracepoint this kernel does not have (or tracefs cannot show).
+#[derive(Debug, thiserror::Error)]
+#[error("tracepoint {tracepoint} not available ({path}: {source})")]
+pub struct TracepointMissing {
+    /// `category:name`.
+    pub tracepoint: String,
+    /// The format file looked for.
+    pub path: String,
+    /// Why it could not be read.
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// A tracepoint's format: its fields and its print format.
 #[derive(Clone, Debug, Default)]
 pub struct Format {
@@ -68,11 +81,15 @@ impl Format {
     }
 
     /// Reads `events/CATEGORY/NAME/format` under tracefs.
-    pub fn read(category: &str, name: &str) -> Result<Self, String> {
+    pub fn read(category: &str, name: &str) -> Result<Self, TracepointMissing> {
         let path = format!("{TRACEFS}/events/{category}/{name}/format");
         fs::read_to_string(&path)
             .map(|t| Self::parse(&t))
-            .map_err(|e| format!("tracepoint {category}:{name} not available ({path}: {e})"))
+            .map_err(|source| TracepointMissing {
+                tracepoint: format!("{category}:{name}"),
+                path,
+                source,
+            })
     }
 
     /// A field by name.

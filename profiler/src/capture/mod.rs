@@ -45,7 +45,7 @@ pub use kernel::parse_cpu_list;
 use kernel::{Ring, delta, per_cpu, take_map};
 
 use crate::{
-    kbtf::Btf,
+    kbtf::{Btf, BtfError},
     model::{RawProfile, Unavailable},
     procs::ProcessTable,
     unwind::UnwindMode,
@@ -141,7 +141,7 @@ pub struct Setup<'a> {
     /// Online CPUs.
     pub cpus: &'a [u32],
     /// The kernel's BTF, or why it could not be read.
-    pub btf: &'a Result<Btf, String>,
+    pub btf: &'a Result<Btf, BtfError>,
     /// The kernel programs' settings, filled in by each signal.
     pub config: Config,
     /// Map sizes that differ from their defaults.
@@ -152,10 +152,10 @@ pub struct Setup<'a> {
 
 impl Setup<'_> {
     /// Marks a signal unavailable.
-    pub fn unavailable(&mut self, signal: &'static str, reason: impl Into<String>) {
+    pub fn unavailable(&mut self, signal: &'static str, reason: impl std::fmt::Display) {
         self.unavailable.push(Unavailable {
             signal,
-            reason: reason.into(),
+            reason: reason.to_string(),
         });
     }
 

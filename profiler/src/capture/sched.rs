@@ -68,12 +68,11 @@ impl Signal for Sched {
             }
             (Err(e), _) | (_, Err(e)) => setup.unavailable(LATENCY, e),
         }
-        match setup
-            .btf
-            .as_ref()
-            .map_err(Clone::clone)
-            .and_then(crate::kbtf::depth_offsets)
-        {
+        let depth = match setup.btf {
+            Ok(btf) => crate::kbtf::depth_offsets(btf).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match depth {
             Ok(d) => {
                 let c = &mut setup.config;
                 c.runqueue_depth = 1;
