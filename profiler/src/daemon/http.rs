@@ -21,7 +21,7 @@ use super::{DEFAULT_PROFILE_SECONDS, MAX_CONCURRENT_PROFILES};
 use crate::metrics::Metrics;
 
 /// A profile, or why it could not be made (answered with 500).
-pub(super) type Body = Result<Vec<u8>, String>;
+pub(super) type Body = Result<Vec<u8>, crate::output::OutputError>;
 
 /// What a profile request wants back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,7 +130,7 @@ pub(super) async fn run_request(s: &Shared, seconds: u64, want: Want) -> Respons
         return text(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping");
     }
     match rx.await {
-        Ok(Err(reason)) => text(StatusCode::INTERNAL_SERVER_ERROR, reason),
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Ok(Ok(body)) if want == Want::Pprof => (
             [
                 (header::CONTENT_TYPE, "application/octet-stream"),
@@ -169,7 +169,7 @@ pub(super) async fn flamegraph(
         Ok(None) => match s.last_svg.lock().unwrap().clone() {
             Some(svg) => match &*svg {
                 Ok(svg) => ([(header::CONTENT_TYPE, "image/svg+xml")], svg.clone()).into_response(),
-                Err(reason) => text(StatusCode::INTERNAL_SERVER_ERROR, reason.clone()),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             },
             None => not_yet(&s),
         },

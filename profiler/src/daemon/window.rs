@@ -190,7 +190,7 @@ pub(super) fn svg(folded: &fold::Folded, took: Duration, hz: u64, samples: u64) 
         frequency_hz: hz,
         samples,
     };
-    output::flamegraph(folded, &title).map_err(|e| e.to_string())
+    output::flamegraph(folded, &title)
 }
 
 /// Makes the window's flame graph and USE report, serves them from now
