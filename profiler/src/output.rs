@@ -114,8 +114,8 @@ pub fn flamegraph(folded: &Folded, title: &render::Title) -> Result<Vec<u8>, Out
 pub struct WindowFiles<'a> {
     /// Folded stacks.
     pub folded: &'a Folded,
-    /// The flame graph, drawn.
-    pub svg: &'a [u8],
+    /// The flame graph, drawn (None: it could not be; not written).
+    pub svg: Option<&'a [u8]>,
     /// use.json's bytes.
     pub use_json: &'a [u8],
 }
@@ -126,11 +126,16 @@ impl WindowFiles<'_> {
     pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>, OutputError> {
         let folded = dir.join("stacks.folded");
         write_atomic(&folded, |w| fold::write_folded(self.folded, w))?;
-        let svg = dir.join("flamegraph.svg");
-        write_atomic(&svg, |w| io::Write::write_all(w, self.svg))?;
+        let mut written = vec![folded];
+        if let Some(bytes) = self.svg {
+            let svg = dir.join("flamegraph.svg");
+            write_atomic(&svg, |w| io::Write::write_all(w, bytes))?;
+            written.push(svg);
+        }
         let use_json = dir.join("use.json");
         write_atomic(&use_json, |w| io::Write::write_all(w, self.use_json))?;
-        Ok(vec![folded, svg, use_json])
+        written.push(use_json);
+        Ok(written)
     }
 }
 
@@ -153,14 +158,20 @@ pub fn new_dir(dir: &Path, prefix: &str, t: SystemTime) -> Result<PathBuf, Outpu
 /// Removes the oldest `<prefix>-*` directories of `dir` past the newest
 /// `keep`; returns what could not be removed.
 pub fn retain(dir: &Path, prefix: &str, keep: usize) -> Vec<OutputError> {
-    let mut dirs: Vec<PathBuf> = fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
-                .map(|e| e.path())
-                .collect()
-        })
-        .unwrap_or_default();
+    let entries = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(source) => {
+            return vec![OutputError::Write {
+                path: dir.to_path_buf(),
+                source,
+            }];
+        }
+    };
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.path())
+        .collect();
     dirs.sort();
     let excess = dirs.len().saturating_sub(keep);
     dirs[..excess]
@@ -232,7 +243,7 @@ mod tests {
             let out = new_dir(dir.path(), "window", t).unwrap();
             let files = WindowFiles {
                 folded: &folded,
-                svg: b"<svg/>",
+                svg: Some(b"<svg/>"),
                 use_json: b"{}",
             };
             files.write(&out).unwrap();

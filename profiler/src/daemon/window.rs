@@ -239,19 +239,25 @@ pub(super) fn end_window(
         .unwrap()
         .set_self_share(cost.share_of_cpu);
     report.profiler = Some(cost);
-    let use_json = serde_json::to_vec_pretty(&report).unwrap_or_default();
+    // Plain data (non-finite floats become null): encoding cannot fail.
+    let use_json = serde_json::to_vec_pretty(&report).expect("a USE report encodes");
     let (folded, samples) = fold_stacks(&raw.stacks, procs, args.group_by, naming);
     let svg = svg(&folded, elapsed, args.frequency, samples);
     if let Some(dir) = &args.output {
         let written = output::new_dir(dir, "window", window.start_time).and_then(|out| {
             let files = WindowFiles {
                 folded: &folded,
-                svg: svg.as_deref().unwrap_or_default(),
+                svg: svg.as_deref().ok(),
                 use_json: &use_json,
             };
             files.write(&out)
         });
-        let errors = written.err().into_iter();
+        // A flame graph that could not be drawn is reported, not written.
+        let errors = written.err().into_iter().chain(
+            svg.as_ref()
+                .err()
+                .map(|e| crate::output::OutputError::Render(std::io::Error::other(e.to_string()))),
+        );
         for e in errors.chain(output::retain(dir, "window-", args.retain as usize)) {
             eprintln!("profiler: could not write the window: {e}");
         }
