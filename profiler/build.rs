@@ -5,6 +5,12 @@ use std::{env, path::PathBuf};
 
 use anyhow::{Context as _, anyhow};
 
+// Only the toolchain names are used here; xtask uses the rest.
+#[allow(dead_code)]
+mod pin {
+    include!("../profiler-ebpf/toolchain.rs");
+}
+
 fn main() -> anyhow::Result<()> {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let root = manifest
@@ -49,6 +55,7 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: build scripts are single-threaded at this point.
     unsafe { env::set_var("CARGO_TERM_QUIET", "true") };
 
+    let toolchain = pinned_toolchain()?;
     let ebpf_dir_str = ebpf_dir.to_str().context("non-UTF-8 path")?;
     aya_build::build_ebpf(
         [aya_build::Package {
@@ -56,8 +63,27 @@ fn main() -> anyhow::Result<()> {
             root_dir: ebpf_dir_str,
             ..Default::default()
         }],
-        aya_build::Toolchain::default(),
+        aya_build::Toolchain::Custom(&toolchain),
     )
+}
+
+/// The pinned nightly as rustup knows it: under its dated name, or linked
+/// by `cargo xtask bootstrap` from an identical installed nightly.
+fn pinned_toolchain() -> anyhow::Result<String> {
+    for name in [pin::EBPF_NIGHTLY, pin::EBPF_LINKED] {
+        let works = std::process::Command::new("rustup")
+            .args(["run", name, "rustc", "-V"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if works {
+            return Ok(name.to_string());
+        }
+    }
+    Err(anyhow!(
+        "the eBPF build's pinned toolchain {} is not installed: run `cargo xtask bootstrap` \
+         (or `cargo xtask build`), which installs it",
+        pin::EBPF_NIGHTLY
+    ))
 }
 
 fn which_on_path(bin: &str) -> Option<PathBuf> {
@@ -67,7 +93,7 @@ fn which_on_path(bin: &str) -> Option<PathBuf> {
 }
 
 /// `$PROFILER_TOOLCHAIN_DIR` or `~/.cache/profiler`: the newest
-/// `bpf-linker-*/bin` directory holding a bpf-linker.
+/// `bpf-linker-<pinned version>-*/bin` directory holding a bpf-linker.
 fn cached_linker_dir() -> Option<PathBuf> {
     let base = env::var_os("PROFILER_TOOLCHAIN_DIR")
         .map(PathBuf::from)
@@ -80,6 +106,11 @@ fn cached_linker_dir() -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&base)
         .ok()?
         .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("bpf-linker-{}-", pin::BPF_LINKER_VERSION))
+        })
         .map(|e| e.path().join("bin"))
         .filter(|d| d.join("bpf-linker").is_file())
         .collect();

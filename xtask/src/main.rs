@@ -1,7 +1,8 @@
 //! Workflows of the profiler project: `cargo xtask <command>`.
 //!
-//! - `bootstrap`: rust-src for nightly and a bpf-linker built against
-//!   nightly's own LLVM, kept under `~/.cache/profiler` (idempotent).
+//! - `bootstrap`: the pinned nightly of the eBPF build
+//!   (`profiler-ebpf/toolchain.rs`) with rust-src, and a bpf-linker built
+//!   against its own LLVM, kept under `~/.cache/profiler` (idempotent).
 //! - `build`: bootstrap if needed, then `target/release/profiler`.
 //! - `capture [-- RECORD ARGS]`: build, then a 10 s system-wide capture.
 //! - `test`: lints, then every test, privileged ones included.
@@ -15,6 +16,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+
+mod pin {
+    include!("../../profiler-ebpf/toolchain.rs");
+}
 
 mod bench;
 mod bench_daemon;
@@ -31,7 +36,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install rust-src for nightly and build bpf-linker (once).
+    /// Install the pinned nightly with rust-src, and build bpf-linker (once).
     Bootstrap,
     /// Bootstrap, then build target/release/profiler.
     Build,
@@ -146,31 +151,78 @@ fn toolchain_dir() -> Result<PathBuf> {
     Ok(cache.join("profiler"))
 }
 
-/// Makes sure rust-src and bpf-linker are there; returns bpf-linker's bin dir.
+/// The pinned nightly, installed if missing; returns its rustup name and
+/// sysroot.
+fn pinned_toolchain(did: &mut Vec<&'static str>) -> Result<(&'static str, PathBuf)> {
+    let sysroot_of = |name: &str| {
+        output(Command::new("rustup").args(["run", name, "rustc", "--print", "sysroot"]))
+            .ok()
+            .map(PathBuf::from)
+    };
+    output(Command::new("rustup").arg("--version")).context(
+        "rustup is needed to install the eBPF build's pinned nightly: see https://rustup.rs",
+    )?;
+    for name in [pin::EBPF_NIGHTLY, pin::EBPF_LINKED] {
+        if let Some(sysroot) = sysroot_of(name) {
+            return Ok((name, sysroot));
+        }
+    }
+    // An installed `nightly` that is the very build pinned: linked under
+    // its own name rather than downloaded again.
+    let same = output(Command::new("rustc").args(["+nightly", "-vV"])).is_ok_and(|v| {
+        v.lines()
+            .any(|l| l == format!("commit-hash: {}", pin::EBPF_NIGHTLY_COMMIT))
+    });
+    if same {
+        let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+        eprintln!(
+            "xtask: the installed nightly is {} (rustc {}): linking it as {}",
+            pin::EBPF_NIGHTLY,
+            &pin::EBPF_NIGHTLY_COMMIT[..9],
+            pin::EBPF_LINKED
+        );
+        run(Command::new("rustup").args(["toolchain", "link", pin::EBPF_LINKED, &sysroot]))?;
+        did.push("the pinned nightly (linked)");
+        return Ok((pin::EBPF_LINKED, PathBuf::from(sysroot)));
+    }
+    eprintln!(
+        "xtask: installing {} (the eBPF build's pinned nightly) with rust-src",
+        pin::EBPF_NIGHTLY
+    );
+    run(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        pin::EBPF_NIGHTLY,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))?;
+    did.push("the pinned nightly");
+    let sysroot = sysroot_of(pin::EBPF_NIGHTLY)
+        .with_context(|| format!("{} installed but does not run", pin::EBPF_NIGHTLY))?;
+    Ok((pin::EBPF_NIGHTLY, sysroot))
+}
+
+/// Makes sure the pinned nightly, its rust-src and bpf-linker are there;
+/// returns bpf-linker's bin dir.
 fn bootstrap() -> Result<PathBuf> {
     let t0 = Instant::now();
-    let sysroot = PathBuf::from(
-        output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context(
-            "the nightly toolchain is needed to build eBPF: `rustup toolchain install nightly`",
-        )?,
-    );
     let mut did = Vec::new();
+    let (toolchain, sysroot) = pinned_toolchain(&mut did)?;
 
     if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
-        eprintln!("xtask: installing rust-src for nightly");
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        eprintln!("xtask: installing rust-src for {toolchain}");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", toolchain]))
+            .with_context(|| {
+                format!("cannot add rust-src to {toolchain}: `rustup component add rust-src --toolchain nightly` when it is a linked nightly")
+            })?;
         did.push("rust-src");
     }
 
     // bpf-linker must load the same LLVM that produced the bitcode: the
-    // nightly's own libLLVM. Name the directory after it, so a new nightly
-    // gets its own linker.
+    // pinned nightly's own libLLVM. Name the directory after both, so a
+    // moved pin gets its own linker.
     let libllvm = std::fs::read_dir(sysroot.join("lib"))?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -182,7 +234,10 @@ fn bootstrap() -> Result<PathBuf> {
         .next()
         .unwrap_or_default()
         .to_string();
-    let dir = toolchain_dir()?.join(format!("bpf-linker-{llvm_version}"));
+    let dir = toolchain_dir()?.join(format!(
+        "bpf-linker-{}-llvm-{llvm_version}",
+        pin::BPF_LINKER_VERSION
+    ));
     let bin = dir.join("bin");
     let linker = bin.join("bpf-linker");
     let works = linker.is_file()
@@ -207,7 +262,7 @@ fn bootstrap() -> Result<PathBuf> {
                 "install",
                 "bpf-linker",
                 "--version",
-                "0.13.0",
+                pin::BPF_LINKER_VERSION,
                 "--locked",
                 "--no-default-features",
             ])
