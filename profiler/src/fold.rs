@@ -3,6 +3,7 @@
 
 use std::io;
 
+pub use crate::model::sanitize;
 pub use crate::model::{Folded, SymbolizedStack};
 use crate::model::{Frame, FrameKind};
 
@@ -16,11 +17,6 @@ pub fn folded_name(frame: &Frame) -> String {
         FrameKind::Jit => format!("{name}_[j]"),
         _ => name,
     }
-}
-
-/// Frame names go into `;`-separated folded lines: no `;` or newline.
-pub fn sanitize(name: &str) -> String {
-    name.replace(';', ":").replace(['\n', '\r'], " ")
 }
 
 /// Folds stacks; identical lines add up.

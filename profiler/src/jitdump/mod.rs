@@ -336,7 +336,7 @@ impl JitDump {
 /// A jitdump file followed as the runtime appends to it: each
 /// [`JitDumpFollower::read_new`] parses only the bytes written since the
 /// last, in chunks of 1 MiB. The symbolizer ([`JitDumpReader`]) and the
-/// unwinder's JIT CFI ([`crate::jitcfi::JitCfi`]) each follow one.
+/// unwinder's JIT CFI (`jitcfi::JitCfi`) each follow one.
 #[derive(Debug)]
 pub struct JitDumpFollower {
     path: std::path::PathBuf,

@@ -183,6 +183,12 @@ impl Frame {
     }
 }
 
+/// A frame name as it may appear in `;`-separated folded lines: no `;`,
+/// no newline.
+pub fn sanitize(name: &str) -> String {
+    name.replace(';', ":").replace(['\n', '\r'], " ")
+}
+
 /// One symbolized stack and how often it was sampled.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SymbolizedStack {

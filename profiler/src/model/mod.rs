@@ -11,7 +11,9 @@
 mod frames;
 mod raw;
 
-pub use frames::{Folded, Frame, FrameKind, Side, SymbolizedStack, Unknown, UnknownReason};
+pub use frames::{
+    Folded, Frame, FrameKind, Side, SymbolizedStack, Unknown, UnknownReason, sanitize,
+};
 pub use raw::{
     CountedEvents, Counters, Cut, MAX_SOCKET_OWNERS, OomKill, OwnerInfo, RawProfile, RawStack,
     RawStackPart, Unavailable, UnwindStats,

@@ -276,7 +276,7 @@ impl Symbolizer {
         }
         let sym = self.perf_map(process)?.lookup(addr)?;
         Some(vec![Frame::new(
-            crate::fold::sanitize(&sym.name),
+            crate::model::sanitize(&sym.name),
             FrameKind::Jit,
         )])
     }
@@ -341,11 +341,14 @@ impl Symbolizer {
 fn jit_frames(dump: &JitDump, addr: u64) -> Option<Vec<Frame>> {
     let code = dump.lookup(addr)?;
     let mut frames = vec![Frame::new(
-        crate::fold::sanitize(&code.name),
+        crate::model::sanitize(&code.name),
         FrameKind::Jit,
     )];
     if let Some(name) = dump.functions().inlined_at(code, addr) {
-        frames.push(Frame::new(crate::fold::sanitize(&name), FrameKind::Inlined));
+        frames.push(Frame::new(
+            crate::model::sanitize(&name),
+            FrameKind::Inlined,
+        ));
     }
     Some(frames)
 }
