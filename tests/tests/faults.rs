@@ -161,10 +161,12 @@ fn full_kernel_maps_are_counted_and_the_capture_goes_on() {
     }
     let dir = scratch("maps-full");
     let out_dir = dir.join("out");
-    let loops = busy_loops(2, 3);
-    let out = record_ok(
-        &dir,
-        &[
+    // Two busy loops sampled at 499 Hz into a 4-entry count map; stderr
+    // and the count of samples lost.
+    let capture = |extra: &[&str]| -> (String, u64) {
+        let loops = busy_loops(2, 3);
+        let mut args = extra.to_vec();
+        args.extend([
             "--unwind",
             "fp",
             "--max-stacks",
@@ -173,19 +175,21 @@ fn full_kernel_maps_are_counted_and_the_capture_goes_on() {
             "499",
             "-d",
             "2",
-            "-o",
-            out_dir.to_str().unwrap(),
-        ],
-    );
-    for mut l in loops {
-        let _ = l.wait();
-    }
-    let err = String::from_utf8_lossy(&out.stderr);
-    let lost: u64 = err
-        .lines()
-        .find_map(|l| l.strip_prefix("profiler: lost "))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no lost count in {err}"));
+        ]);
+        args.extend(["-o", out_dir.to_str().unwrap()]);
+        let out = record_ok(&dir, &args);
+        for mut l in loops {
+            let _ = l.wait();
+        }
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let lost: u64 = err
+            .lines()
+            .find_map(|l| l.strip_prefix("profiler: lost "))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no lost count in {err}"));
+        (err, lost)
+    };
+    let (err, lost) = capture(&[]);
     assert!(lost > 0, "a 4-entry count map lost nothing:\n{err}");
     // Without --verbose the kernel programs say nothing.
     assert!(!err.contains("profiler: kernel "), "{err}");
@@ -196,36 +200,11 @@ fn full_kernel_maps_are_counted_and_the_capture_goes_on() {
 
     // With it, the sampler says which samples it lost, as they are lost
     // (aya-log), one line per sample counted as lost.
-    let loops = busy_loops(2, 3);
-    let out = record_ok(
-        &dir,
-        &[
-            "--verbose",
-            "--unwind",
-            "fp",
-            "--max-stacks",
-            "4",
-            "-F",
-            "499",
-            "-d",
-            "2",
-            "-o",
-            out_dir.to_str().unwrap(),
-        ],
-    );
-    for mut l in loops {
-        let _ = l.wait();
-    }
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (err, lost) = capture(&["--verbose"]);
     let said = err
         .lines()
         .filter(|l| l.starts_with("profiler: kernel warn: count map full: a sample of pid "))
         .count() as u64;
-    let lost: u64 = err
-        .lines()
-        .find_map(|l| l.strip_prefix("profiler: lost "))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no lost count in {err}"));
     assert!(
         lost > 0 && said > 0,
         "{said} of {lost} lost samples told:\n{err}"
