@@ -117,7 +117,7 @@ pub struct CaptureOptions {
     /// unwinding: 4096 to 65536, a multiple of 4096, counted from the
     /// stack pointer (only what lies between it and the stack's top is
     /// copied). Deeper stacks are cut, and counted as truncated.
-    #[arg(long = "stack-bytes", value_name = "BYTES", default_value_t = 65536, value_parser = parse_stack_bytes)]
+    #[arg(long = "stack-bytes", value_name = "BYTES", default_value_t = profiler_common::stacks::STACK_COPY_MAX as u32, value_parser = parse_stack_bytes)]
     pub stack_bytes: u32,
 
     /// Print the kernel programs' diagnostics (a map that filled up, a
@@ -164,7 +164,7 @@ pub struct RecordArgs {
     /// Most distinct stacks the kernel keeps (its count map; the stack map
     /// holds up to 16384). Past it samples are counted as lost, never
     /// silently dropped.
-    #[arg(long = "max-stacks", value_name = "N", default_value_t = 40960, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    #[arg(long = "max-stacks", value_name = "N", default_value_t = profiler_common::stacks::COUNTS.entries, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub max_stacks: u32,
 
     /// Root frames of the flame graph: the process, or the container it

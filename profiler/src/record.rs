@@ -131,7 +131,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     let cfg = CaptureConfig {
         frequency_hz: args.frequency,
         count_map_entries: args.max_stacks,
-        stack_map_entries: args.max_stacks.min(16 * 1024),
+        stack_map_entries: args.max_stacks.min(profiler_common::stacks::STACKS.entries),
         pids: tgids.clone(),
         filter: has_command || !tgids.is_empty(),
         follow_forks: has_command,
