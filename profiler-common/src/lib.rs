@@ -8,6 +8,7 @@
 //! | run-queue latency and depth | [`sched`] | `profiler-ebpf/src/sched.rs` | `profiler/src/capture/sched.rs` |
 //! | TCP retransmits and socket owners | [`tcp`] | `profiler-ebpf/src/tcp.rs` | `profiler/src/capture/tcp.rs` |
 //! | OOM kills | [`oom`] | `profiler-ebpf/src/oom.rs` | `profiler/src/capture/oom.rs` |
+//! | counted events | none | none (perf events) | `profiler/src/capture/counted.rs` |
 //!
 //! plus what every signal uses: the programs' settings ([`config`]) and the
 //! counters of what they could not record ([`counters`]).
