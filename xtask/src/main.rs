@@ -247,7 +247,7 @@ fn bootstrap() -> Result<PathBuf> {
             .is_ok_and(|o| o.status.success());
     if !works {
         eprintln!(
-            "xtask: building bpf-linker against nightly's LLVM {llvm_version} into {} (about a minute)",
+            "xtask: building bpf-linker against the pinned nightly's LLVM {llvm_version} into {} (about a minute)",
             dir.display()
         );
         let lib = dir.join("lib");
