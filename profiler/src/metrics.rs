@@ -101,6 +101,9 @@ pub struct Metrics {
     runq_depth_max: Gauge,
     retransmits: Family<ContainerLabel, Counter>,
     oom_kills: Family<ContainerLabel, Counter>,
+    context_switches: Counter,
+    migrations: Counter,
+    major_faults: Counter,
     lost: Family<ReasonLabel, Counter>,
     windows: Counter,
     cpu_seconds: F64Counter,
@@ -147,6 +150,9 @@ impl Metrics {
             runq_depth_max: Gauge::default(),
             retransmits: Family::default(),
             oom_kills: Family::default(),
+            context_switches: Counter::default(),
+            migrations: Counter::default(),
+            major_faults: Counter::default(),
             lost: Family::default(),
             windows: Counter::default(),
             cpu_seconds: F64Counter::default(),
@@ -196,6 +202,21 @@ impl Metrics {
             "profiler_oom_kills",
             "Processes killed by the kernel's OOM killer, by container of the victim",
             m.oom_kills.clone(),
+        );
+        registry.register(
+            "profiler_context_switches",
+            "Context switches on every CPU, counted by perf events (CPU saturation)",
+            m.context_switches.clone(),
+        );
+        registry.register(
+            "profiler_cpu_migrations",
+            "Tasks moved from one CPU to another, counted by perf events",
+            m.migrations.clone(),
+        );
+        registry.register(
+            "profiler_major_page_faults",
+            "Page faults that waited for I/O, counted by perf events (memory saturation)",
+            m.major_faults.clone(),
         );
         registry.register(
             "profiler_lost_samples",
@@ -329,6 +350,11 @@ impl Metrics {
             let name = oom_victim(raw, i).unwrap_or_else(|| "host".to_string());
             let l = self.container_label(&name);
             self.oom_kills.get_or_create(&l).inc();
+        }
+        if let Some(c) = raw.counted {
+            self.context_switches.inc_by(c.context_switches);
+            self.migrations.inc_by(c.migrations);
+            self.major_faults.inc_by(c.major_faults);
         }
         let lost_oom = raw
             .counter(K::OomKills)

@@ -146,6 +146,9 @@ fn prometheus_scrapes_the_daemon() {
         "profiler_tcp_retransmits_total",
         "profiler_oom_kills_total",
         "profiler_lost_samples_total",
+        "profiler_context_switches_total",
+        "profiler_cpu_migrations_total",
+        "profiler_major_page_faults_total",
         "profiler_process_cpu_seconds_total",
         "profiler_process_resident_memory_bytes",
         "profiler_bpf_run_time_seconds_total",
@@ -161,6 +164,14 @@ fn prometheus_scrapes_the_daemon() {
         .parse()
         .unwrap();
     assert!(samples > 0.0, "{v}");
+    // Context switches happen on any running host: counted, and stored.
+    let v = api("/api/v1/query?query=profiler_context_switches_total").unwrap();
+    let switches: f64 = v["data"]["result"][0]["value"][1]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(switches > 0.0, "{v}");
     // How long /metrics takes to serve, for the record.
     let t = Instant::now();
     for _ in 0..20 {
