@@ -34,17 +34,17 @@ pub enum GroupBy {
     Container,
 }
 
-/// Options of `profiler daemon`.
+/// Options of `profiler daemon`. The shared ones are `record`'s, with the
+/// defaults a host-wide daemon wants: 49 Hz, grouped by container.
 #[derive(Debug, Args, Clone)]
+#[command(
+    mut_arg("frequency", |a| a.default_value("49")),
+    mut_arg("group_by", |a| a.default_value("container"))
+)]
 pub struct DaemonArgs {
-    /// Samples per second on each CPU.
-    #[arg(
-        short = 'F',
-        long = "frequency",
-        value_name = "HZ",
-        default_value_t = 49
-    )]
-    pub frequency: u64,
+    /// Sampling, stack walking, grouping and diagnostics.
+    #[command(flatten)]
+    pub capture: CaptureOptions,
 
     /// Length of each window (flame graph, use.json, metric gauges).
     #[arg(long = "window", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
@@ -73,14 +73,6 @@ pub struct DaemonArgs {
     #[arg(long = "max-profile-seconds", value_name = "S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub max_profile_seconds: u64,
 
-    /// Stack walking and diagnostics, as `record`'s.
-    #[command(flatten)]
-    pub capture: CaptureOptions,
-
-    /// Root frames and labels: by process or by container.
-    #[arg(long = "group-by", value_enum, default_value = "container")]
-    pub group_by: GroupBy,
-
     /// The ECS agent's introspection endpoint, for task ARNs and container
     /// names (`none`: do not ask).
     #[arg(long = "ecs-agent", value_name = "ADDR:PORT|none", default_value = crate::containers::ECS_AGENT, value_parser = parse_agent)]
@@ -103,10 +95,25 @@ pub fn parse_agent(s: &str) -> Result<AgentAddr, BadValue> {
     })
 }
 
-/// Options of both `record` and `daemon`: how stacks are walked, and the
-/// kernel programs' diagnostics.
+/// Options of both `record` and `daemon`: the sampling rate, how stacks
+/// are walked, what the root frames name, and the kernel programs'
+/// diagnostics. (The daemon changes two defaults, see [`DaemonArgs`].)
 #[derive(Debug, Args, Clone)]
 pub struct CaptureOptions {
+    /// Samples per second on each CPU.
+    #[arg(
+        short = 'F',
+        long = "frequency",
+        value_name = "HZ",
+        default_value_t = 99
+    )]
+    pub frequency: u64,
+
+    /// Root frames of the flame graph (and the daemon's labels): the
+    /// process, or the container it runs in (then the process).
+    #[arg(long = "group-by", value_enum, default_value = "process")]
+    pub group_by: GroupBy,
+
     /// How user stacks are walked: `fp` (frame pointers, in the kernel),
     /// `dwarf` (the binaries' CFI on a copied stack, in userspace, frame
     /// pointers where no CFI covers an address), `auto` (as dwarf).
@@ -130,15 +137,6 @@ pub struct CaptureOptions {
 /// Options of `profiler record`.
 #[derive(Debug, Args, Clone)]
 pub struct RecordArgs {
-    /// Samples per second on each CPU.
-    #[arg(
-        short = 'F',
-        long = "frequency",
-        value_name = "HZ",
-        default_value_t = 99
-    )]
-    pub frequency: u64,
-
     /// How long to capture: 10, 10s, 2m, 1h, 500ms (default: until Ctrl-C,
     /// or until the command or every -p process exits).
     #[arg(short = 'd', long = "duration", value_name = "DURATION", value_parser = parse_duration)]
@@ -152,7 +150,7 @@ pub struct RecordArgs {
     #[arg(short = 'o', long = "output", value_name = "DIR")]
     pub output: Option<PathBuf>,
 
-    /// Stack walking and diagnostics.
+    /// Sampling, stack walking, grouping and diagnostics.
     #[command(flatten)]
     pub capture: CaptureOptions,
 
@@ -166,11 +164,6 @@ pub struct RecordArgs {
     /// silently dropped.
     #[arg(long = "max-stacks", value_name = "N", default_value_t = profiler_common::stacks::COUNTS.entries, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub max_stacks: u32,
-
-    /// Root frames of the flame graph: the process, or the container it
-    /// runs in (then the process).
-    #[arg(long = "group-by", value_enum, default_value = "process")]
-    pub group_by: GroupBy,
 
     /// Start this command and profile it (and its children) until it exits.
     #[arg(last = true, value_name = "CMD")]
@@ -240,7 +233,8 @@ mod tests {
         assert!(d.listen.ip().is_loopback(), "default bind is loopback");
         assert_eq!(d.listen.port(), 9464);
         assert_eq!(d.window, Duration::from_secs(60));
-        assert_eq!(d.group_by, GroupBy::Container);
+        assert_eq!(d.capture.group_by, GroupBy::Container);
+        assert_eq!(d.capture.frequency, 49);
         assert!(d.ecs_agent.0.is_some());
         let cli = Cli::try_parse_from([
             "profiler",
@@ -261,7 +255,13 @@ mod tests {
         let Command::Record(r) = cli.command else {
             panic!("not record")
         };
-        assert_eq!(r.group_by, GroupBy::Container);
+        assert_eq!(r.capture.group_by, GroupBy::Container);
+        let Command::Record(r) = Cli::try_parse_from(["profiler", "record"]).unwrap().command
+        else {
+            panic!("not record")
+        };
+        assert_eq!(r.capture.frequency, 99);
+        assert_eq!(r.capture.group_by, GroupBy::Process);
     }
 
     #[test]

@@ -103,7 +103,7 @@ fn process_alive(pid: u32) -> bool {
 /// Runs `profiler record`.
 pub fn run(args: &RecordArgs) -> Result<Outcome, RecordError> {
     // Bad input first, before anything is loaded.
-    preflight::check_frequency(args.frequency, preflight::max_sample_rate())?;
+    preflight::check_frequency(args.capture.frequency, preflight::max_sample_rate())?;
     let mut tgids = Vec::new();
     for &pid in &args.pids {
         let tgid = preflight::resolve_pid(pid)?;
@@ -129,7 +129,7 @@ pub fn run(args: &RecordArgs) -> Result<Outcome, RecordError> {
 async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outcome, RecordError> {
     let has_command = !args.command.is_empty();
     let cfg = CaptureConfig {
-        frequency_hz: args.frequency,
+        frequency_hz: args.capture.frequency,
         count_map_entries: args.max_stacks,
         stack_map_entries: args.max_stacks.min(profiler_common::stacks::STACKS.entries),
         pids: tgids.clone(),
@@ -178,7 +178,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
             "USE signals"
         },
         capture.cpus(),
-        args.frequency,
+        args.capture.frequency,
         match args.duration {
             Some(d) => format!(" for {:.1} s", d.as_secs_f64()),
             None => String::new(),
@@ -256,7 +256,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         &host_start,
         &host_end,
         elapsed,
-        args.frequency,
+        args.capture.frequency,
         &clock,
     );
     let stats_on = capture.stats_on();
@@ -283,7 +283,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     if args.stacks() {
         let exclude = has_command.then_some(own_pid);
         let mut stacks = symbolize_profile(&raw, &capture.procs, exclude);
-        if args.group_by == GroupBy::Container {
+        if args.capture.group_by == GroupBy::Container {
             // A one-shot capture can wait a second for the ECS agent.
             let mut attributor = Attributor::waiting(
                 Some(
@@ -313,7 +313,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         let title = render::Title {
             host: output::hostname(),
             duration_s: elapsed.as_secs_f64(),
-            frequency_hz: args.frequency,
+            frequency_hz: args.capture.frequency,
             samples,
         };
         output::write_atomic(&svg_path, |w| render::flamegraph(&folded, &title, w))?;
@@ -336,7 +336,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         &folded,
         samples,
         elapsed,
-        args.frequency,
+        args.capture.frequency,
         &written_paths,
         written - stopped,
     );

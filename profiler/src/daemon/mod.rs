@@ -82,7 +82,7 @@ pub const DEFAULT_PROFILE_SECONDS: u64 = 30;
 
 /// Runs `profiler daemon` until SIGTERM or SIGINT.
 pub fn run(args: &DaemonArgs) -> Result<(), DaemonError> {
-    preflight::check_frequency(args.frequency, preflight::max_sample_rate())?;
+    preflight::check_frequency(args.capture.frequency, preflight::max_sample_rate())?;
     if let Some(dir) = &args.output {
         preflight::prepare_output(dir)?;
     }
@@ -139,7 +139,7 @@ impl Naming {
 
 async fn daemon(args: &DaemonArgs) -> Result<(), DaemonError> {
     let cfg = CaptureConfig {
-        frequency_hz: args.frequency,
+        frequency_hz: args.capture.frequency,
         stacks: true,
         unwind: args.capture.unwind,
         stack_bytes: args.capture.stack_bytes,
@@ -184,7 +184,7 @@ async fn daemon(args: &DaemonArgs) -> Result<(), DaemonError> {
     eprintln!(
         "profiler: daemon sampling {} CPUs at {} Hz in {:.0} s windows; serving http://{}/metrics (and /debug/pprof/profile, /flamegraph.svg, /use.json, /healthz); SIGTERM to stop",
         capture.cpus(),
-        args.frequency,
+        args.capture.frequency,
         args.window.as_secs_f64(),
         args.listen
     );

@@ -144,7 +144,7 @@ pub(super) fn finish_due(
                         .duration_since(UNIX_EPOCH)
                         .map_or(0, |d| d.as_nanos() as i64),
                     duration_ns: a.started.elapsed().as_nanos() as i64,
-                    frequency_hz: args.frequency,
+                    frequency_hz: args.capture.frequency,
                 });
                 for s in &stacks {
                     let container = naming.container_of(s.tgid, procs);
@@ -153,8 +153,13 @@ pub(super) fn finish_due(
                 Ok(b.finish())
             }
             Want::Svg => {
-                let (folded, samples) = fold_stacks(&stacks, procs, args.group_by, naming);
-                svg(&folded, a.started.elapsed(), args.frequency, samples)
+                let (folded, samples) = fold_stacks(&stacks, procs, args.capture.group_by, naming);
+                svg(
+                    &folded,
+                    a.started.elapsed(),
+                    args.capture.frequency,
+                    samples,
+                )
             }
         };
         // The client went away: nothing to answer.
@@ -223,7 +228,7 @@ pub(super) fn end_window(
         &window.host_start,
         &host_end,
         elapsed,
-        args.frequency,
+        args.capture.frequency,
         &window.clock,
     );
     let cost = selfcost::between(
@@ -241,8 +246,8 @@ pub(super) fn end_window(
     report.profiler = Some(cost);
     // Plain data (non-finite floats become null): encoding cannot fail.
     let use_json = serde_json::to_vec_pretty(&report).expect("a USE report encodes");
-    let (folded, samples) = fold_stacks(&raw.stacks, procs, args.group_by, naming);
-    let svg = svg(&folded, elapsed, args.frequency, samples);
+    let (folded, samples) = fold_stacks(&raw.stacks, procs, args.capture.group_by, naming);
+    let svg = svg(&folded, elapsed, args.capture.frequency, samples);
     if let Some(dir) = &args.output {
         let written = output::new_dir(dir, "window", window.start_time).and_then(|out| {
             let files = WindowFiles {
