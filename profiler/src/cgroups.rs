@@ -62,14 +62,104 @@ pub fn memory_cgroup_of(pid: u32) -> Option<String> {
 /// Where the v1 `memory` hierarchy is mounted, from mountinfo text; None
 /// when no v1 hierarchy holds it (v2 hosts).
 pub fn parse_v1_memory_mount(mountinfo: &str) -> Option<String> {
+    parse_v1_mount(mountinfo, "memory")
+}
+
+/// Where the v1 hierarchy holding `controller` is mounted.
+pub fn parse_v1_mount(mountinfo: &str, controller: &str) -> Option<String> {
     mountinfo.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         let mount_point = left.split(' ').nth(4)?;
         let mut r = right.split(' ');
         let (fstype, _source, opts) = (r.next()?, r.next()?, r.next()?);
-        (fstype == "cgroup" && opts.split(',').any(|o| o == "memory"))
+        (fstype == "cgroup" && opts.split(',').any(|o| o == controller))
             .then(|| mount_point.to_string())
     })
+}
+
+/// CPU bandwidth control of one cgroup (its `cpu.stat`), cumulative:
+/// enforcement periods, those in which it was throttled, and the time it
+/// spent throttled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuThrottle {
+    /// Periods in which the group ran with a quota (`nr_periods`).
+    pub periods: u64,
+    /// Of those, periods in which it hit its quota (`nr_throttled`).
+    pub throttled_periods: u64,
+    /// Time its tasks waited for the next period, microseconds
+    /// (v2 `throttled_usec`, v1 `throttled_time` in ns).
+    pub throttled_us: u64,
+}
+
+/// Parses a `cpu.stat` of cgroup v2 or v1; None without `nr_periods`
+/// (no CPU bandwidth control there).
+pub fn parse_cpu_stat(text: &str) -> Option<CpuThrottle> {
+    let field = |key: &str| {
+        text.lines().find_map(|l| {
+            l.strip_prefix(key)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+    };
+    Some(CpuThrottle {
+        periods: field("nr_periods")?,
+        throttled_periods: field("nr_throttled").unwrap_or(0),
+        throttled_us: field("throttled_usec")
+            .or_else(|| field("throttled_time").map(|ns| ns / 1000))
+            .unwrap_or(0),
+    })
+}
+
+/// Where the CPU controller's hierarchy is: the v2 mount when it has the
+/// `cpu` controller, else the v1 mount of `cpu`.
+fn cpu_hierarchy() -> Option<std::path::PathBuf> {
+    for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        let controllers =
+            fs::read_to_string(format!("{root}/cgroup.controllers")).unwrap_or_default();
+        if controllers.split_whitespace().any(|c| c == "cpu") {
+            return Some(root.into());
+        }
+    }
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    parse_v1_mount(&mountinfo, "cpu").map(Into::into)
+}
+
+/// The CPU bandwidth figures of every cgroup that has run under a quota,
+/// by path in the CPU hierarchy (`/` first). Bounded: at most 20,000
+/// groups are looked at.
+pub fn cpu_throttling() -> std::collections::HashMap<String, CpuThrottle> {
+    let mut out = std::collections::HashMap::new();
+    let Some(root) = cpu_hierarchy() else {
+        return out;
+    };
+    let mut stack = vec![root.clone()];
+    let mut seen = 0;
+    while let Some(dir) = stack.pop() {
+        seen += 1;
+        if seen > 20_000 {
+            break;
+        }
+        if let Some(stat) = fs::read_to_string(dir.join("cpu.stat"))
+            .ok()
+            .and_then(|t| parse_cpu_stat(&t))
+            .filter(|s| s.periods > 0)
+        {
+            let rel = dir
+                .strip_prefix(&root)
+                .map_or_else(|_| String::new(), |r| r.to_string_lossy().into_owned());
+            out.insert(format!("/{rel}"), stat);
+        }
+        if let Ok(rd) = fs::read_dir(&dir) {
+            stack.extend(
+                rd.filter_map(|e| e.ok())
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    out
 }
 
 /// The path of a memory cgroup by its directory inode, as the kernel
@@ -135,6 +225,30 @@ pub fn path_of_id(id: u64) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_stat_of_both_versions() {
+        let v2 = "usage_usec 100\nuser_usec 60\nsystem_usec 40\nnr_periods 40\nnr_throttled 30\nthrottled_usec 2250000\nnr_bursts 0\nburst_usec 0\n";
+        assert_eq!(
+            parse_cpu_stat(v2),
+            Some(CpuThrottle {
+                periods: 40,
+                throttled_periods: 30,
+                throttled_us: 2_250_000
+            })
+        );
+        let v1 =
+            "nr_periods 10\nnr_throttled 7\nthrottled_time 525000000\nnr_bursts 0\nburst_time 0\n";
+        assert_eq!(
+            parse_cpu_stat(v1),
+            Some(CpuThrottle {
+                periods: 10,
+                throttled_periods: 7,
+                throttled_us: 525_000
+            })
+        );
+        assert_eq!(parse_cpu_stat("usage_usec 5\n"), None);
+    }
 
     #[test]
     fn v2_host() {

@@ -1,6 +1,7 @@
-//! Host-wide counters read from /proc at the start and end of a capture,
-//! for the USE rows that come from the kernel's own accounting (memory,
-//! network throughput and errors).
+//! Host-wide counters read from /proc (and the cgroups' `cpu.stat`) at the
+//! start and end of a capture, for the USE rows that come from the
+//! kernel's own accounting (memory, network throughput and errors, CPU
+//! throttling).
 
 use std::{collections::HashMap, fs};
 
@@ -21,6 +22,9 @@ pub struct HostSnapshot {
     pub memory_stall_us: Option<u64>,
     /// /proc/stat per-CPU times: CPU id -> (busy, total) in clock ticks.
     pub cpu_times: HashMap<u32, (u64, u64)>,
+    /// CPU bandwidth control of every cgroup that ran under a quota
+    /// (`cpu.stat`), by cgroup path.
+    pub cpu_throttling: HashMap<String, crate::cgroups::CpuThrottle>,
 }
 
 /// Parses the `cpuN` lines of /proc/stat into (busy, total) ticks; idle and
@@ -143,6 +147,7 @@ pub fn snapshot() -> HostSnapshot {
             .and_then(|v| v.trim().parse().ok()),
         memory_stall_us: parse_psi_some_total(&read("/proc/pressure/memory")),
         cpu_times: parse_proc_stat(&read("/proc/stat")),
+        cpu_throttling: crate::cgroups::cpu_throttling(),
     }
 }
 

@@ -102,6 +102,7 @@ pub struct Metrics {
     retransmits: Family<ContainerLabel, Counter>,
     oom_kills: Family<ContainerLabel, Counter>,
     context_switches: Counter,
+    throttled: Family<ContainerLabel, F64Counter>,
     migrations: Counter,
     major_faults: Counter,
     lost: Family<ReasonLabel, Counter>,
@@ -151,6 +152,7 @@ impl Metrics {
             retransmits: Family::default(),
             oom_kills: Family::default(),
             context_switches: Counter::default(),
+            throttled: Family::default(),
             migrations: Counter::default(),
             major_faults: Counter::default(),
             lost: Family::default(),
@@ -207,6 +209,12 @@ impl Metrics {
             "profiler_context_switches",
             "Context switches on every CPU, counted by perf events (CPU saturation)",
             m.context_switches.clone(),
+        );
+        registry.register_with_unit(
+            "profiler_cpu_throttled",
+            "Time tasks of a cgroup with a CPU quota waited for the next period (cpu.stat), by container",
+            Unit::Seconds,
+            m.throttled.clone(),
         );
         registry.register(
             "profiler_cpu_migrations",
@@ -289,6 +297,15 @@ impl Metrics {
             "other".to_string()
         };
         ContainerLabel { container }
+    }
+
+    /// Adds a window's CPU throttling (labelled by container; `host` for
+    /// a cgroup that is none).
+    pub fn add_throttling(&mut self, throttling: &[crate::usereport::Throttling]) {
+        for t in throttling {
+            let l = self.container_label(t.container.as_deref().unwrap_or("host"));
+            self.throttled.get_or_create(&l).inc_by(t.throttled_s);
+        }
     }
 
     /// Adds one slice of a capture (see [`crate::capture::Capture::collect_window`]),

@@ -443,6 +443,9 @@ fn containers_are_attributed() {
     let busy_shells = KillOnDrop(vec![busy(), busy()]);
     docker.add(busy_shells.0[0].id());
     k8s.add(busy_shells.0[1].id());
+    // A host process sampled for sure: with the two loops on two CPUs the
+    // host's own processes and idle could go unsampled.
+    let host_shell = KillOnDrop(vec![busy()]);
 
     let out = dir.join("rec");
     record_ok(
@@ -456,6 +459,7 @@ fn containers_are_attributed() {
             out.to_str().unwrap(),
         ],
     );
+    drop(host_shell);
     let folded = read_folded(&out);
     let root_of = |prefix: &str| -> u64 {
         folded

@@ -503,3 +503,91 @@ fn counted_events_agree_with_known_work() {
         faults_after - faults_before
     );
 }
+
+/// The CPU controller's hierarchy: (its root, whether it is v1).
+fn cpu_cgroup_parent() -> Option<(std::path::PathBuf, bool)> {
+    let v1 = Path::new("/sys/fs/cgroup/cpu");
+    if v1.join("cpu.cfs_quota_us").exists() {
+        return Some((v1.to_path_buf(), true));
+    }
+    let v2 = Path::new("/sys/fs/cgroup");
+    let controllers = std::fs::read_to_string(v2.join("cgroup.controllers")).unwrap_or_default();
+    controllers
+        .split_whitespace()
+        .any(|c| c == "cpu")
+        .then(|| (v2.to_path_buf(), false))
+}
+
+/// A busy loop in a cgroup held to a quarter of a CPU (25 ms every
+/// 100 ms): throttled in most periods, about 75 ms of each waiting, and
+/// the report says so, in use.json and in the table.
+#[test]
+fn cpu_throttling_of_a_quarter_cpu_is_reported() {
+    if !require_root("cpu_throttling_of_a_quarter_cpu_is_reported") {
+        return;
+    }
+    let (parent, v1) = cpu_cgroup_parent().expect("no cpu cgroup controller (v1 or v2)");
+    let name = format!("profiler-throttle-{}", std::process::id());
+    let cg = parent.join(&name);
+    let _ = std::fs::remove_dir(&cg);
+    std::fs::create_dir(&cg).unwrap();
+    struct Cg(std::path::PathBuf, Option<std::process::Child>);
+    impl Drop for Cg {
+        fn drop(&mut self) {
+            if let Some(mut c) = self.1.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let mut guard = Cg(cg.clone(), None);
+    if v1 {
+        std::fs::write(cg.join("cpu.cfs_period_us"), "100000").unwrap();
+        std::fs::write(cg.join("cpu.cfs_quota_us"), "25000").unwrap();
+    } else {
+        let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+cpu");
+        std::fs::write(cg.join("cpu.max"), "25000 100000").unwrap();
+    }
+    guard.1 = Some(
+        Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "echo $$ > {} && exec sh -c 'while :; do :; done'",
+                    cg.join("cgroup.procs").display()
+                ),
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    thread::sleep(Duration::from_millis(300));
+    let dir = scratch("throttle");
+    let out_dir = dir.join("out");
+    let out = record_ok(
+        &dir,
+        &["--no-stacks", "-d", "3", "-o", out_dir.to_str().unwrap()],
+    );
+    let u = read_use(&out_dir);
+    let all = u["cpu"]["throttling"].as_array().expect("cpu.throttling");
+    let t = all
+        .iter()
+        .find(|t| t["cgroup"].as_str().is_some_and(|c| c.ends_with(&name)))
+        .unwrap_or_else(|| panic!("{name} not in {all:#?}"));
+    let periods = t["periods"].as_u64().unwrap();
+    let throttled = t["throttled_periods"].as_u64().unwrap();
+    let secs = t["throttled_s"].as_f64().unwrap();
+    assert!(periods >= 20, "{t}");
+    assert!(
+        throttled * 2 >= periods,
+        "throttled in too few periods: {t}"
+    );
+    // About 2.25 s over 3 s at 25% of a CPU.
+    assert!((1.0..=3.5).contains(&secs), "{t}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines()
+            .any(|l| l.contains(&name) && l.contains("throttled")),
+        "{err}"
+    );
+}

@@ -61,6 +61,20 @@ pub fn render_table(r: &UseReport) -> String {
             d.mean, d.max
         ));
     }
+    for t in r
+        .cpu
+        .throttling
+        .iter()
+        .filter(|t| t.throttled_periods > 0)
+        .take(2)
+    {
+        cpu_s.push(format!(
+            "{} throttled {:.0}% of its periods ({:.1} s waiting for quota)",
+            t.container.as_deref().unwrap_or(&t.cgroup),
+            t.throttled_periods as f64 * 100.0 / t.periods as f64,
+            t.throttled_s
+        ));
+    }
     if let (Some(cs), Some(m)) = (r.cpu.context_switches_per_s, r.cpu.migrations_per_s) {
         cpu_s.push(format!("{cs:.0} context switches/s, {m:.0} migrations/s"));
     }
