@@ -146,7 +146,7 @@ pub struct RecordArgs {
     #[arg(short = 'p', long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
 
-    /// Directory for the outputs (default: a new ./profile-<timestamp>/).
+    /// Directory for the outputs (default: a new `./profile-<UTC time>/`).
     #[arg(short = 'o', long = "output", value_name = "DIR")]
     pub output: Option<PathBuf>,
 

@@ -238,7 +238,7 @@ impl JitCfi {
     }
 
     /// Reads what the runtime appended since the last read, at most every
-    /// [`REFRESH`] and [`READ_MAX`] bytes at a time.
+    /// `REFRESH` and `READ_MAX` bytes at a time.
     pub fn refresh(&mut self) {
         let now = Instant::now();
         if self

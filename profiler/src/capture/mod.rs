@@ -7,14 +7,14 @@
 //! detaches them. Its programs and maps are the `profiler-ebpf` module of
 //! the same name, its shared types the `profiler-common` one:
 //!
-//! - [`procs`]: process announcements (memory maps read while processes
+//! - `procs`: process announcements (memory maps read while processes
 //!   live), the pid filter, fork following;
-//! - [`stacks`]: the cpu-clock sampler: stacks (kernel walks, frame
+//! - `stacks`: the cpu-clock sampler: stacks (kernel walks, frame
 //!   pointers or stack copies unwound here) and CPU ticks;
-//! - [`sched`]: run-queue latency and depth;
-//! - [`tcp`]: TCP retransmits and their sockets' owners;
-//! - [`oom`]: OOM kills and their victims' cgroups;
-//! - [`counted`]: context switches, migrations and major faults, counted
+//! - `sched`: run-queue latency and depth;
+//! - `tcp`: TCP retransmits and their sockets' owners;
+//! - `oom`: OOM kills and their victims' cgroups;
+//! - `counted`: context switches, migrations and major faults, counted
 //!   by perf events (no kernel program).
 //!
 //! The counters every program bumps ([`profiler_common::counters`]) are
