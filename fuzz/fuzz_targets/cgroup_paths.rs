@@ -9,6 +9,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = cgroups::parse_proc_cgroup(&text);
     let _ = cgroups::parse_memory_cgroup(&text);
     let _ = cgroups::parse_v1_memory_mount(&text);
+    let _ = cgroups::parse_v1_mount(&text, "cpu");
+    let _ = cgroups::parse_cpu_stat(&text);
     let _ = containers::parse_ecs_tasks(&text);
     for line in text.lines() {
         if let Some(c) = containers::from_cgroup(line) {
