@@ -4,8 +4,10 @@
 //! docs/use-json.md) and the lines of `events.jsonl`.
 
 mod table;
+mod throttling;
 
 pub use table::{events_jsonl, render_table};
+pub use throttling::Throttling;
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -113,49 +115,6 @@ pub struct Cpu {
     /// CPU throttling of every cgroup that ran under a CPU quota in the
     /// window, most throttled first.
     pub throttling: Vec<Throttling>,
-}
-
-/// CPU throttling of one cgroup over the window (its `cpu.stat`).
-#[derive(Clone, Debug, Serialize)]
-pub struct Throttling {
-    /// The container the cgroup is, or null when it is none.
-    pub container: Option<String>,
-    /// The cgroup's path in the CPU hierarchy.
-    pub cgroup: String,
-    /// Enforcement periods in which it ran.
-    pub periods: u64,
-    /// Of those, periods in which it hit its quota.
-    pub throttled_periods: u64,
-    /// Time its tasks waited for the next period, seconds.
-    pub throttled_s: f64,
-}
-
-/// The cgroups throttled between two snapshots, most throttled first
-/// (share of periods, then time).
-fn throttling(start: &HostSnapshot, end: &HostSnapshot) -> Vec<Throttling> {
-    let mut out: Vec<Throttling> = end
-        .cpu_throttling
-        .iter()
-        .filter_map(|(path, b)| {
-            let a = start.cpu_throttling.get(path).copied().unwrap_or_default();
-            let periods = b.periods.checked_sub(a.periods)?;
-            (periods > 0).then(|| Throttling {
-                container: crate::containers::from_cgroup(path).map(|c| c.label()),
-                cgroup: path.clone(),
-                periods,
-                throttled_periods: b.throttled_periods.saturating_sub(a.throttled_periods),
-                throttled_s: b.throttled_us.saturating_sub(a.throttled_us) as f64 / 1e6,
-            })
-        })
-        .collect();
-    let share = |t: &Throttling| t.throttled_periods as f64 / t.periods as f64;
-    out.sort_by(|x, y| {
-        share(y)
-            .total_cmp(&share(x))
-            .then(y.throttled_s.total_cmp(&x.throttled_s))
-            .then(x.cgroup.cmp(&y.cgroup))
-    });
-    out
 }
 
 /// Utilization of one CPU.
@@ -656,7 +615,7 @@ pub fn build(
             runqueue_depth,
             context_switches_per_s: raw.counted.map(|c| c.context_switches as f64 / secs),
             migrations_per_s: raw.counted.map(|c| c.migrations as f64 / secs),
-            throttling: throttling(start, end),
+            throttling: throttling::between(start, end),
         },
         memory,
         network,
