@@ -134,31 +134,16 @@ pub fn cpu_throttling() -> std::collections::HashMap<String, CpuThrottle> {
     let Some(root) = cpu_hierarchy() else {
         return out;
     };
-    let mut stack = vec![root.clone()];
-    let mut seen = 0;
-    while let Some(dir) = stack.pop() {
-        seen += 1;
-        if seen > 20_000 {
-            break;
-        }
+    walk(&root, |dir, rel| {
         if let Some(stat) = fs::read_to_string(dir.join("cpu.stat"))
             .ok()
             .and_then(|t| parse_cpu_stat(&t))
             .filter(|s| s.periods > 0)
         {
-            let rel = dir
-                .strip_prefix(&root)
-                .map_or_else(|_| String::new(), |r| r.to_string_lossy().into_owned());
-            out.insert(format!("/{rel}"), stat);
+            out.insert(rel.to_string(), stat);
         }
-        if let Ok(rd) = fs::read_dir(&dir) {
-            stack.extend(
-                rd.filter_map(|e| e.ok())
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
-        }
-    }
+        true
+    });
     out
 }
 
@@ -184,16 +169,36 @@ pub fn memory_path_of_id(id: u64) -> Option<String> {
 /// 20,000 groups.
 fn find_inode(root: &std::path::Path, id: u64) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
+    let mut found = None;
+    walk(root, |dir, rel| {
+        if fs::metadata(dir).is_ok_and(|m| m.ino() == id || m.ino() == id & 0xffff_ffff) {
+            found = Some(rel.to_string());
+            return false;
+        }
+        true
+    });
+    found
+}
+
+/// Most groups one walk of a hierarchy looks at.
+const MAX_WALKED: usize = 20_000;
+
+/// Visits the directories of a cgroup hierarchy from `root`, each with its
+/// path relative to `root` (`/` first), until `visit` returns false or
+/// [`MAX_WALKED`] groups were seen.
+fn walk(root: &std::path::Path, mut visit: impl FnMut(&std::path::Path, &str) -> bool) {
     let mut stack = vec![root.to_path_buf()];
     let mut seen = 0;
     while let Some(dir) = stack.pop() {
         seen += 1;
-        if seen > 20_000 {
-            return None;
+        if seen > MAX_WALKED {
+            return;
         }
-        if fs::metadata(&dir).is_ok_and(|m| m.ino() == id || m.ino() == id & 0xffff_ffff) {
-            let rel = dir.strip_prefix(root).ok()?.to_string_lossy().into_owned();
-            return Some(format!("/{rel}"));
+        let rel = dir
+            .strip_prefix(root)
+            .map_or_else(|_| String::new(), |r| r.to_string_lossy().into_owned());
+        if !visit(&dir, &format!("/{rel}")) {
+            return;
         }
         if let Ok(rd) = fs::read_dir(&dir) {
             stack.extend(
@@ -203,7 +208,6 @@ fn find_inode(root: &std::path::Path, id: u64) -> Option<String> {
             );
         }
     }
-    None
 }
 
 /// The path of a cgroup v2 id (the inode number of its directory), looked

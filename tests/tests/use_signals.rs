@@ -360,19 +360,42 @@ for c in cs:
     );
 }
 
-/// The memory cgroup to use: v1's memory hierarchy, or v2's root when it
-/// has the memory controller.
-fn memory_cgroup_parent() -> Option<(std::path::PathBuf, bool)> {
-    let v1 = Path::new("/sys/fs/cgroup/memory");
-    if v1.join("memory.limit_in_bytes").exists() {
-        return Some((v1.to_path_buf(), true));
+/// The hierarchy of a cgroup controller: (its root, whether it is v1).
+/// `v1_file` is a file only the v1 hierarchy of that controller has.
+fn cgroup_parent(controller: &str, v1_file: &str) -> Option<(std::path::PathBuf, bool)> {
+    let v1 = Path::new("/sys/fs/cgroup").join(controller);
+    if v1.join(v1_file).exists() {
+        return Some((v1, true));
     }
     let v2 = Path::new("/sys/fs/cgroup");
     let controllers = std::fs::read_to_string(v2.join("cgroup.controllers")).unwrap_or_default();
     controllers
         .split_whitespace()
-        .any(|c| c == "memory")
+        .any(|c| c == controller)
         .then(|| (v2.to_path_buf(), false))
+}
+
+/// A cgroup made for a test: its process (if any) killed and the group
+/// removed when dropped, even when an assertion fails.
+struct TestCgroup(std::path::PathBuf, Option<std::process::Child>);
+
+impl TestCgroup {
+    fn new(parent: &Path, name: &str) -> Self {
+        let cg = parent.join(name);
+        let _ = std::fs::remove_dir(&cg);
+        std::fs::create_dir(&cg).unwrap();
+        TestCgroup(cg, None)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.1.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
 }
 
 /// A hog in a 64 MiB memory cgroup is OOM-killed: the kill is recorded
@@ -382,19 +405,11 @@ fn oom_kill_in_a_memory_cgroup_is_recorded() {
     if !require_root("oom_kill_in_a_memory_cgroup_is_recorded") {
         return;
     }
-    let (parent, v1) =
-        memory_cgroup_parent().expect("no memory cgroup controller (v1 or v2) on this host");
+    let (parent, v1) = cgroup_parent("memory", "memory.limit_in_bytes")
+        .expect("no memory cgroup controller (v1 or v2) on this host");
     let name = format!("profiler-oom-{}", std::process::id());
-    let cg = parent.join(&name);
-    let _ = std::fs::remove_dir(&cg);
-    std::fs::create_dir(&cg).unwrap();
-    struct Cg(std::path::PathBuf);
-    impl Drop for Cg {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let _guard = Cg(cg.clone());
+    let guard = TestCgroup::new(&parent, &name);
+    let cg = guard.0.clone();
     if v1 {
         std::fs::write(cg.join("memory.limit_in_bytes"), "64M").unwrap();
         let _ = std::fs::write(cg.join("memory.memsw.limit_in_bytes"), "64M");
@@ -504,20 +519,6 @@ fn counted_events_agree_with_known_work() {
     );
 }
 
-/// The CPU controller's hierarchy: (its root, whether it is v1).
-fn cpu_cgroup_parent() -> Option<(std::path::PathBuf, bool)> {
-    let v1 = Path::new("/sys/fs/cgroup/cpu");
-    if v1.join("cpu.cfs_quota_us").exists() {
-        return Some((v1.to_path_buf(), true));
-    }
-    let v2 = Path::new("/sys/fs/cgroup");
-    let controllers = std::fs::read_to_string(v2.join("cgroup.controllers")).unwrap_or_default();
-    controllers
-        .split_whitespace()
-        .any(|c| c == "cpu")
-        .then(|| (v2.to_path_buf(), false))
-}
-
 /// A busy loop in a cgroup held to a quarter of a CPU (25 ms every
 /// 100 ms): throttled in most periods, about 75 ms of each waiting, and
 /// the report says so, in use.json and in the table.
@@ -526,22 +527,11 @@ fn cpu_throttling_of_a_quarter_cpu_is_reported() {
     if !require_root("cpu_throttling_of_a_quarter_cpu_is_reported") {
         return;
     }
-    let (parent, v1) = cpu_cgroup_parent().expect("no cpu cgroup controller (v1 or v2)");
+    let (parent, v1) =
+        cgroup_parent("cpu", "cpu.cfs_quota_us").expect("no cpu cgroup controller (v1 or v2)");
     let name = format!("profiler-throttle-{}", std::process::id());
-    let cg = parent.join(&name);
-    let _ = std::fs::remove_dir(&cg);
-    std::fs::create_dir(&cg).unwrap();
-    struct Cg(std::path::PathBuf, Option<std::process::Child>);
-    impl Drop for Cg {
-        fn drop(&mut self) {
-            if let Some(mut c) = self.1.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let mut guard = Cg(cg.clone(), None);
+    let mut guard = TestCgroup::new(&parent, &name);
+    let cg = guard.0.clone();
     if v1 {
         std::fs::write(cg.join("cpu.cfs_period_us"), "100000").unwrap();
         std::fs::write(cg.join("cpu.cfs_quota_us"), "25000").unwrap();

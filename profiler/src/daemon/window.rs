@@ -238,16 +238,11 @@ pub(super) fn end_window(
         raw.cpus,
         capture.stats_on(),
     );
-    shared
-        .metrics
-        .lock()
-        .unwrap()
-        .set_self_share(cost.share_of_cpu);
-    shared
-        .metrics
-        .lock()
-        .unwrap()
-        .add_throttling(&report.cpu.throttling);
+    {
+        let mut m = shared.metrics.lock().unwrap();
+        m.set_self_share(cost.share_of_cpu);
+        m.add_throttling(&report.cpu.throttling);
+    }
     report.profiler = Some(cost);
     // Plain data (non-finite floats become null): encoding cannot fail.
     let use_json = serde_json::to_vec_pretty(&report).expect("a USE report encodes");
