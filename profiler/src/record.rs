@@ -357,13 +357,15 @@ fn print_summary(
     paths: &[PathBuf],
     post: Duration,
 ) {
-    // With --unwind fp, stacks sent aside on collisions share the bound.
-    let lost = raw.counter(Counter::CountMapFull)
-        + raw
-            .unwind
-            .as_ref()
-            .filter(|u| u.samples == 0)
-            .map_or(0, |u| u.dropped);
+    // With --unwind fp, stacks sent aside on collisions share the bound:
+    // those past it are lost in userspace, the rest in the kernel's map.
+    let lost_kernel = raw.counter(Counter::CountMapFull);
+    let lost_aside = raw
+        .unwind
+        .as_ref()
+        .filter(|u| u.samples == 0)
+        .map_or(0, |u| u.dropped);
+    let lost = lost_kernel + lost_aside;
     let dropped_user = raw.counter(Counter::UserStackDropped);
     let dropped_kernel = raw.counter(Counter::KernelStackDropped);
     let no_stack = raw.counter(Counter::NoStack);
@@ -373,8 +375,15 @@ fn print_summary(
         raw.cpus,
         folded.len()
     );
+    let lost_where = if lost_aside > 0 {
+        format!(
+            " ({lost_kernel} in the kernel's count map, {lost_aside} sent aside past --max-stacks)"
+        )
+    } else {
+        String::new()
+    };
     eprintln!(
-        "profiler: lost {lost} samples (count map full); stacks dropped: {dropped_user} user, {dropped_kernel} kernel (stack map full or collision); {no_stack} samples without any stack"
+        "profiler: lost {lost} samples (count map full){lost_where}; stacks dropped: {dropped_user} user, {dropped_kernel} kernel (stack map full or collision); {no_stack} samples without any stack"
     );
     let warn = |c: Counter, what: &str| {
         let n = raw.counter(c);
@@ -384,7 +393,7 @@ fn print_summary(
     };
     warn(
         Counter::UserStacksSentAside,
-        "user stacks collided in the kernel's stack map and were sent to userspace as addresses instead (none lost)",
+        "user stacks collided in the kernel's stack map and were sent to userspace as addresses instead (counted as lost above only past --max-stacks)",
     );
     warn(
         Counter::EventsLost,

@@ -154,11 +154,6 @@ fn toolchain_dir() -> Result<PathBuf> {
 /// The pinned nightly, installed if missing; returns its rustup name and
 /// sysroot.
 fn pinned_toolchain(did: &mut Vec<&'static str>) -> Result<(&'static str, PathBuf)> {
-    let sysroot_of = |name: &str| {
-        output(Command::new("rustup").args(["run", name, "rustc", "--print", "sysroot"]))
-            .ok()
-            .map(PathBuf::from)
-    };
     output(Command::new("rustup").arg("--version")).context(
         "rustup is needed to install the eBPF build's pinned nightly: see https://rustup.rs",
     )?;
@@ -204,6 +199,13 @@ fn pinned_toolchain(did: &mut Vec<&'static str>) -> Result<(&'static str, PathBu
     Ok((pin::EBPF_NIGHTLY, sysroot))
 }
 
+/// A toolchain's sysroot, or None when rustup cannot run it.
+fn sysroot_of(name: &str) -> Option<PathBuf> {
+    output(Command::new("rustup").args(["run", name, "rustc", "--print", "sysroot"]))
+        .ok()
+        .map(PathBuf::from)
+}
+
 /// Makes sure the pinned nightly, its rust-src and bpf-linker are there;
 /// returns bpf-linker's bin dir.
 fn bootstrap() -> Result<PathBuf> {
@@ -212,10 +214,22 @@ fn bootstrap() -> Result<PathBuf> {
     let (toolchain, sysroot) = pinned_toolchain(&mut did)?;
 
     if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
-        eprintln!("xtask: installing rust-src for {toolchain}");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", toolchain]))
+        // rustup adds no component to a linked toolchain: a linked one is
+        // the installed `nightly` under another name, which takes it.
+        let owner = if toolchain == pin::EBPF_LINKED
+            && sysroot_of("nightly").is_some_and(|s| s == sysroot)
+        {
+            "nightly"
+        } else {
+            toolchain
+        };
+        eprintln!("xtask: installing rust-src for {toolchain} (as {owner})");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", owner]))
             .with_context(|| {
-                format!("cannot add rust-src to {toolchain}: `rustup component add rust-src --toolchain nightly` when it is a linked nightly")
+                format!(
+                    "cannot add rust-src to {owner}: run `rustup component add rust-src --toolchain {owner}`, or `rustup toolchain uninstall {toolchain}` and run this again to install {} afresh",
+                    pin::EBPF_NIGHTLY
+                )
             })?;
         did.push("rust-src");
     }
