@@ -79,8 +79,17 @@ pub struct Config {
     /// [`crate::oom::cgroup_field`]; [`NO_FIELD`] in `TASK_CGROUPS` when
     /// this kernel's layout could not be found.
     pub cgroup: [u32; 7],
+    /// Non-zero: time threads off the CPU ([`crate::offcpu`]).
+    pub offcpu: u8,
+    /// Padding, zero.
+    pub _pad4: [u8; 3],
+    /// Offset in `cfs_rq` of `throttle_count` (non-zero while it or an
+    /// ancestor is throttled); 0: unknown, throttling is not told apart.
+    pub cfs_rq_throttle_count: u32,
+    /// Blocks shorter than this (ns) are summed without their stacks.
+    pub offcpu_min_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 208);
+const _: () = assert!(core::mem::size_of::<Config>() == 224);
 
 impl Config {
     /// The settings before the loader has read anything: every signal off,
@@ -114,6 +123,10 @@ impl Config {
         _pad3: 0,
         synack: [NO_FIELD; 9],
         cgroup: [NO_FIELD; 7],
+        offcpu: 0,
+        _pad4: [0; 3],
+        cfs_rq_throttle_count: 0,
+        offcpu_min_ns: crate::offcpu::MIN_NS,
     };
 }
 

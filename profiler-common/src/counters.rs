@@ -61,11 +61,19 @@ pub enum Counter {
     /// another in the stack map and were sent to userspace as addresses
     /// instead ([`crate::stacks::STACK_IPS`]).
     UserStacksSentAside = 20,
+    /// Threads whose time off the CPU was not timed: the start map was
+    /// full.
+    OffcpuStartFull = 21,
+    /// Off-CPU nanoseconds not summed: the off-CPU count map was full.
+    OffcpuLostNs = 22,
+    /// Off-CPU stacks (user or kernel) dropped: the off-CPU stack map was
+    /// full or two stacks collided in it.
+    OffcpuStackDropped = 23,
 }
 
 impl Counter {
     /// Number of counters (the size of [`COUNTERS`]).
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 24;
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Samples,
@@ -89,6 +97,9 @@ impl Counter {
         Counter::UserRegsMissing,
         Counter::RunqLatencyTotalUs,
         Counter::UserStacksSentAside,
+        Counter::OffcpuStartFull,
+        Counter::OffcpuLostNs,
+        Counter::OffcpuStackDropped,
     ];
 
     /// Stable name, used in reports and metric labels.
@@ -115,6 +126,9 @@ impl Counter {
             Counter::UserRegsMissing => "samples_without_user_registers",
             Counter::RunqLatencyTotalUs => "runqueue_latency_total_us",
             Counter::UserStacksSentAside => "user_stacks_sent_aside_on_collision",
+            Counter::OffcpuStartFull => "offcpu_blocks_untimed_map_full",
+            Counter::OffcpuLostNs => "offcpu_ns_lost_count_map_full",
+            Counter::OffcpuStackDropped => "offcpu_stacks_dropped",
         }
     }
 }

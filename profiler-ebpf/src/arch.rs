@@ -55,3 +55,36 @@ pub fn user_regs(ctx: &PerfEventContext, cfg: &Config) -> Option<(u64, u64, u64)
         Some((ip, sp, bp))
     }
 }
+
+/// The current task's `pt_regs->orig_ax`: the number of the syscall it is
+/// in, -1 when it entered the kernel by an interrupt, or an exception's
+/// error code (a page fault's). None for a kernel thread (no user
+/// registers) or when the kernel stack's place is unknown.
+#[cfg(bpf_target_arch = "x86_64")]
+#[inline(always)]
+pub fn current_orig_ax(cfg: &Config) -> Option<i64> {
+    const PT_REGS_WORDS: usize = 21;
+    const ORIG_RAX: usize = 15;
+    const CS: usize = 17;
+    if cfg.task_stack == 0 {
+        return None;
+    }
+    // SAFETY: probe reads at offsets from BTF; a bad pointer fails the
+    // helper, it cannot fault.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let stack: *const u8 =
+            bpf_probe_read_kernel(task.add(cfg.task_stack as usize) as *const *const u8).ok()?;
+        if stack.is_null() {
+            return None;
+        }
+        let pt = stack.add(cfg.thread_size as usize - PT_REGS_WORDS * 8) as *const u64;
+        let cs = bpf_probe_read_kernel(pt.add(CS)).ok()?;
+        if cs & 3 != 3 {
+            return None;
+        }
+        bpf_probe_read_kernel(pt.add(ORIG_RAX))
+            .ok()
+            .map(|v: u64| v as i64)
+    }
+}

@@ -5,6 +5,7 @@
 //! - [`stacks`]: the cpu-clock sampler (stacks, CPU ticks);
 //! - [`procs`]: process announcements and fork following;
 //! - [`sched`]: run-queue latency and depth;
+//! - [`offcpu`]: time off the CPU, with stacks, by how it was spent;
 //! - [`tcp`]: TCP retransmits and socket owners;
 //! - [`oom`]: OOM kills.
 //!
@@ -50,6 +51,7 @@ macro_rules! prog_named {
 }
 
 mod arch;
+mod offcpu;
 mod oom;
 mod procs;
 mod sched;

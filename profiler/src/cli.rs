@@ -165,6 +165,18 @@ pub struct RecordArgs {
     #[arg(long = "max-stacks", value_name = "N", default_value_t = profiler_common::stacks::COUNTS.entries, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub max_stacks: u32,
 
+    /// Do not time threads off the CPU (offcpu.folded, offcpu.svg and
+    /// use.json's `offcpu` are then not written). Also off with
+    /// --no-stacks.
+    #[arg(long = "no-off-cpu")]
+    pub no_off_cpu: bool,
+
+    /// Off-CPU blocks shorter than this are summed per cause without their
+    /// stacks (left out of offcpu.folded, kept in the totals): 1ms, 200us,
+    /// 0.01 (seconds).
+    #[arg(long = "off-cpu-min", value_name = "DURATION", default_value = "1ms", value_parser = parse_duration)]
+    pub off_cpu_min: Duration,
+
     /// Start this command and profile it (and its children) until it exits.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -174,6 +186,11 @@ impl RecordArgs {
     /// Whether stacks are taken.
     pub fn stacks(&self) -> bool {
         !self.no_stacks
+    }
+
+    /// Whether time off the CPU is recorded.
+    pub fn off_cpu(&self) -> bool {
+        !self.no_stacks && !self.no_off_cpu
     }
 }
 

@@ -21,6 +21,7 @@ pub mod jitdump;
 pub mod kbtf;
 pub mod metrics;
 pub mod model;
+pub mod offcpu;
 pub mod output;
 pub mod perfmap;
 pub mod pprof;

@@ -139,6 +139,8 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         unwind: args.capture.unwind,
         stack_bytes: args.capture.stack_bytes,
         verbose: args.capture.verbose,
+        offcpu: args.off_cpu(),
+        offcpu_min_ns: u64::try_from(args.off_cpu_min.as_nanos()).unwrap_or(u64::MAX),
     };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -266,6 +268,31 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     // The programs' time up to the stop; our CPU and RSS up to the
     // analysis (the files are written with what they cost so far).
     report.profiler = Some(cost(&cost_end));
+    let exclude = has_command.then_some(own_pid);
+    // A one-shot capture can wait a second for the ECS agent.
+    let mut attributor = (args.capture.group_by == GroupBy::Container).then(|| {
+        Attributor::waiting(
+            Some(
+                crate::containers::ECS_AGENT
+                    .parse()
+                    .expect("a valid address"),
+            ),
+            Duration::from_secs(1),
+        )
+    });
+    let offcpu = raw.offcpu_on.then(|| {
+        crate::offcpu::analyze(
+            &raw,
+            &capture.procs,
+            exclude,
+            attributor.as_mut(),
+            cfg.offcpu_min_ns,
+            !raw.unavailable
+                .iter()
+                .any(|u| u.signal == crate::offcpu::THROTTLED_SIGNAL),
+        )
+    });
+    report.offcpu = offcpu.as_ref().map(|o| o.summary.clone());
     let use_path = dir.join("use.json");
     output::write_json(&use_path, &report)?;
     let events_path = dir.join("events.jsonl");
@@ -280,21 +307,25 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     let (mut samples, mut unique_stacks) = (0, 0);
     let mut folded = Folded::new();
     let mut symbols_text = String::new();
+    if let Some(o) = &offcpu {
+        let folded_path = dir.join("offcpu.folded");
+        output::write_atomic(&folded_path, |w| fold::write_folded(&o.folded, w))?;
+        let svg_path = dir.join("offcpu.svg");
+        let title = render::TimeTitle {
+            what: "Off-CPU time",
+            host: output::hostname(),
+            duration_s: elapsed.as_secs_f64(),
+            total_us: fold::total(&o.folded),
+        };
+        output::write_atomic(&svg_path, |w| render::time_flamegraph(&o.folded, &title, w))?;
+        written_paths.push(folded_path);
+        written_paths.push(svg_path);
+    }
     if args.stacks() {
-        let exclude = has_command.then_some(own_pid);
         let mut stacks = symbolize_profile(&raw, &capture.procs, exclude);
-        if args.capture.group_by == GroupBy::Container {
-            // A one-shot capture can wait a second for the ECS agent.
-            let mut attributor = Attributor::waiting(
-                Some(
-                    crate::containers::ECS_AGENT
-                        .parse()
-                        .expect("a valid address"),
-                ),
-                Duration::from_secs(1),
-            );
+        if let Some(attributor) = attributor.as_mut() {
             for s in &mut stacks {
-                s.group = Some(group_of(s.tgid, &capture.procs, &mut attributor));
+                s.group = Some(group_of(s.tgid, &capture.procs, attributor));
             }
         }
         folded = fold::fold(&stacks);

@@ -39,8 +39,42 @@ pub fn flamegraph(folded: &Folded, title: &Title, w: impl io::Write) -> io::Resu
     opts.title = title.text();
     opts.subtitle = Some("kernel frames _[k] orange, inlined _[i] aqua, JIT _[j] green".into());
     opts.colors = Palette::Multi(MultiPalette::Java);
-    opts.deterministic = true;
     opts.count_name = "samples".into();
+    draw(folded, opts, w)
+}
+
+/// What an off-CPU (or event-loop stall) flame graph's title says.
+#[derive(Clone, Debug)]
+pub struct TimeTitle {
+    /// What the graph shows ("Off-CPU time", "Event-loop stalls").
+    pub what: &'static str,
+    /// Host name.
+    pub host: String,
+    /// Capture length in seconds.
+    pub duration_s: f64,
+    /// Microseconds in the graph.
+    pub total_us: u64,
+}
+
+/// Writes a flame graph of time (microseconds) in the blue palette, apart
+/// from the CPU one: off-CPU time, or what blocked event loops.
+pub fn time_flamegraph(folded: &Folded, title: &TimeTitle, w: impl io::Write) -> io::Result<()> {
+    let mut opts = Options::default();
+    opts.title = format!(
+        "{} flame graph: {} — {:.1} s captured, {:.3} s in the graph",
+        title.what,
+        title.host,
+        title.duration_s,
+        title.total_us as f64 / 1e6
+    );
+    opts.subtitle = Some("widths are time (us); the leaf [off-cpu: CAUSE] says why".into());
+    opts.colors = Palette::Basic(inferno::flamegraph::color::BasicPalette::Blue);
+    opts.count_name = "us".into();
+    draw(folded, opts, w)
+}
+
+fn draw(folded: &Folded, mut opts: Options<'_>, w: impl io::Write) -> io::Result<()> {
+    opts.deterministic = true;
     let lines: Vec<String> = folded.iter().map(|(l, c)| format!("{l} {c}")).collect();
     if lines.is_empty() {
         // inferno refuses empty input; say so in an SVG of our own.

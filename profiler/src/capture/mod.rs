@@ -12,6 +12,7 @@
 //! - `stacks`: the cpu-clock sampler: stacks (kernel walks, frame
 //!   pointers or stack copies unwound here) and CPU ticks;
 //! - `sched`: run-queue latency and depth;
+//! - `offcpu`: time off the CPU with the stacks threads left it with;
 //! - `tcp`: TCP retransmits and their sockets' owners;
 //! - `oom`: OOM kills and their victims' cgroups;
 //! - `counted`: context switches, migrations and major faults, counted
@@ -22,6 +23,7 @@
 
 mod counted;
 mod kernel;
+mod offcpu;
 mod oom;
 mod procs;
 mod sched;
@@ -79,6 +81,10 @@ pub struct CaptureConfig {
     /// Print the kernel programs' diagnostics (aya-log); when off, their
     /// log level is 0 and the verifier removes the logging code.
     pub verbose: bool,
+    /// Time threads off the CPU, with stacks.
+    pub offcpu: bool,
+    /// Off-CPU blocks shorter than this (ns) are summed without stacks.
+    pub offcpu_min_ns: u64,
 }
 
 impl Default for CaptureConfig {
@@ -95,6 +101,8 @@ impl Default for CaptureConfig {
             unwind: UnwindMode::Auto,
             stack_bytes: stacks::STACK_COPY_MAX as u32,
             verbose: false,
+            offcpu: false,
+            offcpu_min_ns: profiler_common::offcpu::MIN_NS,
         }
     }
 }
@@ -232,6 +240,7 @@ fn signals(cfg: &CaptureConfig) -> Vec<Box<dyn Signal>> {
     vec![
         Box::new(sched::Sched::default()),
         Box::new(tcp::Tcp::default()),
+        Box::new(offcpu::OffCpu::default()),
         Box::new(oom::Oom::default()),
         Box::new(counted::Counted::default()),
         Box::new(stacks::Stacks::new(cfg)),

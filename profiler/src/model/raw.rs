@@ -47,6 +47,24 @@ pub struct RawStack {
     pub count: u64,
 }
 
+/// One summed off-CPU key: the stacks a thread left the CPU with, and
+/// which part of its time away is counted.
+#[derive(Clone, Debug)]
+pub struct OffCpuStack {
+    /// The stacks as taken at the switch; `count` is the blocks.
+    pub stack: RawStack,
+    /// Nanoseconds off the CPU.
+    pub ns: u64,
+    /// How it left ([`profiler_common::offcpu::class`]).
+    pub class: u8,
+    /// The syscall it was in ([`profiler_common::offcpu::NO_SYSCALL`]:
+    /// none).
+    pub syscall: i32,
+    /// Blocks shorter than the minimum: no user stack, not in the flame
+    /// graph, still in the totals.
+    pub short: bool,
+}
+
 /// Userspace unwinding figures of a window (dwarf/auto, and collided
 /// frame-pointer stacks).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -189,6 +207,10 @@ pub struct RawProfile {
     pub unwind: Option<UnwindStats>,
     /// Events the kernel counted (None: not counted).
     pub counted: Option<CountedEvents>,
+    /// Whether off-CPU time was recorded.
+    pub offcpu_on: bool,
+    /// Off-CPU time, summed per key.
+    pub offcpu: Vec<OffCpuStack>,
 }
 
 impl RawProfile {

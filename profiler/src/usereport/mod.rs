@@ -259,6 +259,9 @@ pub struct UseReport {
     /// What the profiler itself cost over the window.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profiler: Option<crate::selfcost::SelfCost>,
+    /// Where the threads' time off the CPU went (when recorded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offcpu: Option<crate::offcpu::OffCpuSummary>,
 }
 
 /// Upper bound of log2 bucket `i` in us.
@@ -628,6 +631,7 @@ pub fn build(
             })
             .collect(),
         profiler: None,
+        offcpu: None,
     }
 }
 

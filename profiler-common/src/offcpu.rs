@@ -1,0 +1,111 @@
+//! Off-CPU time: at sched_switch a thread that leaves the CPU has its
+//! stacks taken and its start kept ([`OFFCPU_START`]); when it runs again
+//! the time away is added, in the kernel, to its key in [`OFFCPU_COUNTS`],
+//! split at its wakeup into the time it was blocked and the time it then
+//! waited, runnable, for a CPU. Userspace decides each key's cause from
+//! its [`class`], the syscall it was in and its kernel frames.
+
+use crate::{COMM_LEN, MapDef, ProgDef};
+
+/// sched_switch program: the previous task leaves, the next returns.
+pub const PROG_SWITCH: ProgDef = ProgDef {
+    name: "offcpu_switch",
+};
+/// sched_wakeup(_new) program: a blocked task becomes runnable.
+pub const PROG_WAKEUP: ProgDef = ProgDef {
+    name: "offcpu_wakeup",
+};
+
+/// Stack-trace map of the stacks taken at switch-out (apart from the
+/// sampler's, which windows empty on their own schedule).
+pub const OFFCPU_STACKS: MapDef = MapDef {
+    name: "OFFCPU_STACKS",
+    entries: 16 * 1024,
+};
+/// Hash map tid -> [`OffStart`]: threads off the CPU now.
+pub const OFFCPU_START: MapDef = MapDef {
+    name: "OFFCPU_START",
+    entries: 32 * 1024,
+};
+/// Per-CPU hash map [`OffKey`] -> [`OffValue`].
+pub const OFFCPU_COUNTS: MapDef = MapDef {
+    name: "OFFCPU_COUNTS",
+    entries: 16 * 1024,
+};
+
+/// How a thread left the CPU, and which part of its time away a key
+/// counts ([`OffKey::class`]).
+pub mod class {
+    /// Blocked, interruptible (state S): waiting for an event.
+    pub const SLEEPING: u8 = 0;
+    /// Blocked, uninterruptible (state D): mostly I/O.
+    pub const UNINTERRUPTIBLE: u8 = 1;
+    /// Preempted while runnable: waiting for a CPU.
+    pub const PREEMPTED: u8 = 2;
+    /// Left the CPU runnable while its CFS group (or an ancestor) was
+    /// throttled: its cgroup's CPU quota was spent.
+    pub const THROTTLED: u8 = 3;
+    /// The part of a block after its wakeup: runnable, waiting for a CPU.
+    pub const WOKEN_WAITING: u8 = 4;
+}
+
+/// Default `--off-cpu-min`: 1 ms.
+pub const MIN_NS: u64 = 1_000_000;
+
+/// [`OffKey::user_stack_id`] of blocks shorter than `--off-cpu-min`:
+/// counted for the per-cause totals, left out of the flame graph.
+pub const SHORT: i32 = i32::MIN;
+
+/// [`OffKey::syscall`] of a thread that was not in a syscall.
+pub const NO_SYSCALL: i32 = -1;
+
+/// Key of the in-kernel sum.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OffKey {
+    /// Thread-group id.
+    pub tgid: u32,
+    /// User stack id in [`OFFCPU_STACKS`], a negative errno, or [`SHORT`].
+    pub user_stack_id: i32,
+    /// Kernel stack id in [`OFFCPU_STACKS`], or a negative errno.
+    pub kernel_stack_id: i32,
+    /// The syscall the thread was in (x86_64 numbers), or
+    /// [`NO_SYSCALL`]; after an exception (a page fault) the CPU's error
+    /// code, which only the kernel frames tell apart.
+    pub syscall: i32,
+    /// One of [`class`].
+    pub class: u8,
+    /// Padding, zero.
+    pub _pad: [u8; 3],
+    /// Name of the thread, NUL-padded.
+    pub comm: [u8; COMM_LEN],
+}
+const _: () = assert!(core::mem::size_of::<OffKey>() == 36);
+
+/// Value of [`OFFCPU_COUNTS`] (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OffValue {
+    /// Nanoseconds off the CPU.
+    pub ns: u64,
+    /// Blocks.
+    pub count: u64,
+}
+const _: () = assert!(core::mem::size_of::<OffValue>() == 16);
+
+/// Value of [`OFFCPU_START`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OffStart {
+    /// When it left the CPU (ktime ns).
+    pub start_ns: u64,
+    /// When it was woken (0: not yet, or preempted).
+    pub woken_ns: u64,
+    /// Its key, stacks taken as it left.
+    pub key: OffKey,
+    /// Padding, zero.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<OffStart>() == 56);
+
+crate::pod!(OffKey, OffValue, OffStart);

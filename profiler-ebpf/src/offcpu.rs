@@ -1,0 +1,205 @@
+//! Off-CPU time: sched_switch takes the stacks of a thread leaving the
+//! CPU and keeps its start; when the thread runs again its time away is
+//! summed per key in the kernel, split at its wakeup (sched_wakeup) into
+//! the time blocked and the time it then waited for a CPU. Blocks shorter
+//! than the minimum are summed without stacks. Kernel threads and the
+//! idle task are left out; with a pid filter, only its processes count.
+
+use aya_ebpf::programs::tracing::StackIdContext;
+use aya_ebpf::{
+    bindings::BPF_F_USER_STACK,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel,
+    },
+    macros::tracepoint,
+    maps::{HashMap, PerCpuHashMap, StackTrace},
+    programs::TracePointContext,
+};
+use profiler_common::{
+    COMM_LEN,
+    config::Config,
+    counters::Counter,
+    offcpu::{self, NO_SYSCALL, OffKey, OffStart, OffValue, SHORT, class},
+};
+
+use crate::{COUNTERS, bump, config, dropped, now, read};
+
+map!(OFFCPU_STACKS: StackTrace = with_max_entries(offcpu::OFFCPU_STACKS));
+map!(OFFCPU_START: HashMap<u32, OffStart> = with_max_entries(offcpu::OFFCPU_START));
+map!(OFFCPU_COUNTS: PerCpuHashMap<OffKey, OffValue> = with_max_entries(offcpu::OFFCPU_COUNTS));
+
+/// `TASK_UNINTERRUPTIBLE` in sched_switch's `prev_state`.
+const STATE_D: i64 = 2;
+/// `EXIT_DEAD | EXIT_ZOMBIE` in sched_switch's `prev_state`.
+const STATE_EXITING: i64 = 0x30;
+
+/// Whether the current task's CFS group, or an ancestor, is throttled.
+#[inline(always)]
+fn throttled(cfg: &Config) -> bool {
+    if cfg.cfs_rq_throttle_count == 0 || cfg.task_cfs_rq == 0 {
+        return false;
+    }
+    // SAFETY: probe reads at offsets from BTF; a bad pointer fails the
+    // helper, it cannot fault.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let Ok(cfs_rq) =
+            bpf_probe_read_kernel(task.add(cfg.task_cfs_rq as usize) as *const *const u8)
+        else {
+            return false;
+        };
+        bpf_probe_read_kernel(cfs_rq.add(cfg.cfs_rq_throttle_count as usize) as *const i32)
+            .is_ok_and(|n| n > 0)
+    }
+}
+
+#[inline(always)]
+fn stack_id(ctx: &TracePointContext, flags: u64) -> i32 {
+    match ctx.get_stackid(&OFFCPU_STACKS, flags) {
+        Ok(id) => id as i32,
+        Err(e) => {
+            if dropped(e) {
+                bump(Counter::OffcpuStackDropped);
+            }
+            e
+        }
+    }
+}
+
+/// The current task leaves the CPU: keep when, why and its stacks.
+#[inline(always)]
+fn leaving(ctx: &TracePointContext, cfg: &Config, t: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if tid == 0 || (cfg.filter_pids != 0 && !crate::procs::profiled(tgid)) {
+        return;
+    }
+    // No user registers: a kernel thread, left out.
+    let Some(orig_ax) = crate::arch::current_orig_ax(cfg) else {
+        return;
+    };
+    let Some(state) = read::<i64>(ctx, cfg.switch_prev_state) else {
+        return;
+    };
+    // Exiting (EXIT_ZOMBIE or EXIT_DEAD): it never returns.
+    if state & STATE_EXITING != 0 {
+        return;
+    }
+    let class = if (state as u64) & cfg.switch_runnable_mask == 0 {
+        if throttled(cfg) {
+            class::THROTTLED
+        } else {
+            class::PREEMPTED
+        }
+    } else if state & STATE_D != 0 {
+        class::UNINTERRUPTIBLE
+    } else {
+        class::SLEEPING
+    };
+    let syscall = if orig_ax < 0 || orig_ax > i32::MAX as i64 {
+        NO_SYSCALL
+    } else {
+        orig_ax as i32
+    };
+    let start = OffStart {
+        start_ns: t,
+        woken_ns: 0,
+        key: OffKey {
+            tgid,
+            user_stack_id: stack_id(ctx, BPF_F_USER_STACK as u64),
+            kernel_stack_id: stack_id(ctx, 0),
+            syscall,
+            class,
+            _pad: [0; 3],
+            comm: bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]),
+        },
+        _pad: 0,
+    };
+    if OFFCPU_START.insert(&tid, &start, 0).is_err() {
+        bump(Counter::OffcpuStartFull);
+    }
+}
+
+#[inline(always)]
+fn sum(key: &OffKey, ns: u64) {
+    if ns == 0 {
+        return;
+    }
+    match OFFCPU_COUNTS.get_ptr_mut(key) {
+        // SAFETY: this CPU's value: no concurrent writer.
+        Some(v) => unsafe {
+            (*v).ns += ns;
+            (*v).count += 1;
+        },
+        None => {
+            if OFFCPU_COUNTS
+                .insert(key, &OffValue { ns, count: 1 }, 0)
+                .is_err()
+            {
+                crate::add(&COUNTERS, Counter::OffcpuLostNs as u32, ns);
+            }
+        }
+    }
+}
+
+/// Thread `tid` runs again: sum its time away.
+#[inline(always)]
+fn returning(cfg: &Config, tid: u32, t: u64) {
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(s) = (unsafe { OFFCPU_START.get(&tid) }).copied() else {
+        return;
+    };
+    // Only fails when another CPU removed it first.
+    let _ = OFFCPU_START.remove(&tid);
+    let total = t.saturating_sub(s.start_ns);
+    let mut key = s.key;
+    if total < cfg.offcpu_min_ns {
+        key.user_stack_id = SHORT;
+    }
+    let blocked = matches!(key.class, class::SLEEPING | class::UNINTERRUPTIBLE);
+    if blocked && s.woken_ns >= s.start_ns && s.woken_ns <= t {
+        sum(&key, s.woken_ns - s.start_ns);
+        key.class = class::WOKEN_WAITING;
+        sum(&key, t - s.woken_ns);
+    } else {
+        sum(&key, total);
+    }
+}
+
+prog_named!(offcpu_switch, offcpu::PROG_SWITCH);
+/// sched_switch: the previous task leaves the CPU, the next one returns.
+#[tracepoint]
+pub fn offcpu_switch(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    let t = now();
+    leaving(&ctx, cfg, t);
+    if let Some(next) = read::<i32>(&ctx, cfg.switch_next_pid)
+        && next > 0
+    {
+        returning(cfg, next as u32, t);
+    }
+    0
+}
+
+prog_named!(offcpu_wakeup, offcpu::PROG_WAKEUP);
+/// sched_wakeup and sched_wakeup_new: a blocked task becomes runnable;
+/// from now on it waits for a CPU.
+#[tracepoint]
+pub fn offcpu_wakeup(ctx: TracePointContext) -> u32 {
+    let Some(pid) = read::<i32>(&ctx, config().wakeup_pid) else {
+        return 0;
+    };
+    if pid <= 0 {
+        return 0;
+    }
+    if let Some(s) = OFFCPU_START.get_ptr_mut(&(pid as u32)) {
+        // SAFETY: a plain store into a live entry; a race with its
+        // removal only loses this wakeup time.
+        unsafe {
+            if (*s).woken_ns == 0 {
+                (*s).woken_ns = now();
+            }
+        }
+    }
+    0
+}

@@ -1,0 +1,273 @@
+//! Off-CPU time, loader side: the switch and wakeup programs (sched_switch
+//! and sched_wakeup layouts from tracefs; the task's kernel stack and its
+//! CFS group's throttle count from BTF), and at each window the summed
+//! keys with their stacks. Kernel side: `profiler-ebpf/src/offcpu.rs`;
+//! shared types: `profiler_common::offcpu`.
+
+use std::collections::HashMap;
+
+use aya::{
+    Ebpf,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, StackTraceMap},
+};
+use profiler_common::offcpu::{self, OffKey, OffStart, OffValue, SHORT, class};
+
+use super::{
+    CaptureError, Setup, Signal,
+    kernel::{Tracepoints, monotonic_ns, take_map, thread_size},
+};
+use crate::{
+    model::{OffCpuStack, RawProfile, RawStack, RawStackPart},
+    tracefs::{Format, switch_runnable_mask},
+};
+
+/// The signal's name where it is reported unavailable.
+const OFFCPU: &str = "offcpu";
+/// Telling throttled waits from other waits for a CPU.
+const THROTTLED: &str = crate::offcpu::THROTTLED_SIGNAL;
+
+/// The off-CPU signal.
+#[derive(Default)]
+pub struct OffCpu {
+    on: bool,
+    /// Blocks shorter than this (ns) are summed without their stacks.
+    min_ns: u64,
+    tracepoints: Tracepoints,
+    maps: Option<Maps>,
+}
+
+struct Maps {
+    counts: PerCpuHashMap<MapData, OffKey, OffValue>,
+    stacks: StackTraceMap<MapData>,
+    start: BpfHashMap<MapData, u32, OffStart>,
+}
+
+impl Signal for OffCpu {
+    fn configure(&mut self, setup: &mut Setup<'_>) {
+        let cfg = setup.cfg;
+        self.on = cfg.offcpu;
+        self.min_ns = cfg.offcpu_min_ns;
+        if !self.on {
+            for def in [
+                offcpu::OFFCPU_STACKS,
+                offcpu::OFFCPU_START,
+                offcpu::OFFCPU_COUNTS,
+            ] {
+                setup.sizes.push((def, 1));
+            }
+            return;
+        }
+        match (
+            Format::read("sched", "sched_switch"),
+            Format::read("sched", "sched_wakeup"),
+        ) {
+            (Ok(sw), Ok(wk)) => {
+                let c = &mut setup.config;
+                c.switch_prev_state = sw.offset_or_none("prev_state");
+                c.switch_next_pid = sw.offset_or_none("next_pid");
+                c.switch_runnable_mask = switch_runnable_mask(&sw.print_fmt);
+                c.wakeup_pid = wk.offset_or_none("pid");
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                setup.unavailable(OFFCPU, e);
+                self.on = false;
+                return;
+            }
+        }
+        let btf = match setup.btf {
+            Ok(btf) => btf,
+            Err(e) => {
+                setup.unavailable(
+                    OFFCPU,
+                    format!("{e}: the syscall a thread waits in cannot be read"),
+                );
+                self.on = false;
+                return;
+            }
+        };
+        let Some((stack, _)) = crate::kbtf::member_offset(btf, "task_struct", "stack") else {
+            setup.unavailable(
+                OFFCPU,
+                "the kernel's BTF has no task_struct.stack: a thread's syscall cannot be read",
+            );
+            self.on = false;
+            return;
+        };
+        let c = &mut setup.config;
+        c.offcpu = 1;
+        c.offcpu_min_ns = cfg.offcpu_min_ns;
+        c.task_stack = stack;
+        c.thread_size = thread_size();
+        // Throttling: the task's cfs_rq (se.cfs_rq) and its throttle count.
+        let throttle = crate::kbtf::depth_offsets(btf)
+            .map_err(|e| e.to_string())
+            .and_then(|d| {
+                crate::kbtf::member_offset(btf, "cfs_rq", "throttle_count")
+                    .map(|(off, _)| (d.task_cfs_rq, off))
+                    .ok_or_else(|| {
+                        "the kernel's BTF has no cfs_rq.throttle_count (built without CONFIG_CFS_BANDWIDTH)".to_string()
+                    })
+            });
+        match throttle {
+            Ok((task_cfs_rq, count)) => {
+                c.task_cfs_rq = task_cfs_rq;
+                c.cfs_rq_throttle_count = count;
+            }
+            Err(reason) => setup.unavailable(
+                THROTTLED,
+                format!("{reason}: waits of throttled threads are counted under cpu"),
+            ),
+        }
+    }
+
+    fn attach(&mut self, ebpf: &mut Ebpf, setup: &mut Setup<'_>) -> Result<(), CaptureError> {
+        if !self.on {
+            return Ok(());
+        }
+        let wakeups = [("sched", "sched_wakeup"), ("sched", "sched_wakeup_new")];
+        let switch = [("sched", "sched_switch")];
+        if !self
+            .tracepoints
+            .attach(ebpf, setup, OFFCPU, offcpu::PROG_WAKEUP, &wakeups, &[])?
+            || !self
+                .tracepoints
+                .attach(ebpf, setup, OFFCPU, offcpu::PROG_SWITCH, &switch, &[])?
+        {
+            self.on = false;
+            return Ok(());
+        }
+        self.maps = Some(Maps {
+            counts: take_map(ebpf, offcpu::OFFCPU_COUNTS)?,
+            stacks: take_map(ebpf, offcpu::OFFCPU_STACKS)?,
+            start: take_map(ebpf, offcpu::OFFCPU_START)?,
+        });
+        Ok(())
+    }
+
+    fn collect(
+        &mut self,
+        _ebpf: &mut Ebpf,
+        out: &mut RawProfile,
+        drain: bool,
+    ) -> Result<(), CaptureError> {
+        let Some(maps) = self.maps.as_mut() else {
+            return Ok(());
+        };
+        out.offcpu_on = true;
+        let stack_map = &maps.stacks;
+        let mut cache: HashMap<i32, RawStackPart> = HashMap::new();
+        let mut resolve = |id: i32| -> RawStackPart {
+            if id < 0 {
+                return Err(id);
+            }
+            cache
+                .entry(id)
+                .or_insert_with(|| match stack_map.get(&(id as u32), 0) {
+                    Ok(trace) => Ok(trace.frames().iter().map(|f| f.ip).collect()),
+                    Err(_) => Err(-libc::ENOENT),
+                })
+                .clone()
+        };
+        let mut keys = Vec::new();
+        let mut sums: HashMap<OffKey, (u64, u64)> = HashMap::new();
+        for item in maps.counts.iter() {
+            let Ok((key, per_cpu)) = item else { continue };
+            keys.push(key);
+            let s = sums.entry(key).or_default();
+            for v in per_cpu.iter() {
+                s.0 += v.ns;
+                s.1 += v.count;
+            }
+        }
+        // Threads off the CPU now (an idle loop in epoll_wait, a long
+        // sleep): their time so far belongs to this window. With `drain`
+        // their start moves to now, so that the next window counts the
+        // rest; a thread that returns between the read and the move is
+        // counted twice for that instant.
+        let now = monotonic_ns();
+        let mut restart = Vec::new();
+        let away: Vec<(u32, OffStart)> = maps.start.iter().filter_map(Result::ok).collect();
+        for (tid, s) in away {
+            // Gone: it exited, without returning.
+            if crate::procs::Stat::read(tid).is_none_or(|st| st.exited()) {
+                let _ = maps.start.remove(&tid);
+                continue;
+            }
+            let mut key = s.key;
+            let total = now.saturating_sub(s.start_ns);
+            if total < self.min_ns {
+                key.user_stack_id = SHORT;
+            }
+            let blocked = matches!(key.class, class::SLEEPING | class::UNINTERRUPTIBLE);
+            if blocked && s.woken_ns >= s.start_ns && s.woken_ns <= now {
+                let e = sums.entry(key).or_default();
+                e.0 += s.woken_ns - s.start_ns;
+                e.1 += 1;
+                key.class = class::WOKEN_WAITING;
+                sums.entry(key).or_default().0 += now - s.woken_ns;
+            } else {
+                let e = sums.entry(key).or_default();
+                e.0 += total;
+                e.1 += 1;
+            }
+            restart.push((tid, s));
+        }
+        for (key, (ns, blocks)) in sums {
+            if ns == 0 {
+                continue;
+            }
+            let short = key.user_stack_id == SHORT;
+            let thread = String::from_utf8_lossy(key.comm.split(|b| *b == 0).next().unwrap_or(&[]))
+                .into_owned();
+            out.offcpu.push(OffCpuStack {
+                stack: RawStack {
+                    tgid: key.tgid,
+                    thread,
+                    // A short block's user stack is not kept: no frames.
+                    user: if short {
+                        Err(-libc::EFAULT)
+                    } else {
+                        resolve(key.user_stack_id)
+                    },
+                    user_cut: None,
+                    kernel: resolve(key.kernel_stack_id),
+                    count: blocks,
+                },
+                ns,
+                class: key.class,
+                syscall: key.syscall,
+                short,
+            });
+        }
+        if drain {
+            // The stacks of threads off the CPU now are still wanted when
+            // they return: only keys and stacks no start refers to go.
+            let mut live: Vec<i32> = Vec::new();
+            for (_, s) in maps.start.iter().filter_map(Result::ok) {
+                live.push(s.key.user_stack_id);
+                live.push(s.key.kernel_stack_id);
+            }
+            for key in keys {
+                let _ = maps.counts.remove(&key);
+            }
+            let ids: Vec<u32> = maps.stacks.stack_ids().filter_map(Result::ok).collect();
+            for id in ids.into_iter().filter(|id| !live.contains(&(*id as i32))) {
+                let _ = maps.stacks.remove(&id);
+            }
+            // BPF_EXIST: only where the thread is still away.
+            const BPF_EXIST: u64 = 2;
+            for (tid, mut s) in restart {
+                s.start_ns = now;
+                if s.woken_ns != 0 {
+                    s.woken_ns = now;
+                }
+                let _ = maps.start.insert(tid, s, BPF_EXIST);
+            }
+        }
+        Ok(())
+    }
+
+    fn detach(&mut self, ebpf: &mut Ebpf) -> Vec<CaptureError> {
+        self.tracepoints.detach(ebpf)
+    }
+}
