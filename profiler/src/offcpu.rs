@@ -266,7 +266,10 @@ pub fn analyze(
         let cause = classify(o.class, o.syscall, &s.kernel);
         let secs = o.ns as f64 / 1e9;
         by_cause.add(cause, secs);
-        per_proc.entry(o.stack.tgid).or_default().add(cause, secs);
+        per_proc
+            .entry(o.stack.tgid)
+            .or_insert_with(ByCause::full)
+            .add(cause, secs);
         names
             .entry(o.stack.tgid)
             .or_insert_with(|| process_name(o.stack.tgid, &o.stack.thread, procs));

@@ -90,7 +90,12 @@ pub fn record_ok(cwd: &Path, args: &[&str]) -> Output {
 
 /// Folded stacks read back: line (frames) to count.
 pub fn read_folded(dir: &Path) -> BTreeMap<String, u64> {
-    let text = std::fs::read_to_string(dir.join("stacks.folded")).expect("stacks.folded written");
+    read_folded_file(dir, "stacks.folded")
+}
+
+/// A folded file of `dir` (`offcpu.folded`, `stalls.folded`) read back.
+pub fn read_folded_file(dir: &Path, name: &str) -> BTreeMap<String, u64> {
+    let text = std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
     text.lines()
         .map(|l| {
             let (stack, count) = l

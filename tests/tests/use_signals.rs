@@ -554,9 +554,10 @@ fn cpu_throttling_of_a_quarter_cpu_is_reported() {
     thread::sleep(Duration::from_millis(300));
     let dir = scratch("throttle");
     let out_dir = dir.join("out");
+    let busy = guard.1.as_ref().unwrap().id().to_string();
     let out = record_ok(
         &dir,
-        &["--no-stacks", "-d", "3", "-o", out_dir.to_str().unwrap()],
+        &["-p", &busy, "-d", "3", "-o", out_dir.to_str().unwrap()],
     );
     let u = read_use(&out_dir);
     let all = u["cpu"]["throttling"].as_array().expect("cpu.throttling");
@@ -579,5 +580,25 @@ fn cpu_throttling_of_a_quarter_cpu_is_reported() {
         err.lines()
             .any(|l| l.contains(&name) && l.contains("throttled")),
         "{err}"
+    );
+    // The loop's time off the CPU is its wait for quota: `throttled`, the
+    // same seconds the cgroup counted (or `cpu`, where the kernel does
+    // not let us tell, and use.json says so).
+    let o = &u["offcpu"];
+    let p = o["by_process"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"].as_u64().map(|v| v.to_string()) == Some(busy.clone()))
+        .unwrap_or_else(|| panic!("the loop is not in {o:#}"));
+    let cause = if o["throttled_told_apart"].as_bool().unwrap() {
+        "throttled"
+    } else {
+        "cpu"
+    };
+    let waited = p["by_cause_s"][cause].as_f64().unwrap();
+    assert!(
+        (waited - secs).abs() <= 0.15 * secs,
+        "{cause} {waited:.3} s against the cgroup's {secs:.3} s throttled: {o:#}"
     );
 }

@@ -1,0 +1,196 @@
+//! End-to-end: off-CPU time by cause against a program that measures its
+//! own waits (tests/workloads/offcpu.c), with the real kernel programs.
+
+use std::{collections::BTreeMap, path::Path};
+
+use tests::*;
+
+/// The program's own figures: its pid, its busy child's, seconds per cause.
+struct Clocks {
+    pid: u64,
+    hogs_pid: u64,
+    secs: BTreeMap<String, f64>,
+}
+
+fn run_program(dir: &Path, extra: &[&str]) -> (Clocks, serde_json::Value, String) {
+    let exe = build_c(
+        "offcpu.c",
+        &dir.join("offcpu"),
+        &["-O2", "-pthread", "-fno-omit-frame-pointer"],
+    );
+    let out_dir = dir.join("out");
+    let result = dir.join("result.json");
+    // The file is fsync'd: it must be on a disk, not on a tmpfs.
+    let data = dir.join("data");
+    let mut args: Vec<&str> = extra.to_vec();
+    let (o, e, d, r) = (
+        out_dir.to_str().unwrap(),
+        exe.to_str().unwrap(),
+        data.to_str().unwrap(),
+        result.to_str().unwrap(),
+    );
+    args.extend(["-o", o, "--", e, "3", d, r]);
+    let out = record_ok(dir, &args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
+    let secs = ["sleep", "lock", "pipe", "disk", "cpu"]
+        .iter()
+        .map(|c| (c.to_string(), v[c].as_f64().unwrap()))
+        .collect();
+    let clocks = Clocks {
+        pid: v["pid"].as_u64().unwrap(),
+        hogs_pid: v["hogs_pid"].as_u64().unwrap(),
+        secs,
+    };
+    (clocks, read_use(&out_dir), err)
+}
+
+/// Seconds of `cause` for process `pid` in use.json's offcpu.by_process.
+fn ours(u: &serde_json::Value, pid: u64, cause: &str) -> f64 {
+    let procs = u["offcpu"]["by_process"]
+        .as_array()
+        .expect("offcpu.by_process");
+    let p = procs
+        .iter()
+        .find(|p| p["pid"].as_u64() == Some(pid))
+        .unwrap_or_else(|| panic!("pid {pid} not in {procs:#?}"));
+    p["by_cause_s"][cause].as_f64().unwrap()
+}
+
+fn assert_within(what: &str, ours: f64, theirs: f64, tolerance: f64, context: &str) {
+    assert!(
+        theirs > 0.5,
+        "{what}: the program measured only {theirs:.3} s: the workload did not run as meant\n{context}"
+    );
+    let off = (ours - theirs).abs() / theirs;
+    assert!(
+        off <= tolerance,
+        "{what}: ours {ours:.3} s, the program's own clocks {theirs:.3} s ({:.1}% apart, at most {:.0}%)\n{context}",
+        off * 100.0,
+        tolerance * 100.0
+    );
+}
+
+/// Each cause's total within 10% of the program's own clocks, and the
+/// flame graph's stacks end in the cause; with a minimum above the disk
+/// waits, those leave the graph but stay in the totals.
+#[test]
+fn off_cpu_causes_match_the_programs_own_clocks() {
+    if !require_root("off_cpu_causes_match_the_programs_own_clocks") {
+        return;
+    }
+    let dir = scratch("offcpu-causes");
+    let (clocks, u, err) = run_program(&dir, &[]);
+    let context = format!("{:#}\n{err}", u["offcpu"]);
+    for cause in ["sleep", "lock", "pipe", "disk"] {
+        assert_within(
+            cause,
+            ours(&u, clocks.pid, cause),
+            clocks.secs[cause],
+            0.10,
+            &context,
+        );
+    }
+    assert_within(
+        "cpu (the busy pair)",
+        ours(&u, clocks.hogs_pid, "cpu"),
+        clocks.secs["cpu"],
+        0.10,
+        &context,
+    );
+    assert!(
+        ours(&u, clocks.pid, "idle") < 0.05,
+        "nothing idles: {context}"
+    );
+    assert!(err.contains("  Off-CPU  "), "no off-CPU line in:\n{err}");
+
+    // The flame graph: microseconds, the cause as the leaf frame, user
+    // frames of the program above the kernel's.
+    let folded = read_folded_file(&dir.join("out"), "offcpu.folded");
+    let graph_s = |cause: &str| -> f64 {
+        folded
+            .iter()
+            .filter(|(l, _)| {
+                l.starts_with("offcpu;") && l.ends_with(&format!("[off-cpu: {cause}]"))
+            })
+            .map(|(_, us)| *us as f64 / 1e6)
+            .sum()
+    };
+    // Waits of 5 ms and more: nearly all in the graph.
+    for cause in ["sleep", "lock", "pipe"] {
+        let g = graph_s(cause);
+        assert!(
+            g >= 0.9 * ours(&u, clocks.pid, cause),
+            "{cause}: {g:.3} s in offcpu.folded"
+        );
+    }
+    // A disk wait is about a millisecond: the longer ones are there, the
+    // rest is in the short total; graph and short blocks make the whole.
+    assert!(graph_s("disk") > 0.0, "{folded:#?}");
+    let graph_total: f64 = folded.values().map(|us| *us as f64 / 1e6).sum();
+    let all: f64 = u["offcpu"]["by_cause_s"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    let short = u["offcpu"]["short_s"].as_f64().unwrap();
+    assert!(
+        (graph_total + short - all).abs() < 0.01 * all,
+        "graph {graph_total:.3} s + short {short:.3} s against {all:.3} s"
+    );
+    assert!(
+        folded.keys().any(|l| l.starts_with("offcpu-hogs;")
+            && l.contains(";hog;")
+            && l.ends_with("[off-cpu: cpu]")),
+        "{folded:#?}"
+    );
+    let svg = std::fs::read_to_string(dir.join("out/offcpu.svg")).unwrap();
+    assert!(svg.contains("Off-CPU time flame graph"), "offcpu.svg title");
+
+    // A 30 ms minimum: every disk wait (a few ms) leaves the graph, the
+    // totals stay whole.
+    let dir = scratch("offcpu-min");
+    let (clocks, u, err) = run_program(&dir, &["--off-cpu-min", "30ms"]);
+    let context = format!("{:#}\n{err}", u["offcpu"]);
+    for cause in ["sleep", "lock", "pipe", "disk"] {
+        assert_within(
+            cause,
+            ours(&u, clocks.pid, cause),
+            clocks.secs[cause],
+            0.10,
+            &context,
+        );
+    }
+    let short = u["offcpu"]["short_s"].as_f64().unwrap();
+    assert!(
+        short >= 0.9 * clocks.secs["disk"],
+        "short_s {short}: {context}"
+    );
+    assert_eq!(u["offcpu"]["min_ms"].as_f64(), Some(30.0));
+    let folded = read_folded_file(&dir.join("out"), "offcpu.folded");
+    assert!(
+        !folded.keys().any(|l| l.ends_with("[off-cpu: disk]")),
+        "disk waits under 30 ms in the graph: {folded:#?}"
+    );
+}
+
+/// --no-off-cpu: no off-CPU files, no off-CPU section.
+#[test]
+fn no_off_cpu_writes_none_of_it() {
+    if !require_root("no_off_cpu_writes_none_of_it") {
+        return;
+    }
+    let dir = scratch("offcpu-off");
+    let out_dir = dir.join("out");
+    let out = record_ok(
+        &dir,
+        &["--no-off-cpu", "-d", "1", "-o", out_dir.to_str().unwrap()],
+    );
+    assert!(!out_dir.join("offcpu.folded").exists());
+    assert!(!out_dir.join("offcpu.svg").exists());
+    assert!(read_use(&out_dir).get("offcpu").is_none());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("Off-CPU"));
+    assert!(out_dir.join("stacks.folded").exists());
+}
