@@ -88,8 +88,14 @@ pub struct Config {
     pub cfs_rq_throttle_count: u32,
     /// Blocks shorter than this (ns) are summed without their stacks.
     pub offcpu_min_ns: u64,
+    /// Non-zero: time event-loop turns ([`crate::loops`]).
+    pub loops: u8,
+    /// Padding, zero.
+    pub _pad5: [u8; 7],
+    /// Turns at least this long (ns) are stalls.
+    pub stall_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 224);
+const _: () = assert!(core::mem::size_of::<Config>() == 240);
 
 impl Config {
     /// The settings before the loader has read anything: every signal off,
@@ -127,6 +133,9 @@ impl Config {
         _pad4: [0; 3],
         cfs_rq_throttle_count: 0,
         offcpu_min_ns: crate::offcpu::MIN_NS,
+        loops: 0,
+        _pad5: [0; 7],
+        stall_ns: crate::loops::STALL_NS,
     };
 }
 

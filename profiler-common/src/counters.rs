@@ -69,11 +69,18 @@ pub enum Counter {
     /// Off-CPU stacks (user or kernel) dropped: the off-CPU stack map was
     /// full or two stacks collided in it.
     OffcpuStackDropped = 23,
+    /// Threads waiting in epoll whose turns were not timed: the loop map
+    /// was full.
+    LoopsFull = 24,
+    /// Stalls not reported: their ring was full.
+    StallsLost = 25,
+    /// Off-CPU blocks inside loop turns not reported: their ring was full.
+    LoopBlocksLost = 26,
 }
 
 impl Counter {
     /// Number of counters (the size of [`COUNTERS`]).
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 27;
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Samples,
@@ -100,6 +107,9 @@ impl Counter {
         Counter::OffcpuStartFull,
         Counter::OffcpuLostNs,
         Counter::OffcpuStackDropped,
+        Counter::LoopsFull,
+        Counter::StallsLost,
+        Counter::LoopBlocksLost,
     ];
 
     /// Stable name, used in reports and metric labels.
@@ -129,6 +139,9 @@ impl Counter {
             Counter::OffcpuStartFull => "offcpu_blocks_untimed_map_full",
             Counter::OffcpuLostNs => "offcpu_ns_lost_count_map_full",
             Counter::OffcpuStackDropped => "offcpu_stacks_dropped",
+            Counter::LoopsFull => "event_loops_untimed_map_full",
+            Counter::StallsLost => "stalls_lost_ring_full",
+            Counter::LoopBlocksLost => "stall_blocks_lost_ring_full",
         }
     }
 }

@@ -7,6 +7,7 @@
 //! | process tracking, fork following | [`procs`] | `profiler-ebpf/src/procs.rs` | `profiler/src/capture/procs.rs` |
 //! | run-queue latency and depth | [`sched`] | `profiler-ebpf/src/sched.rs` | `profiler/src/capture/sched.rs` |
 //! | TCP retransmits and socket owners | [`tcp`] | `profiler-ebpf/src/tcp.rs` | `profiler/src/capture/tcp.rs` |
+//! | event-loop turns and stalls | [`loops`] | `profiler-ebpf/src/loops.rs` | `profiler/src/capture/loops.rs` |
 //! | off-CPU time | [`offcpu`] | `profiler-ebpf/src/offcpu.rs` | `profiler/src/capture/offcpu.rs` |
 //! | OOM kills | [`oom`] | `profiler-ebpf/src/oom.rs` | `profiler/src/capture/oom.rs` |
 //! | counted events | none | none (perf events) | `profiler/src/capture/counted.rs` |
@@ -21,6 +22,7 @@
 
 pub mod config;
 pub mod counters;
+pub mod loops;
 pub mod offcpu;
 pub mod oom;
 pub mod procs;

@@ -33,6 +33,13 @@ pub const OFFCPU_COUNTS: MapDef = MapDef {
     entries: 16 * 1024,
 };
 
+/// Ring buffer of [`TurnBlock`]: blocks of threads inside an event-loop
+/// turn ([`crate::loops`]).
+pub const LOOP_BLOCKS: MapDef = MapDef {
+    name: "LOOP_BLOCKS",
+    entries: 256 * 1024,
+};
+
 /// How a thread left the CPU, and which part of its time away a key
 /// counts ([`OffKey::class`]).
 pub mod class {
@@ -75,8 +82,10 @@ pub struct OffKey {
     pub syscall: i32,
     /// One of [`class`].
     pub class: u8,
+    /// For futex(2), the command (`op & 0x7f`); else 0.
+    pub detail: u8,
     /// Padding, zero.
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 2],
     /// Name of the thread, NUL-padded.
     pub comm: [u8; COMM_LEN],
 }
@@ -108,4 +117,26 @@ pub struct OffStart {
 }
 const _: () = assert!(core::mem::size_of::<OffStart>() == 56);
 
-crate::pod!(OffKey, OffValue, OffStart);
+/// A block of a thread inside an event-loop turn, whatever its length:
+/// the stalls' share of it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TurnBlock {
+    /// Thread id.
+    pub tid: u32,
+    /// Padding, zero.
+    pub _pad: u32,
+    /// When it left the CPU (ktime ns).
+    pub start_ns: u64,
+    /// When it was woken (0: preempted, or not known).
+    pub woken_ns: u64,
+    /// When it ran again.
+    pub end_ns: u64,
+    /// Its key (stacks always kept).
+    pub key: OffKey,
+    /// Padding, zero.
+    pub _pad2: u32,
+}
+const _: () = assert!(core::mem::size_of::<TurnBlock>() == 72);
+
+crate::pod!(OffKey, OffValue, OffStart, TurnBlock);

@@ -22,6 +22,9 @@ pub const STACK_AT_TOP: u32 = 1;
 /// not a stack copy: with `--unwind fp`, a stack whose id collided with
 /// another's in the stack map is sent this way instead of being dropped.
 pub const STACK_IPS: u32 = 2;
+/// [`StackSample::flags`]: taken in an event-loop turn of its thread
+/// (`crate::loops`): kept with its time, for the stalls.
+pub const STACK_IN_TURN: u32 = 4;
 
 /// perf_event program sampling stacks on every CPU.
 pub const PROG_SAMPLE: ProgDef = ProgDef {
@@ -103,12 +106,14 @@ pub struct StackSample {
     pub bp: u64,
     /// Address `stack[0]` was copied from (`sp`).
     pub base: u64,
+    /// When it was taken (ktime ns).
+    pub time_ns: u64,
     /// Name of the thread.
     pub comm: [u8; COMM_LEN],
     /// The stack copy.
     pub stack: [u8; STACK_COPY_MAX],
 }
-const _: () = assert!(core::mem::size_of::<StackSample>() == 72 + STACK_COPY_MAX);
+const _: () = assert!(core::mem::size_of::<StackSample>() == 80 + STACK_COPY_MAX);
 
 /// Bytes of a [`StackSample`] before its stack copy: what every record of
 /// the ring holds at least.

@@ -6,6 +6,7 @@
 //! - [`procs`]: process announcements and fork following;
 //! - [`sched`]: run-queue latency and depth;
 //! - [`offcpu`]: time off the CPU, with stacks, by how it was spent;
+//! - [`loops`]: event-loop turns and stalls;
 //! - [`tcp`]: TCP retransmits and socket owners;
 //! - [`oom`]: OOM kills.
 //!
@@ -51,6 +52,7 @@ macro_rules! prog_named {
 }
 
 mod arch;
+mod loops;
 mod offcpu;
 mod oom;
 mod procs;

@@ -12,14 +12,14 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel,
     },
     macros::tracepoint,
-    maps::{HashMap, PerCpuHashMap, StackTrace},
+    maps::{HashMap, PerCpuHashMap, RingBuf, StackTrace},
     programs::TracePointContext,
 };
 use profiler_common::{
     COMM_LEN,
     config::Config,
     counters::Counter,
-    offcpu::{self, NO_SYSCALL, OffKey, OffStart, OffValue, SHORT, class},
+    offcpu::{self, NO_SYSCALL, OffKey, OffStart, OffValue, SHORT, TurnBlock, class},
 };
 
 use crate::{COUNTERS, bump, config, dropped, now, read};
@@ -27,9 +27,12 @@ use crate::{COUNTERS, bump, config, dropped, now, read};
 map!(OFFCPU_STACKS: StackTrace = with_max_entries(offcpu::OFFCPU_STACKS));
 map!(OFFCPU_START: HashMap<u32, OffStart> = with_max_entries(offcpu::OFFCPU_START));
 map!(OFFCPU_COUNTS: PerCpuHashMap<OffKey, OffValue> = with_max_entries(offcpu::OFFCPU_COUNTS));
+map!(LOOP_BLOCKS: RingBuf = with_byte_size(offcpu::LOOP_BLOCKS));
 
 /// `TASK_UNINTERRUPTIBLE` in sched_switch's `prev_state`.
 const STATE_D: i64 = 2;
+/// futex(2) on x86_64.
+const SYS_FUTEX: i32 = 202;
 /// `EXIT_DEAD | EXIT_ZOMBIE` in sched_switch's `prev_state`.
 const STATE_EXITING: i64 = 0x30;
 
@@ -75,7 +78,7 @@ fn leaving(ctx: &TracePointContext, cfg: &Config, t: u64) {
         return;
     }
     // No user registers: a kernel thread, left out.
-    let Some(orig_ax) = crate::arch::current_orig_ax(cfg) else {
+    let Some((orig_ax, arg1)) = crate::arch::current_syscall(cfg) else {
         return;
     };
     let Some(state) = read::<i64>(ctx, cfg.switch_prev_state) else {
@@ -110,7 +113,14 @@ fn leaving(ctx: &TracePointContext, cfg: &Config, t: u64) {
             kernel_stack_id: stack_id(ctx, 0),
             syscall,
             class,
-            _pad: [0; 3],
+            // futex: its command (FUTEX_WAIT for a lock, FUTEX_WAIT_BITSET
+            // for a condition variable or semaphore).
+            detail: if syscall == SYS_FUTEX {
+                (arg1 & 0x7f) as u8
+            } else {
+                0
+            },
+            _pad: [0; 2],
             comm: bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]),
         },
         _pad: 0,
@@ -151,6 +161,21 @@ fn returning(cfg: &Config, tid: u32, t: u64) {
     };
     // Only fails when another CPU removed it first.
     let _ = OFFCPU_START.remove(&tid);
+    // Inside an event-loop turn: sent whole, for the stall it may be in.
+    if cfg.loops != 0 && crate::loops::turn_of(tid).is_some() {
+        let block = TurnBlock {
+            tid,
+            _pad: 0,
+            start_ns: s.start_ns,
+            woken_ns: s.woken_ns,
+            end_ns: t,
+            key: s.key,
+            _pad2: 0,
+        };
+        if LOOP_BLOCKS.output::<TurnBlock>(&block, 0).is_err() {
+            bump(Counter::LoopBlocksLost);
+        }
+    }
     let total = t.saturating_sub(s.start_ns);
     let mut key = s.key;
     if total < cfg.offcpu_min_ns {

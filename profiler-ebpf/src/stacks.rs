@@ -18,8 +18,8 @@ use profiler_common::{
     config::Config,
     counters::Counter,
     stacks::{
-        self, MAX_STACK_DEPTH, SAMPLE_HEADER_BYTES, STACK_AT_TOP, STACK_COPY_MAX, STACK_IPS,
-        STACK_PAGE, StackKey, StackSample,
+        self, MAX_STACK_DEPTH, SAMPLE_HEADER_BYTES, STACK_AT_TOP, STACK_COPY_MAX, STACK_IN_TURN,
+        STACK_IPS, STACK_PAGE, StackKey, StackSample,
     },
 };
 
@@ -81,8 +81,11 @@ fn try_sample(ctx: &PerfEventContext) {
     }
     bump(Counter::Samples);
 
+    // A sample inside an event-loop turn is sent with its time (the
+    // stalls keep theirs), whatever the unwinding.
+    let in_turn = cfg.loops != 0 && tgid != 0 && crate::loops::turn_of(tid).is_some();
     if cfg.copy_stacks != 0 && tgid != 0 {
-        if copy_stack(ctx, cfg, tgid, tid) {
+        if copy_stack(ctx, cfg, tgid, tid, in_turn) {
             crate::procs::announce(cfg, tgid);
             return;
         }
@@ -90,6 +93,10 @@ fn try_sample(ctx: &PerfEventContext) {
     }
 
     let kernel_stack_id = kernel_stack(ctx);
+    if in_turn && cfg.send_collided != 0 && send_user_ips(ctx, tgid, tid, kernel_stack_id, true) {
+        crate::procs::announce(cfg, tgid);
+        return;
+    }
     let user_stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
         Ok(id) => id as i32,
         Err(e) => {
@@ -98,7 +105,7 @@ fn try_sample(ctx: &PerfEventContext) {
             if e == -EEXIST
                 && cfg.send_collided != 0
                 && tgid != 0
-                && send_user_ips(ctx, tgid, tid, kernel_stack_id)
+                && send_user_ips(ctx, tgid, tid, kernel_stack_id, false)
             {
                 bump(Counter::UserStacksSentAside);
                 crate::procs::announce(cfg, tgid);
@@ -167,7 +174,13 @@ fn scratch() -> Option<*mut StackSample> {
 /// and sends the addresses (`STACK_IPS`) through the stack ring. False
 /// when nothing could be sent (then the sample is counted as dropped).
 #[inline(always)]
-fn send_user_ips(ctx: &PerfEventContext, tgid: u32, tid: u32, kernel_stack_id: i32) -> bool {
+fn send_user_ips(
+    ctx: &PerfEventContext,
+    tgid: u32,
+    tid: u32,
+    kernel_stack_id: i32,
+    in_turn: bool,
+) -> bool {
     let Some(out) = scratch() else {
         return false;
     };
@@ -199,7 +212,7 @@ fn send_user_ips(ctx: &PerfEventContext, tgid: u32, tid: u32, kernel_stack_id: i
     if len > MAX_STACK_DEPTH * 8 {
         return false;
     }
-    send_scratch(ctx, out, SAMPLE_HEADER_BYTES + len)
+    send_scratch(ctx, out, SAMPLE_HEADER_BYTES + len, in_turn)
 }
 
 /// Sends the first `size` bytes of this CPU's scratch record through the
@@ -207,9 +220,16 @@ fn send_user_ips(ctx: &PerfEventContext, tgid: u32, tid: u32, kernel_stack_id: i
 /// drains on a short timer, which saves a wakeup and two context switches
 /// a sample.
 #[inline(always)]
-fn send_scratch(ctx: &PerfEventContext, out: *mut StackSample, size: usize) -> bool {
+fn send_scratch(ctx: &PerfEventContext, out: *mut StackSample, size: usize, in_turn: bool) -> bool {
     if size > core::mem::size_of::<StackSample>() {
         return false;
+    }
+    // SAFETY: `out` is this CPU's scratch record.
+    unsafe {
+        (*out).time_ns = now();
+        if in_turn {
+            (*out).flags |= STACK_IN_TURN;
+        }
     }
     // SAFETY: `out` is this CPU's scratch record; `size` is bounded by it.
     let rc = unsafe {
@@ -232,7 +252,7 @@ fn send_scratch(ctx: &PerfEventContext, out: *mut StackSample, size: usize) -> b
 /// unwinding with the binaries' CFI. Returns false when the task has no
 /// user registers.
 #[inline(always)]
-fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32) -> bool {
+fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32, in_turn: bool) -> bool {
     let Some((ip, sp, bp)) = crate::arch::user_regs(ctx, cfg) else {
         bump(Counter::UserRegsMissing);
         return false;
@@ -324,6 +344,6 @@ fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32) -> bool
         bump(Counter::StackCopiesShort);
     }
     // A full ring is counted by send_scratch; the sample was taken.
-    send_scratch(ctx, out, SAMPLE_HEADER_BYTES + len as usize);
+    send_scratch(ctx, out, SAMPLE_HEADER_BYTES + len as usize, in_turn);
     true
 }

@@ -177,6 +177,17 @@ pub struct RecordArgs {
     #[arg(long = "off-cpu-min", value_name = "DURATION", default_value = "1ms", value_parser = parse_duration)]
     pub off_cpu_min: Duration,
 
+    /// Do not time event-loop turns (stalls.folded, stalls.svg and
+    /// use.json's `event_loops` are then not written). Also off with
+    /// --no-stacks.
+    #[arg(long = "no-event-loops")]
+    pub no_event_loops: bool,
+
+    /// An event-loop turn (from the return of one epoll wait to the next
+    /// call) at least this long is a stall: 50ms, 0.1 (seconds).
+    #[arg(long = "stall-threshold", value_name = "DURATION", default_value = "50ms", value_parser = parse_duration)]
+    pub stall_threshold: Duration,
+
     /// Start this command and profile it (and its children) until it exits.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -186,6 +197,11 @@ impl RecordArgs {
     /// Whether stacks are taken.
     pub fn stacks(&self) -> bool {
         !self.no_stacks
+    }
+
+    /// Whether event-loop turns are timed.
+    pub fn event_loops(&self) -> bool {
+        !self.no_stacks && !self.no_event_loops
     }
 
     /// Whether time off the CPU is recorded.

@@ -19,6 +19,7 @@ pub mod hostsnap;
 pub mod jitcfi;
 pub mod jitdump;
 pub mod kbtf;
+pub mod loops;
 pub mod metrics;
 pub mod model;
 pub mod offcpu;

@@ -9,8 +9,10 @@
 //! 2. a page-fault frame anywhere in the kernel stack: `pagefault`;
 //! 3. the kernel frames from the leaf down, the first one that says:
 //!    nanosleep frames `sleep`, epoll/poll/select waits `idle`, futex,
-//!    mutex, rwsem and semaphore waits `lock`, socket waits `net`, pipe
-//!    waits `pipe`, block I/O and page-cache writeback waits `disk`;
+//!    mutex, rwsem and semaphore waits `lock` (a futex wait with
+//!    FUTEX_WAIT_BITSET, as condition variables, semaphores and joins
+//!    wait: `condvar`), socket waits `net`, pipe waits `pipe`, block I/O
+//!    and page-cache writeback waits `disk`;
 //! 4. the syscall (where the kernel stack was not recorded): the same
 //!    families by syscall number;
 //! 5. anything else: `other`.
@@ -41,8 +43,12 @@ pub enum Cause {
     Throttled,
     /// Block I/O.
     Disk,
-    /// Futexes and kernel locks.
+    /// Locks: mutex futex waits (FUTEX_WAIT) and kernel locks.
     Lock,
+    /// Waiting to be signalled by another thread: condition variables,
+    /// semaphores, joins (futex FUTEX_WAIT_BITSET). A thread pool waiting
+    /// for work waits here.
+    Condvar,
     /// Sleeps and timers.
     Sleep,
     /// Reading or writing a socket, accepting, connecting.
@@ -59,11 +65,12 @@ pub enum Cause {
 
 impl Cause {
     /// Every cause, in the order reports list them.
-    pub const ALL: [Cause; 10] = [
+    pub const ALL: [Cause; 11] = [
         Cause::Cpu,
         Cause::Throttled,
         Cause::Disk,
         Cause::Lock,
+        Cause::Condvar,
         Cause::Sleep,
         Cause::Net,
         Cause::Pipe,
@@ -79,6 +86,7 @@ impl Cause {
             Cause::Throttled => "throttled",
             Cause::Disk => "disk",
             Cause::Lock => "lock",
+            Cause::Condvar => "condvar",
             Cause::Sleep => "sleep",
             Cause::Net => "net",
             Cause::Pipe => "pipe",
@@ -86,6 +94,12 @@ impl Cause {
             Cause::PageFault => "pagefault",
             Cause::Other => "other",
         }
+    }
+
+    /// Whether threads wait here for work to come (an idle loop or pool),
+    /// which is no problem in itself.
+    pub fn is_waiting_for_work(self) -> bool {
+        matches!(self, Cause::Idle | Cause::Condvar)
     }
 
     /// The leaf frame it adds to a stack.
@@ -150,8 +164,20 @@ fn syscall_cause(nr: i32) -> Option<Cause> {
     })
 }
 
+/// futex(2) on x86_64, and the command of condition-variable waits.
+const SYS_FUTEX: i32 = 202;
+const FUTEX_WAIT_BITSET: u8 = 9;
+
 /// Decides the cause of one key (see the module's documentation).
-pub fn classify(class_: u8, syscall: i32, kernel: &[Frame]) -> Cause {
+pub fn classify(class_: u8, syscall: i32, detail: u8, kernel: &[Frame]) -> Cause {
+    let cause = classify_by_frames(class_, syscall, kernel);
+    if cause == Cause::Lock && syscall == SYS_FUTEX && detail == FUTEX_WAIT_BITSET {
+        return Cause::Condvar;
+    }
+    cause
+}
+
+fn classify_by_frames(class_: u8, syscall: i32, kernel: &[Frame]) -> Cause {
     match class_ {
         class::PREEMPTED | class::WOKEN_WAITING => return Cause::Cpu,
         class::THROTTLED => return Cause::Throttled,
@@ -212,6 +238,17 @@ pub struct ProcessOffCpu {
     pub total_s: f64,
 }
 
+impl ProcessOffCpu {
+    /// Seconds waiting, those waiting for work (idle, condvar) left out.
+    pub fn busy_s(&self) -> f64 {
+        Cause::ALL
+            .iter()
+            .filter(|c| !c.is_waiting_for_work())
+            .map(|c| self.by_cause_s.get(*c))
+            .sum()
+    }
+}
+
 /// use.json's `offcpu`.
 #[derive(Clone, Debug, Serialize)]
 pub struct OffCpuSummary {
@@ -263,7 +300,7 @@ pub fn analyze(
     let mut short_ns = 0u64;
     for o in keys {
         let mut s = symbolize_stack(&o.stack, &tables, procs);
-        let cause = classify(o.class, o.syscall, &s.kernel);
+        let cause = classify(o.class, o.syscall, o.detail, &s.kernel);
         let secs = o.ns as f64 / 1e9;
         by_cause.add(cause, secs);
         per_proc
@@ -299,8 +336,7 @@ pub fn analyze(
             by_cause_s: by,
         })
         .collect();
-    let busy = |p: &ProcessOffCpu| p.total_s - p.by_cause_s.get(Cause::Idle);
-    by_process.sort_by(|a, b| busy(b).total_cmp(&busy(a)).then(a.pid.cmp(&b.pid)));
+    by_process.sort_by(|a, b| b.busy_s().total_cmp(&a.busy_s()).then(a.pid.cmp(&b.pid)));
     OffCpuAnalysis {
         folded,
         summary: OffCpuSummary {
@@ -317,9 +353,10 @@ pub fn analyze(
 /// The table's line: where the threads' time off the CPU went, idle apart.
 pub fn render_line(s: &OffCpuSummary) -> String {
     let idle = s.by_cause_s.get(Cause::Idle);
+    let condvar = s.by_cause_s.get(Cause::Condvar);
     let mut parts: Vec<(Cause, f64)> = Cause::ALL
         .iter()
-        .filter(|c| **c != Cause::Idle)
+        .filter(|c| !c.is_waiting_for_work())
         .map(|c| (*c, s.by_cause_s.get(*c)))
         .filter(|(_, v)| *v >= 0.0005)
         .collect();
@@ -338,18 +375,19 @@ pub fn render_line(s: &OffCpuSummary) -> String {
         })
         .collect();
     let mut line = format!(
-        "  Off-CPU  {:.2} s of threads' time waiting{}{}; idle {:.2} s (waiting for work: not a problem)\n",
+        "  Off-CPU  {:.2} s of threads' time waiting{}{}; waiting for work: idle {:.2} s in epoll/poll, condvar {:.2} s (not in itself a problem)\n",
         waiting,
         if list.is_empty() { "" } else { ": " },
         list.join(", "),
-        idle
+        idle,
+        condvar
     );
     if let Some(p) = s.by_process.first()
-        && p.total_s - p.by_cause_s.get(Cause::Idle) > 0.0
+        && p.busy_s() > 0.0
     {
         let top = Cause::ALL
             .iter()
-            .filter(|c| **c != Cause::Idle)
+            .filter(|c| !c.is_waiting_for_work())
             .max_by(|a, b| p.by_cause_s.get(**a).total_cmp(&p.by_cause_s.get(**b)))
             .copied()
             .unwrap_or(Cause::Other);
@@ -357,7 +395,7 @@ pub fn render_line(s: &OffCpuSummary) -> String {
             "           most: {} (pid {}) {:.2} s, mostly {}\n",
             p.comm,
             p.pid,
-            p.total_s - p.by_cause_s.get(Cause::Idle),
+            p.busy_s(),
             top.name()
         ));
     }
@@ -382,9 +420,11 @@ mod tests {
             k("jbd2_log_wait_commit"),
             k("schedule"),
         ];
-        assert_eq!(classify(class::UNINTERRUPTIBLE, 74, &fsync), Cause::Disk);
+        assert_eq!(classify(class::UNINTERRUPTIBLE, 74, 0, &fsync), Cause::Disk);
         let futex = [k("__x64_sys_futex"), k("futex_wait"), k("schedule")];
-        assert_eq!(classify(class::SLEEPING, 202, &futex), Cause::Lock);
+        assert_eq!(classify(class::SLEEPING, 202, 0, &futex), Cause::Lock);
+        // FUTEX_WAIT_BITSET|FUTEX_PRIVATE_FLAG, masked: pthread_cond_wait.
+        assert_eq!(classify(class::SLEEPING, 202, 9, &futex), Cause::Condvar);
         let fault = [
             k("asm_exc_page_fault"),
             k("exc_page_fault"),
@@ -393,7 +433,7 @@ mod tests {
             k("io_schedule"),
         ];
         assert_eq!(
-            classify(class::UNINTERRUPTIBLE, 4, &fault),
+            classify(class::UNINTERRUPTIBLE, 4, 0, &fault),
             Cause::PageFault
         );
         let epoll = [
@@ -401,18 +441,18 @@ mod tests {
             k("ep_poll"),
             k("schedule_hrtimeout_range"),
         ];
-        assert_eq!(classify(class::SLEEPING, 281, &epoll), Cause::Idle);
+        assert_eq!(classify(class::SLEEPING, 281, 0, &epoll), Cause::Idle);
         let pipe = [k("ksys_read"), k("vfs_read"), k("pipe_read"), k("schedule")];
-        assert_eq!(classify(class::SLEEPING, 0, &pipe), Cause::Pipe);
+        assert_eq!(classify(class::SLEEPING, 0, 0, &pipe), Cause::Pipe);
         // No kernel stack: the syscall decides.
-        assert_eq!(classify(class::SLEEPING, 230, &[]), Cause::Sleep);
-        assert_eq!(classify(class::SLEEPING, 45, &[]), Cause::Net);
-        assert_eq!(classify(class::SLEEPING, 0, &[]), Cause::Other);
+        assert_eq!(classify(class::SLEEPING, 230, 0, &[]), Cause::Sleep);
+        assert_eq!(classify(class::SLEEPING, 45, 0, &[]), Cause::Net);
+        assert_eq!(classify(class::SLEEPING, 0, 0, &[]), Cause::Other);
         // How it left decides first.
-        assert_eq!(classify(class::PREEMPTED, 202, &futex), Cause::Cpu);
-        assert_eq!(classify(class::WOKEN_WAITING, 202, &futex), Cause::Cpu);
+        assert_eq!(classify(class::PREEMPTED, 202, 0, &futex), Cause::Cpu);
+        assert_eq!(classify(class::WOKEN_WAITING, 202, 0, &futex), Cause::Cpu);
         assert_eq!(
-            classify(class::THROTTLED, NO_SYSCALL, &[]),
+            classify(class::THROTTLED, NO_SYSCALL, 0, &[]),
             Cause::Throttled
         );
     }
@@ -437,5 +477,6 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("idle 50.00 s"), "{line}");
+        assert!(line.contains("condvar 0.00 s"), "{line}");
     }
 }

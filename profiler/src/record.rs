@@ -141,6 +141,8 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         verbose: args.capture.verbose,
         offcpu: args.off_cpu(),
         offcpu_min_ns: u64::try_from(args.off_cpu_min.as_nanos()).unwrap_or(u64::MAX),
+        loops: args.event_loops(),
+        stall_ns: u64::try_from(args.stall_threshold.as_nanos()).unwrap_or(u64::MAX),
     };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -249,6 +251,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     }
 
     let raw = capture.collect()?;
+    let collected_ns = crate::capture::monotonic_ns();
     capture.procs.refresh_all();
     let cost_end = selfcost::Reading::now(&capture.bpf_stats());
 
@@ -293,6 +296,19 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         )
     });
     report.offcpu = offcpu.as_ref().map(|o| o.summary.clone());
+    let loops = raw.loops_on.then(|| {
+        crate::loops::analyze(
+            &raw,
+            &capture.procs,
+            exclude,
+            attributor.as_mut(),
+            cfg.stall_ns,
+            collected_ns,
+            args.capture.frequency,
+            &clock,
+        )
+    });
+    report.event_loops = loops.as_ref().map(|l| l.summary.clone());
     let use_path = dir.join("use.json");
     output::write_json(&use_path, &report)?;
     let events_path = dir.join("events.jsonl");
@@ -318,6 +334,20 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
             total_us: fold::total(&o.folded),
         };
         output::write_atomic(&svg_path, |w| render::time_flamegraph(&o.folded, &title, w))?;
+        written_paths.push(folded_path);
+        written_paths.push(svg_path);
+    }
+    if let Some(l) = &loops {
+        let folded_path = dir.join("stalls.folded");
+        output::write_atomic(&folded_path, |w| fold::write_folded(&l.folded, w))?;
+        let svg_path = dir.join("stalls.svg");
+        let title = render::TimeTitle {
+            what: "Event-loop stalls",
+            host: output::hostname(),
+            duration_s: elapsed.as_secs_f64(),
+            total_us: fold::total(&l.folded),
+        };
+        output::write_atomic(&svg_path, |w| render::time_flamegraph(&l.folded, &title, w))?;
         written_paths.push(folded_path);
         written_paths.push(svg_path);
     }

@@ -13,6 +13,7 @@
 //!   pointers or stack copies unwound here) and CPU ticks;
 //! - `sched`: run-queue latency and depth;
 //! - `offcpu`: time off the CPU with the stacks threads left it with;
+//! - `loops`: event-loop turns (epoll wait to wait) and stalls;
 //! - `tcp`: TCP retransmits and their sockets' owners;
 //! - `oom`: OOM kills and their victims' cgroups;
 //! - `counted`: context switches, migrations and major faults, counted
@@ -23,6 +24,7 @@
 
 mod counted;
 mod kernel;
+mod loops;
 mod offcpu;
 mod oom;
 mod procs;
@@ -43,8 +45,8 @@ use profiler_common::{
 };
 use tokio::io::unix::AsyncFd;
 
-pub use kernel::parse_cpu_list;
 use kernel::{Ring, delta, per_cpu, take_map};
+pub use kernel::{monotonic_ns, parse_cpu_list};
 
 use crate::{
     kbtf::{Btf, BtfError},
@@ -85,6 +87,10 @@ pub struct CaptureConfig {
     pub offcpu: bool,
     /// Off-CPU blocks shorter than this (ns) are summed without stacks.
     pub offcpu_min_ns: u64,
+    /// Time event-loop turns.
+    pub loops: bool,
+    /// Turns at least this long (ns) are stalls.
+    pub stall_ns: u64,
 }
 
 impl Default for CaptureConfig {
@@ -103,6 +109,8 @@ impl Default for CaptureConfig {
             verbose: false,
             offcpu: false,
             offcpu_min_ns: profiler_common::offcpu::MIN_NS,
+            loops: false,
+            stall_ns: profiler_common::loops::STALL_NS,
         }
     }
 }
@@ -241,6 +249,7 @@ fn signals(cfg: &CaptureConfig) -> Vec<Box<dyn Signal>> {
         Box::new(sched::Sched::default()),
         Box::new(tcp::Tcp::default()),
         Box::new(offcpu::OffCpu::default()),
+        Box::new(loops::Loops::default()),
         Box::new(oom::Oom::default()),
         Box::new(counted::Counted::default()),
         Box::new(stacks::Stacks::new(cfg)),

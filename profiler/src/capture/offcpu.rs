@@ -14,10 +14,11 @@ use profiler_common::offcpu::{self, OffKey, OffStart, OffValue, SHORT, class};
 
 use super::{
     CaptureError, Setup, Signal,
-    kernel::{Tracepoints, monotonic_ns, take_map, thread_size},
+    kernel::{Ring, Tracepoints, drain_ring, monotonic_ns, take_map, take_ring, thread_size},
 };
 use crate::{
-    model::{OffCpuStack, RawProfile, RawStack, RawStackPart},
+    model::{OffCpuStack, RawProfile, RawStack, RawStackPart, TurnBlock},
+    procs::ProcessTable,
     tracefs::{Format, switch_runnable_mask},
 };
 
@@ -34,7 +35,13 @@ pub struct OffCpu {
     min_ns: u64,
     tracepoints: Tracepoints,
     maps: Option<Maps>,
+    /// Blocks inside event-loop turns.
+    turn_ring: Option<Ring>,
+    turn_blocks: Vec<profiler_common::offcpu::TurnBlock>,
 }
+
+/// Most blocks inside loop turns kept per window.
+const MAX_TURN_BLOCKS: usize = 400_000;
 
 struct Maps {
     counts: PerCpuHashMap<MapData, OffKey, OffValue>,
@@ -136,12 +143,29 @@ impl Signal for OffCpu {
             self.on = false;
             return Ok(());
         }
+        self.turn_ring = Some(take_ring(ebpf, offcpu::LOOP_BLOCKS)?);
         self.maps = Some(Maps {
             counts: take_map(ebpf, offcpu::OFFCPU_COUNTS)?,
             stacks: take_map(ebpf, offcpu::OFFCPU_STACKS)?,
             start: take_map(ebpf, offcpu::OFFCPU_START)?,
         });
         Ok(())
+    }
+
+    fn rings(&self) -> Vec<&Ring> {
+        self.turn_ring.iter().collect()
+    }
+
+    fn drain(&mut self, _procs: &mut ProcessTable) {
+        let Some(ring) = self.turn_ring.as_mut() else {
+            return;
+        };
+        let blocks = &mut self.turn_blocks;
+        drain_ring(ring, |b: profiler_common::offcpu::TurnBlock| {
+            if blocks.len() < MAX_TURN_BLOCKS {
+                blocks.push(b);
+            }
+        });
     }
 
     fn collect(
@@ -168,6 +192,32 @@ impl Signal for OffCpu {
                 })
                 .clone()
         };
+        for b in std::mem::take(&mut self.turn_blocks) {
+            let k = b.key;
+            let thread = String::from_utf8_lossy(k.comm.split(|c| *c == 0).next().unwrap_or(&[]))
+                .into_owned();
+            out.turn_blocks.push(TurnBlock {
+                tid: b.tid,
+                start_ns: b.start_ns,
+                woken_ns: b.woken_ns,
+                end_ns: b.end_ns,
+                block: OffCpuStack {
+                    stack: RawStack {
+                        tgid: k.tgid,
+                        thread,
+                        user: resolve(k.user_stack_id),
+                        user_cut: None,
+                        kernel: resolve(k.kernel_stack_id),
+                        count: 1,
+                    },
+                    ns: b.end_ns.saturating_sub(b.start_ns),
+                    class: k.class,
+                    syscall: k.syscall,
+                    detail: k.detail,
+                    short: false,
+                },
+            });
+        }
         let mut keys = Vec::new();
         let mut sums: HashMap<OffKey, (u64, u64)> = HashMap::new();
         for item in maps.counts.iter() {
@@ -236,16 +286,17 @@ impl Signal for OffCpu {
                 ns,
                 class: key.class,
                 syscall: key.syscall,
+                detail: key.detail,
                 short,
             });
         }
         if drain {
             // The stacks of threads off the CPU now are still wanted when
             // they return: only keys and stacks no start refers to go.
-            let mut live: Vec<i32> = Vec::new();
+            let mut live = std::collections::HashSet::new();
             for (_, s) in maps.start.iter().filter_map(Result::ok) {
-                live.push(s.key.user_stack_id);
-                live.push(s.key.kernel_stack_id);
+                live.insert(s.key.user_stack_id);
+                live.insert(s.key.kernel_stack_id);
             }
             for key in keys {
                 let _ = maps.counts.remove(&key);

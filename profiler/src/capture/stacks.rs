@@ -25,7 +25,7 @@ use super::{
     kernel::{Ring, possible_cpus, program, take_map, take_ring, thread_size},
 };
 use crate::{
-    model::{RawProfile, RawStack, RawStackPart},
+    model::{RawProfile, RawStack, RawStackPart, TimedSample},
     procs::ProcessTable,
     unwind::{UnwindMode, UserUnwinder},
 };
@@ -256,6 +256,20 @@ impl Signal for Stacks {
             });
         }
         if let Some(unwinder) = self.unwinder.as_mut() {
+            for (tid, time_ns, key) in unwinder.take_timed() {
+                out.turn_samples.push(TimedSample {
+                    tid,
+                    time_ns,
+                    stack: RawStack {
+                        tgid: key.tgid,
+                        thread: key.thread,
+                        user: Ok(key.user),
+                        user_cut: key.cut,
+                        kernel: resolve(key.kernel_stack_id),
+                        count: 1,
+                    },
+                });
+            }
             let (unwound, stats) = unwinder.take_window();
             out.unwind = Some(stats);
             for (key, count) in unwound {

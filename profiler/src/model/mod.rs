@@ -15,6 +15,7 @@ pub use frames::{
     Folded, Frame, FrameKind, Side, SymbolizedStack, Unknown, UnknownReason, sanitize,
 };
 pub use raw::{
-    CountedEvents, Counters, Cut, MAX_SOCKET_OWNERS, OffCpuStack, OomKill, OwnerInfo, RawProfile,
-    RawStack, RawStackPart, Unavailable, UnwindStats,
+    CountedEvents, Counters, Cut, LoopThreadRaw, MAX_SOCKET_OWNERS, OffCpuStack, OomKill,
+    OwnerInfo, RawProfile, RawStack, RawStackPart, TimedSample, TurnBlock, Unavailable,
+    UnwindStats,
 };

@@ -60,9 +60,47 @@ pub struct OffCpuStack {
     /// The syscall it was in ([`profiler_common::offcpu::NO_SYSCALL`]:
     /// none).
     pub syscall: i32,
+    /// For futex(2), its command (`op & 0x7f`).
+    pub detail: u8,
     /// Blocks shorter than the minimum: no user stack, not in the flame
     /// graph, still in the totals.
     pub short: bool,
+}
+
+/// A CPU sample taken inside an event-loop turn.
+#[derive(Clone, Debug)]
+pub struct TimedSample {
+    /// Thread id.
+    pub tid: u32,
+    /// When (ktime ns).
+    pub time_ns: u64,
+    /// Its stacks (`count` 1).
+    pub stack: RawStack,
+}
+
+/// A block off the CPU inside an event-loop turn.
+#[derive(Clone, Debug)]
+pub struct TurnBlock {
+    /// Thread id.
+    pub tid: u32,
+    /// Left the CPU, woken (0: not known), ran again (ktime ns).
+    pub start_ns: u64,
+    /// Woken.
+    pub woken_ns: u64,
+    /// Ran again.
+    pub end_ns: u64,
+    /// Its stacks, how it left and the syscall it was in (`ns`: the
+    /// whole block).
+    pub block: OffCpuStack,
+}
+
+/// An event-loop thread's turns, as counted in the kernel.
+#[derive(Clone, Debug)]
+pub struct LoopThreadRaw {
+    /// Thread id.
+    pub tid: u32,
+    /// The kernel's record.
+    pub turns: profiler_common::loops::LoopThread,
 }
 
 /// Userspace unwinding figures of a window (dwarf/auto, and collided
@@ -211,6 +249,16 @@ pub struct RawProfile {
     pub offcpu_on: bool,
     /// Off-CPU time, summed per key.
     pub offcpu: Vec<OffCpuStack>,
+    /// Whether event-loop turns were timed.
+    pub loops_on: bool,
+    /// Event-loop threads and their turns.
+    pub loops: Vec<LoopThreadRaw>,
+    /// Turns past the stall threshold.
+    pub stalls: Vec<profiler_common::loops::Stall>,
+    /// CPU samples inside turns.
+    pub turn_samples: Vec<TimedSample>,
+    /// Off-CPU blocks inside turns.
+    pub turn_blocks: Vec<TurnBlock>,
 }
 
 impl RawProfile {

@@ -12,7 +12,7 @@ use framehop::{
     x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64},
 };
 use object::{Object, ObjectSection, ObjectSegment};
-use profiler_common::stacks::{STACK_AT_TOP, STACK_IPS, StackSample};
+use profiler_common::stacks::{STACK_AT_TOP, STACK_IN_TURN, STACK_IPS, StackSample};
 
 use crate::{
     jitcfi::JitCfi,
@@ -25,6 +25,9 @@ use crate::{
 pub const MAX_FRAMES: usize = 256;
 /// Most distinct stacks kept; past it samples are counted as dropped.
 pub const MAX_STACKS: usize = 200_000;
+/// Most samples inside event-loop turns kept per window (at 99 Hz, an
+/// hour of one busy loop thread).
+pub const MAX_TIMED: usize = 400_000;
 /// Most per-process unwinders kept at once.
 pub const MAX_PROCS: usize = 4096;
 /// Most object files whose unwind sections are kept.
@@ -376,6 +379,9 @@ pub struct UserUnwinder {
     cache: CacheX86_64,
     /// Aggregated stacks.
     pub stacks: HashMap<UnwoundKey, u64>,
+    /// Samples taken inside an event-loop turn, one by one with their
+    /// thread and time (also counted in `stacks`): the stalls' own.
+    pub timed: Vec<(u32, u64, UnwoundKey)>,
     /// What happened.
     pub stats: UnwindStats,
 }
@@ -398,6 +404,11 @@ impl UserUnwinder {
             std::mem::take(&mut self.stacks),
             std::mem::take(&mut self.stats),
         )
+    }
+
+    /// Hands over the samples taken inside event-loop turns.
+    pub fn take_timed(&mut self) -> Vec<(u32, u64, UnwoundKey)> {
+        std::mem::take(&mut self.timed)
     }
 
     /// Drops what is cached for processes that are gone, and the unwind
@@ -707,6 +718,9 @@ impl UserUnwinder {
             kernel_stack_id: s.kernel_stack_id,
             cut,
         };
+        if s.flags & STACK_IN_TURN != 0 && self.timed.len() < MAX_TIMED {
+            self.timed.push((s.tid, s.time_ns, key.clone()));
+        }
         if let Some(c) = self.stacks.get_mut(&key) {
             *c += 1;
         } else if self.stacks.len() < self.max_stacks.unwrap_or(MAX_STACKS) {

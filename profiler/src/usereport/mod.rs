@@ -262,6 +262,9 @@ pub struct UseReport {
     /// Where the threads' time off the CPU went (when recorded).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offcpu: Option<crate::offcpu::OffCpuSummary>,
+    /// Event loops: turns and stalls (when timed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_loops: Option<crate::loops::EventLoops>,
 }
 
 /// Upper bound of log2 bucket `i` in us.
@@ -632,6 +635,7 @@ pub fn build(
             .collect(),
         profiler: None,
         offcpu: None,
+        event_loops: None,
     }
 }
 

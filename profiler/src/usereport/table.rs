@@ -149,6 +149,9 @@ pub fn render_table(r: &UseReport) -> String {
     if let Some(o) = &r.offcpu {
         out.push_str(&crate::offcpu::render_line(o));
     }
+    if let Some(l) = &r.event_loops {
+        out.push_str(&crate::loops::render_line(l));
+    }
     if let Some(c) = n.retransmits_by_connection.first() {
         out.push_str(&format!(
             "  top retransmitter: {}:{} -> {}:{} {} x{}{}\n",

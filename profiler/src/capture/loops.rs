@@ -1,0 +1,133 @@
+//! Event loops, loader side: the epoll wait syscalls' enter and exit
+//! tracepoints, the stalls read off their ring, and at each window the
+//! loop threads' turn counts and histograms. Kernel side:
+//! `profiler-ebpf/src/loops.rs`; shared types: `profiler_common::loops`.
+
+use aya::{
+    Ebpf,
+    maps::{HashMap as BpfHashMap, MapData},
+};
+use profiler_common::loops::{self, LoopThread, Stall, WAITS};
+
+use super::{
+    CaptureError, Setup, Signal,
+    kernel::{Ring, Tracepoints, drain_ring, take_map, take_ring},
+};
+use crate::{
+    model::{LoopThreadRaw, RawProfile},
+    procs::ProcessTable,
+    tracefs::Format,
+};
+
+const LOOPS: &str = "event_loops";
+/// Most stalls kept per window.
+const MAX_STALLS: usize = 100_000;
+
+/// The event-loop signal.
+#[derive(Default)]
+pub struct Loops {
+    on: bool,
+    tracepoints: Tracepoints,
+    ring: Option<Ring>,
+    map: Option<BpfHashMap<MapData, u32, LoopThread>>,
+    stalls: Vec<Stall>,
+}
+
+impl Signal for Loops {
+    fn configure(&mut self, setup: &mut Setup<'_>) {
+        self.on = setup.cfg.loops;
+        if !self.on {
+            setup.sizes.push((loops::LOOPS, 1));
+            setup.sizes.push((loops::STALLS, 4096));
+            return;
+        }
+        if let Err(e) = Format::read("syscalls", "sys_enter_epoll_wait") {
+            setup.unavailable(
+                LOOPS,
+                format!(
+                    "{e} (syscall tracepoints need a kernel built with CONFIG_FTRACE_SYSCALLS)"
+                ),
+            );
+            self.on = false;
+            return;
+        }
+        setup.config.loops = 1;
+        setup.config.stall_ns = setup.cfg.stall_ns;
+    }
+
+    fn attach(&mut self, ebpf: &mut Ebpf, setup: &mut Setup<'_>) -> Result<(), CaptureError> {
+        if !self.on {
+            return Ok(());
+        }
+        self.ring = Some(take_ring(ebpf, loops::STALLS)?);
+        self.map = Some(take_map(ebpf, loops::LOOPS)?);
+        let names =
+            |dir: &str| -> Vec<String> { WAITS.iter().map(|w| format!("sys_{dir}_{w}")).collect() };
+        let (exits, enters) = (names("exit"), names("enter"));
+        fn points(v: &[String]) -> Vec<(&str, &str)> {
+            v.iter().map(|n| ("syscalls", n.as_str())).collect()
+        }
+        // epoll_pwait2 is 5.11+.
+        let optional = ["sys_exit_epoll_pwait2", "sys_enter_epoll_pwait2"];
+        if !self.tracepoints.attach(
+            ebpf,
+            setup,
+            LOOPS,
+            loops::PROG_ENTER,
+            &points(&enters),
+            &optional,
+        )? || !self.tracepoints.attach(
+            ebpf,
+            setup,
+            LOOPS,
+            loops::PROG_EXIT,
+            &points(&exits),
+            &optional,
+        )? {
+            self.on = false;
+        }
+        Ok(())
+    }
+
+    fn rings(&self) -> Vec<&Ring> {
+        self.ring.iter().collect()
+    }
+
+    fn drain(&mut self, _procs: &mut ProcessTable) {
+        let Some(ring) = self.ring.as_mut() else {
+            return;
+        };
+        let stalls = &mut self.stalls;
+        drain_ring(ring, |s: Stall| {
+            if stalls.len() < MAX_STALLS {
+                stalls.push(s);
+            }
+        });
+    }
+
+    fn collect(
+        &mut self,
+        _ebpf: &mut Ebpf,
+        out: &mut RawProfile,
+        drain: bool,
+    ) -> Result<(), CaptureError> {
+        let Some(map) = self.map.as_mut() else {
+            return Ok(());
+        };
+        out.loops_on = true;
+        out.stalls.append(&mut self.stalls);
+        let threads: Vec<(u32, LoopThread)> = map.iter().filter_map(Result::ok).collect();
+        for (tid, turns) in threads {
+            if drain && crate::procs::Stat::read(tid).is_none_or(|s| s.exited()) {
+                // Gone: counted in this window for the last time.
+                let _ = map.remove(&tid);
+            }
+            out.loops.push(LoopThreadRaw { tid, turns });
+        }
+        Ok(())
+    }
+
+    fn detach(&mut self, ebpf: &mut Ebpf) -> Vec<CaptureError> {
+        self.tracepoints.detach(ebpf)
+    }
+}
