@@ -176,6 +176,104 @@ fn off_cpu_causes_match_the_programs_own_clocks() {
     );
 }
 
+/// Microseconds per thread id in libbpf-tools offcputime's output (stacks,
+/// then `-  comm (tid)`, then the microseconds).
+fn offcputime_us_by_tid(text: &str) -> std::collections::HashMap<u64, u64> {
+    let mut out = std::collections::HashMap::new();
+    let mut tid = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix('-') {
+            tid = rest
+                .trim()
+                .rsplit_once('(')
+                .and_then(|(_, t)| t.strip_suffix(')')?.parse::<u64>().ok());
+        } else if let (Some(t), Ok(us)) = (tid, line.parse::<u64>()) {
+            *out.entry(t).or_default() += us;
+            tid = None;
+        }
+    }
+    out
+}
+
+/// libbpf-tools' offcputime beside ours, on the same program with the same
+/// 1 ms minimum: the blocked time of each of its processes within 5%.
+#[test]
+fn off_cpu_totals_agree_with_offcputime() {
+    if !require_root("off_cpu_totals_agree_with_offcputime") {
+        return;
+    }
+    let dir = scratch("offcpu-peer");
+    // System-wide, user threads, blocks of 1 ms and more, until SIGINT;
+    // started first, so that it sees the program's whole life.
+    let peer = std::process::Command::new("offcputime")
+        .args(["-u", "-m", "1000", "--stack-storage-size", "16384"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("offcputime (Debian: libbpf-tools) is needed; .ci/run installs it");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let exe = build_c(
+        "offcpu.c",
+        &dir.join("offcpu"),
+        &["-O2", "-pthread", "-fno-omit-frame-pointer"],
+    );
+    let out_dir = dir.join("out");
+    let result = dir.join("result.json");
+    let data = dir.join("data");
+    let out = record_ok(
+        &dir,
+        &[
+            "--off-cpu-min",
+            "1ms",
+            "-o",
+            out_dir.to_str().unwrap(),
+            "--",
+            exe.to_str().unwrap(),
+            "3",
+            data.to_str().unwrap(),
+            result.to_str().unwrap(),
+        ],
+    );
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(peer.id() as i32, libc::SIGINT) };
+    let peer = peer.wait_with_output().unwrap();
+    let peer_text = String::from_utf8_lossy(&peer.stdout);
+    let by_tid = offcputime_us_by_tid(&peer_text);
+    assert!(
+        !by_tid.is_empty(),
+        "offcputime printed nothing: {}",
+        String::from_utf8_lossy(&peer.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
+    let folded = read_folded_file(&out_dir, "offcpu.folded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for (process, tids) in [("offcpu", "tids"), ("offcpu-hogs", "hogs_tids")] {
+        let theirs: u64 = v[tids]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| by_tid.get(&t.as_u64().unwrap()).copied().unwrap_or(0))
+            .sum();
+        let ours: u64 = folded
+            .iter()
+            .filter(|(l, _)| l.starts_with(&format!("{process};")))
+            .map(|(_, us)| *us)
+            .sum();
+        eprintln!("{process}: ours {ours} us, offcputime {theirs} us");
+        assert!(
+            theirs > 1_000_000,
+            "offcputime saw {theirs} us of {process}\n{err}"
+        );
+        let off = (ours as f64 - theirs as f64).abs() / theirs as f64;
+        assert!(
+            off <= 0.05,
+            "{process}: ours {ours} us, offcputime {theirs} us: {:.1}% apart\n{err}",
+            off * 100.0
+        );
+    }
+}
+
 /// --no-off-cpu: no off-CPU files, no off-CPU section.
 #[test]
 fn no_off_cpu_writes_none_of_it() {

@@ -19,8 +19,9 @@
  *
  * Usage: offcpu SECONDS FILE_ON_DISK RESULT_JSON
  * Writes {"pid": P, "hogs_pid": C, "sleep": s, "lock": s, "pipe": s,
- * "disk": s, "cpu": s} to RESULT_JSON: the seconds each way of waiting
- * took, over the threads of process P ("cpu": of process C).
+ * "disk": s, "cpu": s, "tids": [...], "hogs_tids": [...]} to RESULT_JSON:
+ * the seconds each way of waiting took, over the threads of process P
+ * ("cpu": of process C), and the thread ids of each process.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -43,6 +44,23 @@ static double deadline;
 static const char *disk_path;
 static pthread_mutex_t held = PTHREAD_MUTEX_INITIALIZER;
 static int pipe_fds[2];
+/* Thread ids of this process; the child's go to shared memory. */
+static int tids[16];
+static int ntids;
+static int *shared_tids;
+
+static void note_tid(void) {
+  int tid = (int)gettid();
+  while (pthread_mutex_trylock(&spent_lock) != 0)
+    ;
+  if (shared_tids) {
+    if (shared_tids[0] < 15)
+      shared_tids[1 + shared_tids[0]++] = tid;
+  } else if (ntids < 16) {
+    tids[ntids++] = tid;
+  }
+  pthread_mutex_unlock(&spent_lock);
+}
 
 static double now(clockid_t c) {
   struct timespec t;
@@ -90,6 +108,7 @@ static void nap(double s) {
 
 static void *sleeper(void *arg) {
   (void)arg;
+  note_tid();
   pin_light();
   while (now(CLOCK_MONOTONIC) < deadline)
     nap(0.05);
@@ -99,6 +118,7 @@ static void *sleeper(void *arg) {
 static void *holder(void *arg) {
   (void)arg;
   pthread_setname_np(pthread_self(), "t-holder");
+  note_tid();
   pin_light();
   while (now(CLOCK_MONOTONIC) < deadline) {
     pthread_mutex_lock(&held);
@@ -112,6 +132,7 @@ static void *holder(void *arg) {
 static void *waiter(void *arg) {
   (void)arg;
   pthread_setname_np(pthread_self(), "t-lock");
+  note_tid();
   pin_light();
   nap(0.02);
   while (now(CLOCK_MONOTONIC) < deadline) {
@@ -127,6 +148,7 @@ static void *waiter(void *arg) {
 static void *feeder(void *arg) {
   (void)arg;
   pthread_setname_np(pthread_self(), "t-feeder");
+  note_tid();
   pin_light();
   while (now(CLOCK_MONOTONIC) < deadline) {
     nap(0.04);
@@ -140,6 +162,7 @@ static void *feeder(void *arg) {
 static void *reader(void *arg) {
   (void)arg;
   pthread_setname_np(pthread_self(), "t-pipe");
+  note_tid();
   pin_light();
   char c;
   for (;;) {
@@ -155,6 +178,7 @@ static void *reader(void *arg) {
 static void *disk(void *arg) {
   (void)arg;
   pthread_setname_np(pthread_self(), "t-disk");
+  note_tid();
   pin_light();
   static char block[65536];
   memset(block, 'd', sizeof block);
@@ -178,6 +202,7 @@ static void *disk(void *arg) {
 
 static void *hog(void *arg) {
   pthread_setname_np(pthread_self(), arg);
+  note_tid();
   pin(0);
   struct mark m = mark();
   volatile unsigned long n = 0;
@@ -198,11 +223,14 @@ int main(int argc, char **argv) {
     return 1;
   /* The busy pair, in a process of its own; its figure comes back in
    * shared memory. */
-  double *hogs_cpu = mmap(NULL, sizeof(double), PROT_READ | PROT_WRITE,
+  double *hogs_cpu = mmap(NULL, sizeof(double) + 16 * sizeof(int), PROT_READ | PROT_WRITE,
                           MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  int *child_tids = (int *)(hogs_cpu + 1);
   pid_t child = fork();
   if (child == 0) {
     prctl(PR_SET_NAME, "offcpu-hogs");
+    shared_tids = child_tids;
+    note_tid();
     pthread_t h[2];
     pthread_create(&h[0], NULL, hog, "t-hog1");
     pthread_create(&h[1], NULL, hog, "t-hog2");
@@ -229,7 +257,13 @@ int main(int argc, char **argv) {
   fprintf(f, "{\"pid\": %d, \"hogs_pid\": %d", (int)getpid(), (int)child);
   for (int i = 0; i < CAUSES; i++)
     fprintf(f, ", \"%s\": %.6f", names[i], spent[i]);
-  fprintf(f, "}\n");
+  fprintf(f, ", \"tids\": [");
+  for (int i = 0; i < ntids; i++)
+    fprintf(f, "%s%d", i ? ", " : "", tids[i]);
+  fprintf(f, "], \"hogs_tids\": [");
+  for (int i = 0; i < child_tids[0]; i++)
+    fprintf(f, "%s%d", i ? ", " : "", child_tids[1 + i]);
+  fprintf(f, "]}\n");
   fclose(f);
   return 0;
 }
