@@ -73,6 +73,26 @@ pub struct DaemonArgs {
     #[arg(long = "max-profile-seconds", value_name = "S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub max_profile_seconds: u64,
 
+    /// Time threads off the CPU, by cause (off by default: it traces every
+    /// context switch): profiler_offcpu_seconds_total, and each window's
+    /// offcpu.folded/svg with --output.
+    #[arg(long = "off-cpu")]
+    pub off_cpu: bool,
+
+    /// With --off-cpu, blocks shorter than this are summed per cause
+    /// without their stacks.
+    #[arg(long = "off-cpu-min", value_name = "DURATION", default_value = "1ms", value_parser = parse_duration)]
+    pub off_cpu_min: Duration,
+
+    /// Do not time event-loop turns (profiler_event_loop_* metrics,
+    /// stalls.folded/svg).
+    #[arg(long = "no-event-loops")]
+    pub no_event_loops: bool,
+
+    /// An event-loop turn at least this long is a stall.
+    #[arg(long = "stall-threshold", value_name = "DURATION", default_value = "50ms", value_parser = parse_duration)]
+    pub stall_threshold: Duration,
+
     /// The ECS agent's introspection endpoint, for task ARNs and container
     /// names (`none`: do not ask).
     #[arg(long = "ecs-agent", value_name = "ADDR:PORT|none", default_value = crate::containers::ECS_AGENT, value_parser = parse_agent)]

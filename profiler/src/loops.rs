@@ -156,7 +156,8 @@ pub fn analyze(
     raw: &RawProfile,
     procs: &ProcessTable,
     exclude: Option<u32>,
-    mut attributor: Option<&mut Attributor>,
+    attributor: &mut Attributor,
+    group_by_container: bool,
     stall_ns: u64,
     now_ns: u64,
     hz: u64,
@@ -278,15 +279,13 @@ pub fn analyze(
             }
         }
     }
-    if let Some(a) = attributor.as_deref_mut() {
+    if group_by_container {
         for s in &mut folded_stacks {
-            s.group = Some(group_of(s.tgid, procs, a));
+            s.group = Some(group_of(s.tgid, procs, attributor));
         }
     }
     let folded = fold::fold(&folded_stacks);
 
-    let mut fallback = Attributor::new(None);
-    let attributor = attributor.unwrap_or(&mut fallback);
     let mut loops: Vec<LoopReport> = raw
         .loops
         .iter()

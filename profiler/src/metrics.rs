@@ -39,6 +39,27 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// Why threads were off the CPU, by container.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabel {
+    /// The cause (`lock`, `disk`, ...; see use.json's offcpu).
+    pub cause: String,
+    /// As [`ContainerLabel`].
+    pub container: String,
+}
+
+/// An event loop's process name, by container.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoopLabel {
+    /// As [`ContainerLabel`].
+    pub container: String,
+    /// The loop thread's name (`other` past [`MAX_COMM_LABELS`]).
+    pub comm: String,
+}
+
+/// Most distinct `comm` label values of event loops.
+pub const MAX_COMM_LABELS: usize = 100;
+
 /// An eBPF program.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProgramLabel {
@@ -65,6 +86,10 @@ impl KernelHistogram {
         }
         g.1 += sum_us;
     }
+}
+
+impl prometheus_client::metrics::TypedMetric for KernelHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
 }
 
 impl EncodeMetric for KernelHistogram {
@@ -103,6 +128,10 @@ pub struct Metrics {
     oom_kills: Family<ContainerLabel, Counter>,
     context_switches: Counter,
     throttled: Family<ContainerLabel, F64Counter>,
+    offcpu: Family<CauseLabel, F64Counter>,
+    loop_turns: Family<LoopLabel, KernelHistogram>,
+    loop_stalls: Family<LoopLabel, Counter>,
+    comms: std::collections::HashSet<String>,
     migrations: Counter,
     major_faults: Counter,
     lost: Family<ReasonLabel, Counter>,
@@ -153,6 +182,10 @@ impl Metrics {
             oom_kills: Family::default(),
             context_switches: Counter::default(),
             throttled: Family::default(),
+            offcpu: Family::default(),
+            loop_turns: Family::default(),
+            loop_stalls: Family::default(),
+            comms: Default::default(),
             migrations: Counter::default(),
             major_faults: Counter::default(),
             lost: Family::default(),
@@ -215,6 +248,23 @@ impl Metrics {
             "Time tasks of a cgroup with a CPU quota waited for the next period (cpu.stat), by container",
             Unit::Seconds,
             m.throttled.clone(),
+        );
+        registry.register_with_unit(
+            "profiler_offcpu",
+            "Time threads spent off the CPU, by cause and container (daemon --off-cpu; idle and condvar: waiting for work)",
+            Unit::Seconds,
+            m.offcpu.clone(),
+        );
+        registry.register_with_unit(
+            "profiler_event_loop_turn",
+            "Event-loop turns (from the return of an epoll wait to the next call), by container and thread name",
+            Unit::Seconds,
+            m.loop_turns.clone(),
+        );
+        registry.register(
+            "profiler_event_loop_stalls",
+            "Event-loop turns of at least --stall-threshold, by container and thread name",
+            m.loop_stalls.clone(),
         );
         registry.register(
             "profiler_cpu_migrations",
@@ -305,6 +355,66 @@ impl Metrics {
         for t in throttling {
             let l = self.container_label(t.container.as_deref().unwrap_or("host"));
             self.throttled.get_or_create(&l).inc_by(t.throttled_s);
+        }
+    }
+
+    /// Adds a window's off-CPU seconds, by cause and container.
+    pub fn add_offcpu(&mut self, s: &crate::offcpu::OffCpuSummary) {
+        for p in &s.by_process {
+            let container = self.container_label(&p.container).container;
+            for (cause, secs) in &p.by_cause_s.0 {
+                if *secs > 0.0 {
+                    let l = CauseLabel {
+                        cause: cause.to_string(),
+                        container: container.clone(),
+                    };
+                    self.offcpu.get_or_create(&l).inc_by(*secs);
+                }
+            }
+        }
+    }
+
+    /// Adds a window's event-loop turns (what each loop thread added in
+    /// it) and stalls, labelled by container and thread name.
+    pub fn add_loops(
+        &mut self,
+        raw: &RawProfile,
+        container_of: &mut dyn FnMut(u32) -> Option<String>,
+    ) {
+        let mut labels: HashMap<u32, LoopLabel> = HashMap::new();
+        for l in &raw.loops {
+            let t = &l.turns;
+            let comm = String::from_utf8_lossy(t.comm.split(|b| *b == 0).next().unwrap_or(&[]))
+                .into_owned();
+            let comm = if self.comms.contains(&comm) || self.comms.len() < MAX_COMM_LABELS {
+                self.comms.insert(comm.clone());
+                comm
+            } else {
+                "other".to_string()
+            };
+            let name = container_of(t.tgid).unwrap_or_else(|| "host".to_string());
+            let label = LoopLabel {
+                container: self.container_label(&name).container,
+                comm,
+            };
+            // Quarter octaves to the octaves of KernelHistogram.
+            let per = profiler_common::loops::SUB_BUCKETS as usize;
+            let octaves: Vec<u64> = t
+                .hist
+                .chunks(per)
+                .map(|c| c.iter().map(|&n| u64::from(n)).sum())
+                .collect();
+            if t.turns > 0 {
+                self.loop_turns
+                    .get_or_create(&label)
+                    .add(&octaves, t.total_ns / 1000);
+            }
+            labels.insert(l.tid, label);
+        }
+        for s in &raw.stalls {
+            if let Some(l) = labels.get(&s.tid) {
+                self.loop_stalls.get_or_create(l).inc();
+            }
         }
     }
 

@@ -278,12 +278,14 @@ pub struct OffCpuAnalysis {
 }
 
 /// Symbolizes, classifies and folds a capture's off-CPU keys (those of
-/// `exclude` left out); `attributor` groups stacks by container when given.
+/// `exclude` left out); stacks are grouped by container with
+/// `group_by_container`.
 pub fn analyze(
     raw: &RawProfile,
     procs: &ProcessTable,
     exclude: Option<u32>,
-    mut attributor: Option<&mut Attributor>,
+    attributor: &mut Attributor,
+    group_by_container: bool,
     min_ns: u64,
     throttled_told_apart: bool,
 ) -> OffCpuAnalysis {
@@ -318,14 +320,12 @@ pub fn analyze(
         s.count = o.ns / 1000;
         stacks.push(s);
     }
-    if let Some(a) = attributor.as_deref_mut() {
+    if group_by_container {
         for s in &mut stacks {
-            s.group = Some(group_of(s.tgid, procs, a));
+            s.group = Some(group_of(s.tgid, procs, attributor));
         }
     }
     let folded = fold::fold(&stacks);
-    let mut fallback = Attributor::new(None);
-    let attributor = attributor.unwrap_or(&mut fallback);
     let mut by_process: Vec<ProcessOffCpu> = per_proc
         .into_iter()
         .map(|(pid, by)| ProcessOffCpu {

@@ -118,6 +118,9 @@ pub struct WindowFiles<'a> {
     pub svg: Option<&'a [u8]>,
     /// use.json's bytes.
     pub use_json: &'a [u8],
+    /// Extra folded files and their drawings (`offcpu`, `stalls`): name
+    /// stem, folded stacks, SVG.
+    pub extra: Vec<(&'static str, &'a Folded, Option<&'a [u8]>)>,
 }
 
 impl WindowFiles<'_> {
@@ -135,6 +138,16 @@ impl WindowFiles<'_> {
         let use_json = dir.join("use.json");
         write_atomic(&use_json, |w| io::Write::write_all(w, self.use_json))?;
         written.push(use_json);
+        for (stem, folded, svg) in &self.extra {
+            let path = dir.join(format!("{stem}.folded"));
+            write_atomic(&path, |w| fold::write_folded(folded, w))?;
+            written.push(path);
+            if let Some(bytes) = svg {
+                let path = dir.join(format!("{stem}.svg"));
+                write_atomic(&path, |w| io::Write::write_all(w, bytes))?;
+                written.push(path);
+            }
+        }
         Ok(written)
     }
 }
@@ -245,8 +258,10 @@ mod tests {
                 folded: &folded,
                 svg: Some(b"<svg/>"),
                 use_json: b"{}",
+                extra: vec![("offcpu", &folded, None)],
             };
-            files.write(&out).unwrap();
+            let written = files.write(&out).unwrap();
+            assert!(written.contains(&out.join("offcpu.folded")));
             assert!(retain(dir.path(), "window-", 3).is_empty());
         }
         let mut names: Vec<String> = fs::read_dir(dir.path())

@@ -273,22 +273,22 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     report.profiler = Some(cost(&cost_end));
     let exclude = has_command.then_some(own_pid);
     // A one-shot capture can wait a second for the ECS agent.
-    let mut attributor = (args.capture.group_by == GroupBy::Container).then(|| {
-        Attributor::waiting(
-            Some(
-                crate::containers::ECS_AGENT
-                    .parse()
-                    .expect("a valid address"),
-            ),
-            Duration::from_secs(1),
-        )
-    });
+    let mut attributor = Attributor::waiting(
+        Some(
+            crate::containers::ECS_AGENT
+                .parse()
+                .expect("a valid address"),
+        ),
+        Duration::from_secs(1),
+    );
+    let by_container = args.capture.group_by == GroupBy::Container;
     let offcpu = raw.offcpu_on.then(|| {
         crate::offcpu::analyze(
             &raw,
             &capture.procs,
             exclude,
-            attributor.as_mut(),
+            &mut attributor,
+            by_container,
             cfg.offcpu_min_ns,
             !raw.unavailable
                 .iter()
@@ -301,7 +301,8 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
             &raw,
             &capture.procs,
             exclude,
-            attributor.as_mut(),
+            &mut attributor,
+            by_container,
             cfg.stall_ns,
             collected_ns,
             args.capture.frequency,
@@ -353,9 +354,9 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     }
     if args.stacks() {
         let mut stacks = symbolize_profile(&raw, &capture.procs, exclude);
-        if let Some(attributor) = attributor.as_mut() {
+        if by_container {
             for s in &mut stacks {
-                s.group = Some(group_of(s.tgid, &capture.procs, attributor));
+                s.group = Some(group_of(s.tgid, &capture.procs, &mut attributor));
             }
         }
         folded = fold::fold(&stacks);

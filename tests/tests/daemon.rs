@@ -87,7 +87,7 @@ fn prometheus_scrapes_the_daemon() {
     let port = free_port();
     let d = start_daemon(
         Some(loopback(port)),
-        &["--window", "2s", "--ecs-agent", "none"],
+        &["--window", "2s", "--ecs-agent", "none", "--off-cpu"],
     );
     let prom_port = free_port();
     std::fs::write(
@@ -153,6 +153,9 @@ fn prometheus_scrapes_the_daemon() {
         "profiler_process_resident_memory_bytes",
         "profiler_bpf_run_time_seconds_total",
         "profiler_self_cpu_share_ratio",
+        "profiler_offcpu_seconds_total",
+        "profiler_event_loop_turn_seconds_bucket",
+        "profiler_event_loop_turn_seconds_count",
     ] {
         assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
     }
@@ -503,4 +506,95 @@ fn containers_are_attributed() {
     assert!(String::from_utf8_lossy(&svg).contains(&d_label));
     d.stop();
     drop(busy_shells);
+}
+
+/// With --off-cpu, the daemon's windows carry off-CPU time and event-loop
+/// stalls: a Node.js loop blocked three times 150 ms is counted in
+/// profiler_event_loop_stalls_total, its blocks in the windows'
+/// stalls.folded, its idle time in profiler_offcpu_seconds_total.
+#[test]
+fn daemon_counts_off_cpu_time_and_stalls() {
+    if !require_root("daemon_counts_off_cpu_time_and_stalls") {
+        return;
+    }
+    let dir = scratch("daemon-offcpu");
+    let port = free_port();
+    let out = dir.join("windows");
+    let d = start_daemon(
+        Some(loopback(port)),
+        &[
+            "--window",
+            "2s",
+            "--ecs-agent",
+            "none",
+            "--off-cpu",
+            "--stall-threshold",
+            "100ms",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    let script = tests::workspace().join("tests/node/stall.js");
+    let node = Command::new("node")
+        .arg("--perf-basic-prof")
+        .arg(&script)
+        .args(["block", "3", "150", "400"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("node");
+    let result = node.wait_with_output().unwrap();
+    assert!(result.status.success());
+    let metrics = wait_for(20, "three stalls of node in /metrics", || {
+        let (_, body) = d.get("/metrics");
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let stalls = metric_sum(
+            &text,
+            "profiler_event_loop_stalls_total{container=\"host\",comm=\"node\"}",
+        );
+        (stalls >= 3.0).then_some(text)
+    });
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "profiler_event_loop_stalls_total{container=\"host\",comm=\"node\"}"
+        ),
+        3.0,
+        "{metrics}"
+    );
+    assert!(
+        metric_sum(
+            &metrics,
+            "profiler_event_loop_turn_seconds_count{container=\"host\",comm=\"node\"}"
+        ) > 10.0,
+        "{metrics}"
+    );
+    assert!(
+        metric_sum(&metrics, "profiler_offcpu_seconds_total{cause=\"idle\"") > 0.5,
+        "{metrics}"
+    );
+    // Windows written: the stall flame graph holds the blocking function.
+    let mut culprit = 0u64;
+    let mut offcpu_files = 0;
+    for w in std::fs::read_dir(&out).unwrap() {
+        let w = w.unwrap().path();
+        if w.join("offcpu.folded").is_file() && w.join("offcpu.svg").is_file() {
+            offcpu_files += 1;
+        }
+        if let Ok(text) = std::fs::read_to_string(w.join("stalls.folded")) {
+            culprit += text
+                .lines()
+                .filter(|l| l.contains("blockTheLoop"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    assert!(
+        offcpu_files > 0,
+        "no window with offcpu.folded and offcpu.svg"
+    );
+    assert!(
+        culprit >= 300_000,
+        "{culprit} us of blockTheLoop in the windows' stalls.folded"
+    );
+    d.stop();
 }

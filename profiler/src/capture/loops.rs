@@ -3,6 +3,8 @@
 //! loop threads' turn counts and histograms. Kernel side:
 //! `profiler-ebpf/src/loops.rs`; shared types: `profiler_common::loops`.
 
+use std::collections::HashMap;
+
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData},
@@ -31,6 +33,24 @@ pub struct Loops {
     ring: Option<Ring>,
     map: Option<BpfHashMap<MapData, u32, LoopThread>>,
     stalls: Vec<Stall>,
+    /// Each thread's cumulative record at the last window: windows get
+    /// what was added since.
+    prev: HashMap<u32, LoopThread>,
+}
+
+/// What `now` added to `prev` (the longest turn stays the longest since
+/// the thread was first seen).
+fn since(now: &LoopThread, prev: Option<&LoopThread>) -> LoopThread {
+    let Some(p) = prev else {
+        return *now;
+    };
+    let mut d = *now;
+    d.turns = now.turns.saturating_sub(p.turns);
+    d.total_ns = now.total_ns.saturating_sub(p.total_ns);
+    for (a, b) in d.hist.iter_mut().zip(p.hist.iter()) {
+        *a = a.saturating_sub(*b);
+    }
+    d
 }
 
 impl Signal for Loops {
@@ -117,12 +137,20 @@ impl Signal for Loops {
         out.loops_on = true;
         out.stalls.append(&mut self.stalls);
         let threads: Vec<(u32, LoopThread)> = map.iter().filter_map(Result::ok).collect();
-        for (tid, turns) in threads {
-            if drain && crate::procs::Stat::read(tid).is_none_or(|s| s.exited()) {
-                // Gone: counted in this window for the last time.
-                let _ = map.remove(&tid);
+        for (tid, now) in threads {
+            out.loops.push(LoopThreadRaw {
+                tid,
+                turns: since(&now, self.prev.get(&tid)),
+            });
+            if drain {
+                if crate::procs::Stat::read(tid).is_none_or(|s| s.exited()) {
+                    // Gone: counted in this window for the last time.
+                    let _ = map.remove(&tid);
+                    self.prev.remove(&tid);
+                } else {
+                    self.prev.insert(tid, now);
+                }
             }
-            out.loops.push(LoopThreadRaw { tid, turns });
         }
         Ok(())
     }

@@ -144,6 +144,10 @@ async fn daemon(args: &DaemonArgs) -> Result<(), DaemonError> {
         unwind: args.capture.unwind,
         stack_bytes: args.capture.stack_bytes,
         verbose: args.capture.verbose,
+        offcpu: args.off_cpu,
+        offcpu_min_ns: u64::try_from(args.off_cpu_min.as_nanos()).unwrap_or(u64::MAX),
+        loops: !args.no_event_loops,
+        stall_ns: u64::try_from(args.stall_threshold.as_nanos()).unwrap_or(u64::MAX),
         ..Default::default()
     };
     let mut sigint = signal(SignalKind::interrupt())?;

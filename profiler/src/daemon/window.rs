@@ -244,16 +244,80 @@ pub(super) fn end_window(
         m.add_throttling(&report.cpu.throttling);
     }
     report.profiler = Some(cost);
+    let by_container = args.capture.group_by == GroupBy::Container;
+    let offcpu = raw.offcpu_on.then(|| {
+        crate::offcpu::analyze(
+            &raw,
+            procs,
+            None,
+            &mut naming.attributor,
+            by_container,
+            u64::try_from(args.off_cpu_min.as_nanos()).unwrap_or(u64::MAX),
+            !raw.unavailable
+                .iter()
+                .any(|u| u.signal == crate::offcpu::THROTTLED_SIGNAL),
+        )
+    });
+    let loops = raw.loops_on.then(|| {
+        crate::loops::analyze(
+            &raw,
+            procs,
+            None,
+            &mut naming.attributor,
+            by_container,
+            u64::try_from(args.stall_threshold.as_nanos()).unwrap_or(u64::MAX),
+            crate::capture::monotonic_ns(),
+            args.capture.frequency,
+            &window.clock,
+        )
+    });
+    {
+        let mut m = shared.metrics.lock().unwrap();
+        if let Some(o) = &offcpu {
+            m.add_offcpu(&o.summary);
+        }
+        if loops.is_some() {
+            m.add_loops(&raw, &mut |tgid| naming.container_of(tgid, procs));
+        }
+    }
+    report.offcpu = offcpu.as_ref().map(|o| o.summary.clone());
+    report.event_loops = loops.as_ref().map(|l| l.summary.clone());
     // Plain data (non-finite floats become null): encoding cannot fail.
     let use_json = serde_json::to_vec_pretty(&report).expect("a USE report encodes");
     let (folded, samples) = fold_stacks(&raw.stacks, procs, args.capture.group_by, naming);
     let svg = svg(&folded, elapsed, args.capture.frequency, samples);
     if let Some(dir) = &args.output {
+        let time_svg = |what: &'static str, f: &fold::Folded| -> Option<Vec<u8>> {
+            let title = render::TimeTitle {
+                what,
+                host: output::hostname(),
+                duration_s: elapsed.as_secs_f64(),
+                total_us: fold::total(f),
+            };
+            let mut out = Vec::new();
+            render::time_flamegraph(f, &title, &mut out)
+                .ok()
+                .map(|()| out)
+        };
+        let offcpu_svg = offcpu
+            .as_ref()
+            .and_then(|o| time_svg("Off-CPU time", &o.folded));
+        let stalls_svg = loops
+            .as_ref()
+            .and_then(|l| time_svg("Event-loop stalls", &l.folded));
+        let mut extra = Vec::new();
+        if let Some(o) = &offcpu {
+            extra.push(("offcpu", &o.folded, offcpu_svg.as_deref()));
+        }
+        if let Some(l) = &loops {
+            extra.push(("stalls", &l.folded, stalls_svg.as_deref()));
+        }
         let written = output::new_dir(dir, "window", window.start_time).and_then(|out| {
             let files = WindowFiles {
                 folded: &folded,
                 svg: svg.as_deref().ok(),
                 use_json: &use_json,
+                extra,
             };
             files.write(&out)
         });

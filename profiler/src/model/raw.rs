@@ -206,6 +206,40 @@ impl CountedEvents {
     }
 }
 
+/// Most stalls, and samples and blocks inside loop turns, kept in one
+/// window of slices.
+pub const MAX_TIMED_EVENTS: usize = 400_000;
+
+/// Sums off-CPU entries of the same key (slices of one window).
+fn coalesce_offcpu(v: &mut Vec<OffCpuStack>) {
+    type Key = (u32, String, RawStackPart, RawStackPart, u8, i32, u8, bool);
+    let mut at: HashMap<Key, usize> = HashMap::new();
+    let mut out: Vec<OffCpuStack> = Vec::with_capacity(v.len());
+    for o in v.drain(..) {
+        let key = (
+            o.stack.tgid,
+            o.stack.thread.clone(),
+            o.stack.user.clone(),
+            o.stack.kernel.clone(),
+            o.class,
+            o.syscall,
+            o.detail,
+            o.short,
+        );
+        match at.get(&key) {
+            Some(&i) => {
+                out[i].ns += o.ns;
+                out[i].stack.count += o.stack.count;
+            }
+            None => {
+                at.insert(key, out.len());
+                out.push(o);
+            }
+        }
+    }
+    *v = out;
+}
+
 /// Most socket owners remembered in one capture.
 pub const MAX_SOCKET_OWNERS: usize = 4096;
 
@@ -321,6 +355,35 @@ impl RawProfile {
         if let Some(u) = other.unwind {
             self.unwind.get_or_insert_with(Default::default).add(&u);
         }
+        self.offcpu_on |= other.offcpu_on;
+        self.offcpu.extend(other.offcpu);
+        coalesce_offcpu(&mut self.offcpu);
+        self.loops_on |= other.loops_on;
+        for l in other.loops {
+            match self.loops.iter_mut().find(|x| x.tid == l.tid) {
+                Some(x) => {
+                    let (a, b) = (&mut x.turns, &l.turns);
+                    a.turns += b.turns;
+                    a.total_ns += b.total_ns;
+                    a.max_ns = a.max_ns.max(b.max_ns);
+                    for (h, g) in a.hist.iter_mut().zip(b.hist.iter()) {
+                        *h += g;
+                    }
+                    a.in_turn = b.in_turn;
+                    a.turn_start = b.turn_start;
+                }
+                None => self.loops.push(l),
+            }
+        }
+        let room = |v: usize| MAX_TIMED_EVENTS.saturating_sub(v);
+        let n = room(self.stalls.len());
+        self.stalls.extend(other.stalls.into_iter().take(n));
+        let n = room(self.turn_samples.len());
+        self.turn_samples
+            .extend(other.turn_samples.into_iter().take(n));
+        let n = room(self.turn_blocks.len());
+        self.turn_blocks
+            .extend(other.turn_blocks.into_iter().take(n));
     }
 
     /// Value of one counter.
