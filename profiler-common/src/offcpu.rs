@@ -40,6 +40,37 @@ pub const LOOP_BLOCKS: MapDef = MapDef {
     entries: 256 * 1024,
 };
 
+/// LRU hash map [`KernelStackKey`] -> [kernel stack id, trusted until
+/// (ktime ns)]: a thread that blocks again in the same syscall on the same
+/// first argument (file descriptor, futex address) from the same user
+/// stack blocks at the same place in the kernel, so its kernel stack is
+/// walked again only once [`KSTACK_TTL_NS`] has passed. The kernel walk
+/// is most of the cost of a switch.
+pub const KSTACK_CACHE: MapDef = MapDef {
+    name: "KSTACK_CACHE",
+    entries: 16 * 1024,
+};
+
+/// How long a cached kernel stack is reused.
+pub const KSTACK_TTL_NS: u64 = 1_000_000_000;
+
+/// Key of [`KSTACK_CACHE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelStackKey {
+    /// Thread id.
+    pub tid: u32,
+    /// The syscall.
+    pub syscall: i32,
+    /// Its first argument.
+    pub arg0: u64,
+    /// The user stack id.
+    pub user_stack_id: i32,
+    /// Padding, zero.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<KernelStackKey>() == 24);
+
 /// How a thread left the CPU, and which part of its time away a key
 /// counts ([`OffKey::class`]).
 pub mod class {
@@ -139,4 +170,4 @@ pub struct TurnBlock {
 }
 const _: () = assert!(core::mem::size_of::<TurnBlock>() == 72);
 
-crate::pod!(OffKey, OffValue, OffStart, TurnBlock);
+crate::pod!(OffKey, OffValue, OffStart, TurnBlock, KernelStackKey);

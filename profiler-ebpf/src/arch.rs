@@ -58,14 +58,16 @@ pub fn user_regs(ctx: &PerfEventContext, cfg: &Config) -> Option<(u64, u64, u64)
 
 /// The current task's `pt_regs->orig_ax` (the number of the syscall it is
 /// in, -1 when it entered the kernel by an interrupt, or an exception's
-/// error code: a page fault's) and its second syscall argument (`si`).
+/// error code: a page fault's) and its first two syscall arguments (`di`,
+/// `si`).
 /// None for a kernel thread (no user registers) or when the kernel
 /// stack's place is unknown.
 #[cfg(bpf_target_arch = "x86_64")]
 #[inline(always)]
-pub fn current_syscall(cfg: &Config) -> Option<(i64, u64)> {
+pub fn current_syscall(cfg: &Config) -> Option<(i64, u64, u64)> {
     const PT_REGS_WORDS: usize = 21;
     const RSI: usize = 13;
+    const RDI: usize = 14;
     const ORIG_RAX: usize = 15;
     const CS: usize = 17;
     if cfg.task_stack == 0 {
@@ -86,7 +88,8 @@ pub fn current_syscall(cfg: &Config) -> Option<(i64, u64)> {
             return None;
         }
         let nr: u64 = bpf_probe_read_kernel(pt.add(ORIG_RAX)).ok()?;
+        let di: u64 = bpf_probe_read_kernel(pt.add(RDI)).unwrap_or(0);
         let si: u64 = bpf_probe_read_kernel(pt.add(RSI)).unwrap_or(0);
-        Some((nr as i64, si))
+        Some((nr as i64, di, si))
     }
 }

@@ -12,14 +12,17 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel,
     },
     macros::tracepoint,
-    maps::{HashMap, PerCpuHashMap, RingBuf, StackTrace},
+    maps::{HashMap, LruHashMap, PerCpuHashMap, RingBuf, StackTrace},
     programs::TracePointContext,
 };
 use profiler_common::{
     COMM_LEN,
     config::Config,
     counters::Counter,
-    offcpu::{self, NO_SYSCALL, OffKey, OffStart, OffValue, SHORT, TurnBlock, class},
+    offcpu::{
+        self, KSTACK_TTL_NS, KernelStackKey, NO_SYSCALL, OffKey, OffStart, OffValue, SHORT,
+        TurnBlock, class,
+    },
 };
 
 use crate::{COUNTERS, bump, config, dropped, now, read};
@@ -28,6 +31,7 @@ map!(OFFCPU_STACKS: StackTrace = with_max_entries(offcpu::OFFCPU_STACKS));
 map!(OFFCPU_START: HashMap<u32, OffStart> = with_max_entries(offcpu::OFFCPU_START));
 map!(OFFCPU_COUNTS: PerCpuHashMap<OffKey, OffValue> = with_max_entries(offcpu::OFFCPU_COUNTS));
 map!(LOOP_BLOCKS: RingBuf = with_byte_size(offcpu::LOOP_BLOCKS));
+map!(KSTACK_CACHE: LruHashMap<KernelStackKey, [i64; 2]> = with_max_entries(offcpu::KSTACK_CACHE));
 
 /// `TASK_UNINTERRUPTIBLE` in sched_switch's `prev_state`.
 const STATE_D: i64 = 2;
@@ -78,7 +82,7 @@ fn leaving(ctx: &TracePointContext, cfg: &Config, t: u64) {
         return;
     }
     // No user registers: a kernel thread, left out.
-    let Some((orig_ax, arg1)) = crate::arch::current_syscall(cfg) else {
+    let Some((orig_ax, arg0, arg1)) = crate::arch::current_syscall(cfg) else {
         return;
     };
     let Some(state) = read::<i64>(ctx, cfg.switch_prev_state) else {
@@ -104,13 +108,36 @@ fn leaving(ctx: &TracePointContext, cfg: &Config, t: u64) {
     } else {
         orig_ax as i32
     };
+    let user_stack_id = stack_id(ctx, BPF_F_USER_STACK as u64);
+    let kernel_stack_id = if syscall != NO_SYSCALL && user_stack_id >= 0 {
+        let ck = KernelStackKey {
+            tid,
+            syscall,
+            arg0,
+            user_stack_id,
+            _pad: 0,
+        };
+        // SAFETY: a read of plain integers.
+        match unsafe { KSTACK_CACHE.get(&ck) } {
+            Some(&[id, until]) if (t as i64) < until => id as i32,
+            _ => {
+                let id = stack_id(ctx, 0);
+                if id >= 0 {
+                    let _ = KSTACK_CACHE.insert(&ck, &[id as i64, (t + KSTACK_TTL_NS) as i64], 0);
+                }
+                id
+            }
+        }
+    } else {
+        stack_id(ctx, 0)
+    };
     let start = OffStart {
         start_ns: t,
         woken_ns: 0,
         key: OffKey {
             tgid,
-            user_stack_id: stack_id(ctx, BPF_F_USER_STACK as u64),
-            kernel_stack_id: stack_id(ctx, 0),
+            user_stack_id,
+            kernel_stack_id,
             syscall,
             class,
             // futex: its command (FUTEX_WAIT for a lock, FUTEX_WAIT_BITSET

@@ -10,7 +10,7 @@ use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, StackTraceMap},
 };
-use profiler_common::offcpu::{self, OffKey, OffStart, OffValue, SHORT, class};
+use profiler_common::offcpu::{self, KernelStackKey, OffKey, OffStart, OffValue, SHORT, class};
 
 use super::{
     CaptureError, Setup, Signal,
@@ -47,6 +47,7 @@ struct Maps {
     counts: PerCpuHashMap<MapData, OffKey, OffValue>,
     stacks: StackTraceMap<MapData>,
     start: BpfHashMap<MapData, u32, OffStart>,
+    kstacks: BpfHashMap<MapData, KernelStackKey, [i64; 2]>,
 }
 
 impl Signal for OffCpu {
@@ -148,6 +149,7 @@ impl Signal for OffCpu {
             counts: take_map(ebpf, offcpu::OFFCPU_COUNTS)?,
             stacks: take_map(ebpf, offcpu::OFFCPU_STACKS)?,
             start: take_map(ebpf, offcpu::OFFCPU_START)?,
+            kstacks: take_map(ebpf, offcpu::KSTACK_CACHE)?,
         });
         Ok(())
     }
@@ -297,6 +299,10 @@ impl Signal for OffCpu {
             for (_, s) in maps.start.iter().filter_map(Result::ok) {
                 live.insert(s.key.user_stack_id);
                 live.insert(s.key.kernel_stack_id);
+            }
+            // Kernel stacks the cache still hands out.
+            for (_, [id, _]) in maps.kstacks.iter().filter_map(Result::ok) {
+                live.insert(id as i32);
             }
             for key in keys {
                 let _ = maps.counts.remove(&key);
