@@ -37,7 +37,7 @@ struct Run {
 }
 
 /// Mean and the half width of its 95% confidence interval (Student's t).
-fn mean_ci(v: &[f64]) -> (f64, f64) {
+pub(crate) fn mean_ci(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
     if v.len() < 2 {
@@ -64,7 +64,10 @@ fn t975(df: usize) -> f64 {
 
 /// Reads `child`'s stream line by line until one contains `marker`, then
 /// keeps draining it on a thread so the child never blocks on a full pipe.
-fn wait_for_line(stream: impl std::io::Read + Send + 'static, marker: &str) -> Result<()> {
+pub(crate) fn wait_for_line(
+    stream: impl std::io::Read + Send + 'static,
+    marker: &str,
+) -> Result<()> {
     use std::io::BufRead;
     let mut lines = std::io::BufReader::new(stream).lines();
     loop {
@@ -103,7 +106,7 @@ fn run_ours(profiler: &Path, known: &Path, hz: &str, out: &Path) -> Result<Run> 
 
 /// bpf(BPF_ENABLE_STATS, BPF_STATS_RUN_TIME): run-time statistics of every
 /// BPF program while the returned descriptor is open.
-fn enable_bpf_stats() -> Result<std::os::fd::OwnedFd> {
+pub(crate) fn enable_bpf_stats() -> Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     const BPF_ENABLE_STATS: libc::c_long = 32;
     let mut attr = [0u32; 4]; // union bpf_attr { .enable_stats.type = 0 }
@@ -189,7 +192,7 @@ fn run_perf(known: &Path, hz: &str, data: &Path) -> Result<Run> {
     })
 }
 
-fn stop(mut c: Child) {
+pub(crate) fn stop(mut c: Child) {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
     let _ = c.wait();

@@ -24,6 +24,7 @@ mod pin {
 mod bench;
 mod bench_daemon;
 mod bench_node;
+mod bench_offcpu;
 mod bench_overhead;
 use clap::{Parser, Subcommand};
 
@@ -47,10 +48,10 @@ enum Cmd {
         record_args: Vec<String>,
     },
     /// Benchmarks against perf and bpftrace, measured in the same run
-    /// (root, perf, bpftrace, node): `unwind`, `daemon`, `overhead`,
-    /// `node`, or all.
+    /// (root, perf, bpftrace, node, offcputime): `unwind`, `daemon`,
+    /// `overhead`, `node`, `offcpu`, or all.
     Bench {
-        /// Which bench: unwind, daemon, overhead, node (default: all).
+        /// Which bench: unwind, daemon, overhead, node, offcpu (default: all).
         which: Option<String>,
         /// Rounds of the overhead bench's slowdown runs (each round runs
         /// the workload alone and under every tool, in a rotating order).
@@ -85,14 +86,16 @@ fn main() -> Result<()> {
                     bench::bench(&exe, &root())?;
                     bench_daemon::bench(&exe, &root())?;
                     bench_overhead::bench(&exe, &root(), rounds as usize)?;
-                    bench_node::bench(&exe, &root())
+                    bench_node::bench(&exe, &root())?;
+                    bench_offcpu::bench(&exe, &root(), rounds as usize)
                 }
                 Some("unwind") => bench::bench(&exe, &root()),
                 Some("daemon") => bench_daemon::bench(&exe, &root()),
                 Some("overhead") => bench_overhead::bench(&exe, &root(), rounds as usize),
                 Some("node") => bench_node::bench(&exe, &root()),
+                Some("offcpu") => bench_offcpu::bench(&exe, &root(), rounds as usize),
                 Some(other) => {
-                    bail!("unknown bench {other:?}: use unwind, daemon, overhead or node")
+                    bail!("unknown bench {other:?}: use unwind, daemon, overhead, node or offcpu")
                 }
             }
         }
