@@ -150,7 +150,7 @@ pub struct Metrics {
 }
 
 /// Counters that mean samples or events were lost.
-const LOST: [K; 8] = [
+const LOST: [K; 13] = [
     K::CountMapFull,
     K::UserStackDropped,
     K::KernelStackDropped,
@@ -159,6 +159,11 @@ const LOST: [K; 8] = [
     K::OomEventsLost,
     K::RetransMapFull,
     K::RunqStartFull,
+    K::OffcpuStartFull,
+    K::OffcpuStackDropped,
+    K::LoopsFull,
+    K::StallsLost,
+    K::LoopBlocksLost,
 ];
 
 impl Default for Metrics {

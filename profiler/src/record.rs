@@ -471,6 +471,27 @@ fn print_summary(
     );
     warn(Counter::RunqDepthFailed, "run-queue depth reads failed");
     warn(
+        Counter::OffcpuStartFull,
+        "blocks off the CPU not timed (off-CPU start map full)",
+    );
+    warn(
+        Counter::OffcpuLostNs,
+        "ns off the CPU not summed (off-CPU count map full)",
+    );
+    warn(
+        Counter::OffcpuStackDropped,
+        "off-CPU stacks dropped (off-CPU stack map full or collision)",
+    );
+    warn(
+        Counter::LoopsFull,
+        "epoll waits of threads not timed (event-loop map full)",
+    );
+    warn(Counter::StallsLost, "stalls not reported (stall ring full)");
+    warn(
+        Counter::LoopBlocksLost,
+        "off-CPU blocks inside loop turns not reported (ring full): stalls miss them",
+    );
+    warn(
         Counter::RetransMapFull,
         "retransmits on connections beyond the per-connection map (in the total, not per connection)",
     );
