@@ -94,8 +94,12 @@ pub struct Config {
     pub _pad5: [u8; 7],
     /// Turns at least this long (ns) are stalls.
     pub stall_ns: u64,
+    /// Non-zero: follow accepted connections ([`crate::requests`]).
+    pub requests: u8,
+    /// Padding, zero.
+    pub _pad6: [u8; 7],
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 240);
+const _: () = assert!(core::mem::size_of::<Config>() == 248);
 
 impl Config {
     /// The settings before the loader has read anything: every signal off,
@@ -136,6 +140,8 @@ impl Config {
         loops: 0,
         _pad5: [0; 7],
         stall_ns: crate::loops::STALL_NS,
+        requests: 0,
+        _pad6: [0; 7],
     };
 }
 

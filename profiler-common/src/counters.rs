@@ -76,11 +76,15 @@ pub enum Counter {
     StallsLost = 25,
     /// Off-CPU blocks inside loop turns not reported: their ring was full.
     LoopBlocksLost = 26,
+    /// Accepted connections not followed: the connection map was full.
+    ConnsFull = 27,
+    /// Request or response starts not reported: their ring was full.
+    RequestEventsLost = 28,
 }
 
 impl Counter {
     /// Number of counters (the size of [`COUNTERS`]).
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 29;
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Samples,
@@ -110,6 +114,8 @@ impl Counter {
         Counter::LoopsFull,
         Counter::StallsLost,
         Counter::LoopBlocksLost,
+        Counter::ConnsFull,
+        Counter::RequestEventsLost,
     ];
 
     /// Stable name, used in reports and metric labels.
@@ -142,6 +148,8 @@ impl Counter {
             Counter::LoopsFull => "event_loops_untimed_map_full",
             Counter::StallsLost => "stalls_lost_ring_full",
             Counter::LoopBlocksLost => "stall_blocks_lost_ring_full",
+            Counter::ConnsFull => "connections_not_followed_map_full",
+            Counter::RequestEventsLost => "request_events_lost_ring_full",
         }
     }
 }

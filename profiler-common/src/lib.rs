@@ -9,6 +9,7 @@
 //! | TCP retransmits and socket owners | [`tcp`] | `profiler-ebpf/src/tcp.rs` | `profiler/src/capture/tcp.rs` |
 //! | event-loop turns and stalls | [`loops`] | `profiler-ebpf/src/loops.rs` | `profiler/src/capture/loops.rs` |
 //! | off-CPU time | [`offcpu`] | `profiler-ebpf/src/offcpu.rs` | `profiler/src/capture/offcpu.rs` |
+//! | requests (HTTP/1.x RED) | [`requests`] | `profiler-ebpf/src/requests.rs` | `profiler/src/capture/requests.rs` |
 //! | OOM kills | [`oom`] | `profiler-ebpf/src/oom.rs` | `profiler/src/capture/oom.rs` |
 //! | counted events | none | none (perf events) | `profiler/src/capture/counted.rs` |
 //!
@@ -26,6 +27,7 @@ pub mod loops;
 pub mod offcpu;
 pub mod oom;
 pub mod procs;
+pub mod requests;
 pub mod sched;
 pub mod stacks;
 pub mod tcp;

@@ -7,6 +7,7 @@
 //! - [`sched`]: run-queue latency and depth;
 //! - [`offcpu`]: time off the CPU, with stacks, by how it was spent;
 //! - [`loops`]: event-loop turns and stalls;
+//! - [`requests`]: accepted connections' requests and responses;
 //! - [`tcp`]: TCP retransmits and socket owners;
 //! - [`oom`]: OOM kills.
 //!
@@ -56,6 +57,7 @@ mod loops;
 mod offcpu;
 mod oom;
 mod procs;
+mod requests;
 mod sched;
 mod stacks;
 mod tcp;

@@ -208,6 +208,11 @@ pub struct RecordArgs {
     #[arg(long = "stall-threshold", value_name = "DURATION", default_value = "50ms", value_parser = parse_duration)]
     pub stall_threshold: Duration,
 
+    /// Do not follow the requests of accepted connections (requests.json
+    /// and the RED block are then not written). Also off with --no-stacks.
+    #[arg(long = "no-requests")]
+    pub no_requests: bool,
+
     /// Start this command and profile it (and its children) until it exits.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -217,6 +222,11 @@ impl RecordArgs {
     /// Whether stacks are taken.
     pub fn stacks(&self) -> bool {
         !self.no_stacks
+    }
+
+    /// Whether accepted connections' requests are followed.
+    pub fn requests(&self) -> bool {
+        !self.no_stacks && !self.no_requests
     }
 
     /// Whether event-loop turns are timed.

@@ -16,6 +16,7 @@ pub mod fold;
 #[cfg(test)]
 mod golden;
 pub mod hostsnap;
+pub mod http;
 pub mod jitcfi;
 pub mod jitdump;
 pub mod kbtf;

@@ -143,6 +143,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         offcpu_min_ns: u64::try_from(args.off_cpu_min.as_nanos()).unwrap_or(u64::MAX),
         loops: args.event_loops(),
         stall_ns: u64::try_from(args.stall_threshold.as_nanos()).unwrap_or(u64::MAX),
+        requests: args.requests(),
     };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -338,6 +339,21 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         written_paths.push(folded_path);
         written_paths.push(svg_path);
     }
+    let requests = raw.requests_on.then(|| {
+        crate::http::report(
+            &raw.routes,
+            raw.requests_unparsed,
+            elapsed.as_secs_f64(),
+            &capture.procs,
+            &mut attributor,
+            exclude,
+        )
+    });
+    if let Some(r) = &requests {
+        let path = dir.join("requests.json");
+        output::write_json(&path, r)?;
+        written_paths.push(path);
+    }
     if let Some(l) = &loops {
         let folded_path = dir.join("stalls.folded");
         output::write_atomic(&folded_path, |w| fold::write_folded(&l.folded, w))?;
@@ -388,6 +404,9 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     }
 
     eprint!("{}", usereport::render_table(&report));
+    if let Some(r) = &requests {
+        eprint!("{}", crate::http::render(r));
+    }
     eprint!("{symbols_text}");
     // Now that everything is written: userspace CPU including the analysis.
     let mut end = cost_end.clone();

@@ -5,9 +5,9 @@
 //!   `profiler record` with off-CPU on and off, and under
 //!   `offcputime -u -m 1000` (the same minimum as ours), in rounds of a
 //!   rotating order; with the kernel cost per context switch of each;
-//! - the cost of the event-loop tracing on a Node HTTP server under
-//!   autocannon: the profiler's CPU per request served, as a share of the
-//!   server's own, with event loops timed and not.
+//! - the cost of the event-loop tracing and of following requests on a
+//!   Node HTTP server under autocannon: the profiler's CPU per request
+//!   served, as a share of the server's own, with each on and off.
 //!
 //! Writes target/bench/offcpu.md and offcpu.json.
 
@@ -277,10 +277,14 @@ pub fn bench(profiler: &Path, root: &Path, rounds: usize) -> Result<()> {
     // 2. Event-loop tracing on a Node HTTP server under load.
     let mut node_rows = Vec::new();
     for (name, extra) in [
-        ("event loops timed", vec!["--no-off-cpu"]),
+        ("event loops timed, requests followed", vec!["--no-off-cpu"]),
         (
-            "event loops not timed",
+            "requests followed",
             vec!["--no-off-cpu", "--no-event-loops"],
+        ),
+        (
+            "neither",
+            vec!["--no-off-cpu", "--no-event-loops", "--no-requests"],
         ),
     ] {
         let (requests, server, ours, loop_ns) = node_under(profiler, &dir, &extra)?;
@@ -307,12 +311,18 @@ pub fn bench(profiler: &Path, root: &Path, rounds: usize) -> Result<()> {
         );
     }
     let cost = node_rows[0].4 - node_rows[1].4;
+    let req_cost = node_rows[1].4 - node_rows[2].4;
     let _ = writeln!(
         md,
-        "\nEvent-loop tracing: {:+.2} points of the server's CPU (the difference of the two rows; the host drifts by several points run to run, so read it with the loop programs' ns per run).",
-        100.0 * cost
+        "\nEvent-loop tracing: {:+.2} points of the server's CPU; following requests: {:+.2} points (differences of the rows; the host drifts by several points run to run, so read them with the programs' ns per run).",
+        100.0 * cost,
+        100.0 * req_cost
     );
     json.insert("node/event_loop_cost_points".into(), (100.0 * cost).into());
+    json.insert(
+        "node/requests_cost_points".into(),
+        (100.0 * req_cost).into(),
+    );
 
     std::fs::write(root.join("target/bench/offcpu.md"), &md)?;
     std::fs::write(

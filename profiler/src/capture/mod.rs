@@ -14,6 +14,7 @@
 //! - `sched`: run-queue latency and depth;
 //! - `offcpu`: time off the CPU with the stacks threads left it with;
 //! - `loops`: event-loop turns (epoll wait to wait) and stalls;
+//! - `requests`: accepted connections' requests and responses (HTTP/1.x);
 //! - `tcp`: TCP retransmits and their sockets' owners;
 //! - `oom`: OOM kills and their victims' cgroups;
 //! - `counted`: context switches, migrations and major faults, counted
@@ -28,6 +29,7 @@ mod loops;
 mod offcpu;
 mod oom;
 mod procs;
+mod requests;
 mod sched;
 mod stacks;
 mod tcp;
@@ -91,6 +93,8 @@ pub struct CaptureConfig {
     pub loops: bool,
     /// Turns at least this long (ns) are stalls.
     pub stall_ns: u64,
+    /// Follow accepted connections' requests.
+    pub requests: bool,
 }
 
 impl Default for CaptureConfig {
@@ -111,6 +115,7 @@ impl Default for CaptureConfig {
             offcpu_min_ns: profiler_common::offcpu::MIN_NS,
             loops: false,
             stall_ns: profiler_common::loops::STALL_NS,
+            requests: false,
         }
     }
 }
@@ -250,6 +255,7 @@ fn signals(cfg: &CaptureConfig) -> Vec<Box<dyn Signal>> {
         Box::new(tcp::Tcp::default()),
         Box::new(offcpu::OffCpu::default()),
         Box::new(loops::Loops::default()),
+        Box::new(requests::Requests::default()),
         Box::new(oom::Oom::default()),
         Box::new(counted::Counted::default()),
         Box::new(stacks::Stacks::new(cfg)),

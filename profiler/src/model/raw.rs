@@ -293,6 +293,12 @@ pub struct RawProfile {
     pub turn_samples: Vec<TimedSample>,
     /// Off-CPU blocks inside turns.
     pub turn_blocks: Vec<TurnBlock>,
+    /// Whether requests were followed.
+    pub requests_on: bool,
+    /// HTTP/1.x requests per process and route.
+    pub routes: Vec<(crate::http::RouteKey, crate::http::RouteAgg)>,
+    /// Responses whose request was not seen whole or not HTTP/1.x.
+    pub requests_unparsed: u64,
 }
 
 impl RawProfile {

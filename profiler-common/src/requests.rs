@@ -1,0 +1,122 @@
+//! Requests and connections from syscall tracepoints: sockets a profiled
+//! process accepted are followed by (process, fd); the first bytes read
+//! after a response (or at the start) begin a request, the first bytes
+//! written after it begin its response. The kernel sends the first bytes
+//! of each with their times; userspace parses HTTP/1.x, pairs them and
+//! aggregates per route.
+
+use crate::{MapDef, ProgDef};
+
+/// sys_exit_accept / sys_exit_accept4: a connection accepted.
+pub const PROG_ACCEPT: ProgDef = ProgDef { name: "req_accept" };
+/// sys_enter_read / sys_enter_recvfrom: remember the buffer.
+pub const PROG_READ_ENTER: ProgDef = ProgDef {
+    name: "req_read_enter",
+};
+/// sys_exit_read / sys_exit_recvfrom: bytes arrived.
+pub const PROG_READ_EXIT: ProgDef = ProgDef {
+    name: "req_read_exit",
+};
+/// sys_enter_write / sys_enter_sendto: bytes leave (buffer in arg 1).
+pub const PROG_WRITE: ProgDef = ProgDef { name: "req_write" };
+/// sys_enter_writev: bytes leave (an iovec array in arg 1).
+pub const PROG_WRITEV: ProgDef = ProgDef { name: "req_writev" };
+/// sys_enter_close: the connection ends.
+pub const PROG_CLOSE: ProgDef = ProgDef { name: "req_close" };
+
+/// Hash map [`ConnKey`] -> [`Conn`]: connections followed.
+pub const CONNS: MapDef = MapDef {
+    name: "CONNS",
+    entries: 16 * 1024,
+};
+/// Hash map tid -> [`PendingRead`]: a read in progress on a followed fd.
+pub const PENDING_READS: MapDef = MapDef {
+    name: "PENDING_READS",
+    entries: 8192,
+};
+/// Ring buffer of [`ReqEvent`].
+pub const REQ_EVENTS: MapDef = MapDef {
+    name: "REQ_EVENTS",
+    entries: 1024 * 1024,
+};
+
+/// Bytes of a request's or response's start sent to userspace.
+pub const HEAD_BYTES: usize = 96;
+
+/// [`Conn::state`]: accepted, or its last response started; the next
+/// bytes read begin a request.
+pub const STATE_IDLE: u32 = 0;
+/// A request was read, its response not started.
+pub const STATE_REQUEST: u32 = 1;
+
+/// [`ReqEvent::kind`]: the first bytes of a request.
+pub const EVENT_REQUEST: u32 = 1;
+/// The first bytes of its response.
+pub const EVENT_RESPONSE: u32 = 2;
+/// The connection closed.
+pub const EVENT_CLOSE: u32 = 3;
+
+/// A followed connection: process and file descriptor.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Thread-group id.
+    pub tgid: u32,
+    /// File descriptor.
+    pub fd: u32,
+}
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 8);
+
+/// A followed connection's state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conn {
+    /// When it was accepted (ktime ns): tells connections on a reused fd
+    /// apart.
+    pub accepted_ns: u64,
+    /// When the request in progress started (its first byte read).
+    pub request_ns: u64,
+    /// [`STATE_IDLE`] or [`STATE_REQUEST`].
+    pub state: u32,
+    /// Padding, zero.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Conn>() == 24);
+
+/// A read in progress on a followed fd.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingRead {
+    /// The user buffer.
+    pub buf: u64,
+    /// The fd.
+    pub fd: u32,
+    /// Padding, zero.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<PendingRead>() == 16);
+
+/// A request starting, its response starting, or a close.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReqEvent {
+    /// [`EVENT_REQUEST`], [`EVENT_RESPONSE`], [`EVENT_CLOSE`].
+    pub kind: u32,
+    /// Thread-group id.
+    pub tgid: u32,
+    /// File descriptor.
+    pub fd: u32,
+    /// Bytes of `head` that hold data.
+    pub len: u32,
+    /// The connection's accept time (its identity with `tgid`, `fd`).
+    pub accepted_ns: u64,
+    /// The request's start (its first byte read).
+    pub request_ns: u64,
+    /// This event's time.
+    pub time_ns: u64,
+    /// The first bytes read (a request) or written (a response).
+    pub head: [u8; HEAD_BYTES],
+}
+const _: () = assert!(core::mem::size_of::<ReqEvent>() == 40 + HEAD_BYTES);
+
+crate::pod!(ConnKey, Conn, PendingRead, ReqEvent);

@@ -1,0 +1,273 @@
+//! Requests: connections a profiled process accepted are followed by
+//! (process, fd) from sys_exit_accept(4); the first bytes read on one
+//! after accept or after a response began (sys_enter/exit of read and
+//! recvfrom) start a request, the first bytes written after it (write,
+//! sendto, writev) start its response: each sent with its time and its
+//! first bytes. Only followed fds of profiled processes cost more than a
+//! hash lookup.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_probe_read_user_buf},
+    macros::tracepoint,
+    maps::{HashMap, RingBuf},
+    programs::TracePointContext,
+};
+use profiler_common::{
+    counters::Counter,
+    requests::{
+        self, Conn, ConnKey, EVENT_CLOSE, EVENT_REQUEST, EVENT_RESPONSE, HEAD_BYTES, PendingRead,
+        ReqEvent, STATE_IDLE, STATE_REQUEST,
+    },
+};
+
+use crate::{bump, config, now};
+
+map!(CONNS: HashMap<ConnKey, Conn> = with_max_entries(requests::CONNS));
+map!(PENDING_READS: HashMap<u32, PendingRead> = with_max_entries(requests::PENDING_READS));
+map!(REQ_EVENTS: RingBuf = with_byte_size(requests::REQ_EVENTS));
+
+/// Offset of syscall argument `i` in a sys_enter record (checked against
+/// the format files by the loader), and of `ret` in a sys_exit one.
+const fn arg(i: usize) -> usize {
+    16 + 8 * i
+}
+const RET: usize = 16;
+
+#[inline(always)]
+fn arg_u64(ctx: &TracePointContext, offset: usize) -> Option<u64> {
+    // SAFETY: bounds-checked probe read of the tracepoint record.
+    unsafe { ctx.read_at::<u64>(offset) }.ok()
+}
+
+/// The current process and whether it is profiled.
+#[inline(always)]
+fn current() -> Option<(u32, u32)> {
+    let cfg = config();
+    if cfg.requests == 0 {
+        return None;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if cfg.filter_pids != 0 && !crate::procs::profiled(tgid) {
+        return None;
+    }
+    Some((tgid, pid_tgid as u32))
+}
+
+/// Sends an event with the first bytes at user address `buf` (up to
+/// `avail`).
+#[inline(always)]
+fn send(kind: u32, key: &ConnKey, conn: &Conn, buf: u64, avail: u64, t: u64) {
+    let Some(mut entry) = REQ_EVENTS.reserve::<ReqEvent>(0) else {
+        bump(Counter::RequestEventsLost);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    let len = if avail > HEAD_BYTES as u64 {
+        HEAD_BYTES as u64
+    } else {
+        avail
+    };
+    // SAFETY: `e` points at the reserved record; the user read is bounded
+    // by the head's size and fails rather than faults.
+    unsafe {
+        (*e).kind = kind;
+        (*e).tgid = key.tgid;
+        (*e).fd = key.fd;
+        (*e).accepted_ns = conn.accepted_ns;
+        (*e).request_ns = conn.request_ns;
+        (*e).time_ns = t;
+        (*e).head = [0; HEAD_BYTES];
+        let ok = buf != 0
+            && len > 0
+            && bpf_probe_read_user_buf(buf as *const u8, &mut (&mut (*e).head)[..len as usize])
+                .is_ok();
+        (*e).len = if ok { len as u32 } else { 0 };
+    }
+    entry.submit(0);
+}
+
+prog_named!(req_accept, requests::PROG_ACCEPT);
+/// sys_exit_accept(4): follow the new connection.
+#[tracepoint]
+pub fn req_accept(ctx: TracePointContext) -> u32 {
+    let Some((tgid, _)) = current() else {
+        return 0;
+    };
+    let Some(fd) = arg_u64(&ctx, RET) else {
+        return 0;
+    };
+    let fd = fd as i64;
+    if fd < 0 || fd > u32::MAX as i64 {
+        return 0;
+    }
+    let key = ConnKey {
+        tgid,
+        fd: fd as u32,
+    };
+    let conn = Conn {
+        accepted_ns: now(),
+        request_ns: 0,
+        state: STATE_IDLE,
+        _pad: 0,
+    };
+    if CONNS.insert(&key, &conn, 0).is_err() {
+        bump(Counter::ConnsFull);
+    }
+    0
+}
+
+prog_named!(req_read_enter, requests::PROG_READ_ENTER);
+/// sys_enter_read / sys_enter_recvfrom: a read on a followed fd; its
+/// buffer is read at the exit.
+#[tracepoint]
+pub fn req_read_enter(ctx: TracePointContext) -> u32 {
+    let Some((tgid, tid)) = current() else {
+        return 0;
+    };
+    let (Some(fd), Some(buf)) = (arg_u64(&ctx, arg(0)), arg_u64(&ctx, arg(1))) else {
+        return 0;
+    };
+    let key = ConnKey {
+        tgid,
+        fd: fd as u32,
+    };
+    // SAFETY: a lookup of plain integers.
+    if unsafe { CONNS.get(&key) }.is_none() {
+        return 0;
+    }
+    let _ = PENDING_READS.insert(
+        &tid,
+        &PendingRead {
+            buf,
+            fd: fd as u32,
+            _pad: 0,
+        },
+        0,
+    );
+    0
+}
+
+prog_named!(req_read_exit, requests::PROG_READ_EXIT);
+/// sys_exit_read / sys_exit_recvfrom: bytes arrived; after accept or a
+/// response they start a request.
+#[tracepoint]
+pub fn req_read_exit(ctx: TracePointContext) -> u32 {
+    let Some((tgid, tid)) = current() else {
+        return 0;
+    };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(p) = (unsafe { PENDING_READS.get(&tid) }).copied() else {
+        return 0;
+    };
+    let _ = PENDING_READS.remove(&tid);
+    let Some(ret) = arg_u64(&ctx, RET) else {
+        return 0;
+    };
+    let n = ret as i64;
+    if n <= 0 {
+        return 0;
+    }
+    let key = ConnKey { tgid, fd: p.fd };
+    let Some(conn) = CONNS.get_ptr_mut(&key) else {
+        return 0;
+    };
+    let t = now();
+    // SAFETY: an entry of this process's connection; a race with its
+    // close only loses this request.
+    unsafe {
+        if (*conn).state != STATE_IDLE {
+            return 0;
+        }
+        (*conn).state = STATE_REQUEST;
+        (*conn).request_ns = t;
+        let c = *conn;
+        send(EVENT_REQUEST, &key, &c, p.buf, n as u64, t);
+    }
+    0
+}
+
+/// Bytes written to `fd`: the first after a request start its response.
+#[inline(always)]
+fn written(tgid: u32, fd: u64, buf: u64, len: u64) {
+    let key = ConnKey {
+        tgid,
+        fd: fd as u32,
+    };
+    let Some(conn) = CONNS.get_ptr_mut(&key) else {
+        return;
+    };
+    // SAFETY: as in req_read_exit.
+    unsafe {
+        if (*conn).state != STATE_REQUEST {
+            return;
+        }
+        (*conn).state = STATE_IDLE;
+        let c = *conn;
+        send(EVENT_RESPONSE, &key, &c, buf, len, now());
+    }
+}
+
+prog_named!(req_write, requests::PROG_WRITE);
+/// sys_enter_write / sys_enter_sendto: (fd, buf, len).
+#[tracepoint]
+pub fn req_write(ctx: TracePointContext) -> u32 {
+    let Some((tgid, _)) = current() else {
+        return 0;
+    };
+    if let (Some(fd), Some(buf), Some(len)) = (
+        arg_u64(&ctx, arg(0)),
+        arg_u64(&ctx, arg(1)),
+        arg_u64(&ctx, arg(2)),
+    ) {
+        written(tgid, fd, buf, len);
+    }
+    0
+}
+
+prog_named!(req_writev, requests::PROG_WRITEV);
+/// sys_enter_writev: (fd, iovec array, count): the first iovec's bytes.
+#[tracepoint]
+pub fn req_writev(ctx: TracePointContext) -> u32 {
+    let Some((tgid, _)) = current() else {
+        return 0;
+    };
+    let (Some(fd), Some(vec), Some(vlen)) = (
+        arg_u64(&ctx, arg(0)),
+        arg_u64(&ctx, arg(1)),
+        arg_u64(&ctx, arg(2)),
+    ) else {
+        return 0;
+    };
+    if vlen == 0 || vec == 0 {
+        return 0;
+    }
+    // SAFETY: a probe read of the caller's first iovec (base, len).
+    let Ok(iov) = (unsafe { bpf_probe_read_user(vec as *const [u64; 2]) }) else {
+        return 0;
+    };
+    written(tgid, fd, iov[0], iov[1]);
+    0
+}
+
+prog_named!(req_close, requests::PROG_CLOSE);
+/// sys_enter_close: stop following the fd.
+#[tracepoint]
+pub fn req_close(ctx: TracePointContext) -> u32 {
+    let Some((tgid, _)) = current() else {
+        return 0;
+    };
+    let Some(fd) = arg_u64(&ctx, arg(0)) else {
+        return 0;
+    };
+    let key = ConnKey {
+        tgid,
+        fd: fd as u32,
+    };
+    // SAFETY: copied out before removal.
+    if let Some(c) = (unsafe { CONNS.get(&key) }).copied() {
+        let _ = CONNS.remove(&key);
+        send(EVENT_CLOSE, &key, &c, 0, 0, now());
+    }
+    0
+}

@@ -1,0 +1,193 @@
+//! Requests, loader side: the syscall tracepoints of accept, read,
+//! write and close (their layouts checked against tracefs), and the
+//! events of the ring paired into requests (HTTP/1.x parsed here) and
+//! aggregated per process and route. Kernel side:
+//! `profiler-ebpf/src/requests.rs`; shared types:
+//! `profiler_common::requests`.
+
+use std::collections::HashMap;
+
+use aya::Ebpf;
+use profiler_common::requests::{self, EVENT_CLOSE, EVENT_REQUEST, EVENT_RESPONSE, ReqEvent};
+
+use super::{
+    CaptureError, Setup, Signal,
+    kernel::{Ring, Tracepoints, drain_ring, take_ring},
+};
+use crate::{
+    http::{self, RouteAgg, RouteKey},
+    model::RawProfile,
+    procs::ProcessTable,
+    tracefs::Format,
+};
+
+const REQUESTS: &str = "requests";
+/// Requests waiting for their response, at most.
+const MAX_PENDING: usize = 65_536;
+
+/// A request: process, fd, the connection's accept time, its start.
+type RequestId = (u32, u32, u64, u64);
+
+/// The requests signal.
+#[derive(Default)]
+pub struct Requests {
+    on: bool,
+    tracepoints: Tracepoints,
+    ring: Option<Ring>,
+    /// (tgid, fd, accepted, request start) -> (method, path) of requests
+    /// whose response has not started.
+    pending: HashMap<RequestId, Option<(String, String)>>,
+    routes: HashMap<RouteKey, RouteAgg>,
+    /// Responses whose request was not seen whole, and requests that were
+    /// not HTTP/1.x.
+    unparsed: u64,
+}
+
+/// Every tracepoint used, with the offset its first field must have:
+/// syscall arguments from 16 (`unsigned long` each), `ret` at 16.
+const POINTS: [(&str, &str); 9] = [
+    ("sys_exit_accept", "ret"),
+    ("sys_exit_accept4", "ret"),
+    ("sys_enter_read", "fd"),
+    ("sys_exit_read", "ret"),
+    ("sys_enter_recvfrom", "fd"),
+    ("sys_exit_recvfrom", "ret"),
+    ("sys_enter_write", "fd"),
+    ("sys_enter_sendto", "fd"),
+    ("sys_enter_writev", "fd"),
+];
+
+impl Signal for Requests {
+    fn configure(&mut self, setup: &mut Setup<'_>) {
+        self.on = setup.cfg.requests;
+        if !self.on {
+            setup.sizes.push((requests::CONNS, 1));
+            setup.sizes.push((requests::PENDING_READS, 1));
+            setup.sizes.push((requests::REQ_EVENTS, 4096));
+            return;
+        }
+        for (point, field) in POINTS.iter().chain(&[("sys_enter_close", "fd")]) {
+            match Format::read("syscalls", point) {
+                Ok(f) if f.offset_or_none(field) == 16 => {}
+                Ok(_) => {
+                    setup.unavailable(
+                        REQUESTS,
+                        format!("syscalls:{point} has {field} elsewhere than at offset 16: a layout this profiler does not know"),
+                    );
+                    self.on = false;
+                    return;
+                }
+                Err(e) => {
+                    setup.unavailable(
+                        REQUESTS,
+                        format!("{e} (syscall tracepoints need a kernel built with CONFIG_FTRACE_SYSCALLS)"),
+                    );
+                    self.on = false;
+                    return;
+                }
+            }
+        }
+        setup.config.requests = 1;
+    }
+
+    fn attach(&mut self, ebpf: &mut Ebpf, setup: &mut Setup<'_>) -> Result<(), CaptureError> {
+        if !self.on {
+            return Ok(());
+        }
+        self.ring = Some(take_ring(ebpf, requests::REQ_EVENTS)?);
+        let sets: [(profiler_common::ProgDef, &[&str]); 6] = [
+            (
+                requests::PROG_ACCEPT,
+                &["sys_exit_accept", "sys_exit_accept4"],
+            ),
+            (
+                requests::PROG_READ_ENTER,
+                &["sys_enter_read", "sys_enter_recvfrom"],
+            ),
+            (
+                requests::PROG_READ_EXIT,
+                &["sys_exit_read", "sys_exit_recvfrom"],
+            ),
+            (
+                requests::PROG_WRITE,
+                &["sys_enter_write", "sys_enter_sendto"],
+            ),
+            (requests::PROG_WRITEV, &["sys_enter_writev"]),
+            (requests::PROG_CLOSE, &["sys_enter_close"]),
+        ];
+        for (prog, names) in sets {
+            let points: Vec<(&str, &str)> = names.iter().map(|n| ("syscalls", *n)).collect();
+            if !self
+                .tracepoints
+                .attach(ebpf, setup, REQUESTS, prog, &points, &[])?
+            {
+                self.on = false;
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn rings(&self) -> Vec<&Ring> {
+        self.ring.iter().collect()
+    }
+
+    fn drain(&mut self, _procs: &mut ProcessTable) {
+        let Some(ring) = self.ring.as_mut() else {
+            return;
+        };
+        let (pending, routes, unparsed) = (&mut self.pending, &mut self.routes, &mut self.unparsed);
+        drain_ring(ring, |e: ReqEvent| {
+            let head = &e.head[..(e.len as usize).min(e.head.len())];
+            let conn = (e.tgid, e.fd, e.accepted_ns, e.request_ns);
+            match e.kind {
+                EVENT_REQUEST if pending.len() < MAX_PENDING => {
+                    pending.insert(conn, http::parse_request(head));
+                }
+                EVENT_RESPONSE => match pending.remove(&conn) {
+                    Some(Some((method, path))) => match http::parse_status(head) {
+                        Some(status) => {
+                            let duration = e.time_ns.saturating_sub(e.request_ns);
+                            http::add(routes, e.tgid, &method, &path, status, duration);
+                        }
+                        None => *unparsed += 1,
+                    },
+                    _ => *unparsed += 1,
+                },
+                EVENT_CLOSE => {
+                    pending.retain(|k, _| (k.0, k.1, k.2) != (e.tgid, e.fd, e.accepted_ns));
+                }
+                _ => {}
+            }
+        });
+    }
+
+    fn collect(
+        &mut self,
+        _ebpf: &mut Ebpf,
+        out: &mut RawProfile,
+        drain: bool,
+    ) -> Result<(), CaptureError> {
+        if self.ring.is_none() {
+            return Ok(());
+        }
+        out.requests_on = true;
+        out.requests_unparsed += self.unparsed;
+        if drain {
+            out.routes.extend(self.routes.drain());
+            self.unparsed = 0;
+        } else {
+            out.routes
+                .extend(self.routes.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        Ok(())
+    }
+
+    fn forget(&mut self, gone: &[u32]) {
+        self.pending.retain(|k, _| !gone.contains(&k.0));
+    }
+
+    fn detach(&mut self, ebpf: &mut Ebpf) -> Vec<CaptureError> {
+        self.tracepoints.detach(ebpf)
+    }
+}

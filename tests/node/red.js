@@ -1,0 +1,28 @@
+// A plain `http` server with routes of known latency and known error
+// rates, for the RED tests. Prints its port, then serves until killed.
+//
+//   GET /fast          200 at once
+//   GET /slow/:id      200 after 20 ms
+//   GET /flaky/:id     500 for every 4th request (per process), else 200
+//   anything else      404
+'use strict';
+const http = require('http');
+
+let flaky = 0;
+const server = http.createServer((req, res) => {
+  const path = req.url.split('?')[0];
+  if (path === '/fast') {
+    res.end('fast\n');
+  } else if (path.startsWith('/slow/')) {
+    setTimeout(() => res.end('slow\n'), 20);
+  } else if (path.startsWith('/flaky/')) {
+    flaky++;
+    res.statusCode = flaky % 4 === 0 ? 500 : 200;
+    res.end('flaky\n');
+  } else {
+    res.statusCode = 404;
+    res.end('no\n');
+  }
+});
+server.keepAliveTimeout = 60000;
+server.listen(0, '127.0.0.1', () => console.log(server.address().port));
