@@ -21,6 +21,15 @@ pub const PROG_READ_EXIT: ProgDef = ProgDef {
 pub const PROG_WRITE: ProgDef = ProgDef { name: "req_write" };
 /// sys_enter_writev: bytes leave (an iovec array in arg 1).
 pub const PROG_WRITEV: ProgDef = ProgDef { name: "req_writev" };
+/// sys_enter_connect: remember the address.
+pub const PROG_CONNECT_ENTER: ProgDef = ProgDef {
+    name: "req_connect_enter",
+};
+/// sys_exit_connect: follow the outbound connection (or count its
+/// failure).
+pub const PROG_CONNECT_EXIT: ProgDef = ProgDef {
+    name: "req_connect_exit",
+};
 /// sys_enter_close: the connection ends.
 pub const PROG_CLOSE: ProgDef = ProgDef { name: "req_close" };
 
@@ -33,6 +42,11 @@ pub const CONNS: MapDef = MapDef {
 pub const PENDING_READS: MapDef = MapDef {
     name: "PENDING_READS",
     entries: 8192,
+};
+/// Hash map tid -> [`PendingConnect`]: a connect in progress.
+pub const PENDING_CONNECTS: MapDef = MapDef {
+    name: "PENDING_CONNECTS",
+    entries: 4096,
 };
 /// Ring buffer of [`ReqEvent`].
 pub const REQ_EVENTS: MapDef = MapDef {
@@ -49,12 +63,27 @@ pub const STATE_IDLE: u32 = 0;
 /// A request was read, its response not started.
 pub const STATE_REQUEST: u32 = 1;
 
+/// [`Conn::role`]: a connection the process accepted.
+pub const ROLE_INBOUND: u32 = 0;
+/// A connection the process opened with connect(2).
+pub const ROLE_OUTBOUND: u32 = 1;
+
 /// [`ReqEvent::kind`]: the first bytes of a request.
 pub const EVENT_REQUEST: u32 = 1;
 /// The first bytes of its response.
 pub const EVENT_RESPONSE: u32 = 2;
-/// The connection closed.
+/// The connection closed (`bytes_in`, `bytes_out` set).
 pub const EVENT_CLOSE: u32 = 3;
+/// An outbound connection opened: `head` holds its sockaddr.
+pub const EVENT_CONNECT: u32 = 4;
+/// A connect(2) that failed at once: `head` holds its sockaddr, `len`
+/// the errno.
+pub const EVENT_CONNECT_FAILED: u32 = 5;
+/// The first bytes written on an outbound connection (its protocol).
+pub const EVENT_FIRST_WRITE: u32 = 6;
+/// A round trip on an outbound connection: written at `request_ns`, the
+/// answer's first bytes read at `time_ns`.
+pub const EVENT_ROUND_TRIP: u32 = 7;
 
 /// A followed connection: process and file descriptor.
 #[repr(C)]
@@ -76,12 +105,32 @@ pub struct Conn {
     pub accepted_ns: u64,
     /// When the request in progress started (its first byte read).
     pub request_ns: u64,
-    /// [`STATE_IDLE`] or [`STATE_REQUEST`].
+    /// [`STATE_IDLE`] or [`STATE_REQUEST`] (inbound); outbound: non-zero
+    /// while a write waits for its answer.
     pub state: u32,
+    /// [`ROLE_INBOUND`] or [`ROLE_OUTBOUND`].
+    pub role: u32,
+    /// Bytes read.
+    pub bytes_in: u64,
+    /// Bytes written.
+    pub bytes_out: u64,
+}
+const _: () = assert!(core::mem::size_of::<Conn>() == 40);
+
+/// A connect in progress.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingConnect {
+    /// The fd.
+    pub fd: u32,
     /// Padding, zero.
     pub _pad: u32,
+    /// When connect(2) was called.
+    pub start_ns: u64,
+    /// The first bytes of its sockaddr (family, port, address).
+    pub addr: [u8; 32],
 }
-const _: () = assert!(core::mem::size_of::<Conn>() == 24);
+const _: () = assert!(core::mem::size_of::<PendingConnect>() == 48);
 
 /// A read in progress on a followed fd.
 #[repr(C)]
@@ -114,9 +163,18 @@ pub struct ReqEvent {
     pub request_ns: u64,
     /// This event's time.
     pub time_ns: u64,
-    /// The first bytes read (a request) or written (a response).
+    /// Bytes read on the connection so far.
+    pub bytes_in: u64,
+    /// Bytes written so far.
+    pub bytes_out: u64,
+    /// [`ROLE_INBOUND`] or [`ROLE_OUTBOUND`].
+    pub role: u32,
+    /// Padding, zero.
+    pub _pad: u32,
+    /// The first bytes read (a request) or written (a response, an
+    /// outbound connection's first write), or a sockaddr.
     pub head: [u8; HEAD_BYTES],
 }
-const _: () = assert!(core::mem::size_of::<ReqEvent>() == 40 + HEAD_BYTES);
+const _: () = assert!(core::mem::size_of::<ReqEvent>() == 64 + HEAD_BYTES);
 
-crate::pod!(ConnKey, Conn, PendingRead, ReqEvent);
+crate::pod!(ConnKey, Conn, PendingRead, PendingConnect, ReqEvent);

@@ -15,8 +15,9 @@ use aya_ebpf::{
 use profiler_common::{
     counters::Counter,
     requests::{
-        self, Conn, ConnKey, EVENT_CLOSE, EVENT_REQUEST, EVENT_RESPONSE, HEAD_BYTES, PendingRead,
-        ReqEvent, STATE_IDLE, STATE_REQUEST,
+        self, Conn, ConnKey, EVENT_CLOSE, EVENT_CONNECT, EVENT_CONNECT_FAILED, EVENT_FIRST_WRITE,
+        EVENT_REQUEST, EVENT_RESPONSE, EVENT_ROUND_TRIP, HEAD_BYTES, PendingConnect, PendingRead,
+        ROLE_INBOUND, ROLE_OUTBOUND, ReqEvent, STATE_IDLE, STATE_REQUEST,
     },
 };
 
@@ -25,6 +26,14 @@ use crate::{bump, config, now};
 map!(CONNS: HashMap<ConnKey, Conn> = with_max_entries(requests::CONNS));
 map!(PENDING_READS: HashMap<u32, PendingRead> = with_max_entries(requests::PENDING_READS));
 map!(REQ_EVENTS: RingBuf = with_byte_size(requests::REQ_EVENTS));
+map!(PENDING_CONNECTS: HashMap<u32, PendingConnect> = with_max_entries(requests::PENDING_CONNECTS));
+
+/// EINPROGRESS: a non-blocking connect under way.
+const EINPROGRESS: i64 = 115;
+/// Bit of [`Conn::state`] (outbound): the first write was sent up.
+const FIRST_WRITE_SEEN: u32 = 2;
+/// Bit of [`Conn::state`] (outbound): a write waits for its answer.
+const AWAITING: u32 = 1;
 
 /// Offset of syscall argument `i` in a sys_enter record (checked against
 /// the format files by the loader), and of `ret` in a sys_exit one.
@@ -77,6 +86,10 @@ fn send(kind: u32, key: &ConnKey, conn: &Conn, buf: u64, avail: u64, t: u64) {
         (*e).accepted_ns = conn.accepted_ns;
         (*e).request_ns = conn.request_ns;
         (*e).time_ns = t;
+        (*e).bytes_in = conn.bytes_in;
+        (*e).bytes_out = conn.bytes_out;
+        (*e).role = conn.role;
+        (*e)._pad = 0;
         (*e).head = [0; HEAD_BYTES];
         let ok = buf != 0
             && len > 0
@@ -109,7 +122,9 @@ pub fn req_accept(ctx: TracePointContext) -> u32 {
         accepted_ns: now(),
         request_ns: 0,
         state: STATE_IDLE,
-        _pad: 0,
+        role: ROLE_INBOUND,
+        bytes_in: 0,
+        bytes_out: 0,
     };
     if CONNS.insert(&key, &conn, 0).is_err() {
         bump(Counter::ConnsFull);
@@ -176,6 +191,16 @@ pub fn req_read_exit(ctx: TracePointContext) -> u32 {
     // SAFETY: an entry of this process's connection; a race with its
     // close only loses this request.
     unsafe {
+        (*conn).bytes_in += n as u64;
+        if (*conn).role == ROLE_OUTBOUND {
+            // The answer to a write: one round trip.
+            if (*conn).state & AWAITING != 0 {
+                (*conn).state &= !AWAITING;
+                let c = *conn;
+                send(EVENT_ROUND_TRIP, &key, &c, 0, 0, t);
+            }
+            return 0;
+        }
         if (*conn).state != STATE_IDLE {
             return 0;
         }
@@ -199,6 +224,19 @@ fn written(tgid: u32, fd: u64, buf: u64, len: u64) {
     };
     // SAFETY: as in req_read_exit.
     unsafe {
+        (*conn).bytes_out += len;
+        if (*conn).role == ROLE_OUTBOUND {
+            let first = (*conn).state & FIRST_WRITE_SEEN == 0;
+            if (*conn).state & AWAITING == 0 {
+                (*conn).state |= AWAITING | FIRST_WRITE_SEEN;
+                (*conn).request_ns = now();
+            }
+            if first {
+                let c = *conn;
+                send(EVENT_FIRST_WRITE, &key, &c, buf, len, c.request_ns);
+            }
+            return;
+        }
         if (*conn).state != STATE_REQUEST {
             return;
         }
@@ -248,6 +286,108 @@ pub fn req_writev(ctx: TracePointContext) -> u32 {
     };
     written(tgid, fd, iov[0], iov[1]);
     0
+}
+
+prog_named!(req_connect_enter, requests::PROG_CONNECT_ENTER);
+/// sys_enter_connect: (fd, sockaddr, len): keep the address.
+#[tracepoint]
+pub fn req_connect_enter(ctx: TracePointContext) -> u32 {
+    let Some((_, tid)) = current() else {
+        return 0;
+    };
+    let (Some(fd), Some(addr)) = (arg_u64(&ctx, arg(0)), arg_u64(&ctx, arg(1))) else {
+        return 0;
+    };
+    let mut p = PendingConnect {
+        fd: fd as u32,
+        _pad: 0,
+        start_ns: now(),
+        addr: [0; 32],
+    };
+    // SAFETY: a bounded probe read of the caller's sockaddr.
+    unsafe {
+        if bpf_probe_read_user_buf(addr as *const u8, &mut p.addr[..28]).is_err() {
+            return 0;
+        }
+    }
+    // AF_INET and AF_INET6 only.
+    let family = u16::from_ne_bytes([p.addr[0], p.addr[1]]);
+    if family != 2 && family != 10 {
+        return 0;
+    }
+    let _ = PENDING_CONNECTS.insert(&tid, &p, 0);
+    0
+}
+
+prog_named!(req_connect_exit, requests::PROG_CONNECT_EXIT);
+/// sys_exit_connect: follow the connection (under way or made), or send
+/// its failure.
+#[tracepoint]
+pub fn req_connect_exit(ctx: TracePointContext) -> u32 {
+    let Some((tgid, tid)) = current() else {
+        return 0;
+    };
+    // SAFETY: copied out before removal.
+    let Some(p) = (unsafe { PENDING_CONNECTS.get(&tid) }).copied() else {
+        return 0;
+    };
+    let _ = PENDING_CONNECTS.remove(&tid);
+    let Some(ret) = arg_u64(&ctx, RET) else {
+        return 0;
+    };
+    let ret = ret as i64;
+    let key = ConnKey { tgid, fd: p.fd };
+    let conn = Conn {
+        accepted_ns: p.start_ns,
+        request_ns: 0,
+        state: 0,
+        role: ROLE_OUTBOUND,
+        bytes_in: 0,
+        bytes_out: 0,
+    };
+    let kind = if ret == 0 || ret == -EINPROGRESS {
+        if CONNS.insert(&key, &conn, 0).is_err() {
+            bump(Counter::ConnsFull);
+            return 0;
+        }
+        EVENT_CONNECT
+    } else {
+        EVENT_CONNECT_FAILED
+    };
+    send_addr(kind, &key, &conn, &p.addr, (-ret) as u32);
+    0
+}
+
+/// Sends a connect event with the sockaddr in `head` (and the errno in
+/// `len` for a failure).
+#[inline(always)]
+fn send_addr(kind: u32, key: &ConnKey, conn: &Conn, addr: &[u8; 32], errno: u32) {
+    let Some(mut entry) = REQ_EVENTS.reserve::<ReqEvent>(0) else {
+        bump(Counter::RequestEventsLost);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points at the reserved record.
+    unsafe {
+        (*e).kind = kind;
+        (*e).tgid = key.tgid;
+        (*e).fd = key.fd;
+        (*e).len = if kind == EVENT_CONNECT_FAILED {
+            errno
+        } else {
+            28
+        };
+        (*e).accepted_ns = conn.accepted_ns;
+        (*e).request_ns = 0;
+        (*e).time_ns = now();
+        (*e).bytes_in = 0;
+        (*e).bytes_out = 0;
+        (*e).role = ROLE_OUTBOUND;
+        (*e)._pad = 0;
+        (*e).head = [0; HEAD_BYTES];
+        (&mut (*e).head)[..32].copy_from_slice(addr);
+    }
+    entry.submit(0);
 }
 
 prog_named!(req_close, requests::PROG_CLOSE);

@@ -224,7 +224,8 @@ fn quantile_ms(hist: &[u64], q: f64, max_ms: f64) -> f64 {
 }
 
 impl DurationMs {
-    fn of(r: &RouteAgg) -> Self {
+    /// Of a route's (or destination's) histogram.
+    pub fn of(r: &RouteAgg) -> Self {
         let max = r.max_ns as f64 / 1e6;
         DurationMs {
             p50: quantile_ms(&r.hist, 0.50, max),
@@ -279,7 +280,37 @@ pub struct Process {
     pub requests: u64,
     /// Its routes, most time spent first.
     pub routes: Vec<Route>,
+    /// Where it connected to, most round trips first.
+    pub destinations: Vec<crate::downstream::Destination>,
 }
+
+/// Something the figures show, in words.
+#[derive(Clone, Debug, Serialize)]
+pub struct Finding {
+    /// `no_keepalive`, `n_plus_one`.
+    pub kind: &'static str,
+    /// The process.
+    pub pid: u32,
+    /// The route it is about (`METHOD /route`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// The destination it is about (`address:port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
+    /// The figures that show it.
+    pub figures: serde_json::Value,
+    /// What it means and what to do.
+    pub message: String,
+}
+
+/// A destination opening at least this many connections, one for every
+/// two round trips or fewer, reuses none.
+const NO_KEEPALIVE_MIN_CONNECTIONS: u64 = 10;
+/// Round trips to one destination per request of a route, at least, that
+/// are an N+1.
+const N_PLUS_ONE_MIN: f64 = 10.0;
+/// Requests of a route, at least, before N+1 is said.
+const N_PLUS_ONE_MIN_REQUESTS: u64 = 5;
 
 /// requests.json.
 #[derive(Clone, Debug, Serialize)]
@@ -288,8 +319,10 @@ pub struct RequestsReport {
     pub schema: &'static str,
     /// Capture length, seconds.
     pub duration_s: f64,
-    /// Serving processes, most requests first.
+    /// Serving and connecting processes, most requests first.
     pub processes: Vec<Process>,
+    /// What the figures show, in words.
+    pub findings: Vec<Finding>,
     /// Responses whose request was not seen whole (the capture started
     /// mid-way) or was not HTTP/1.x (TLS, another protocol): not counted.
     pub unparsed: u64,
@@ -298,10 +331,12 @@ pub struct RequestsReport {
 /// requests.json's schema tag.
 pub const SCHEMA: &str = "profiler.requests/1";
 
-/// Builds requests.json from a capture's routes (those of `exclude` left
-/// out).
+/// Builds requests.json from a capture's routes and destinations (those
+/// of `exclude` left out).
+#[allow(clippy::too_many_arguments)]
 pub fn report(
     routes: &[(RouteKey, RouteAgg)],
+    destinations: &[((u32, crate::downstream::Dest), crate::downstream::DestAgg)],
     unparsed: u64,
     duration_s: f64,
     procs: &ProcessTable,
@@ -319,9 +354,26 @@ pub fn report(
             .or_default()
             .merge(agg);
     }
+    let mut dests: BTreeMap<u32, HashMap<crate::downstream::Dest, crate::downstream::DestAgg>> =
+        BTreeMap::new();
+    for ((tgid, dest), agg) in destinations {
+        if Some(*tgid) == exclude {
+            continue;
+        }
+        by.entry(*tgid).or_default();
+        dests
+            .entry(*tgid)
+            .or_default()
+            .entry(*dest)
+            .or_default()
+            .merge(agg);
+    }
+    let mut findings = Vec::new();
     let mut processes: Vec<Process> = by
         .into_iter()
         .map(|(pid, rs)| {
+            let route_requests: HashMap<(String, String), u64> =
+                rs.iter().map(|(k, a)| (k.clone(), a.requests)).collect();
             let mut routes: Vec<(u64, Route)> = rs
                 .into_iter()
                 .map(|((method, route), a)| {
@@ -341,12 +393,25 @@ pub fn report(
                 .collect();
             routes.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.route.cmp(&b.1.route)));
             let routes: Vec<Route> = routes.into_iter().map(|(_, r)| r).collect();
+            let requests: u64 = routes.iter().map(|r| r.requests).sum();
+            let mut destinations = Vec::new();
+            for (dest, a) in dests.remove(&pid).unwrap_or_default() {
+                let d = crate::downstream::destination(&dest, &a, requests);
+                findings.extend(findings_of(pid, &d, &a, &route_requests));
+                destinations.push(d);
+            }
+            destinations.sort_by(|a, b| {
+                b.round_trips
+                    .cmp(&a.round_trips)
+                    .then(a.address.cmp(&b.address))
+            });
             Process {
                 pid,
                 comm: process_name(pid, "", procs),
                 container: group_of(pid, procs, attributor),
-                requests: routes.iter().map(|r| r.requests).sum(),
+                requests,
                 routes,
+                destinations,
             }
         })
         .collect();
@@ -355,8 +420,78 @@ pub fn report(
         schema: SCHEMA,
         duration_s,
         processes,
+        findings,
         unparsed,
     }
+}
+
+/// What one destination of a process shows.
+fn findings_of(
+    pid: u32,
+    d: &crate::downstream::Destination,
+    a: &crate::downstream::DestAgg,
+    route_requests: &HashMap<(String, String), u64>,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let at = format!("{}:{}", d.address, d.port);
+    if d.connections_opened >= NO_KEEPALIVE_MIN_CONNECTIONS
+        && d.round_trips > 0
+        && d.connections_opened * 2 >= d.round_trips
+    {
+        out.push(Finding {
+            kind: "no_keepalive",
+            pid,
+            route: None,
+            destination: Some(at.clone()),
+            figures: serde_json::json!({
+                "connections_opened": d.connections_opened,
+                "round_trips": d.round_trips,
+                "lifetime_ms_median": d.lifetime_ms_median,
+            }),
+            message: format!(
+                "to {at} ({}): {} connections opened for {} round trips{}: reuse connections ({})",
+                d.protocol,
+                d.connections_opened,
+                d.round_trips,
+                d.lifetime_ms_median
+                    .map(|l| format!("; median lifetime {l:.0} ms"))
+                    .unwrap_or_default(),
+                if d.protocol == "http" {
+                    "an http.Agent with keepAlive: true"
+                } else {
+                    "a connection pool"
+                }
+            ),
+        });
+    }
+    for ((method, route), n) in &a.by_route {
+        let requests = route_requests
+            .get(&(method.clone(), route.clone()))
+            .copied()
+            .unwrap_or(0);
+        if requests < N_PLUS_ONE_MIN_REQUESTS {
+            continue;
+        }
+        let per = *n as f64 / requests as f64;
+        if per >= N_PLUS_ONE_MIN {
+            out.push(Finding {
+                kind: "n_plus_one",
+                pid,
+                route: Some(format!("{method} {route}")),
+                destination: Some(at.clone()),
+                figures: serde_json::json!({
+                    "round_trips_per_request": per,
+                    "requests": requests,
+                    "round_trips": n,
+                }),
+                message: format!(
+                    "{method} {route}: {per:.0} {} round trips per request to {at}: fetch in one (a query with IN (...), a pipeline, MGET)",
+                    d.protocol
+                ),
+            });
+        }
+    }
+    out
 }
 
 /// The printed RED block: the routes that took the most time.
@@ -366,8 +501,44 @@ pub fn render(r: &RequestsReport) -> String {
         .iter()
         .flat_map(|p| p.routes.iter().map(move |x| (p, x)))
         .collect();
+    let mut tail = String::new();
+    for p in &r.processes {
+        for d in p.destinations.iter().take(3) {
+            tail.push_str(&format!(
+                "  {} (pid {}) -> {}:{} ({}): {} round trips{}, p50 {:.1} ms, p99 {:.1} ms; {} connections opened, {} at most at once{}\n",
+                p.comm,
+                p.pid,
+                d.address,
+                d.port,
+                d.protocol,
+                d.round_trips,
+                d.round_trips_per_request
+                    .map(|x| format!(" ({x:.1} per request)"))
+                    .unwrap_or_default(),
+                d.round_trip_ms.p50,
+                d.round_trip_ms.p99,
+                d.connections_opened,
+                d.connections_max,
+                if d.failures > 0 {
+                    format!(", {} failed", d.failures)
+                } else {
+                    String::new()
+                }
+            ));
+        }
+    }
+    for f in &r.findings {
+        tail.push_str(&format!(
+            "  finding ({}, pid {}): {}\n",
+            f.kind, f.pid, f.message
+        ));
+    }
     if rows.is_empty() {
-        return String::new();
+        return if tail.is_empty() {
+            String::new()
+        } else {
+            format!("Downstream\n{tail}")
+        };
     }
     rows.sort_by(|a, b| {
         let t = |x: &Route| x.duration_ms.mean * x.requests as f64;
@@ -391,6 +562,7 @@ pub fn render(r: &RequestsReport) -> String {
             x.duration_ms.max
         ));
     }
+    out.push_str(&tail);
     out
 }
 

@@ -2,7 +2,7 @@
 // second over CONNS keep-alive connections (or a new connection each
 // time with "close"); each request's latency from its start to the
 // first byte of its response (the 'response' event). Prints one JSON
-// line: {"sent", "statuses": {code: n}, "p50_ms", "p99_ms", "max_ms"}.
+// line: {"pid", "sent", "statuses": {code: n}, "p50_ms", "p99_ms", "max_ms"}.
 //
 //   node load.js URL COUNT RATE CONNS [keepalive|close]
 'use strict';
@@ -43,7 +43,7 @@ function finish() {
   agent.destroy();
   const s = latencies.slice().sort((a, b) => a - b);
   console.log(JSON.stringify({
-    sent, statuses, p50_ms: pct(s, 0.5), p99_ms: pct(s, 0.99), max_ms: s[s.length - 1],
+    pid: process.pid, sent, statuses, p50_ms: pct(s, 0.5), p99_ms: pct(s, 0.99), max_ms: s[s.length - 1],
   }));
 }
 

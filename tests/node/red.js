@@ -4,9 +4,28 @@
 //   GET /fast          200 at once
 //   GET /slow/:id      200 after 20 ms
 //   GET /flaky/:id     500 for every 4th request (per process), else 200
+//   GET /fanout/:id    12 round trips, one after the other, on one kept
+//                      connection to the TCP echo server on port
+//                      $DOWNSTREAM_PORT, then 200
 //   anything else      404
 'use strict';
 const http = require('http');
+const net = require('net');
+
+const FANOUT = 12;
+let downstream = null;
+if (process.env.DOWNSTREAM_PORT) {
+  downstream = net.connect(Number(process.env.DOWNSTREAM_PORT), '127.0.0.1');
+  downstream.setNoDelay(true);
+}
+
+// One round trip: a write, then the echo.
+function roundTrip() {
+  return new Promise((resolve) => {
+    downstream.once('data', resolve);
+    downstream.write('ping');
+  });
+}
 
 let flaky = 0;
 const server = http.createServer((req, res) => {
@@ -15,6 +34,11 @@ const server = http.createServer((req, res) => {
     res.end('fast\n');
   } else if (path.startsWith('/slow/')) {
     setTimeout(() => res.end('slow\n'), 20);
+  } else if (path.startsWith('/fanout/') && downstream) {
+    (async () => {
+      for (let i = 0; i < FANOUT; i++) await roundTrip();
+      res.end('fanout\n');
+    })();
   } else if (path.startsWith('/flaky/')) {
     flaky++;
     res.statusCode = flaky % 4 === 0 ? 500 : 200;

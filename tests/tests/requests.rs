@@ -9,10 +9,11 @@ use std::{
 
 use tests::*;
 
-/// The server, and the port it printed.
-fn start_server() -> (KillOnDrop, u16) {
+/// A node script of tests/node that prints its port first, and the port.
+fn start_node(script: &str, env: &[(&str, String)]) -> (KillOnDrop, u16) {
     let mut child = Command::new("node")
-        .arg(workspace().join("tests/node/red.js"))
+        .arg(workspace().join("tests/node").join(script))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::piped())
         .spawn()
         .expect("node is needed (.ci/run installs it)");
@@ -27,10 +28,28 @@ fn start_server() -> (KillOnDrop, u16) {
 /// `COUNT` requests at `RATE`/s over keep-alive connections: the client's
 /// own figures.
 fn load(port: u16, path: &str, count: u32, rate: u32) -> serde_json::Value {
+    load_with(port, path, count, rate, 4, "keepalive")
+}
+
+/// The same, over `conns` connections, kept (`keepalive`) or one per
+/// request (`close`).
+fn load_with(
+    port: u16,
+    path: &str,
+    count: u32,
+    rate: u32,
+    conns: u32,
+    mode: &str,
+) -> serde_json::Value {
     let out = Command::new("node")
         .arg(workspace().join("tests/node/load.js"))
         .arg(format!("http://127.0.0.1:{port}{path}"))
-        .args([&count.to_string(), &rate.to_string(), "4", "keepalive"])
+        .args([
+            &count.to_string(),
+            &rate.to_string(),
+            &conns.to_string(),
+            mode,
+        ])
         .output()
         .unwrap();
     assert!(
@@ -51,7 +70,7 @@ fn red_per_route_matches_the_clients_own_figures() {
     }
     let dir = scratch("red-routes");
     let out_dir = dir.join("out");
-    let (server, port) = start_server();
+    let (server, port) = start_node("red.js", &[]);
     let pid = server.0[0].id().to_string();
     let rec = start_record(&["-p", &pid, "-o", out_dir.to_str().unwrap()]);
     let cases = [
@@ -123,4 +142,83 @@ fn no_requests_writes_none_of_it() {
     );
     assert!(!out_dir.join("requests.json").exists());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("RED ("));
+}
+
+/// Downstream round trips and the doctor: a route that makes 12 round
+/// trips to a TCP server per request is an N+1 of exactly 12; a client
+/// that opens a connection per request is told to keep them, the same
+/// client with keep-alive is not.
+#[test]
+fn round_trips_per_request_and_keepalive_findings() {
+    if !require_root("round_trips_per_request_and_keepalive_findings") {
+        return;
+    }
+    let dir = scratch("red-downstream");
+    let out_dir = dir.join("out");
+    let (_echo, echo_port) = start_node("echo.js", &[]);
+    let rec = start_record(&["-o", out_dir.to_str().unwrap()]);
+    let (server, port) = start_node("red.js", &[("DOWNSTREAM_PORT", echo_port.to_string())]);
+    let server_pid = u64::from(server.0[0].id());
+    // One connection: the requests one after another.
+    load_with(port, "/fanout/1", 50, 50, 1, "keepalive");
+    let closing = load_with(port, "/fast", 60, 100, 2, "close");
+    let keeping = load_with(port, "/fast", 60, 100, 2, "keepalive");
+    let err = rec.stop();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("requests.json")).unwrap())
+            .unwrap();
+    let process = |pid: u64| -> serde_json::Value {
+        r["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pid"].as_u64() == Some(pid))
+            .cloned()
+            .unwrap_or_else(|| panic!("pid {pid} not in {r:#}\n{err}"))
+    };
+    let p = process(server_pid);
+    let d = p["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["port"].as_u64() == Some(u64::from(echo_port)))
+        .cloned()
+        .unwrap_or_else(|| panic!("the echo server is not a destination of {p:#}"));
+    assert_eq!(d["round_trips"].as_u64(), Some(600), "{d:#}");
+    assert_eq!(d["connections_opened"].as_u64(), Some(1), "{d:#}");
+    let findings = r["findings"].as_array().unwrap();
+    let n1 = findings
+        .iter()
+        .find(|f| f["kind"] == "n_plus_one" && f["pid"].as_u64() == Some(server_pid))
+        .unwrap_or_else(|| panic!("no n_plus_one in {findings:#?}"));
+    assert_eq!(n1["route"], "GET /fanout/:id");
+    assert_eq!(
+        n1["figures"]["round_trips_per_request"].as_f64(),
+        Some(12.0),
+        "{n1:#}"
+    );
+    let flagged = |pid: u64| {
+        findings
+            .iter()
+            .any(|f| f["kind"] == "no_keepalive" && f["pid"].as_u64() == Some(pid))
+    };
+    let (closing_pid, keeping_pid) = (
+        closing["pid"].as_u64().unwrap(),
+        keeping["pid"].as_u64().unwrap(),
+    );
+    assert!(
+        flagged(closing_pid),
+        "the closing client is not flagged: {findings:#?}"
+    );
+    assert!(
+        !flagged(keeping_pid),
+        "the keep-alive client is flagged: {findings:#?}"
+    );
+    let c = process(closing_pid);
+    assert_eq!(
+        c["destinations"][0]["connections_opened"].as_u64(),
+        Some(60),
+        "{c:#}"
+    );
+    assert!(err.contains("finding (n_plus_one"), "{err}");
 }

@@ -8,13 +8,17 @@
 use std::collections::HashMap;
 
 use aya::Ebpf;
-use profiler_common::requests::{self, EVENT_CLOSE, EVENT_REQUEST, EVENT_RESPONSE, ReqEvent};
+use profiler_common::requests::{
+    self, EVENT_CLOSE, EVENT_CONNECT, EVENT_CONNECT_FAILED, EVENT_FIRST_WRITE, EVENT_REQUEST,
+    EVENT_RESPONSE, EVENT_ROUND_TRIP, ROLE_OUTBOUND, ReqEvent,
+};
 
 use super::{
     CaptureError, Setup, Signal,
     kernel::{Ring, Tracepoints, drain_ring, take_ring},
 };
 use crate::{
+    downstream::{self, Dest, DestAgg},
     http::{self, RouteAgg, RouteKey},
     model::RawProfile,
     procs::ProcessTable,
@@ -41,11 +45,19 @@ pub struct Requests {
     /// Responses whose request was not seen whole, and requests that were
     /// not HTTP/1.x.
     unparsed: u64,
+    /// Outbound connections open: (tgid, fd, opened) -> destination.
+    outbound: HashMap<(u32, u32, u64), Dest>,
+    dests: HashMap<(u32, Dest), DestAgg>,
 }
+
+/// Most outbound connections remembered open, and destinations kept.
+const MAX_OUTBOUND: usize = 65_536;
 
 /// Every tracepoint used, with the offset its first field must have:
 /// syscall arguments from 16 (`unsigned long` each), `ret` at 16.
-const POINTS: [(&str, &str); 9] = [
+const POINTS: [(&str, &str); 11] = [
+    ("sys_enter_connect", "fd"),
+    ("sys_exit_connect", "ret"),
     ("sys_exit_accept", "ret"),
     ("sys_exit_accept4", "ret"),
     ("sys_enter_read", "fd"),
@@ -95,7 +107,9 @@ impl Signal for Requests {
             return Ok(());
         }
         self.ring = Some(take_ring(ebpf, requests::REQ_EVENTS)?);
-        let sets: [(profiler_common::ProgDef, &[&str]); 6] = [
+        let sets: [(profiler_common::ProgDef, &[&str]); 8] = [
+            (requests::PROG_CONNECT_ENTER, &["sys_enter_connect"]),
+            (requests::PROG_CONNECT_EXIT, &["sys_exit_connect"]),
             (
                 requests::PROG_ACCEPT,
                 &["sys_exit_accept", "sys_exit_accept4"],
@@ -137,10 +151,68 @@ impl Signal for Requests {
             return;
         };
         let (pending, routes, unparsed) = (&mut self.pending, &mut self.routes, &mut self.unparsed);
+        let (outbound, dests) = (&mut self.outbound, &mut self.dests);
         drain_ring(ring, |e: ReqEvent| {
             let head = &e.head[..(e.len as usize).min(e.head.len())];
             let conn = (e.tgid, e.fd, e.accepted_ns, e.request_ns);
+            let out_key = (e.tgid, e.fd, e.accepted_ns);
+            let room = dests.len() < MAX_OUTBOUND;
             match e.kind {
+                EVENT_CONNECT => {
+                    if let Some(dest) = downstream::parse_sockaddr(&e.head)
+                        && outbound.len() < MAX_OUTBOUND
+                        && (room || dests.contains_key(&(e.tgid, dest)))
+                    {
+                        outbound.insert(out_key, dest);
+                        let d = dests.entry((e.tgid, dest)).or_default();
+                        d.opened += 1;
+                        d.open_now += 1;
+                        d.open_max = d.open_max.max(d.open_now);
+                    }
+                }
+                EVENT_CONNECT_FAILED => {
+                    if let Some(dest) = downstream::parse_sockaddr(&e.head)
+                        && (room || dests.contains_key(&(e.tgid, dest)))
+                    {
+                        dests.entry((e.tgid, dest)).or_default().failures += 1;
+                    }
+                }
+                EVENT_FIRST_WRITE => {
+                    if let Some(dest) = outbound.get(&out_key)
+                        && let Some(d) = dests.get_mut(&(e.tgid, *dest))
+                        && d.protocol.is_none()
+                    {
+                        d.protocol = Some(downstream::protocol(head, dest.1));
+                    }
+                }
+                EVENT_ROUND_TRIP => {
+                    if let Some(dest) = outbound.get(&out_key)
+                        && let Some(d) = dests.get_mut(&(e.tgid, *dest))
+                    {
+                        d.round_trip(e.time_ns.saturating_sub(e.request_ns));
+                        // The inbound request it served, when only one
+                        // of this process was in progress.
+                        let mut serving = pending.iter().filter(|(k, _)| k.0 == e.tgid);
+                        if let (Some((_, Some((method, path)))), None) =
+                            (serving.next(), serving.next())
+                        {
+                            *d.by_route
+                                .entry((method.clone(), http::normalize(path)))
+                                .or_default() += 1;
+                        }
+                    }
+                }
+                EVENT_CLOSE if e.role == ROLE_OUTBOUND => {
+                    if let Some(dest) = outbound.remove(&out_key)
+                        && let Some(d) = dests.get_mut(&(e.tgid, dest))
+                    {
+                        d.closed(
+                            e.time_ns.saturating_sub(e.accepted_ns),
+                            e.bytes_in,
+                            e.bytes_out,
+                        );
+                    }
+                }
                 EVENT_REQUEST if pending.len() < MAX_PENDING => {
                     pending.insert(conn, http::parse_request(head));
                 }
@@ -176,15 +248,31 @@ impl Signal for Requests {
         if drain {
             out.routes.extend(self.routes.drain());
             self.unparsed = 0;
+            // Destinations with connections open stay, their figures
+            // start over.
+            for (k, v) in self.dests.iter_mut() {
+                out.destinations.push((*k, v.clone()));
+                let open = v.open_now;
+                *v = DestAgg {
+                    protocol: v.protocol,
+                    open_now: open,
+                    open_max: open,
+                    ..Default::default()
+                };
+            }
+            self.dests.retain(|_, v| v.open_now > 0);
         } else {
             out.routes
                 .extend(self.routes.iter().map(|(k, v)| (k.clone(), v.clone())));
+            out.destinations
+                .extend(self.dests.iter().map(|(k, v)| (*k, v.clone())));
         }
         Ok(())
     }
 
     fn forget(&mut self, gone: &[u32]) {
         self.pending.retain(|k, _| !gone.contains(&k.0));
+        self.outbound.retain(|k, _| !gone.contains(&k.0));
     }
 
     fn detach(&mut self, ebpf: &mut Ebpf) -> Vec<CaptureError> {

@@ -299,6 +299,8 @@ pub struct RawProfile {
     pub routes: Vec<(crate::http::RouteKey, crate::http::RouteAgg)>,
     /// Responses whose request was not seen whole or not HTTP/1.x.
     pub requests_unparsed: u64,
+    /// Outbound connections per process and destination.
+    pub destinations: Vec<((u32, crate::downstream::Dest), crate::downstream::DestAgg)>,
 }
 
 impl RawProfile {

@@ -1,0 +1,232 @@
+//! Downstream connections as the kernel saw them: every TCP connection a
+//! profiled process opened with connect(2), its destination (from the
+//! sockaddr), protocol (from its first bytes written, else its port),
+//! lifetime, bytes, and round trips (a write and the first bytes of the
+//! answer read); per process and destination, and the findings they
+//! support (no keep-alive, N+1).
+
+use std::{collections::HashMap, net::IpAddr};
+
+use serde::Serialize;
+
+use crate::http::{DurationMs, RouteAgg, SLOTS, slot_of};
+
+/// Most lifetimes kept per destination (for the median).
+const MAX_LIFETIMES: usize = 10_000;
+
+/// A destination: address and port.
+pub type Dest = (IpAddr, u16);
+
+/// The destination of a sockaddr (AF_INET, AF_INET6), as the kernel
+/// copied it.
+pub fn parse_sockaddr(b: &[u8]) -> Option<Dest> {
+    let family = u16::from_ne_bytes([*b.first()?, *b.get(1)?]);
+    let port = u16::from_be_bytes([*b.get(2)?, *b.get(3)?]);
+    match family {
+        2 => {
+            let a: [u8; 4] = b.get(4..8)?.try_into().ok()?;
+            Some((IpAddr::from(a), port))
+        }
+        10 => {
+            let a: [u8; 16] = b.get(8..24)?.try_into().ok()?;
+            let ip = std::net::Ipv6Addr::from(a);
+            Some((ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4), port))
+        }
+        _ => None,
+    }
+}
+
+/// The protocol the first bytes written on a connection speak, else the
+/// one its port is known for.
+pub fn protocol(first: &[u8], port: u16) -> &'static str {
+    const METHODS: [&[u8]; 7] = [
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"DELETE ",
+        b"PATCH ",
+        b"HEAD ",
+        b"OPTIONS ",
+    ];
+    if METHODS.iter().any(|m| first.starts_with(m)) {
+        return "http";
+    }
+    if first.len() >= 2 && first[0] == b'*' && first[1].is_ascii_digit() {
+        return "redis";
+    }
+    if first.len() >= 3 && first[0] == 0x16 && first[1] == 0x03 {
+        return "tls";
+    }
+    // PostgreSQL: length, then protocol 3.0 or the SSLRequest code.
+    if first.len() >= 8 {
+        let code = u32::from_be_bytes([first[4], first[5], first[6], first[7]]);
+        if code == 0x0003_0000 || code == 80_877_103 {
+            return "postgresql";
+        }
+    }
+    match port {
+        80 | 8080 | 8000 | 3000 => "http",
+        443 => "tls",
+        6379 => "redis",
+        5432 => "postgresql",
+        3306 => "mysql",
+        11211 => "memcached",
+        27017 => "mongodb",
+        9092 => "kafka",
+        _ => "tcp",
+    }
+}
+
+/// One process's traffic to one destination.
+#[derive(Clone, Debug, Default)]
+pub struct DestAgg {
+    /// Protocol, from the first connection's first bytes.
+    pub protocol: Option<&'static str>,
+    /// Round trips and their durations (as a route's).
+    pub round_trips: RouteAgg,
+    /// Round trips made while exactly one inbound request of the process
+    /// was in progress, by its method and route.
+    pub by_route: HashMap<(String, String), u64>,
+    /// Connections opened.
+    pub opened: u64,
+    /// Connections closed.
+    pub closed: u64,
+    /// Open now, and the most at once.
+    pub open_now: i64,
+    /// Most open at once.
+    pub open_max: i64,
+    /// Lifetimes of the closed ones, ns (bounded).
+    pub lifetimes: Vec<u64>,
+    /// Bytes read and written on the closed ones.
+    pub bytes_in: u64,
+    /// Bytes written.
+    pub bytes_out: u64,
+    /// connect(2) calls that failed at once.
+    pub failures: u64,
+}
+
+impl DestAgg {
+    /// Counts one round trip of `ns`.
+    pub fn round_trip(&mut self, ns: u64) {
+        let r = &mut self.round_trips;
+        if r.hist.is_empty() {
+            r.hist = vec![0; SLOTS];
+        }
+        r.requests += 1;
+        r.hist[slot_of(ns / 1000)] += 1;
+        r.max_ns = r.max_ns.max(ns);
+        r.total_ns += ns;
+    }
+
+    /// Counts a closed connection.
+    pub fn closed(&mut self, lifetime_ns: u64, bytes_in: u64, bytes_out: u64) {
+        self.closed += 1;
+        self.open_now -= 1;
+        if self.lifetimes.len() < MAX_LIFETIMES {
+            self.lifetimes.push(lifetime_ns);
+        }
+        self.bytes_in += bytes_in;
+        self.bytes_out += bytes_out;
+    }
+
+    /// Adds a later slice's figures.
+    pub fn merge(&mut self, o: &DestAgg) {
+        self.protocol = self.protocol.or(o.protocol);
+        self.round_trips.merge(&o.round_trips);
+        for (k, v) in &o.by_route {
+            *self.by_route.entry(k.clone()).or_default() += v;
+        }
+        self.opened += o.opened;
+        self.closed += o.closed;
+        self.open_now = o.open_now;
+        self.open_max = self.open_max.max(o.open_max);
+        let room = MAX_LIFETIMES.saturating_sub(self.lifetimes.len());
+        self.lifetimes.extend(o.lifetimes.iter().take(room));
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+        self.failures += o.failures;
+    }
+}
+
+/// One destination of a process, in requests.json.
+#[derive(Clone, Debug, Serialize)]
+pub struct Destination {
+    /// Address.
+    pub address: String,
+    /// Port.
+    pub port: u16,
+    /// `http`, `redis`, `postgresql`, `mysql`, `tls`, ... or `tcp`.
+    pub protocol: String,
+    /// Round trips: a write and the first bytes of its answer.
+    pub round_trips: u64,
+    /// Per inbound request the process answered (null without requests).
+    pub round_trips_per_request: Option<f64>,
+    /// Their durations.
+    pub round_trip_ms: DurationMs,
+    /// Connections opened.
+    pub connections_opened: u64,
+    /// Connections closed.
+    pub connections_closed: u64,
+    /// Most open at once (the pool in use).
+    pub connections_max: i64,
+    /// Median lifetime of the closed ones, ms.
+    pub lifetime_ms_median: Option<f64>,
+    /// Bytes read and written on the closed connections.
+    pub bytes_in: u64,
+    /// Bytes written.
+    pub bytes_out: u64,
+    /// connect(2) calls that failed at once (refused, unreachable).
+    pub failures: u64,
+}
+
+/// The destination's entry, with the process's `requests` answered.
+pub fn destination(dest: &Dest, a: &DestAgg, requests: u64) -> Destination {
+    let mut l = a.lifetimes.clone();
+    l.sort_unstable();
+    Destination {
+        address: dest.0.to_string(),
+        port: dest.1,
+        protocol: a
+            .protocol
+            .unwrap_or_else(|| protocol(&[], dest.1))
+            .to_string(),
+        round_trips: a.round_trips.requests,
+        round_trips_per_request: (requests > 0)
+            .then(|| a.round_trips.requests as f64 / requests as f64),
+        round_trip_ms: DurationMs::of(&a.round_trips),
+        connections_opened: a.opened,
+        connections_closed: a.closed,
+        connections_max: a.open_max,
+        lifetime_ms_median: l
+            .get(l.len().saturating_sub(1) / 2)
+            .map(|ns| *ns as f64 / 1e6),
+        bytes_in: a.bytes_in,
+        bytes_out: a.bytes_out,
+        failures: a.failures,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockaddrs_and_protocols() {
+        let mut v4 = [0u8; 28];
+        v4[..2].copy_from_slice(&2u16.to_ne_bytes());
+        v4[2..4].copy_from_slice(&6379u16.to_be_bytes());
+        v4[4..8].copy_from_slice(&[10, 0, 3, 7]);
+        assert_eq!(
+            parse_sockaddr(&v4),
+            Some(("10.0.3.7".parse().unwrap(), 6379))
+        );
+        assert_eq!(protocol(b"*3\r\n$3\r\nSET\r\n", 7000), "redis");
+        assert_eq!(protocol(b"GET / HTTP/1.1\r\n", 9000), "http");
+        assert_eq!(
+            protocol(&[0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f], 1),
+            "postgresql"
+        );
+        assert_eq!(protocol(b"", 5432), "postgresql");
+        assert_eq!(protocol(b"hello", 4000), "tcp");
+    }
+}
