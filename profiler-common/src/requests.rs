@@ -72,7 +72,8 @@ pub const ROLE_OUTBOUND: u32 = 1;
 pub const EVENT_REQUEST: u32 = 1;
 /// The first bytes of its response.
 pub const EVENT_RESPONSE: u32 = 2;
-/// The connection closed (`bytes_in`, `bytes_out` set).
+/// The connection closed (`bytes_in`, `bytes_out`, `flags` set; for an
+/// inbound one `request_ns` holds its last response's start).
 pub const EVENT_CLOSE: u32 = 3;
 /// An outbound connection opened: `head` holds its sockaddr.
 pub const EVENT_CONNECT: u32 = 4;
@@ -114,8 +115,17 @@ pub struct Conn {
     pub bytes_in: u64,
     /// Bytes written.
     pub bytes_out: u64,
+    /// When the last response started (inbound).
+    pub response_ns: u64,
+    /// [`FLAG_PEER_CLOSED`].
+    pub flags: u32,
+    /// Padding, zero.
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Conn>() == 40);
+const _: () = assert!(core::mem::size_of::<Conn>() == 56);
+
+/// [`Conn::flags`]: a read returned end of file: the peer closed first.
+pub const FLAG_PEER_CLOSED: u32 = 1;
 
 /// A connect in progress.
 #[repr(C)]
@@ -169,8 +179,8 @@ pub struct ReqEvent {
     pub bytes_out: u64,
     /// [`ROLE_INBOUND`] or [`ROLE_OUTBOUND`].
     pub role: u32,
-    /// Padding, zero.
-    pub _pad: u32,
+    /// The connection's [`Conn::flags`].
+    pub flags: u32,
     /// The first bytes read (a request) or written (a response, an
     /// outbound connection's first write), or a sockaddr.
     pub head: [u8; HEAD_BYTES],

@@ -16,8 +16,9 @@ use profiler_common::{
     counters::Counter,
     requests::{
         self, Conn, ConnKey, EVENT_CLOSE, EVENT_CONNECT, EVENT_CONNECT_FAILED, EVENT_FIRST_WRITE,
-        EVENT_REQUEST, EVENT_RESPONSE, EVENT_ROUND_TRIP, HEAD_BYTES, PendingConnect, PendingRead,
-        ROLE_INBOUND, ROLE_OUTBOUND, ReqEvent, STATE_IDLE, STATE_REQUEST,
+        EVENT_REQUEST, EVENT_RESPONSE, EVENT_ROUND_TRIP, FLAG_PEER_CLOSED, HEAD_BYTES,
+        PendingConnect, PendingRead, ROLE_INBOUND, ROLE_OUTBOUND, ReqEvent, STATE_IDLE,
+        STATE_REQUEST,
     },
 };
 
@@ -89,7 +90,7 @@ fn send(kind: u32, key: &ConnKey, conn: &Conn, buf: u64, avail: u64, t: u64) {
         (*e).bytes_in = conn.bytes_in;
         (*e).bytes_out = conn.bytes_out;
         (*e).role = conn.role;
-        (*e)._pad = 0;
+        (*e).flags = conn.flags;
         (*e).head = [0; HEAD_BYTES];
         let ok = buf != 0
             && len > 0
@@ -125,6 +126,9 @@ pub fn req_accept(ctx: TracePointContext) -> u32 {
         role: ROLE_INBOUND,
         bytes_in: 0,
         bytes_out: 0,
+        response_ns: 0,
+        flags: 0,
+        _pad: 0,
     };
     if CONNS.insert(&key, &conn, 0).is_err() {
         bump(Counter::ConnsFull);
@@ -180,10 +184,18 @@ pub fn req_read_exit(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let n = ret as i64;
-    if n <= 0 {
+    let key = ConnKey { tgid, fd: p.fd };
+    if n == 0 {
+        // End of file: the peer closed first.
+        if let Some(conn) = CONNS.get_ptr_mut(&key) {
+            // SAFETY: a flag store into this process's entry.
+            unsafe { (*conn).flags |= FLAG_PEER_CLOSED };
+        }
         return 0;
     }
-    let key = ConnKey { tgid, fd: p.fd };
+    if n < 0 {
+        return 0;
+    }
     let Some(conn) = CONNS.get_ptr_mut(&key) else {
         return 0;
     };
@@ -241,8 +253,10 @@ fn written(tgid: u32, fd: u64, buf: u64, len: u64) {
             return;
         }
         (*conn).state = STATE_IDLE;
+        let t = now();
+        (*conn).response_ns = t;
         let c = *conn;
-        send(EVENT_RESPONSE, &key, &c, buf, len, now());
+        send(EVENT_RESPONSE, &key, &c, buf, len, t);
     }
 }
 
@@ -344,6 +358,9 @@ pub fn req_connect_exit(ctx: TracePointContext) -> u32 {
         role: ROLE_OUTBOUND,
         bytes_in: 0,
         bytes_out: 0,
+        response_ns: 0,
+        flags: 0,
+        _pad: 0,
     };
     let kind = if ret == 0 || ret == -EINPROGRESS {
         if CONNS.insert(&key, &conn, 0).is_err() {
@@ -383,7 +400,7 @@ fn send_addr(kind: u32, key: &ConnKey, conn: &Conn, addr: &[u8; 32], errno: u32)
         (*e).bytes_in = 0;
         (*e).bytes_out = 0;
         (*e).role = ROLE_OUTBOUND;
-        (*e)._pad = 0;
+        (*e).flags = 0;
         (*e).head = [0; HEAD_BYTES];
         (&mut (*e).head)[..32].copy_from_slice(addr);
     }
@@ -405,8 +422,9 @@ pub fn req_close(ctx: TracePointContext) -> u32 {
         fd: fd as u32,
     };
     // SAFETY: copied out before removal.
-    if let Some(c) = (unsafe { CONNS.get(&key) }).copied() {
+    if let Some(mut c) = (unsafe { CONNS.get(&key) }).copied() {
         let _ = CONNS.remove(&key);
+        c.request_ns = c.response_ns;
         send(EVENT_CLOSE, &key, &c, 0, 0, now());
     }
     0

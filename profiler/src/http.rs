@@ -282,7 +282,24 @@ pub struct Process {
     pub routes: Vec<Route>,
     /// Where it connected to, most round trips first.
     pub destinations: Vec<crate::downstream::Destination>,
+    /// Accepted connections it closed itself after answering on them,
+    /// while the client kept them: its keep-alive timeout at work.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_closes: Option<IdleCloses>,
 }
+
+/// A server's closes of idle keep-alive connections.
+#[derive(Clone, Debug, Serialize)]
+pub struct IdleCloses {
+    /// How many.
+    pub count: usize,
+    /// Median idle time before the close, seconds.
+    pub idle_s_median: f64,
+}
+
+/// An AWS ALB's idle timeout: a server closing idle connections sooner
+/// makes the balancer send on a closing connection (a 502).
+const LB_IDLE_S: f64 = 60.0;
 
 /// Something the figures show, in words.
 #[derive(Clone, Debug, Serialize)]
@@ -331,11 +348,12 @@ pub struct RequestsReport {
 /// requests.json's schema tag.
 pub const SCHEMA: &str = "profiler.requests/1";
 
-/// Builds requests.json from a capture's routes and destinations (those
-/// of `exclude` left out).
+/// Builds requests.json from a capture's routes, destinations and idle
+/// closes (those of `exclude` left out).
 #[allow(clippy::too_many_arguments)]
 pub fn report(
     routes: &[(RouteKey, RouteAgg)],
+    idle_closes: &[(u32, Vec<u64>)],
     destinations: &[((u32, crate::downstream::Dest), crate::downstream::DestAgg)],
     unparsed: u64,
     duration_s: f64,
@@ -405,6 +423,36 @@ pub fn report(
                     .cmp(&a.round_trips)
                     .then(a.address.cmp(&b.address))
             });
+            let mut idle: Vec<u64> = idle_closes
+                .iter()
+                .filter(|(p, _)| *p == pid)
+                .flat_map(|(_, v)| v.iter().copied())
+                .collect();
+            idle.sort_unstable();
+            let idle_closes = (!idle.is_empty()).then(|| IdleCloses {
+                count: idle.len(),
+                idle_s_median: idle[(idle.len() - 1) / 2] as f64 / 1e9,
+            });
+            if let Some(c) = &idle_closes
+                && c.count >= 1
+                && (0.5..LB_IDLE_S).contains(&c.idle_s_median)
+            {
+                findings.push(Finding {
+                    kind: "keepalive_shorter_than_lb",
+                    pid,
+                    route: None,
+                    destination: None,
+                    figures: serde_json::json!({
+                        "closes": c.count,
+                        "idle_s_median": c.idle_s_median,
+                        "lb_idle_s": LB_IDLE_S,
+                    }),
+                    message: format!(
+                        "pid {pid} closes idle keep-alive connections after {:.1} s ({} closes); an AWS ALB keeps them {LB_IDLE_S:.0} s and may send a request as it closes: intermittent 502s. Keep them longer than the balancer (Node: server.keepAliveTimeout = 65000, headersTimeout above it)",
+                        c.idle_s_median, c.count
+                    ),
+                });
+            }
             Process {
                 pid,
                 comm: process_name(pid, "", procs),
@@ -412,6 +460,7 @@ pub fn report(
                 requests,
                 routes,
                 destinations,
+                idle_closes,
             }
         })
         .collect();

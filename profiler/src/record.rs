@@ -342,6 +342,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     let requests = raw.requests_on.then(|| {
         crate::http::report(
             &raw.routes,
+            &raw.idle_closes,
             &raw.destinations,
             raw.requests_unparsed,
             elapsed.as_secs_f64(),

@@ -76,7 +76,7 @@ fn red_per_route_matches_the_clients_own_figures() {
     let cases = [
         ("/slow/7", "/slow/:id", 300, 100),
         ("/flaky/3", "/flaky/:id", 300, 100),
-        ("/nope", "/nope", 100, 100),
+        ("/nope", "/nope", 300, 100),
     ];
     let clients: Vec<serde_json::Value> = cases
         .iter()
@@ -221,4 +221,42 @@ fn round_trips_per_request_and_keepalive_findings() {
         "{c:#}"
     );
     assert!(err.contains("finding (n_plus_one"), "{err}");
+    // Its clients closed their connections: no keep-alive timeout seen.
+    assert!(
+        !findings
+            .iter()
+            .any(|f| f["kind"] == "keepalive_shorter_than_lb"
+                && f["pid"].as_u64() == Some(server_pid)),
+        "{findings:#?}"
+    );
+}
+
+/// A server that closes idle keep-alive connections after 5 s (Node's
+/// default) is told it closes them before a load balancer would.
+#[test]
+fn a_five_second_keepalive_is_shorter_than_the_balancers() {
+    if !require_root("a_five_second_keepalive_is_shorter_than_the_balancers") {
+        return;
+    }
+    let dir = scratch("red-keepalive");
+    let out_dir = dir.join("out");
+    let rec = start_record(&["-o", out_dir.to_str().unwrap()]);
+    let (server, port) = start_node("red.js", &[("KEEPALIVE_MS", "5000".into())]);
+    let server_pid = u64::from(server.0[0].id());
+    // Kept connections (one or more), left idle for 7 s.
+    load_with(port, "/fast", 30, 50, 3, "linger");
+    let err = rec.stop();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("requests.json")).unwrap())
+            .unwrap();
+    let f = r["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == "keepalive_shorter_than_lb" && f["pid"].as_u64() == Some(server_pid))
+        .cloned()
+        .unwrap_or_else(|| panic!("not flagged: {r:#}\n{err}"));
+    let idle = f["figures"]["idle_s_median"].as_f64().unwrap();
+    assert!((4.5..=6.5).contains(&idle), "{f:#}");
+    assert!(f["figures"]["closes"].as_u64().unwrap() >= 1, "{f:#}");
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use aya::Ebpf;
 use profiler_common::requests::{
     self, EVENT_CLOSE, EVENT_CONNECT, EVENT_CONNECT_FAILED, EVENT_FIRST_WRITE, EVENT_REQUEST,
-    EVENT_RESPONSE, EVENT_ROUND_TRIP, ROLE_OUTBOUND, ReqEvent,
+    EVENT_RESPONSE, EVENT_ROUND_TRIP, FLAG_PEER_CLOSED, ROLE_OUTBOUND, ReqEvent,
 };
 
 use super::{
@@ -48,7 +48,13 @@ pub struct Requests {
     /// Outbound connections open: (tgid, fd, opened) -> destination.
     outbound: HashMap<(u32, u32, u64), Dest>,
     dests: HashMap<(u32, Dest), DestAgg>,
+    /// Per process, how long its accepted connections had been idle
+    /// since their last response when it closed them itself (ns).
+    idle_closes: HashMap<u32, Vec<u64>>,
 }
+
+/// Idle closes kept per process.
+const MAX_IDLE_CLOSES: usize = 10_000;
 
 /// Most outbound connections remembered open, and destinations kept.
 const MAX_OUTBOUND: usize = 65_536;
@@ -152,6 +158,7 @@ impl Signal for Requests {
         };
         let (pending, routes, unparsed) = (&mut self.pending, &mut self.routes, &mut self.unparsed);
         let (outbound, dests) = (&mut self.outbound, &mut self.dests);
+        let idle_closes = &mut self.idle_closes;
         drain_ring(ring, |e: ReqEvent| {
             let head = &e.head[..(e.len as usize).min(e.head.len())];
             let conn = (e.tgid, e.fd, e.accepted_ns, e.request_ns);
@@ -227,6 +234,14 @@ impl Signal for Requests {
                     _ => *unparsed += 1,
                 },
                 EVENT_CLOSE => {
+                    // The server closed a connection that had answered,
+                    // the client had not: its keep-alive timeout.
+                    if e.flags & FLAG_PEER_CLOSED == 0 && e.request_ns != 0 {
+                        let v = idle_closes.entry(e.tgid).or_default();
+                        if v.len() < MAX_IDLE_CLOSES {
+                            v.push(e.time_ns.saturating_sub(e.request_ns));
+                        }
+                    }
                     pending.retain(|k, _| (k.0, k.1, k.2) != (e.tgid, e.fd, e.accepted_ns));
                 }
                 _ => {}
@@ -245,7 +260,11 @@ impl Signal for Requests {
         }
         out.requests_on = true;
         out.requests_unparsed += self.unparsed;
+        for (pid, v) in &self.idle_closes {
+            out.idle_closes.push((*pid, v.clone()));
+        }
         if drain {
+            self.idle_closes.clear();
             out.routes.extend(self.routes.drain());
             self.unparsed = 0;
             // Destinations with connections open stay, their figures

@@ -299,6 +299,9 @@ pub struct RawProfile {
     pub routes: Vec<(crate::http::RouteKey, crate::http::RouteAgg)>,
     /// Responses whose request was not seen whole or not HTTP/1.x.
     pub requests_unparsed: u64,
+    /// Per process, the idle time (ns) of the accepted connections it
+    /// closed itself after answering on them.
+    pub idle_closes: Vec<(u32, Vec<u64>)>,
     /// Outbound connections per process and destination.
     pub destinations: Vec<((u32, crate::downstream::Dest), crate::downstream::DestAgg)>,
 }
