@@ -93,6 +93,11 @@ pub struct DaemonArgs {
     #[arg(long = "stall-threshold", value_name = "DURATION", default_value = "50ms", value_parser = parse_duration)]
     pub stall_threshold: Duration,
 
+    /// Do not follow requests and outbound connections (profiler_http_*
+    /// and profiler_downstream_* metrics, requests.json).
+    #[arg(long = "no-requests")]
+    pub no_requests: bool,
+
     /// The ECS agent's introspection endpoint, for task ARNs and container
     /// names (`none`: do not ask).
     #[arg(long = "ecs-agent", value_name = "ADDR:PORT|none", default_value = crate::containers::ECS_AGENT, value_parser = parse_agent)]

@@ -206,6 +206,89 @@ pub fn destination(dest: &Dest, a: &DestAgg, requests: u64) -> Destination {
     }
 }
 
+/// A listening TCP socket with connections waiting to be accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaitingListener {
+    /// Local address and port.
+    pub addr: Dest,
+    /// Connections waiting in its accept queue (`sk_ack_backlog`).
+    pub queue: u64,
+    /// The socket's inode (to find its owner).
+    pub inode: u64,
+}
+
+/// Parses /proc/net/tcp or tcp6: the listening sockets (state 0A) with
+/// connections waiting to be accepted (for a listener the kernel prints
+/// its accept queue's length as rx_queue; its backlog is not there).
+pub fn waiting_listeners(text: &str) -> Vec<WaitingListener> {
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 10 || f[3] != "0A" {
+            continue;
+        }
+        let Some(queue) = f[4]
+            .split_once(':')
+            .and_then(|(_, rx)| u64::from_str_radix(rx, 16).ok())
+        else {
+            continue;
+        };
+        if queue == 0 {
+            continue;
+        }
+        let Some((addr, port)) = f[1].split_once(':') else {
+            continue;
+        };
+        let Ok(port) = u16::from_str_radix(port, 16) else {
+            continue;
+        };
+        let ip = match addr.len() {
+            8 => u32::from_str_radix(addr, 16)
+                .ok()
+                .map(|v| IpAddr::from(v.to_le_bytes())),
+            32 => {
+                let mut b = [0u8; 16];
+                let mut ok = true;
+                for (i, chunk) in b.chunks_mut(4).enumerate() {
+                    match u32::from_str_radix(&addr[i * 8..i * 8 + 8], 16) {
+                        Ok(v) => chunk.copy_from_slice(&v.to_le_bytes()),
+                        Err(_) => ok = false,
+                    }
+                }
+                ok.then(|| IpAddr::from(b))
+            }
+            _ => None,
+        };
+        let Some(ip) = ip else { continue };
+        out.push(WaitingListener {
+            addr: (ip, port),
+            queue,
+            inode: f[9].parse().unwrap_or(0),
+        });
+    }
+    out.sort_by_key(|l| std::cmp::Reverse(l.queue));
+    out
+}
+
+/// The process holding socket `inode`, by its descriptors.
+pub fn socket_owner(inode: u64) -> Option<u32> {
+    let want = format!("socket:[{inode}]");
+    for e in std::fs::read_dir("/proc").ok()?.filter_map(Result::ok) {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.filter_map(Result::ok) {
+            if std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,5 +311,21 @@ mod tests {
         );
         assert_eq!(protocol(b"", 5432), "postgresql");
         assert_eq!(protocol(b"hello", 4000), "tcp");
+    }
+
+    #[test]
+    fn waiting_listeners_from_proc_net_tcp() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000002 00:00000000 00000000     0        0 4242 1 0 100 0 0 10 0\n\
+   1: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 17 1 0 100 0 0 10 0\n\
+   2: 0100007F:1F91 0100007F:9C40 01 00000000:00000005 00:00000000 00000000     0        0 18 1 0 100 0 0 10 0\n";
+        assert_eq!(
+            waiting_listeners(text),
+            [WaitingListener {
+                addr: ("127.0.0.1".parse().unwrap(), 8080),
+                queue: 2,
+                inode: 4242
+            }]
+        );
     }
 }

@@ -120,6 +120,8 @@ pub struct RouteAgg {
     pub errors_4xx: u64,
     /// Of which 5xx.
     pub errors_5xx: u64,
+    /// Of which 3xx.
+    pub redirects: u64,
     /// Durations, [`slot_of`] buckets of microseconds.
     pub hist: Vec<u64>,
     /// Longest, ns.
@@ -134,6 +136,7 @@ impl RouteAgg {
         self.requests += o.requests;
         self.errors_4xx += o.errors_4xx;
         self.errors_5xx += o.errors_5xx;
+        self.redirects += o.redirects;
         if self.hist.len() < o.hist.len() {
             self.hist.resize(o.hist.len(), 0);
         }
@@ -168,6 +171,7 @@ pub fn add(
     match status {
         400..=499 => r.errors_4xx += 1,
         500..=599 => r.errors_5xx += 1,
+        300..=399 => r.redirects += 1,
         _ => {}
     }
     r.hist[slot_of(duration_ns / 1000)] += 1;
@@ -340,6 +344,9 @@ pub struct RequestsReport {
     pub processes: Vec<Process>,
     /// What the figures show, in words.
     pub findings: Vec<Finding>,
+    /// Connections the host dropped because an accept queue was full
+    /// (TcpExtListenOverflows over the capture).
+    pub listen_overflows: i64,
     /// Responses whose request was not seen whole (the capture started
     /// mid-way) or was not HTTP/1.x (TLS, another protocol): not counted.
     pub unparsed: u64,
@@ -348,11 +355,45 @@ pub struct RequestsReport {
 /// requests.json's schema tag.
 pub const SCHEMA: &str = "profiler.requests/1";
 
+/// Connections dropped at listen over the capture (TcpExt counters) and
+/// the listeners with connections waiting at its end.
+#[derive(Clone, Debug, Default)]
+pub struct Listen {
+    /// TcpExtListenOverflows over the capture: connections dropped
+    /// because an accept queue was full.
+    pub overflows: i64,
+    /// TcpExtListenDrops over the capture (overflows and other drops).
+    pub drops: i64,
+    /// Listeners with connections waiting at the end, longest queue
+    /// first.
+    pub waiting: Vec<crate::downstream::WaitingListener>,
+}
+
+impl Listen {
+    /// Reads the listeners of /proc/net/tcp and tcp6 now, with the
+    /// counters' deltas.
+    pub fn now(overflows: i64, drops: i64) -> Self {
+        let mut waiting = Vec::new();
+        for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            if let Ok(text) = std::fs::read_to_string(f) {
+                waiting.extend(crate::downstream::waiting_listeners(&text));
+            }
+        }
+        waiting.sort_by_key(|l| std::cmp::Reverse(l.queue));
+        Listen {
+            overflows,
+            drops,
+            waiting,
+        }
+    }
+}
+
 /// Builds requests.json from a capture's routes, destinations and idle
-/// closes (those of `exclude` left out).
+/// closes (those of `exclude` left out), and what was dropped at listen.
 #[allow(clippy::too_many_arguments)]
 pub fn report(
     routes: &[(RouteKey, RouteAgg)],
+    listen: &Listen,
     idle_closes: &[(u32, Vec<u64>)],
     destinations: &[((u32, crate::downstream::Dest), crate::downstream::DestAgg)],
     unparsed: u64,
@@ -465,11 +506,41 @@ pub fn report(
         })
         .collect();
     processes.sort_by(|a, b| b.requests.cmp(&a.requests).then(a.pid.cmp(&b.pid)));
+    if listen.overflows > 0 {
+        let top = listen.waiting.first();
+        let owner = top.and_then(|l| crate::downstream::socket_owner(l.inode));
+        findings.push(Finding {
+            kind: "listen_overflow",
+            pid: owner.unwrap_or(0),
+            route: None,
+            destination: top.map(|l| format!("{}:{}", l.addr.0, l.addr.1)),
+            figures: serde_json::json!({
+                "overflows": listen.overflows,
+                "listen_drops": listen.drops,
+                "queue_at_end": top.map(|l| l.queue),
+            }),
+            message: match top {
+                Some(l) => format!(
+                    "{} connections dropped because an accept queue was full; at the end {} waited on {}:{}{}: accept faster (a blocked event loop does not accept) or raise the backlog (listen(fd, 511), net.core.somaxconn)",
+                    listen.overflows,
+                    l.queue,
+                    l.addr.0,
+                    l.addr.1,
+                    owner.map(|p| format!(" (pid {p})")).unwrap_or_default()
+                ),
+                None => format!(
+                    "{} connections dropped because an accept queue was full (TcpExtListenOverflows): a server did not accept fast enough (a blocked event loop does not accept) or its backlog is small (listen(fd, 511), net.core.somaxconn)",
+                    listen.overflows
+                ),
+            },
+        });
+    }
     RequestsReport {
         schema: SCHEMA,
         duration_s,
         processes,
         findings,
+        listen_overflows: listen.overflows,
         unparsed,
     }
 }

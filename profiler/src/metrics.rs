@@ -57,6 +57,46 @@ pub struct LoopLabel {
     pub comm: String,
 }
 
+/// A route of a container.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// As [`ContainerLabel`].
+    pub container: String,
+    /// The normalized route (`other` past the bounds).
+    pub route: String,
+    /// The method.
+    pub method: String,
+}
+
+/// A route's requests by status class.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteCodeLabel {
+    /// As [`ContainerLabel`].
+    pub container: String,
+    /// As [`RouteLabel`].
+    pub route: String,
+    /// The method.
+    pub method: String,
+    /// `2xx`, `3xx`, `4xx`, `5xx` (`1xx` folded into `2xx`).
+    pub code: String,
+}
+
+/// A downstream destination of a container.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestLabel {
+    /// As [`ContainerLabel`].
+    pub container: String,
+    /// `address:port` (`other` past [`MAX_DEST_LABELS`]).
+    pub destination: String,
+    /// `http`, `redis`, `postgresql`, ... or `tcp`.
+    pub protocol: String,
+}
+
+/// Most distinct route and destination label values.
+pub const MAX_ROUTE_LABELS: usize = 500;
+/// Most distinct destination label values.
+pub const MAX_DEST_LABELS: usize = 200;
+
 /// Most distinct `comm` label values of event loops.
 pub const MAX_COMM_LABELS: usize = 100;
 
@@ -132,6 +172,13 @@ pub struct Metrics {
     loop_turns: Family<LoopLabel, KernelHistogram>,
     loop_stalls: Family<LoopLabel, Counter>,
     comms: std::collections::HashSet<String>,
+    http_requests: Family<RouteCodeLabel, Counter>,
+    http_duration: Family<RouteLabel, KernelHistogram>,
+    round_trips: Family<DestLabel, KernelHistogram>,
+    conns_opened: Family<DestLabel, Counter>,
+    conns_open: Family<DestLabel, Gauge>,
+    routes_seen: std::collections::HashSet<String>,
+    dests_seen: std::collections::HashSet<String>,
     migrations: Counter,
     major_faults: Counter,
     lost: Family<ReasonLabel, Counter>,
@@ -150,7 +197,9 @@ pub struct Metrics {
 }
 
 /// Counters that mean samples or events were lost.
-const LOST: [K; 13] = [
+const LOST: [K; 15] = [
+    K::ConnsFull,
+    K::RequestEventsLost,
     K::CountMapFull,
     K::UserStackDropped,
     K::KernelStackDropped,
@@ -191,6 +240,13 @@ impl Metrics {
             loop_turns: Family::default(),
             loop_stalls: Family::default(),
             comms: Default::default(),
+            http_requests: Family::default(),
+            http_duration: Family::default(),
+            round_trips: Family::default(),
+            conns_opened: Family::default(),
+            conns_open: Family::default(),
+            routes_seen: Default::default(),
+            dests_seen: Default::default(),
             migrations: Counter::default(),
             major_faults: Counter::default(),
             lost: Family::default(),
@@ -270,6 +326,33 @@ impl Metrics {
             "profiler_event_loop_stalls",
             "Event-loop turns of at least --stall-threshold, by container and thread name",
             m.loop_stalls.clone(),
+        );
+        registry.register(
+            "profiler_http_requests",
+            "HTTP/1.x requests served, by container, route, method and status class (daemon --requests)",
+            m.http_requests.clone(),
+        );
+        registry.register_with_unit(
+            "profiler_http_request_duration",
+            "Server-side duration of HTTP/1.x requests (first byte read to first byte of the response written), by container, route and method",
+            Unit::Seconds,
+            m.http_duration.clone(),
+        );
+        registry.register_with_unit(
+            "profiler_downstream_round_trip",
+            "Round trips on outbound connections (a write to the first bytes of its answer), by container, destination and protocol",
+            Unit::Seconds,
+            m.round_trips.clone(),
+        );
+        registry.register(
+            "profiler_downstream_connections_opened",
+            "Outbound connections opened, by container, destination and protocol",
+            m.conns_opened.clone(),
+        );
+        registry.register(
+            "profiler_downstream_connections",
+            "Outbound connections open at the end of the window, by container, destination and protocol",
+            m.conns_open.clone(),
         );
         registry.register(
             "profiler_cpu_migrations",
@@ -420,6 +503,100 @@ impl Metrics {
             if let Some(l) = labels.get(&s.tid) {
                 self.loop_stalls.get_or_create(l).inc();
             }
+        }
+    }
+
+    /// Adds a window's requests and downstream traffic.
+    pub fn add_requests(
+        &mut self,
+        raw: &RawProfile,
+        container_of: &mut dyn FnMut(u32) -> Option<String>,
+    ) {
+        // Histograms of 1/16 octaves to the octaves of KernelHistogram.
+        fn octaves(hist: &[u64]) -> Vec<u64> {
+            let mut out = vec![0u64; 40];
+            for (slot, &n) in hist.iter().enumerate() {
+                let octave = if slot < 16 {
+                    (usize::BITS - 1 - slot.max(1).leading_zeros()) as usize
+                } else {
+                    slot / 16 + 3
+                };
+                if let Some(o) = out.get_mut(octave) {
+                    *o += n;
+                }
+            }
+            out
+        }
+        for ((tgid, method, route), a) in &raw.routes {
+            let name = container_of(*tgid).unwrap_or_else(|| "host".to_string());
+            let container = self.container_label(&name).container;
+            let route =
+                if self.routes_seen.contains(route) || self.routes_seen.len() < MAX_ROUTE_LABELS {
+                    self.routes_seen.insert(route.clone());
+                    route.clone()
+                } else {
+                    "other".to_string()
+                };
+            let label = RouteLabel {
+                container: container.clone(),
+                route: route.clone(),
+                method: method.clone(),
+            };
+            self.http_duration
+                .get_or_create(&label)
+                .add(&octaves(&a.hist), a.total_ns / 1000);
+            for (code, n) in [
+                (
+                    "2xx",
+                    a.requests - a.errors_4xx - a.errors_5xx - a.redirects,
+                ),
+                ("3xx", a.redirects),
+                ("4xx", a.errors_4xx),
+                ("5xx", a.errors_5xx),
+            ] {
+                if n > 0 {
+                    self.http_requests
+                        .get_or_create(&RouteCodeLabel {
+                            container: container.clone(),
+                            route: route.clone(),
+                            method: method.clone(),
+                            code: code.into(),
+                        })
+                        .inc_by(n);
+                }
+            }
+        }
+        self.conns_open.clear();
+        for ((tgid, dest), a) in &raw.destinations {
+            let name = container_of(*tgid).unwrap_or_else(|| "host".to_string());
+            let container = self.container_label(&name).container;
+            let at = format!("{}:{}", dest.0, dest.1);
+            let destination =
+                if self.dests_seen.contains(&at) || self.dests_seen.len() < MAX_DEST_LABELS {
+                    self.dests_seen.insert(at.clone());
+                    at
+                } else {
+                    "other".to_string()
+                };
+            let label = DestLabel {
+                container,
+                destination,
+                protocol: a
+                    .protocol
+                    .unwrap_or_else(|| crate::downstream::protocol(&[], dest.1))
+                    .to_string(),
+            };
+            if a.round_trips.requests > 0 {
+                self.round_trips
+                    .get_or_create(&label)
+                    .add(&octaves(&a.round_trips.hist), a.round_trips.total_ns / 1000);
+            }
+            if a.opened > 0 {
+                self.conns_opened.get_or_create(&label).inc_by(a.opened);
+            }
+            self.conns_open
+                .get_or_create(&label)
+                .inc_by(a.open_now.max(0));
         }
     }
 

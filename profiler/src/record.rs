@@ -340,8 +340,14 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         written_paths.push(svg_path);
     }
     let requests = raw.requests_on.then(|| {
+        let counter = |name: &str| -> i64 {
+            host_end.tcp_ext.get(name).copied().unwrap_or(0)
+                - host_start.tcp_ext.get(name).copied().unwrap_or(0)
+        };
+        let listen = crate::http::Listen::now(counter("ListenOverflows"), counter("ListenDrops"));
         crate::http::report(
             &raw.routes,
+            &listen,
             &raw.idle_closes,
             &raw.destinations,
             raw.requests_unparsed,
@@ -401,9 +407,6 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         written_paths.insert(0, folded_path);
     }
     let written = Instant::now();
-    for e in capture.detach() {
-        eprintln!("profiler: warning: {e} (the kernel detaches it when the profiler exits)");
-    }
 
     eprint!("{}", usereport::render_table(&report));
     if let Some(r) = &requests {
@@ -423,6 +426,11 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         &written_paths,
         written - stopped,
     );
+    // Last, once everything is said: unregistering a tracepoint waits for
+    // an RCU grace period, and there are some forty (about 2 s here).
+    for e in capture.detach() {
+        eprintln!("profiler: warning: {e} (the kernel detaches it when the profiler exits)");
+    }
     Ok(Outcome {
         dir,
         samples,
@@ -508,6 +516,14 @@ fn print_summary(
         "epoll waits of threads not timed (event-loop map full)",
     );
     warn(Counter::StallsLost, "stalls not reported (stall ring full)");
+    warn(
+        Counter::ConnsFull,
+        "connections not followed (connection map full): their requests are not counted",
+    );
+    warn(
+        Counter::RequestEventsLost,
+        "request, response or round-trip events lost (ring full)",
+    );
     warn(
         Counter::LoopBlocksLost,
         "off-CPU blocks inside loop turns not reported (ring full): stalls miss them",

@@ -598,3 +598,88 @@ fn daemon_counts_off_cpu_time_and_stalls() {
     );
     d.stop();
 }
+
+/// The daemon follows requests and outbound connections: a Node server's
+/// routes by status class, their durations, and its round trips to a
+/// TCP server, in /metrics.
+#[test]
+fn daemon_exports_requests_and_round_trips() {
+    if !require_root("daemon_exports_requests_and_round_trips") {
+        return;
+    }
+    let port = free_port();
+    let d = start_daemon(
+        Some(loopback(port)),
+        &["--window", "2s", "--ecs-agent", "none"],
+    );
+    let node = |script: &str, env: Vec<(&str, String)>| -> (KillOnDrop, u16) {
+        use std::io::BufRead;
+        let mut c = Command::new("node")
+            .arg(tests::workspace().join("tests/node").join(script))
+            .envs(env)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("node");
+        let mut line = String::new();
+        std::io::BufReader::new(c.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let p = line.trim().parse().unwrap();
+        (KillOnDrop(vec![c]), p)
+    };
+    let (_echo, echo_port) = node("echo.js", vec![]);
+    let (_server, server_port) = node("red.js", vec![("DOWNSTREAM_PORT", echo_port.to_string())]);
+    let load = |path: &str, n: &str| {
+        let ok = Command::new("node")
+            .arg(tests::workspace().join("tests/node/load.js"))
+            .arg(format!("http://127.0.0.1:{server_port}{path}"))
+            .args([n, "50", "1", "keepalive"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    load("/fanout/1", "20");
+    load("/flaky/2", "40");
+    let route = |r: &str, code: &str| {
+        format!(
+            "profiler_http_requests_total{{container=\"host\",route=\"{r}\",method=\"GET\",code=\"{code}\"}}"
+        )
+    };
+    let text = wait_for(20, "the requests in /metrics", || {
+        let (_, body) = d.get("/metrics");
+        let text = String::from_utf8_lossy(&body).into_owned();
+        (metric_sum(&text, &route("/flaky/:id", "2xx"))
+            + metric_sum(&text, &route("/flaky/:id", "5xx"))
+            >= 40.0)
+            .then_some(text)
+    });
+    assert_eq!(
+        metric_sum(&text, &route("/fanout/:id", "2xx")),
+        20.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_sum(&text, &route("/flaky/:id", "5xx")),
+        10.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_sum(
+            &text,
+            "profiler_http_request_duration_seconds_count{container=\"host\",route=\"/fanout/:id\",method=\"GET\"}"
+        ),
+        20.0,
+        "{text}"
+    );
+    let dest = format!("destination=\"127.0.0.1:{echo_port}\"");
+    let rt_count: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("profiler_downstream_round_trip_seconds_count{") && l.contains(&dest)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(rt_count, 240.0, "{text}");
+    d.stop();
+}

@@ -142,9 +142,10 @@ fn second_ctrl_c_aborts_at_once() {
     assert_eq!(code, Some(130), "{err}");
     assert!(err.contains("interrupted again, aborting"), "{err}");
     // At once: before the flame graph (written last, after symbolizing
-    // Node's binary) was done. The exit itself (the kernel freeing the
-    // programs, maps and perf events) takes a few hundred ms more.
-    assert!(took < Duration::from_secs(2), "took {took:?} to abort");
+    // Node's binary) was done. The exit itself takes the kernel's time:
+    // unregistering each of the some forty tracepoints attached waits for
+    // an RCU grace period (about 2 s in all here), whatever we do.
+    assert!(took < Duration::from_secs(5), "took {took:?} to abort");
     assert!(
         !out_dir.join("flamegraph.svg").exists(),
         "the second Ctrl-C did not stop the writing"

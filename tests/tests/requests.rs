@@ -260,3 +260,86 @@ fn a_five_second_keepalive_is_shorter_than_the_balancers() {
     assert!((4.5..=6.5).contains(&idle), "{f:#}");
     assert!(f["figures"]["closes"].as_u64().unwrap() >= 1, "{f:#}");
 }
+
+/// TcpExtListenOverflows from /proc/net/netstat.
+fn listen_overflows() -> i64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "ListenOverflows")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap()
+}
+
+/// A listener with a backlog of 1 that never accepts, and 12 clients:
+/// the overflows reported equal the kernel's TcpExtListenOverflows delta,
+/// and the finding names the listener and its process.
+#[test]
+fn listen_overflows_equal_the_kernels_counter() {
+    if !require_root("listen_overflows_equal_the_kernels_counter") {
+        return;
+    }
+    let dir = scratch("red-listen");
+    let out_dir = dir.join("out");
+    let mut listener = Command::new("python3")
+        .args([
+            "-c",
+            "import socket, sys, time\n\
+             s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(1)\n\
+             print(s.getsockname()[1], flush=True); time.sleep(60)",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    BufReader::new(listener.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line.trim().parse().unwrap();
+    let listener = KillOnDrop(vec![listener]);
+    let before = listen_overflows();
+    let rec = start_record(&["-o", out_dir.to_str().unwrap()]);
+    let clients = Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import socket, time\n\
+                 held = []\n\
+                 for _ in range(12):\n\
+                 \x20   c = socket.socket(); c.setblocking(False)\n\
+                 \x20   try: c.connect(('127.0.0.1', {port}))\n\
+                 \x20   except BlockingIOError: pass\n\
+                 \x20   held.append(c); time.sleep(0.05)\n\
+                 time.sleep(1.5)"
+            ),
+        ])
+        .status()
+        .unwrap();
+    assert!(clients.success());
+    let err = rec.stop();
+    let theirs = listen_overflows() - before;
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("requests.json")).unwrap())
+            .unwrap();
+    assert!(
+        theirs > 0,
+        "the kernel counted no overflow: the test made none"
+    );
+    assert_eq!(r["listen_overflows"].as_i64(), Some(theirs), "{r:#}\n{err}");
+    let f = r["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == "listen_overflow")
+        .cloned()
+        .unwrap_or_else(|| panic!("no listen_overflow finding: {r:#}"));
+    assert_eq!(f["destination"], format!("127.0.0.1:{port}"), "{f:#}");
+    assert_eq!(
+        f["pid"].as_u64(),
+        Some(u64::from(listener.0[0].id())),
+        "{f:#}"
+    );
+}

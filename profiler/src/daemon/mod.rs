@@ -148,6 +148,7 @@ async fn daemon(args: &DaemonArgs) -> Result<(), DaemonError> {
         offcpu_min_ns: u64::try_from(args.off_cpu_min.as_nanos()).unwrap_or(u64::MAX),
         loops: !args.no_event_loops,
         stall_ns: u64::try_from(args.stall_threshold.as_nanos()).unwrap_or(u64::MAX),
+        requests: !args.no_requests,
         ..Default::default()
     };
     let mut sigint = signal(SignalKind::interrupt())?;

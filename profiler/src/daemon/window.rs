@@ -279,7 +279,28 @@ pub(super) fn end_window(
         if loops.is_some() {
             m.add_loops(&raw, &mut |tgid| naming.container_of(tgid, procs));
         }
+        if raw.requests_on {
+            m.add_requests(&raw, &mut |tgid| naming.container_of(tgid, procs));
+        }
     }
+    let requests = raw.requests_on.then(|| {
+        let counter = |name: &str| -> i64 {
+            host_end.tcp_ext.get(name).copied().unwrap_or(0)
+                - window.host_start.tcp_ext.get(name).copied().unwrap_or(0)
+        };
+        let listen = crate::http::Listen::now(counter("ListenOverflows"), counter("ListenDrops"));
+        crate::http::report(
+            &raw.routes,
+            &listen,
+            &raw.idle_closes,
+            &raw.destinations,
+            raw.requests_unparsed,
+            elapsed.as_secs_f64(),
+            procs,
+            &mut naming.attributor,
+            None,
+        )
+    });
     report.offcpu = offcpu.as_ref().map(|o| o.summary.clone());
     report.event_loops = loops.as_ref().map(|l| l.summary.clone());
     // Plain data (non-finite floats become null): encoding cannot fail.
@@ -319,7 +340,13 @@ pub(super) fn end_window(
                 use_json: &use_json,
                 extra,
             };
-            files.write(&out)
+            let mut written = files.write(&out)?;
+            if let Some(r) = &requests {
+                let path = out.join("requests.json");
+                output::write_json(&path, r)?;
+                written.push(path);
+            }
+            Ok(written)
         });
         // A flame graph that could not be drawn is reported, not written.
         let errors = written.err().into_iter().chain(

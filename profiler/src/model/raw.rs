@@ -395,6 +395,27 @@ impl RawProfile {
         let n = room(self.turn_blocks.len());
         self.turn_blocks
             .extend(other.turn_blocks.into_iter().take(n));
+        self.requests_on |= other.requests_on;
+        self.requests_unparsed += other.requests_unparsed;
+        for (k, v) in other.routes {
+            match self.routes.iter_mut().find(|(x, _)| *x == k) {
+                Some((_, a)) => a.merge(&v),
+                None => self.routes.push((k, v)),
+            }
+        }
+        for (k, v) in other.destinations {
+            match self.destinations.iter_mut().find(|(x, _)| *x == k) {
+                Some((_, a)) => a.merge(&v),
+                None => self.destinations.push((k, v)),
+            }
+        }
+        for (pid, v) in other.idle_closes {
+            match self.idle_closes.iter_mut().find(|(p, _)| *p == pid) {
+                Some((_, a)) if a.len() < 10_000 => a.extend(v),
+                Some(_) => {}
+                None => self.idle_closes.push((pid, v)),
+            }
+        }
     }
 
     /// Value of one counter.
