@@ -145,6 +145,11 @@ fn node_service_fp_stacks_are_not_dropped_on_collisions() {
             "6",
             "--unwind",
             "fp",
+            // Samples inside event-loop turns are sent as addresses
+            // whatever their stack: without the loops every sample of the
+            // service goes through the kernel's stack map, as this test
+            // means.
+            "--no-event-loops",
             "-p",
             &node_pid.to_string(),
             "-o",
