@@ -149,8 +149,8 @@ fn off_cpu_causes_match_the_programs_own_clocks() {
     let svg = std::fs::read_to_string(dir.join("out/offcpu.svg")).unwrap();
     assert!(svg.contains("Off-CPU time flame graph"), "offcpu.svg title");
 
-    // A 30 ms minimum: every disk wait (a few ms) leaves the graph, the
-    // totals stay whole.
+    // A 30 ms minimum: the disk waits (a millisecond or so) leave the
+    // graph, the totals stay whole.
     let dir = scratch("offcpu-min");
     let (clocks, u, err) = run_program(&dir, &["--off-cpu-min", "30ms"]);
     let context = format!("{:#}\n{err}", u["offcpu"]);
@@ -169,10 +169,17 @@ fn off_cpu_causes_match_the_programs_own_clocks() {
         "short_s {short}: {context}"
     );
     assert_eq!(u["offcpu"]["min_ms"].as_f64(), Some(30.0));
+    // Disk waits are about a millisecond; one that took 30 ms or more
+    // (a slow flush) may stay in the graph, the bulk may not.
     let folded = read_folded_file(&dir.join("out"), "offcpu.folded");
+    let disk_graph: f64 = folded
+        .iter()
+        .filter(|(l, _)| l.ends_with("[off-cpu: disk]"))
+        .map(|(_, us)| *us as f64 / 1e6)
+        .sum();
     assert!(
-        !folded.keys().any(|l| l.ends_with("[off-cpu: disk]")),
-        "disk waits under 30 ms in the graph: {folded:#?}"
+        disk_graph <= 0.25 * ours(&u, clocks.pid, "disk"),
+        "{disk_graph:.3} s of disk waits over 30 ms in the graph: {folded:#?}"
     );
 }
 
