@@ -16,7 +16,7 @@ use crate::{
     model::{Frame, FrameKind, RawProfile, RawStack, SymbolizedStack},
     offcpu::{Cause, classify},
     procs::ProcessTable,
-    symbolize::{symbol_tables, symbolize_stack},
+    symbolize::{Symbolizer, symbol_tables_with, symbolize_stack},
     usereport::Clock,
 };
 
@@ -155,6 +155,7 @@ fn overlap_us(a: u64, b: u64, s: u64, e: u64) -> u64 {
 pub fn analyze(
     raw: &RawProfile,
     procs: &ProcessTable,
+    sym: &mut Symbolizer,
     exclude: Option<u32>,
     attributor: &mut Attributor,
     group_by_container: bool,
@@ -235,7 +236,7 @@ pub fn analyze(
     }
 
     let all: Vec<&RawStack> = inside.values().flatten().map(|x| x.stack).collect();
-    let tables = symbol_tables(all.iter().copied(), procs);
+    let tables = symbol_tables_with(sym, all.iter().copied(), procs);
     let mut folded_stacks: Vec<SymbolizedStack> = Vec::new();
     // Per (tid, stall): on-CPU us, off-CPU us by cause, leaf frames.
     let mut per_stall: HashMap<(u32, usize), StallParts> = HashMap::new();

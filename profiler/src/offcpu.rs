@@ -27,7 +27,7 @@ use crate::{
     fold::{self, Folded},
     model::{Frame, FrameKind, OffCpuStack, RawProfile},
     procs::ProcessTable,
-    symbolize::{process_name, symbol_tables, symbolize_stack},
+    symbolize::{Symbolizer, process_name, symbol_tables_with, symbolize_stack},
 };
 
 /// The part reported unavailable where throttled waits cannot be told
@@ -280,9 +280,11 @@ pub struct OffCpuAnalysis {
 /// Symbolizes, classifies and folds a capture's off-CPU keys (those of
 /// `exclude` left out); stacks are grouped by container with
 /// `group_by_container`.
+#[allow(clippy::too_many_arguments)]
 pub fn analyze(
     raw: &RawProfile,
     procs: &ProcessTable,
+    sym: &mut Symbolizer,
     exclude: Option<u32>,
     attributor: &mut Attributor,
     group_by_container: bool,
@@ -294,7 +296,7 @@ pub fn analyze(
         .iter()
         .filter(|o| Some(o.stack.tgid) != exclude)
         .collect();
-    let tables = symbol_tables(keys.iter().map(|o| &o.stack), procs);
+    let tables = symbol_tables_with(sym, keys.iter().map(|o| &o.stack), procs);
     let mut by_cause = ByCause::full();
     let mut per_proc: HashMap<u32, ByCause> = HashMap::new();
     let mut names: HashMap<u32, String> = HashMap::new();

@@ -21,7 +21,7 @@ use crate::{
     output::{self, OutputError},
     preflight::{self, PreflightError},
     render, selfcost,
-    symbolize::symbolize_profile,
+    symbolize::{Symbolizer, symbolize_profile_with},
     symreport, usereport,
 };
 
@@ -283,10 +283,14 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         Duration::from_secs(1),
     );
     let by_container = args.capture.group_by == GroupBy::Container;
+    // One symbolizer for the CPU, off-CPU and stall stacks: each binary
+    // is parsed once.
+    let mut sym = Symbolizer::new();
     let offcpu = raw.offcpu_on.then(|| {
         crate::offcpu::analyze(
             &raw,
             &capture.procs,
+            &mut sym,
             exclude,
             &mut attributor,
             by_container,
@@ -301,6 +305,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         crate::loops::analyze(
             &raw,
             &capture.procs,
+            &mut sym,
             exclude,
             &mut attributor,
             by_container,
@@ -377,7 +382,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         written_paths.push(svg_path);
     }
     if args.stacks() {
-        let mut stacks = symbolize_profile(&raw, &capture.procs, exclude);
+        let mut stacks = symbolize_profile_with(&mut sym, &raw, &capture.procs, exclude);
         if by_container {
             for s in &mut stacks {
                 s.group = Some(group_of(s.tgid, &capture.procs, &mut attributor));

@@ -245,10 +245,13 @@ pub(super) fn end_window(
     }
     report.profiler = Some(cost);
     let by_container = args.capture.group_by == GroupBy::Container;
+    // One for the window's off-CPU and stall stacks.
+    let mut sym = crate::symbolize::Symbolizer::new();
     let offcpu = raw.offcpu_on.then(|| {
         crate::offcpu::analyze(
             &raw,
             procs,
+            &mut sym,
             None,
             &mut naming.attributor,
             by_container,
@@ -262,6 +265,7 @@ pub(super) fn end_window(
         crate::loops::analyze(
             &raw,
             procs,
+            &mut sym,
             None,
             &mut naming.attributor,
             by_container,

@@ -475,12 +475,23 @@ pub fn symbolize_profile(
     procs: &ProcessTable,
     exclude: Option<u32>,
 ) -> Vec<SymbolizedStack> {
+    symbolize_profile_with(&mut Symbolizer::new(), raw, procs, exclude)
+}
+
+/// The same with `sym`, whose parsed files the caller reuses (record's
+/// off-CPU and stall stacks are of the same binaries).
+pub fn symbolize_profile_with(
+    sym: &mut Symbolizer,
+    raw: &RawProfile,
+    procs: &ProcessTable,
+    exclude: Option<u32>,
+) -> Vec<SymbolizedStack> {
     let stacks: Vec<&RawStack> = raw
         .stacks
         .iter()
         .filter(|s| Some(s.tgid) != exclude)
         .collect();
-    let tables = symbol_tables(stacks.iter().copied(), procs);
+    let tables = symbol_tables_with(sym, stacks.iter().copied(), procs);
     stacks
         .iter()
         .map(|s| symbolize_stack(s, &tables, procs))
