@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use tests::node::{load, sigterm_and_wait, start_service};
 
-use crate::bench_overhead::{enable_bpf_stats, mean_ci, stop, wait_for_line};
+use crate::bench_overhead::{enable_bpf_stats, mean_ci, prog_stats, stop, wait_for_line};
 
 /// Round trips of the pipe bench per run.
 const LOOPS: &str = "300000";
@@ -43,29 +43,6 @@ fn pipe_bench() -> Result<f64> {
                 .ok()
         })
         .with_context(|| format!("no total time in perf bench's output: {text}"))
-}
-
-/// Run time and runs of every BPF program a process holds (fdinfo).
-fn prog_stats(pid: u32) -> (u64, u64) {
-    let mut total = (0, 0);
-    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return total;
-    };
-    for e in rd.filter_map(Result::ok) {
-        let Ok(info) = std::fs::read_to_string(e.path()) else {
-            continue;
-        };
-        let field = |name: &str| -> Option<u64> {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse().ok())
-        };
-        if let (Some(t), Some(n)) = (field("run_time_ns:"), field("run_cnt:")) {
-            total.0 += t;
-            total.1 += n;
-        }
-    }
-    total
 }
 
 /// One run of the pipe bench: its seconds, and the tool's kernel ns per
@@ -110,9 +87,9 @@ fn under_offcputime() -> Result<Run> {
         .context("offcputime (Debian: libbpf-tools) is needed")?;
     // It prints nothing when attached: give it the time it takes.
     std::thread::sleep(Duration::from_secs(2));
-    let before = prog_stats(peer.id());
+    let before = prog_stats(peer.id(), None);
     let secs = pipe_bench()?;
-    let after = prog_stats(peer.id());
+    let after = prog_stats(peer.id(), None);
     drop(stats);
     // SAFETY: a signal to our own child.
     unsafe { libc::kill(peer.id() as i32, libc::SIGINT) };

@@ -129,6 +129,13 @@ pub(crate) fn enable_bpf_stats() -> Result<std::os::fd::OwnedFd> {
 /// Run time and runs of a process's perf_event BPF programs, from the
 /// fdinfo of its program descriptors.
 fn perf_event_prog_stats(pid: u32) -> (u64, u64) {
+    // BPF_PROG_TYPE_PERF_EVENT = 7
+    prog_stats(pid, Some(7))
+}
+
+/// Run time and runs of a process's BPF programs (of `prog_type` only,
+/// when given), from the fdinfo of its program descriptors.
+pub(crate) fn prog_stats(pid: u32, prog_type: Option<u64>) -> (u64, u64) {
     let mut total = (0, 0);
     let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
         return total;
@@ -142,8 +149,8 @@ fn perf_event_prog_stats(pid: u32) -> (u64, u64) {
                 .find_map(|l| l.strip_prefix(name))
                 .and_then(|v| v.trim().parse().ok())
         };
-        // BPF_PROG_TYPE_PERF_EVENT = 7
-        if field("prog_type:") == Some(7) {
+        if field("prog_type:").is_some() && prog_type.is_none_or(|t| field("prog_type:") == Some(t))
+        {
             total.0 += field("run_time_ns:").unwrap_or(0);
             total.1 += field("run_cnt:").unwrap_or(0);
         }
