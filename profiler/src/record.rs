@@ -349,8 +349,9 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
             host_end.tcp_ext.get(name).copied().unwrap_or(0)
                 - host_start.tcp_ext.get(name).copied().unwrap_or(0)
         };
-        let listen = crate::http::Listen::now(counter("ListenOverflows"), counter("ListenDrops"));
-        crate::http::report(
+        let listen =
+            crate::requests::Listen::now(counter("ListenOverflows"), counter("ListenDrops"));
+        crate::requests::report(
             &raw.routes,
             &listen,
             &raw.idle_closes,
@@ -415,7 +416,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
 
     eprint!("{}", usereport::render_table(&report));
     if let Some(r) = &requests {
-        eprint!("{}", crate::http::render(r));
+        eprint!("{}", crate::requests::render(r));
     }
     eprint!("{symbols_text}");
     // Now that everything is written: userspace CPU including the analysis.

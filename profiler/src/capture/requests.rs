@@ -18,10 +18,12 @@ use super::{
     kernel::{Ring, Tracepoints, drain_ring, take_ring},
 };
 use crate::{
-    downstream::{self, Dest, DestAgg},
-    http::{self, RouteAgg, RouteKey},
     model::RawProfile,
     procs::ProcessTable,
+    requests::{
+        downstream::{self, Dest, DestAgg},
+        http::{self, RouteAgg, RouteKey},
+    },
     tracefs::Format,
 };
 

@@ -292,8 +292,9 @@ pub(super) fn end_window(
             host_end.tcp_ext.get(name).copied().unwrap_or(0)
                 - window.host_start.tcp_ext.get(name).copied().unwrap_or(0)
         };
-        let listen = crate::http::Listen::now(counter("ListenOverflows"), counter("ListenDrops"));
-        crate::http::report(
+        let listen =
+            crate::requests::Listen::now(counter("ListenOverflows"), counter("ListenDrops"));
+        crate::requests::report(
             &raw.routes,
             &listen,
             &raw.idle_closes,

@@ -296,14 +296,20 @@ pub struct RawProfile {
     /// Whether requests were followed.
     pub requests_on: bool,
     /// HTTP/1.x requests per process and route.
-    pub routes: Vec<(crate::http::RouteKey, crate::http::RouteAgg)>,
+    pub routes: Vec<(
+        crate::requests::http::RouteKey,
+        crate::requests::http::RouteAgg,
+    )>,
     /// Responses whose request was not seen whole or not HTTP/1.x.
     pub requests_unparsed: u64,
     /// Per process, the idle time (ns) of the accepted connections it
     /// closed itself after answering on them.
     pub idle_closes: Vec<(u32, Vec<u64>)>,
     /// Outbound connections per process and destination.
-    pub destinations: Vec<((u32, crate::downstream::Dest), crate::downstream::DestAgg)>,
+    pub destinations: Vec<(
+        (u32, crate::requests::downstream::Dest),
+        crate::requests::downstream::DestAgg,
+    )>,
 }
 
 impl RawProfile {

@@ -1,4 +1,4 @@
-use super::*;
+use super::{file::Segment, *};
 
 /// A mapping's start svma, for the layouts the two common linkers
 /// write: GNU ld (text segment page aligned in the file) and lld (text

@@ -9,7 +9,7 @@ use std::{collections::HashMap, net::IpAddr};
 
 use serde::Serialize;
 
-use crate::http::{DurationMs, RouteAgg, SLOTS, slot_of};
+use crate::requests::http::{DurationMs, RouteAgg, SLOTS, slot_of};
 
 /// Most lifetimes kept per destination (for the median).
 const MAX_LIFETIMES: usize = 10_000;
