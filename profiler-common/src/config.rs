@@ -96,8 +96,14 @@ pub struct Config {
     pub stall_ns: u64,
     /// Non-zero: follow accepted connections ([`crate::requests`]).
     pub requests: u8,
+    /// Non-zero: follow outbound sockets' states (connect latency and
+    /// failures) from `sock:inet_sock_set_state`.
+    pub sock_states: u8,
     /// Padding, zero.
-    pub _pad6: [u8; 7],
+    pub _pad6: [u8; 2],
+    /// Offset of `sk_err` in `struct sock` (0: unknown), for why a
+    /// connection failed.
+    pub sk_err: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 248);
 
@@ -141,7 +147,9 @@ impl Config {
         _pad5: [0; 7],
         stall_ns: crate::loops::STALL_NS,
         requests: 0,
-        _pad6: [0; 7],
+        sock_states: 0,
+        _pad6: [0; 2],
+        sk_err: 0,
     };
 }
 

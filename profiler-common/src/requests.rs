@@ -32,6 +32,12 @@ pub const PROG_CONNECT_EXIT: ProgDef = ProgDef {
 };
 /// sys_enter_close: the connection ends.
 pub const PROG_CLOSE: ProgDef = ProgDef { name: "req_close" };
+/// sock:inet_sock_set_state: an outbound connection's handshake (SYN
+/// sent to established: connect latency), its failure (refused, timed
+/// out, unreachable) or a reset later.
+pub const PROG_SOCK_STATE: ProgDef = ProgDef {
+    name: "req_sock_state",
+};
 
 /// Hash map [`ConnKey`] -> [`Conn`]: connections followed.
 pub const CONNS: MapDef = MapDef {
@@ -47,6 +53,12 @@ pub const PENDING_READS: MapDef = MapDef {
 pub const PENDING_CONNECTS: MapDef = MapDef {
     name: "PENDING_CONNECTS",
     entries: 4096,
+};
+/// LRU hash map socket address -> [`OutSock`]: outbound sockets of
+/// profiled processes, from their SYN to their close.
+pub const OUT_SOCKS: MapDef = MapDef {
+    name: "OUT_SOCKS",
+    entries: 16 * 1024,
 };
 /// Ring buffer of [`ReqEvent`].
 pub const REQ_EVENTS: MapDef = MapDef {
@@ -77,14 +89,31 @@ pub const EVENT_RESPONSE: u32 = 2;
 pub const EVENT_CLOSE: u32 = 3;
 /// An outbound connection opened: `head` holds its sockaddr.
 pub const EVENT_CONNECT: u32 = 4;
-/// A connect(2) that failed at once: `head` holds its sockaddr, `len`
-/// the errno.
+/// A connect that failed: `head` holds its sockaddr, `len` the errno
+/// (from connect(2), or the socket's `sk_err` when its handshake ended:
+/// 0 when the process closed it first, [`ERRNO_UNKNOWN`] when the kernel's
+/// layout hides it).
 pub const EVENT_CONNECT_FAILED: u32 = 5;
 /// The first bytes written on an outbound connection (its protocol).
 pub const EVENT_FIRST_WRITE: u32 = 6;
 /// A round trip on an outbound connection: written at `request_ns`, the
 /// answer's first bytes read at `time_ns`.
 pub const EVENT_ROUND_TRIP: u32 = 7;
+/// An outbound connection's handshake ended: SYN sent at `request_ns`,
+/// established at `time_ns`; `head` holds the destination as a sockaddr.
+pub const EVENT_ESTABLISHED: u32 = 8;
+/// An established outbound connection ended with an error (`len`: the
+/// errno, ECONNRESET for a reset); `head` holds the destination.
+pub const EVENT_CONN_ERROR: u32 = 9;
+/// [`ReqEvent::len`] of a failure whose errno could not be read.
+pub const ERRNO_UNKNOWN: u32 = u32::MAX;
+
+/// TCP states of `sock:inet_sock_set_state` (include/net/tcp_states.h).
+pub const TCP_ESTABLISHED: i32 = 1;
+/// SYN sent, no answer yet.
+pub const TCP_SYN_SENT: i32 = 2;
+/// Closed.
+pub const TCP_CLOSE: i32 = 7;
 
 /// A followed connection: process and file descriptor.
 #[repr(C)]
@@ -133,14 +162,43 @@ pub const FLAG_PEER_CLOSED: u32 = 1;
 pub struct PendingConnect {
     /// The fd.
     pub fd: u32,
-    /// Padding, zero.
-    pub _pad: u32,
+    /// [`SYN_SENT`] once its SYN was sent: the socket's state changes
+    /// report its outcome, connect(2)'s return does not; [`SYN_FAILED`]
+    /// when it failed before connect(2) returned (a RST processed as the
+    /// socket was released: loopback).
+    pub syn_sent: u32,
     /// When connect(2) was called.
     pub start_ns: u64,
     /// The first bytes of its sockaddr (family, port, address).
     pub addr: [u8; 32],
 }
 const _: () = assert!(core::mem::size_of::<PendingConnect>() == 48);
+
+/// An outbound socket of a profiled process, from its SYN.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutSock {
+    /// Thread-group id.
+    pub tgid: u32,
+    /// File descriptor.
+    pub fd: u32,
+    /// When connect(2) was called (the connection's identity, as
+    /// [`Conn::accepted_ns`]).
+    pub opened_ns: u64,
+    /// When its SYN was sent.
+    pub syn_ns: u64,
+    /// The thread that called connect(2).
+    pub tid: u32,
+    /// Padding, zero.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<OutSock>() == 32);
+
+/// [`PendingConnect::syn_sent`]: the SYN went out.
+pub const SYN_SENT: u32 = 1;
+/// The handshake failed, and the failure was sent, before connect(2)
+/// returned.
+pub const SYN_FAILED: u32 = 2;
 
 /// A read in progress on a followed fd.
 #[repr(C)]
@@ -187,4 +245,11 @@ pub struct ReqEvent {
 }
 const _: () = assert!(core::mem::size_of::<ReqEvent>() == 64 + HEAD_BYTES);
 
-crate::pod!(ConnKey, Conn, PendingRead, PendingConnect, ReqEvent);
+crate::pod!(
+    ConnKey,
+    Conn,
+    PendingRead,
+    PendingConnect,
+    OutSock,
+    ReqEvent
+);

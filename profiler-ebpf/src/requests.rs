@@ -7,18 +7,22 @@
 //! hash lookup.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_probe_read_user_buf},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_probe_read_user_buf,
+    },
     macros::tracepoint,
-    maps::{HashMap, RingBuf},
+    maps::{HashMap, LruHashMap, RingBuf},
     programs::TracePointContext,
 };
 use profiler_common::{
     counters::Counter,
     requests::{
-        self, Conn, ConnKey, EVENT_CLOSE, EVENT_CONNECT, EVENT_CONNECT_FAILED, EVENT_FIRST_WRITE,
-        EVENT_REQUEST, EVENT_RESPONSE, EVENT_ROUND_TRIP, FLAG_PEER_CLOSED, HEAD_BYTES,
-        PendingConnect, PendingRead, ROLE_INBOUND, ROLE_OUTBOUND, ReqEvent, STATE_IDLE,
-        STATE_REQUEST,
+        self, Conn, ConnKey, ERRNO_UNKNOWN, EVENT_CLOSE, EVENT_CONN_ERROR, EVENT_CONNECT,
+        EVENT_CONNECT_FAILED, EVENT_ESTABLISHED, EVENT_FIRST_WRITE, EVENT_REQUEST, EVENT_RESPONSE,
+        EVENT_ROUND_TRIP, FLAG_PEER_CLOSED, HEAD_BYTES, OutSock, PendingConnect, PendingRead,
+        ROLE_INBOUND, ROLE_OUTBOUND, ReqEvent, STATE_IDLE, STATE_REQUEST, SYN_FAILED, SYN_SENT,
+        TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT,
     },
 };
 
@@ -28,6 +32,7 @@ map!(CONNS: HashMap<ConnKey, Conn> = with_max_entries(requests::CONNS));
 map!(PENDING_READS: HashMap<u32, PendingRead> = with_max_entries(requests::PENDING_READS));
 map!(REQ_EVENTS: RingBuf = with_byte_size(requests::REQ_EVENTS));
 map!(PENDING_CONNECTS: HashMap<u32, PendingConnect> = with_max_entries(requests::PENDING_CONNECTS));
+map!(OUT_SOCKS: LruHashMap<u64, OutSock> = with_max_entries(requests::OUT_SOCKS));
 
 /// EINPROGRESS: a non-blocking connect under way.
 const EINPROGRESS: i64 = 115;
@@ -314,7 +319,7 @@ pub fn req_connect_enter(ctx: TracePointContext) -> u32 {
     };
     let mut p = PendingConnect {
         fd: fd as u32,
-        _pad: 0,
+        syn_sent: 0,
         start_ns: now(),
         addr: [0; 32],
     };
@@ -362,12 +367,18 @@ pub fn req_connect_exit(ctx: TracePointContext) -> u32 {
         flags: 0,
         _pad: 0,
     };
-    let kind = if ret == 0 || ret == -EINPROGRESS {
+    let kind = if p.syn_sent == SYN_FAILED {
+        // It failed as connect(2) released the socket: already sent.
+        return 0;
+    } else if ret == 0 || ret == -EINPROGRESS {
         if CONNS.insert(&key, &conn, 0).is_err() {
             bump(Counter::ConnsFull);
             return 0;
         }
         EVENT_CONNECT
+    } else if p.syn_sent == SYN_SENT {
+        // Its SYN went out: req_sock_state sent the outcome.
+        return 0;
     } else {
         EVENT_CONNECT_FAILED
     };
@@ -428,4 +439,146 @@ pub fn req_close(ctx: TracePointContext) -> u32 {
         send(EVENT_CLOSE, &key, &c, 0, 0, now());
     }
     0
+}
+
+/// Fields of `sock:inet_sock_set_state` (offsets checked by the loader).
+mod state {
+    pub const SKADDR: usize = 8;
+    pub const OLDSTATE: usize = 16;
+    pub const NEWSTATE: usize = 20;
+    pub const DPORT: usize = 26;
+    pub const FAMILY: usize = 28;
+    pub const PROTOCOL: usize = 30;
+    pub const DADDR: usize = 36;
+    pub const DADDR_V6: usize = 56;
+}
+
+/// IPPROTO_TCP.
+const IPPROTO_TCP: u16 = 6;
+
+prog_named!(req_sock_state, requests::PROG_SOCK_STATE);
+/// sock:inet_sock_set_state: an outbound socket's SYN (in its process's
+/// connect(2)), its handshake's end, and its close with an error.
+#[tracepoint]
+pub fn req_sock_state(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    if cfg.sock_states == 0 {
+        return 0;
+    }
+    // SAFETY: bounded reads of the tracepoint record, at offsets the
+    // loader checked against its format.
+    let read = unsafe {
+        (
+            ctx.read_at::<u16>(state::PROTOCOL),
+            ctx.read_at::<i32>(state::OLDSTATE),
+            ctx.read_at::<i32>(state::NEWSTATE),
+            ctx.read_at::<u64>(state::SKADDR),
+        )
+    };
+    let (Ok(protocol), Ok(old), Ok(new), Ok(sk)) = read else {
+        return 0;
+    };
+    if protocol != IPPROTO_TCP {
+        return 0;
+    }
+    if old == TCP_CLOSE && new == TCP_SYN_SENT {
+        // In connect(2) of the thread that called it: only a profiled
+        // process has a pending connect.
+        let pid_tgid = bpf_get_current_pid_tgid();
+        let tid = pid_tgid as u32;
+        let Some(p) = PENDING_CONNECTS.get_ptr_mut(&tid) else {
+            return 0;
+        };
+        // SAFETY: this thread's own entry.
+        let (fd, opened_ns) = unsafe {
+            (*p).syn_sent = SYN_SENT;
+            ((*p).fd, (*p).start_ns)
+        };
+        let s = OutSock {
+            tgid: (pid_tgid >> 32) as u32,
+            fd,
+            opened_ns,
+            syn_ns: now(),
+            tid,
+            _pad: 0,
+        };
+        let _ = OUT_SOCKS.insert(&sk, &s, 0);
+        return 0;
+    }
+    // SAFETY: copied out at once.
+    let Some(s) = (unsafe { OUT_SOCKS.get(&sk) }).copied() else {
+        return 0;
+    };
+    if old == TCP_SYN_SENT && new == TCP_ESTABLISHED {
+        send_state(&ctx, EVENT_ESTABLISHED, &s, 0);
+    } else if new == TCP_CLOSE {
+        let _ = OUT_SOCKS.remove(&sk);
+        let errno = if cfg.sk_err == 0 {
+            ERRNO_UNKNOWN
+        } else {
+            // SAFETY: a probe read of the socket's sk_err (set before
+            // tcp_done moves it to CLOSE); a bad address fails the helper.
+            unsafe { bpf_probe_read_kernel((sk + cfg.sk_err as u64) as *const i32) }
+                .map(|e| e as u32)
+                .unwrap_or(ERRNO_UNKNOWN)
+        };
+        if old == TCP_SYN_SENT {
+            // Still inside its connect(2) (loopback: the RST is processed
+            // as the call releases the socket): connect's exit must not
+            // follow it.
+            if let Some(p) = PENDING_CONNECTS.get_ptr_mut(&s.tid) {
+                // SAFETY: a store into that thread's pending entry,
+                // checked to be this connect.
+                unsafe {
+                    if (*p).fd == s.fd && (*p).start_ns == s.opened_ns {
+                        (*p).syn_sent = SYN_FAILED;
+                    }
+                }
+            }
+            send_state(&ctx, EVENT_CONNECT_FAILED, &s, errno);
+        } else if errno != 0 && errno != ERRNO_UNKNOWN {
+            send_state(&ctx, EVENT_CONN_ERROR, &s, errno);
+        }
+    }
+    0
+}
+
+/// Sends an outbound socket's state event, its destination as a sockaddr
+/// in `head` (as connect(2) was given it).
+#[inline(always)]
+fn send_state(ctx: &TracePointContext, kind: u32, s: &OutSock, errno: u32) {
+    let Some(mut entry) = REQ_EVENTS.reserve::<ReqEvent>(0) else {
+        bump(Counter::RequestEventsLost);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points at the reserved record; the reads are bounded
+    // reads of the tracepoint record.
+    unsafe {
+        (*e).kind = kind;
+        (*e).tgid = s.tgid;
+        (*e).fd = s.fd;
+        (*e).len = errno;
+        (*e).accepted_ns = s.opened_ns;
+        (*e).request_ns = s.syn_ns;
+        (*e).time_ns = now();
+        (*e).bytes_in = 0;
+        (*e).bytes_out = 0;
+        (*e).role = ROLE_OUTBOUND;
+        (*e).flags = 0;
+        (*e).head = [0; HEAD_BYTES];
+        let family = ctx.read_at::<u16>(state::FAMILY).unwrap_or(0);
+        let port = ctx.read_at::<u16>(state::DPORT).unwrap_or(0);
+        let head = &mut (*e).head;
+        head[..2].copy_from_slice(&family.to_ne_bytes());
+        head[2..4].copy_from_slice(&port.to_be_bytes());
+        if family == 2 {
+            let a = ctx.read_at::<[u8; 4]>(state::DADDR).unwrap_or([0; 4]);
+            head[4..8].copy_from_slice(&a);
+        } else {
+            let a = ctx.read_at::<[u8; 16]>(state::DADDR_V6).unwrap_or([0; 16]);
+            head[8..24].copy_from_slice(&a);
+        }
+    }
+    entry.submit(0);
 }

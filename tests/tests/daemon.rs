@@ -681,5 +681,14 @@ fn daemon_exports_requests_and_round_trips() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(rt_count, 240.0, "{text}");
+    // The server's one connection to the echo server: one handshake.
+    let handshakes: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("profiler_downstream_connect_seconds_count{") && l.contains(&dest)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(handshakes, 1.0, "{text}");
     d.stop();
 }

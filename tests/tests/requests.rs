@@ -346,3 +346,156 @@ fn listen_overflows_equal_the_kernels_counter() {
         "{f:#}"
     );
 }
+
+/// A listener of tests/workloads/full_listener.py (its accept queue
+/// full), its port, and its standard input (a line frees the queue after
+/// `free_after` seconds).
+fn full_listener(free_after: Option<&str>) -> (KillOnDrop, u16, Option<std::process::ChildStdin>) {
+    let mut child = Command::new("python3")
+        .arg(workspace().join("tests/workloads/full_listener.py"))
+        .args(free_after)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let stdin = child.stdin.take();
+    (
+        KillOnDrop(vec![child]),
+        line.trim().parse().expect("the listener's port"),
+        stdin,
+    )
+}
+
+/// Outbound handshakes timed from the kernel (SYN sent to established)
+/// and failures told apart, against what the clients saw:
+/// - a SYN dropped by a full accept queue and retransmitted a second
+///   later: the handshake within 5 ms of the Node client's own timing;
+/// - 20 connects to a TCP server: 20 handshakes, none failed, none
+///   longer than the client saw;
+/// - 5 connects to a closed port: 5 `refused`, no connection opened;
+/// - 5 connections reset by their server: 5 `reset`;
+/// - a client that gives up after one SYN retransmit (TCP_SYNCNT 1):
+///   1 `timed_out`, the errno its connect(2) returned.
+#[test]
+fn connects_are_timed_and_their_failures_told_apart() {
+    if !require_root("connects_are_timed_and_their_failures_told_apart") {
+        return;
+    }
+    let dir = scratch("red-connects");
+    let out_dir = dir.join("out");
+    let (_echo, echo_port) = start_node("echo.js", &[]);
+    let closed_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let rec = start_record(&["-o", out_dir.to_str().unwrap()]);
+    let (_slow, slow_port, go) = full_listener(Some("0.3"));
+    let (_stuck, stuck_port, _) = full_listener(None);
+    use std::io::Write;
+    go.unwrap().write_all(b"go\n").unwrap();
+    let node = Command::new("node")
+        .arg(workspace().join("tests/node/connects.js"))
+        .env("SLOW_PORT", slow_port.to_string())
+        .env("ECHO_PORT", echo_port.to_string())
+        .env("CLOSED_PORT", closed_port.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        node.status.success(),
+        "{}",
+        String::from_utf8_lossy(&node.stderr)
+    );
+    let client: serde_json::Value = serde_json::from_slice(&node.stdout).unwrap();
+    let timed_out = Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import os, socket\n\
+                 s = socket.socket(); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)\n\
+                 try:\n\
+                 \x20   s.connect(('127.0.0.1', {stuck_port})); print('connected')\n\
+                 except OSError as e:\n\
+                 \x20   print(os.getpid(), e.errno)"
+            ),
+        ])
+        .output()
+        .unwrap();
+    let err = rec.stop();
+    let timed_out = String::from_utf8_lossy(&timed_out.stdout).to_string();
+    let (py_pid, errno) = timed_out
+        .trim()
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("the client connected: {timed_out}"));
+    assert_eq!(errno, "110", "the client's connect did not time out");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("requests.json")).unwrap())
+            .unwrap();
+    let dest = |pid: u64, port: u16| -> serde_json::Value {
+        r["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["pid"].as_u64() == Some(pid))
+            .flat_map(|p| p["destinations"].as_array().unwrap())
+            .find(|d| d["port"].as_u64() == Some(u64::from(port)))
+            .cloned()
+            .unwrap_or_else(|| panic!("pid {pid} -> port {port} not in {r:#}\n{err}"))
+    };
+    let pid = client["pid"].as_u64().unwrap();
+    assert_eq!(client["refused"], 5, "{client}");
+    assert_eq!(client["reset"], 5, "{client}");
+
+    let slow = dest(pid, slow_port);
+    let (ours, theirs) = (
+        slow["connect_ms"]["max"].as_f64().unwrap(),
+        client["slow_ms"].as_f64().unwrap(),
+    );
+    assert!(theirs > 900.0, "the first SYN was not dropped: {client}");
+    assert!(
+        (ours - theirs).abs() <= 5.0,
+        "handshake: ours {ours:.1} ms, the client's {theirs:.1} ms\n{slow:#}"
+    );
+
+    let echo = dest(pid, echo_port);
+    assert_eq!(echo["connections_opened"], 20, "{echo:#}");
+    assert_eq!(echo["failures"], 0, "{echo:#}");
+    let longest = client["connect_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_f64())
+        .fold(0.0, f64::max);
+    let ours = echo["connect_ms"]["max"].as_f64().unwrap();
+    assert!(
+        ours > 0.0 && ours <= longest + 0.1,
+        "a handshake of ours ({ours} ms) is longer than any the client saw ({longest} ms)\n{echo:#}"
+    );
+
+    let refused = dest(pid, closed_port);
+    assert_eq!(refused["failures_by_reason"]["refused"], 5, "{refused:#}");
+    assert_eq!(refused["failures"], 5, "{refused:#}");
+    assert_eq!(refused["connections_opened"], 0, "{refused:#}");
+
+    let reset: Vec<serde_json::Value> = r["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["pid"].as_u64() == Some(pid))
+        .flat_map(|p| p["destinations"].as_array().unwrap().clone())
+        .filter(|d| d["failures_by_reason"]["reset"].as_u64().is_some())
+        .collect();
+    assert_eq!(reset.len(), 1, "{reset:#?}");
+    assert_eq!(reset[0]["failures_by_reason"]["reset"], 5, "{reset:#?}");
+
+    let stuck = dest(py_pid.parse().unwrap(), stuck_port);
+    assert_eq!(stuck["failures_by_reason"]["timed_out"], 1, "{stuck:#}");
+    assert_eq!(stuck["connections_opened"], 0, "{stuck:#}");
+    assert!(
+        err.contains("1 failed (1 timed_out)") && err.contains("5 failed (5 refused)"),
+        "{err}"
+    );
+}

@@ -9,8 +9,9 @@ use std::collections::HashMap;
 
 use aya::Ebpf;
 use profiler_common::requests::{
-    self, EVENT_CLOSE, EVENT_CONNECT, EVENT_CONNECT_FAILED, EVENT_FIRST_WRITE, EVENT_REQUEST,
-    EVENT_RESPONSE, EVENT_ROUND_TRIP, FLAG_PEER_CLOSED, ROLE_OUTBOUND, ReqEvent,
+    self, EVENT_CLOSE, EVENT_CONN_ERROR, EVENT_CONNECT, EVENT_CONNECT_FAILED, EVENT_ESTABLISHED,
+    EVENT_FIRST_WRITE, EVENT_REQUEST, EVENT_RESPONSE, EVENT_ROUND_TRIP, FLAG_PEER_CLOSED,
+    ROLE_OUTBOUND, ReqEvent,
 };
 
 use super::{
@@ -28,6 +29,21 @@ use crate::{
 };
 
 const REQUESTS: &str = "requests";
+/// The part of it that times outbound handshakes and tells failures.
+const CONNECTS: &str = "requests: connect latency and failures";
+
+/// Fields of `sock:inet_sock_set_state` read by `req_sock_state`, at
+/// the offsets it reads them.
+const STATE_FIELDS: [(&str, u32); 8] = [
+    ("skaddr", 8),
+    ("oldstate", 16),
+    ("newstate", 20),
+    ("dport", 26),
+    ("family", 28),
+    ("protocol", 30),
+    ("daddr", 36),
+    ("daddr_v6", 56),
+];
 /// Requests waiting for their response, at most.
 const MAX_PENDING: usize = 65_536;
 
@@ -50,6 +66,8 @@ pub struct Requests {
     /// Outbound connections open: (tgid, fd, opened) -> destination.
     outbound: HashMap<(u32, u32, u64), Dest>,
     dests: HashMap<(u32, Dest), DestAgg>,
+    /// Whether `sock:inet_sock_set_state` is followed.
+    sock_states: bool,
     /// Per process, how long its accepted connections had been idle
     /// since their last response when it closed them itself (ns).
     idle_closes: HashMap<u32, Vec<u64>>,
@@ -84,6 +102,7 @@ impl Signal for Requests {
             setup.sizes.push((requests::CONNS, 1));
             setup.sizes.push((requests::PENDING_READS, 1));
             setup.sizes.push((requests::REQ_EVENTS, 4096));
+            setup.sizes.push((requests::OUT_SOCKS, 1));
             return;
         }
         for (point, field) in POINTS.iter().chain(&[("sys_enter_close", "fd")]) {
@@ -108,6 +127,37 @@ impl Signal for Requests {
             }
         }
         setup.config.requests = 1;
+        self.sock_states = match Format::read("sock", "inet_sock_set_state") {
+            Ok(f) => match STATE_FIELDS
+                .iter()
+                .find(|(name, at)| f.offset_or_none(name) != *at)
+            {
+                None => true,
+                Some((name, _)) => {
+                    setup.unavailable(
+                        CONNECTS,
+                        format!("sock:inet_sock_set_state has {name} elsewhere than this profiler reads it"),
+                    );
+                    false
+                }
+            },
+            Err(e) => {
+                setup.unavailable(CONNECTS, e);
+                false
+            }
+        };
+        if self.sock_states {
+            setup.config.sock_states = 1;
+            // Why a handshake failed: the socket's error, if BTF says
+            // where it is (else failures are counted without a reason).
+            if let Ok(btf) = setup.btf
+                && let Some((off, _)) = crate::kbtf::member_offset(btf, "sock", "sk_err")
+            {
+                setup.config.sk_err = off;
+            }
+        } else {
+            setup.sizes.push((requests::OUT_SOCKS, 1));
+        }
     }
 
     fn attach(&mut self, ebpf: &mut Ebpf, setup: &mut Setup<'_>) -> Result<(), CaptureError> {
@@ -147,6 +197,19 @@ impl Signal for Requests {
                 break;
             }
         }
+        if self.on
+            && self.sock_states
+            && !self.tracepoints.attach(
+                ebpf,
+                setup,
+                CONNECTS,
+                requests::PROG_SOCK_STATE,
+                &[("sock", "inet_sock_set_state")],
+                &[],
+            )?
+        {
+            self.sock_states = false;
+        }
         Ok(())
     }
 
@@ -179,11 +242,28 @@ impl Signal for Requests {
                         d.open_max = d.open_max.max(d.open_now);
                     }
                 }
-                EVENT_CONNECT_FAILED => {
+                EVENT_CONNECT_FAILED | EVENT_CONN_ERROR => {
                     if let Some(dest) = downstream::parse_sockaddr(&e.head)
                         && (room || dests.contains_key(&(e.tgid, dest)))
                     {
-                        dests.entry((e.tgid, dest)).or_default().failures += 1;
+                        let d = dests.entry((e.tgid, dest)).or_default();
+                        d.failed(downstream::failure_reason(e.kind, e.len));
+                        // A non-blocking connect counted as opened when
+                        // connect(2) returned: it never was.
+                        if e.kind == EVENT_CONNECT_FAILED && outbound.remove(&out_key).is_some() {
+                            d.opened = d.opened.saturating_sub(1);
+                            d.open_now -= 1;
+                        }
+                    }
+                }
+                EVENT_ESTABLISHED => {
+                    if let Some(dest) = downstream::parse_sockaddr(&e.head)
+                        && (room || dests.contains_key(&(e.tgid, dest)))
+                    {
+                        dests
+                            .entry((e.tgid, dest))
+                            .or_default()
+                            .connected(e.time_ns.saturating_sub(e.request_ns));
                     }
                 }
                 EVENT_FIRST_WRITE => {

@@ -83,6 +83,19 @@ pub struct DestLabel {
     pub protocol: String,
 }
 
+/// A destination and why a connection to it failed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestReasonLabel {
+    /// As [`ContainerLabel`].
+    pub container: String,
+    /// As [`DestLabel`].
+    pub destination: String,
+    /// As [`DestLabel`].
+    pub protocol: String,
+    /// `refused`, `timed_out`, `reset`, ...
+    pub reason: String,
+}
+
 /// Most distinct route and destination label values.
 pub const MAX_ROUTE_LABELS: usize = 500;
 /// Most distinct destination label values.

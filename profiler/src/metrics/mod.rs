@@ -42,6 +42,8 @@ pub struct Metrics {
     round_trips: Family<DestLabel, KernelHistogram>,
     conns_opened: Family<DestLabel, Counter>,
     conns_open: Family<DestLabel, Gauge>,
+    connects: Family<DestLabel, KernelHistogram>,
+    conn_failures: Family<DestReasonLabel, Counter>,
     routes_seen: std::collections::HashSet<String>,
     dests_seen: std::collections::HashSet<String>,
     migrations: Counter,
@@ -109,6 +111,8 @@ impl Metrics {
             http_duration: Family::default(),
             round_trips: Family::default(),
             conns_opened: Family::default(),
+            connects: Family::default(),
+            conn_failures: Family::default(),
             conns_open: Family::default(),
             routes_seen: Default::default(),
             dests_seen: Default::default(),
@@ -218,6 +222,17 @@ impl Metrics {
             "profiler_downstream_connections",
             "Outbound connections open at the end of the window, by container, destination and protocol",
             m.conns_open.clone(),
+        );
+        registry.register_with_unit(
+            "profiler_downstream_connect",
+            "Handshakes of outbound TCP connections (SYN sent to established), by container, destination and protocol",
+            Unit::Seconds,
+            m.connects.clone(),
+        );
+        registry.register(
+            "profiler_downstream_failures",
+            "Outbound connects that failed and connections that ended in an error, by container, destination, protocol and reason (refused, timed_out, reset, unreachable, abandoned, no_local_port, failed)",
+            m.conn_failures.clone(),
         );
         registry.register(
             "profiler_cpu_migrations",

@@ -161,6 +161,21 @@ impl Metrics {
             if a.opened > 0 {
                 self.conns_opened.get_or_create(&label).inc_by(a.opened);
             }
+            if a.connects.requests > 0 {
+                self.connects
+                    .get_or_create(&label)
+                    .add(&octaves(&a.connects.hist), a.connects.total_ns / 1000);
+            }
+            for (reason, n) in &a.failure_reasons {
+                self.conn_failures
+                    .get_or_create(&DestReasonLabel {
+                        container: label.container.clone(),
+                        destination: label.destination.clone(),
+                        protocol: label.protocol.clone(),
+                        reason: reason.to_string(),
+                    })
+                    .inc_by(*n);
+            }
             self.conns_open
                 .get_or_create(&label)
                 .inc_by(a.open_now.max(0));

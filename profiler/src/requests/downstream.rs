@@ -5,11 +5,14 @@
 //! answer read); per process and destination, and the findings they
 //! support (no keep-alive, N+1).
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 use serde::Serialize;
 
-use crate::requests::http::{DurationMs, RouteAgg, SLOTS, slot_of};
+use crate::requests::http::{DurationMs, RouteAgg};
 
 /// Most lifetimes kept per destination (for the median).
 const MAX_LIFETIMES: usize = 10_000;
@@ -101,21 +104,49 @@ pub struct DestAgg {
     pub bytes_in: u64,
     /// Bytes written.
     pub bytes_out: u64,
-    /// connect(2) calls that failed at once.
+    /// Connects that failed and connections that ended in an error.
     pub failures: u64,
+    /// Them by reason ([`failure_reason`]).
+    pub failure_reasons: BTreeMap<&'static str, u64>,
+    /// Handshakes (SYN sent to established) and their durations.
+    pub connects: RouteAgg,
+}
+
+/// Why a connect failed or a connection ended in error, from the event's
+/// kind and errno: `refused` (a RST answered the SYN), `timed_out` (no
+/// answer, or no ACK of data, after the kernel's retries), `reset` (a RST
+/// on an established connection), `unreachable` (ICMP, no route),
+/// `abandoned` (the process closed it before its handshake ended: its own
+/// connect timeout), `no_local_port`, else `failed`.
+pub fn failure_reason(kind: u32, errno: u32) -> &'static str {
+    use profiler_common::requests::{ERRNO_UNKNOWN, EVENT_CONNECT_FAILED};
+    match errno {
+        111 => "refused",
+        110 => "timed_out",
+        104 | 32 => "reset",
+        113 | 101 => "unreachable",
+        99 => "no_local_port",
+        0 if kind == EVENT_CONNECT_FAILED => "abandoned",
+        ERRNO_UNKNOWN => "failed",
+        _ => "failed",
+    }
 }
 
 impl DestAgg {
     /// Counts one round trip of `ns`.
     pub fn round_trip(&mut self, ns: u64) {
-        let r = &mut self.round_trips;
-        if r.hist.is_empty() {
-            r.hist = vec![0; SLOTS];
-        }
-        r.requests += 1;
-        r.hist[slot_of(ns / 1000)] += 1;
-        r.max_ns = r.max_ns.max(ns);
-        r.total_ns += ns;
+        self.round_trips.time(ns);
+    }
+
+    /// Counts a handshake of `ns`.
+    pub fn connected(&mut self, ns: u64) {
+        self.connects.time(ns);
+    }
+
+    /// Counts a failure.
+    pub fn failed(&mut self, reason: &'static str) {
+        self.failures += 1;
+        *self.failure_reasons.entry(reason).or_default() += 1;
     }
 
     /// Counts a closed connection.
@@ -145,6 +176,10 @@ impl DestAgg {
         self.bytes_in += o.bytes_in;
         self.bytes_out += o.bytes_out;
         self.failures += o.failures;
+        for (k, v) in &o.failure_reasons {
+            *self.failure_reasons.entry(k).or_default() += v;
+        }
+        self.connects.merge(&o.connects);
     }
 }
 
@@ -175,8 +210,14 @@ pub struct Destination {
     pub bytes_in: u64,
     /// Bytes written.
     pub bytes_out: u64,
-    /// connect(2) calls that failed at once (refused, unreachable).
+    /// Handshakes: SYN sent to established (null when none was seen).
+    pub connect_ms: Option<DurationMs>,
+    /// Connects that failed and connections that ended in an error.
     pub failures: u64,
+    /// Them by reason: `refused`, `timed_out`, `reset`, `unreachable`,
+    /// `abandoned` (closed by the process before its handshake ended),
+    /// `no_local_port`, `failed`.
+    pub failures_by_reason: BTreeMap<&'static str, u64>,
 }
 
 /// The destination's entry, with the process's `requests` answered.
@@ -202,7 +243,9 @@ pub fn destination(dest: &Dest, a: &DestAgg, requests: u64) -> Destination {
             .map(|ns| *ns as f64 / 1e6),
         bytes_in: a.bytes_in,
         bytes_out: a.bytes_out,
+        connect_ms: (a.connects.requests > 0).then(|| DurationMs::of(&a.connects)),
         failures: a.failures,
+        failures_by_reason: a.failure_reasons.clone(),
     }
 }
 

@@ -124,6 +124,17 @@ pub struct RouteAgg {
 }
 
 impl RouteAgg {
+    /// Counts one of `ns`.
+    pub fn time(&mut self, ns: u64) {
+        if self.hist.is_empty() {
+            self.hist = vec![0; SLOTS];
+        }
+        self.requests += 1;
+        self.hist[slot_of(ns / 1000)] += 1;
+        self.max_ns = self.max_ns.max(ns);
+        self.total_ns += ns;
+    }
+
     /// Adds another's requests.
     pub fn merge(&mut self, o: &RouteAgg) {
         self.requests += o.requests;
@@ -157,19 +168,13 @@ pub fn add(
         key.2 = "other".into();
     }
     let r = routes.entry(key).or_default();
-    if r.hist.is_empty() {
-        r.hist = vec![0; SLOTS];
-    }
-    r.requests += 1;
+    r.time(duration_ns);
     match status {
         400..=499 => r.errors_4xx += 1,
         500..=599 => r.errors_5xx += 1,
         300..=399 => r.redirects += 1,
         _ => {}
     }
-    r.hist[slot_of(duration_ns / 1000)] += 1;
-    r.max_ns = r.max_ns.max(duration_ns);
-    r.total_ns += duration_ns;
 }
 
 /// A histogram bucket.

@@ -246,7 +246,13 @@ pub fn render(r: &RequestsReport) -> String {
         .collect();
     let mut tail = String::new();
     for p in &r.processes {
-        for d in p.destinations.iter().take(3) {
+        // The three with the most round trips, and any that failed.
+        for (_, d) in p
+            .destinations
+            .iter()
+            .enumerate()
+            .filter(|(i, d)| *i < 3 || d.failures > 0)
+        {
             tail.push_str(&format!(
                 "  {} (pid {}) -> {}:{} ({}): {} round trips{}, p50 {:.1} ms, p99 {:.1} ms; {} connections opened, {} at most at once{}\n",
                 p.comm,
@@ -262,11 +268,20 @@ pub fn render(r: &RequestsReport) -> String {
                 d.round_trip_ms.p99,
                 d.connections_opened,
                 d.connections_max,
-                if d.failures > 0 {
-                    format!(", {} failed", d.failures)
-                } else {
-                    String::new()
-                }
+                d.connect_ms
+                    .as_ref()
+                    .map(|c| format!(", connect p50 {:.2} ms, max {:.2} ms", c.p50, c.max))
+                    .unwrap_or_default()
+                    + &if d.failures > 0 {
+                        let reasons: Vec<String> = d
+                            .failures_by_reason
+                            .iter()
+                            .map(|(k, v)| format!("{v} {k}"))
+                            .collect();
+                        format!(", {} failed ({})", d.failures, reasons.join(", "))
+                    } else {
+                        String::new()
+                    }
             ));
         }
     }
