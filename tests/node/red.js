@@ -7,6 +7,10 @@
 //   GET /fanout/:id    12 round trips, one after the other, on one kept
 //                      connection to the TCP echo server on port
 //                      $DOWNSTREAM_PORT, then 200
+//   GET /pooled/:id    one round trip through a pool of $POOL_SIZE
+//                      connections (default 2) to the TCP server on port
+//                      $POOL_PORT; a request waits for a free connection
+//                      when all are busy; then 200
 //   anything else      404
 'use strict';
 const http = require('http');
@@ -27,6 +31,36 @@ function roundTrip() {
   });
 }
 
+// A connection pool, as database clients keep one: $POOL_SIZE kept
+// connections, a queue of requests waiting for one.
+const pool = { idle: [], waiting: [] };
+if (process.env.POOL_PORT) {
+  for (let i = 0; i < Number(process.env.POOL_SIZE || 2); i++) {
+    const c = net.connect(Number(process.env.POOL_PORT), '127.0.0.1');
+    c.setNoDelay(true);
+    pool.idle.push(c);
+  }
+}
+function acquire(use) {
+  const c = pool.idle.pop();
+  if (c) use(c);
+  else pool.waiting.push(use);
+}
+function release(c) {
+  const next = pool.waiting.shift();
+  if (next) next(c);
+  else pool.idle.push(c);
+}
+function pooledQuery(done) {
+  acquire((c) => {
+    c.once('data', () => {
+      release(c);
+      done();
+    });
+    c.write('query');
+  });
+}
+
 let flaky = 0;
 const server = http.createServer((req, res) => {
   const path = req.url.split('?')[0];
@@ -39,6 +73,8 @@ const server = http.createServer((req, res) => {
       for (let i = 0; i < FANOUT; i++) await roundTrip();
       res.end('fanout\n');
     })();
+  } else if (path.startsWith('/pooled/') && process.env.POOL_PORT) {
+    pooledQuery(() => res.end('pooled\n'));
   } else if (path.startsWith('/flaky/')) {
     flaky++;
     res.statusCode = flaky % 4 === 0 ? 500 : 200;

@@ -499,3 +499,58 @@ fn connects_are_timed_and_their_failures_told_apart() {
         "{err}"
     );
 }
+
+/// The pool doctor: a server whose pool of 2 connections to a downstream
+/// that answers in 10 ms serves 8 requests at once (6 wait for a
+/// connection) is told its pool is at its limit; the same server with a
+/// pool of 8 serving 2 at once is not.
+#[test]
+fn a_pool_at_its_limit_is_told_from_one_with_room() {
+    if !require_root("a_pool_at_its_limit_is_told_from_one_with_room") {
+        return;
+    }
+    let dir = scratch("red-pool");
+    let out_dir = dir.join("out");
+    let (_db, db_port) = start_node("echo.js", &[("DELAY_MS", "10".into())]);
+    let rec = start_record(&["-o", out_dir.to_str().unwrap()]);
+    let pooled = |size: &str| {
+        start_node(
+            "red.js",
+            &[
+                ("POOL_PORT", db_port.to_string()),
+                ("POOL_SIZE", size.to_string()),
+            ],
+        )
+    };
+    let (small, small_port) = pooled("2");
+    let (roomy, roomy_port) = pooled("8");
+    let busy = load_with(small_port, "/pooled/1", 300, 400, 8, "keepalive");
+    let calm = load_with(roomy_port, "/pooled/2", 150, 100, 2, "keepalive");
+    let err = rec.stop();
+    assert_eq!(busy["statuses"]["200"], 300, "{busy}");
+    assert_eq!(calm["statuses"]["200"], 150, "{calm}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("requests.json")).unwrap())
+            .unwrap();
+    let findings = r["findings"].as_array().unwrap();
+    let pool_finding = |pid: u32| {
+        findings
+            .iter()
+            .find(|f| f["kind"] == "pool_saturated" && f["pid"].as_u64() == Some(u64::from(pid)))
+            .cloned()
+    };
+    let f = pool_finding(small.0[0].id())
+        .unwrap_or_else(|| panic!("the pool of 2 is not flagged: {r:#}\n{err}"));
+    assert_eq!(f["destination"], format!("127.0.0.1:{db_port}"), "{f:#}");
+    assert_eq!(f["figures"]["connections_max"], 2, "{f:#}");
+    let share = f["figures"]["all_busy_share"].as_f64().unwrap();
+    let waiting = f["figures"]["waiting_requests_mean"].as_f64().unwrap();
+    eprintln!("pool of 2: {}", f["figures"]);
+    assert!(share >= 0.8, "{f:#}");
+    assert!((4.0..=7.0).contains(&waiting), "{f:#}");
+    assert!(
+        pool_finding(roomy.0[0].id()).is_none(),
+        "the pool of 8 is flagged: {findings:#?}"
+    );
+    assert!(err.contains("finding (pool_saturated"), "{err}");
+}

@@ -22,7 +22,7 @@ use crate::{
     model::RawProfile,
     procs::ProcessTable,
     requests::{
-        downstream::{self, Dest, DestAgg},
+        downstream::{self, Dest, DestAgg, PoolEvent, PoolTime, pool_time},
         http::{self, RouteAgg, RouteKey},
     },
     tracefs::Format,
@@ -68,9 +68,51 @@ pub struct Requests {
     dests: HashMap<(u32, Dest), DestAgg>,
     /// Whether `sock:inet_sock_set_state` is followed.
     sock_states: bool,
+    /// Each destination's round trips and connections over time, and
+    /// each process's inbound requests: how busy a pool was.
+    timelines: Timelines,
     /// Per process, how long its accepted connections had been idle
     /// since their last response when it closed them itself (ns).
     idle_closes: HashMap<u32, Vec<u64>>,
+}
+
+/// Timeline events kept per slice, at most (16 bytes each).
+const MAX_TIMELINE: usize = 1 << 20;
+
+/// What [`pool_time`] sweeps, for one slice.
+#[derive(Default)]
+struct Timelines {
+    dests: HashMap<(u32, Dest), Vec<PoolEvent>>,
+    inbound: HashMap<u32, Vec<(u64, i32)>>,
+    /// Connections open to each destination when the slice began.
+    open_at_start: HashMap<(u32, Dest), i64>,
+    len: usize,
+}
+
+impl Timelines {
+    fn dest(&mut self, key: (u32, Dest), e: PoolEvent) {
+        if self.len < MAX_TIMELINE {
+            self.len += 1;
+            self.dests.entry(key).or_default().push(e);
+        }
+    }
+
+    fn inbound(&mut self, tgid: u32, t: u64, delta: i32) {
+        if self.len < MAX_TIMELINE {
+            self.len += 1;
+            self.inbound.entry(tgid).or_default().push((t, delta));
+        }
+    }
+
+    /// A destination's figures over the slice.
+    fn pool(&mut self, key: (u32, Dest)) -> PoolTime {
+        let open = self.open_at_start.get(&key).copied().unwrap_or(0);
+        let inbound = self.inbound.get(&key.0).map_or(&[][..], |v| v.as_slice());
+        match self.dests.get_mut(&key) {
+            Some(d) => pool_time(d, inbound, open),
+            None => PoolTime::default(),
+        }
+    }
 }
 
 /// Idle closes kept per process.
@@ -224,6 +266,7 @@ impl Signal for Requests {
         let (pending, routes, unparsed) = (&mut self.pending, &mut self.routes, &mut self.unparsed);
         let (outbound, dests) = (&mut self.outbound, &mut self.dests);
         let idle_closes = &mut self.idle_closes;
+        let timelines = &mut self.timelines;
         drain_ring(ring, |e: ReqEvent| {
             let head = &e.head[..(e.len as usize).min(e.head.len())];
             let conn = (e.tgid, e.fd, e.accepted_ns, e.request_ns);
@@ -236,6 +279,7 @@ impl Signal for Requests {
                         && (room || dests.contains_key(&(e.tgid, dest)))
                     {
                         outbound.insert(out_key, dest);
+                        timelines.dest((e.tgid, dest), (e.time_ns, 0, 1));
                         let d = dests.entry((e.tgid, dest)).or_default();
                         d.opened += 1;
                         d.open_now += 1;
@@ -253,6 +297,7 @@ impl Signal for Requests {
                         if e.kind == EVENT_CONNECT_FAILED && outbound.remove(&out_key).is_some() {
                             d.opened = d.opened.saturating_sub(1);
                             d.open_now -= 1;
+                            timelines.dest((e.tgid, dest), (e.time_ns, 0, -1));
                         }
                     }
                 }
@@ -279,6 +324,8 @@ impl Signal for Requests {
                         && let Some(d) = dests.get_mut(&(e.tgid, *dest))
                     {
                         d.round_trip(e.time_ns.saturating_sub(e.request_ns));
+                        timelines.dest((e.tgid, *dest), (e.request_ns, 1, 0));
+                        timelines.dest((e.tgid, *dest), (e.time_ns, -1, 0));
                         // The inbound request it served, when only one
                         // of this process was in progress.
                         let mut serving = pending.iter().filter(|(k, _)| k.0 == e.tgid);
@@ -295,6 +342,7 @@ impl Signal for Requests {
                     if let Some(dest) = outbound.remove(&out_key)
                         && let Some(d) = dests.get_mut(&(e.tgid, dest))
                     {
+                        timelines.dest((e.tgid, dest), (e.time_ns, 0, -1));
                         d.closed(
                             e.time_ns.saturating_sub(e.accepted_ns),
                             e.bytes_in,
@@ -305,7 +353,10 @@ impl Signal for Requests {
                 EVENT_REQUEST if pending.len() < MAX_PENDING => {
                     pending.insert(conn, http::parse_request(head));
                 }
-                EVENT_RESPONSE => match pending.remove(&conn) {
+                EVENT_RESPONSE => match pending.remove(&conn).inspect(|_| {
+                    timelines.inbound(e.tgid, e.request_ns, 1);
+                    timelines.inbound(e.tgid, e.time_ns, -1);
+                }) {
                     Some(Some((method, path))) => match http::parse_status(head) {
                         Some(status) => {
                             let duration = e.time_ns.saturating_sub(e.request_ns);
@@ -351,8 +402,11 @@ impl Signal for Requests {
             self.unparsed = 0;
             // Destinations with connections open stay, their figures
             // start over.
+            let mut timelines = std::mem::take(&mut self.timelines);
             for (k, v) in self.dests.iter_mut() {
-                out.destinations.push((*k, v.clone()));
+                let mut d = v.clone();
+                d.pool = timelines.pool(*k);
+                out.destinations.push((*k, d));
                 let open = v.open_now;
                 *v = DestAgg {
                     protocol: v.protocol,
@@ -360,19 +414,24 @@ impl Signal for Requests {
                     open_max: open,
                     ..Default::default()
                 };
+                self.timelines.open_at_start.insert(*k, open);
             }
             self.dests.retain(|_, v| v.open_now > 0);
         } else {
             out.routes
                 .extend(self.routes.iter().map(|(k, v)| (k.clone(), v.clone())));
-            out.destinations
-                .extend(self.dests.iter().map(|(k, v)| (*k, v.clone())));
+            for (k, v) in &self.dests {
+                let mut d = v.clone();
+                d.pool = self.timelines.pool(*k);
+                out.destinations.push((*k, d));
+            }
         }
         Ok(())
     }
 
     fn forget(&mut self, gone: &[u32]) {
         self.pending.retain(|k, _| !gone.contains(&k.0));
+        self.timelines.inbound.retain(|k, _| !gone.contains(k));
         self.outbound.retain(|k, _| !gone.contains(&k.0));
     }
 

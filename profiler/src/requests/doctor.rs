@@ -14,7 +14,8 @@ const LB_IDLE_S: f64 = 60.0;
 /// Something the figures show, in words.
 #[derive(Clone, Debug, Serialize)]
 pub struct Finding {
-    /// `no_keepalive`, `n_plus_one`.
+    /// `no_keepalive`, `n_plus_one`, `pool_saturated`,
+    /// `keepalive_shorter_than_lb`, `listen_overflow`.
     pub kind: &'static str,
     /// The process.
     pub pid: u32,
@@ -38,6 +39,14 @@ const NO_KEEPALIVE_MIN_CONNECTIONS: u64 = 10;
 const N_PLUS_ONE_MIN: f64 = 10.0;
 /// Requests of a route, at least, before N+1 is said.
 const N_PLUS_ONE_MIN_REQUESTS: u64 = 5;
+/// Round trips to a destination, at least, before its pool is judged.
+const POOL_MIN_ROUND_TRIPS: u64 = 50;
+/// Share of the time all its connections were busy, at least, for a pool
+/// at its limit...
+const POOL_ALL_BUSY_SHARE: f64 = 0.5;
+/// ... while this many inbound requests more than connections busy were
+/// in progress, on average.
+const POOL_WAITING_MIN: f64 = 1.0;
 
 /// A server closing idle keep-alive connections before a load balancer
 /// would.
@@ -130,6 +139,33 @@ pub fn destination(
                 } else {
                     "a connection pool"
                 }
+            ),
+        });
+    }
+    if let Some(p) = &d.pool
+        && d.round_trips >= POOL_MIN_ROUND_TRIPS
+        && p.all_busy_share >= POOL_ALL_BUSY_SHARE
+        && p.waiting_requests_mean >= POOL_WAITING_MIN
+    {
+        out.push(Finding {
+            kind: "pool_saturated",
+            pid,
+            route: None,
+            destination: Some(at.clone()),
+            figures: serde_json::json!({
+                "connections_max": d.connections_max,
+                "all_busy_share": p.all_busy_share,
+                "waiting_requests_mean": p.waiting_requests_mean,
+                "round_trips": d.round_trips,
+                "round_trip_ms_p50": d.round_trip_ms.p50,
+            }),
+            message: format!(
+                "to {at} ({}): all {} connections busy {:.0}% of the time, with {:.1} requests on average in progress beyond them, waiting for a connection (as the kernel sees it: every connection open had a round trip in flight while more of the process's requests were in progress than connections busy); round trips p50 {:.1} ms: raise the pool's size, or make the round trips shorter",
+                d.protocol,
+                d.connections_max,
+                100.0 * p.all_busy_share,
+                p.waiting_requests_mean,
+                d.round_trip_ms.p50
             ),
         });
     }

@@ -110,6 +110,82 @@ pub struct DestAgg {
     pub failure_reasons: BTreeMap<&'static str, u64>,
     /// Handshakes (SYN sent to established) and their durations.
     pub connects: RouteAgg,
+    /// How busy its connections were, over time.
+    pub pool: PoolTime,
+}
+
+/// How busy a destination's connections were: over the time from its
+/// first round trip to its last (`span_ns`), the time every connection
+/// open to it had a round trip in flight (`all_busy_ns`), and over that
+/// time the sum of the process's inbound requests in progress beyond
+/// the connections busy (`waiting_ns`, request-ns): requests that, as far
+/// as the kernel can tell, waited for a connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PoolTime {
+    /// First round trip's start to last round trip's end, ns.
+    pub span_ns: u64,
+    /// Every open connection busy, ns.
+    pub all_busy_ns: u64,
+    /// Inbound requests in progress beyond those busy, while all were
+    /// busy, request-ns.
+    pub waiting_ns: u64,
+}
+
+impl PoolTime {
+    /// Adds a later slice's.
+    pub fn merge(&mut self, o: &PoolTime) {
+        self.span_ns += o.span_ns;
+        self.all_busy_ns += o.all_busy_ns;
+        self.waiting_ns += o.waiting_ns;
+    }
+}
+
+/// A change on a destination's timeline: at `.0`, round trips in flight
+/// change by `.1` and connections open by `.2`.
+pub type PoolEvent = (u64, i32, i32);
+
+/// Sweeps a destination's timeline (`open_at_start` connections open
+/// before it) with its process's inbound requests (at `.0`, requests in
+/// progress change by `.1`). Neither needs to be sorted.
+pub fn pool_time(dest: &mut [PoolEvent], inbound: &[(u64, i32)], open_at_start: i64) -> PoolTime {
+    dest.sort_unstable_by_key(|e| e.0);
+    let rt_times = dest.iter().filter(|e| e.1 != 0).map(|e| e.0);
+    let (Some(first), Some(last)) = (rt_times.clone().min(), rt_times.max()) else {
+        return PoolTime::default();
+    };
+    let mut inbound: Vec<(u64, i32)> = inbound.iter().copied().filter(|e| e.0 <= last).collect();
+    inbound.sort_unstable_by_key(|e| e.0);
+    let (mut busy, mut open, mut inflight) = (0i64, open_at_start, 0i64);
+    let mut out = PoolTime {
+        span_ns: last - first,
+        ..Default::default()
+    };
+    let (mut i, mut j) = (0, 0);
+    let mut t = 0u64;
+    while i < dest.len() || j < inbound.len() {
+        let next = match (dest.get(i), inbound.get(j)) {
+            (Some(d), Some(r)) => d.0.min(r.0),
+            (Some(d), None) => d.0,
+            (None, Some(r)) => r.0,
+            (None, None) => break,
+        };
+        if t >= first && open > 0 && busy >= open {
+            let dt = next - t;
+            out.all_busy_ns += dt;
+            out.waiting_ns += (inflight - busy).max(0) as u64 * dt;
+        }
+        t = next;
+        while let Some(d) = dest.get(i).filter(|d| d.0 == t) {
+            busy += i64::from(d.1);
+            open += i64::from(d.2);
+            i += 1;
+        }
+        while let Some(r) = inbound.get(j).filter(|r| r.0 == t) {
+            inflight += i64::from(r.1);
+            j += 1;
+        }
+    }
+    out
 }
 
 /// Why a connect failed or a connection ended in error, from the event's
@@ -180,6 +256,7 @@ impl DestAgg {
             *self.failure_reasons.entry(k).or_default() += v;
         }
         self.connects.merge(&o.connects);
+        self.pool.merge(&o.pool);
     }
 }
 
@@ -210,6 +287,11 @@ pub struct Destination {
     pub bytes_in: u64,
     /// Bytes written.
     pub bytes_out: u64,
+    /// How busy its connections were ([`PoolTime`]): the share of the
+    /// time from the first round trip to the last when every connection
+    /// open had one in flight, and the mean of inbound requests in
+    /// progress beyond them then (null without round trips).
+    pub pool: Option<PoolShare>,
     /// Handshakes: SYN sent to established (null when none was seen).
     pub connect_ms: Option<DurationMs>,
     /// Connects that failed and connections that ended in an error.
@@ -218,6 +300,17 @@ pub struct Destination {
     /// `abandoned` (closed by the process before its handshake ended),
     /// `no_local_port`, `failed`.
     pub failures_by_reason: BTreeMap<&'static str, u64>,
+}
+
+/// A destination's [`PoolTime`] as shares.
+#[derive(Clone, Debug, Serialize)]
+pub struct PoolShare {
+    /// Share of the time all its connections were busy.
+    pub all_busy_share: f64,
+    /// Inbound requests in progress beyond the connections busy, on
+    /// average while they all were (waiting for one, as far as the kernel
+    /// can tell).
+    pub waiting_requests_mean: f64,
 }
 
 /// The destination's entry, with the process's `requests` answered.
@@ -243,6 +336,10 @@ pub fn destination(dest: &Dest, a: &DestAgg, requests: u64) -> Destination {
             .map(|ns| *ns as f64 / 1e6),
         bytes_in: a.bytes_in,
         bytes_out: a.bytes_out,
+        pool: (a.pool.span_ns > 0).then(|| PoolShare {
+            all_busy_share: a.pool.all_busy_ns as f64 / a.pool.span_ns as f64,
+            waiting_requests_mean: a.pool.waiting_ns as f64 / a.pool.all_busy_ns.max(1) as f64,
+        }),
         connect_ms: (a.connects.requests > 0).then(|| DurationMs::of(&a.connects)),
         failures: a.failures,
         failures_by_reason: a.failure_reasons.clone(),
@@ -335,6 +432,47 @@ pub fn socket_owner(inode: u64) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two connections; round trips [0,10) and [5,20) on them, one
+    /// [30,40); four inbound requests over [0,20): both busy over [5,10)
+    /// with 4 in progress (2 waiting), and not after.
+    #[test]
+    fn pool_time_sweeps_busy_connections_and_waiting_requests() {
+        let mut dest = vec![
+            (0, 0, 1),
+            (0, 0, 1),
+            (0, 1, 0),
+            (10, -1, 0),
+            (5, 1, 0),
+            (20, -1, 0),
+            (30, 1, 0),
+            (40, -1, 0),
+        ];
+        let inbound = [(0, 4), (20, -4)];
+        let p = pool_time(&mut dest, &inbound, 0);
+        assert_eq!(
+            p,
+            PoolTime {
+                span_ns: 40,
+                all_busy_ns: 5,
+                waiting_ns: 10,
+            }
+        );
+        // One connection open before: the same round trips on it alone
+        // keep it busy over [0,20) and [30,40).
+        let mut one = vec![
+            (0, 1, 0),
+            (10, -1, 0),
+            (10, 1, 0),
+            (20, -1, 0),
+            (30, 1, 0),
+            (40, -1, 0),
+        ];
+        let p = pool_time(&mut one, &inbound, 1);
+        assert_eq!(p.all_busy_ns, 30);
+        assert_eq!(p.waiting_ns, 3 * 20);
+        assert_eq!(pool_time(&mut [], &inbound, 1), PoolTime::default());
+    }
 
     #[test]
     fn sockaddrs_and_protocols() {
