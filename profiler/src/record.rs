@@ -352,11 +352,8 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         let listen =
             crate::requests::Listen::now(counter("ListenOverflows"), counter("ListenDrops"));
         crate::requests::report(
-            &raw.routes,
+            &raw,
             &listen,
-            &raw.idle_closes,
-            &raw.destinations,
-            raw.requests_unparsed,
             elapsed.as_secs_f64(),
             &capture.procs,
             &mut attributor,

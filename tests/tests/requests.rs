@@ -554,3 +554,73 @@ fn a_pool_at_its_limit_is_told_from_one_with_room() {
     );
     assert!(err.contains("finding (pool_saturated"), "{err}");
 }
+
+/// An HTTPS server (its own TLS): 40 requests over one kept connection
+/// are timed as exchanges (the handshake's flights with them), no route
+/// is made up from encrypted bytes, and the report says why.
+#[test]
+fn tls_is_timed_without_routes_and_said_so() {
+    if !require_root("tls_is_timed_without_routes_and_said_so") {
+        return;
+    }
+    let dir = scratch("red-tls");
+    let out_dir = dir.join("out");
+    let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (.ci/run installs it)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let mut child = Command::new("node")
+        .arg(workspace().join("tests/node/tls.js"))
+        .arg("serve")
+        .args([&key, &cert])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line.trim().parse().unwrap();
+    let server = KillOnDrop(vec![child]);
+    let pid = server.0[0].id();
+    let rec = start_record(&["-p", &pid.to_string(), "-o", out_dir.to_str().unwrap()]);
+    let out = Command::new("node")
+        .arg(workspace().join("tests/node/tls.js"))
+        .args(["get", &port.to_string(), "40"])
+        .output()
+        .unwrap();
+    let err = rec.stop();
+    let client: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(client["ok"], 40, "{client}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("requests.json")).unwrap())
+            .unwrap();
+    let p = r["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"].as_u64() == Some(u64::from(pid)))
+        .cloned()
+        .unwrap_or_else(|| panic!("the server is not in {r:#}\n{err}"));
+    assert_eq!(p["routes"].as_array().unwrap().len(), 0, "{p:#}");
+    let exchanges = p["tls"]["exchanges"].as_u64().unwrap();
+    assert!((40..=46).contains(&exchanges), "{p:#}");
+    assert!(
+        p["tls"]["note"].as_str().unwrap().contains("encrypted"),
+        "{p:#}"
+    );
+    assert_eq!(r["unparsed"], 0, "{r:#}");
+    assert!(err.contains("TLS:"), "{err}");
+}

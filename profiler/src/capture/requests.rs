@@ -58,7 +58,10 @@ pub struct Requests {
     ring: Option<Ring>,
     /// (tgid, fd, accepted, request start) -> (method, path) of requests
     /// whose response has not started.
-    pending: HashMap<RequestId, Option<(String, String)>>,
+    pending: HashMap<RequestId, http::Head>,
+    /// Per process, exchanges on TLS connections it accepted (a read and
+    /// the write answering it).
+    tls: HashMap<u32, RouteAgg>,
     routes: HashMap<RouteKey, RouteAgg>,
     /// Responses whose request was not seen whole, and requests that were
     /// not HTTP/1.x.
@@ -267,6 +270,7 @@ impl Signal for Requests {
         let (outbound, dests) = (&mut self.outbound, &mut self.dests);
         let idle_closes = &mut self.idle_closes;
         let timelines = &mut self.timelines;
+        let tls = &mut self.tls;
         drain_ring(ring, |e: ReqEvent| {
             let head = &e.head[..(e.len as usize).min(e.head.len())];
             let conn = (e.tgid, e.fd, e.accepted_ns, e.request_ns);
@@ -329,7 +333,7 @@ impl Signal for Requests {
                         // The inbound request it served, when only one
                         // of this process was in progress.
                         let mut serving = pending.iter().filter(|(k, _)| k.0 == e.tgid);
-                        if let (Some((_, Some((method, path)))), None) =
+                        if let (Some((_, http::Head::Http(method, path))), None) =
                             (serving.next(), serving.next())
                         {
                             *d.by_route
@@ -351,13 +355,18 @@ impl Signal for Requests {
                     }
                 }
                 EVENT_REQUEST if pending.len() < MAX_PENDING => {
-                    pending.insert(conn, http::parse_request(head));
+                    pending.insert(conn, http::classify(head));
                 }
                 EVENT_RESPONSE => match pending.remove(&conn).inspect(|_| {
                     timelines.inbound(e.tgid, e.request_ns, 1);
                     timelines.inbound(e.tgid, e.time_ns, -1);
                 }) {
-                    Some(Some((method, path))) => match http::parse_status(head) {
+                    Some(http::Head::Tls) => {
+                        tls.entry(e.tgid)
+                            .or_default()
+                            .time(e.time_ns.saturating_sub(e.request_ns));
+                    }
+                    Some(http::Head::Http(method, path)) => match http::parse_status(head) {
                         Some(status) => {
                             let duration = e.time_ns.saturating_sub(e.request_ns);
                             http::add(routes, e.tgid, &method, &path, status, duration);
@@ -399,6 +408,7 @@ impl Signal for Requests {
         if drain {
             self.idle_closes.clear();
             out.routes.extend(self.routes.drain());
+            out.tls.extend(self.tls.drain());
             self.unparsed = 0;
             // Destinations with connections open stay, their figures
             // start over.
@@ -420,6 +430,8 @@ impl Signal for Requests {
         } else {
             out.routes
                 .extend(self.routes.iter().map(|(k, v)| (k.clone(), v.clone())));
+            out.tls
+                .extend(self.tls.iter().map(|(k, v)| (*k, v.clone())));
             for (k, v) in &self.dests {
                 let mut d = v.clone();
                 d.pool = self.timelines.pool(*k);

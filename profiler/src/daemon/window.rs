@@ -295,11 +295,8 @@ pub(super) fn end_window(
         let listen =
             crate::requests::Listen::now(counter("ListenOverflows"), counter("ListenDrops"));
         crate::requests::report(
-            &raw.routes,
+            &raw,
             &listen,
-            &raw.idle_closes,
-            &raw.destinations,
-            raw.requests_unparsed,
             elapsed.as_secs_f64(),
             procs,
             &mut naming.attributor,

@@ -300,6 +300,9 @@ pub struct RawProfile {
         crate::requests::http::RouteKey,
         crate::requests::http::RouteAgg,
     )>,
+    /// Per process, exchanges on accepted TLS connections (encrypted: no
+    /// routes), timed as requests.
+    pub tls: Vec<(u32, crate::requests::http::RouteAgg)>,
     /// Responses whose request was not seen whole or not HTTP/1.x.
     pub requests_unparsed: u64,
     /// Per process, the idle time (ns) of the accepted connections it
@@ -407,6 +410,12 @@ impl RawProfile {
             match self.routes.iter_mut().find(|(x, _)| *x == k) {
                 Some((_, a)) => a.merge(&v),
                 None => self.routes.push((k, v)),
+            }
+        }
+        for (k, v) in other.tls {
+            match self.tls.iter_mut().find(|(x, _)| *x == k) {
+                Some((_, a)) => a.merge(&v),
+                None => self.tls.push((k, v)),
             }
         }
         for (k, v) in other.destinations {

@@ -101,6 +101,33 @@ pub fn slot_upper_us(slot: usize) -> u64 {
     (SUB + slot % SUB + 1) << (log - 4)
 }
 
+/// What the first bytes a server read on an idle connection were.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Head {
+    /// An HTTP/1.x request: method and path.
+    Http(String, String),
+    /// A TLS record: encrypted, no route to read.
+    Tls,
+    /// Neither (another protocol, or a request seen from its middle).
+    Other,
+}
+
+/// Whether bytes start with a TLS record header: content type 20..23
+/// (change cipher spec, alert, handshake, application data), version
+/// 3.x.
+pub fn is_tls(head: &[u8]) -> bool {
+    matches!(head, [20..=23, 3, 0..=4, ..])
+}
+
+/// Tells what a request's first bytes are.
+pub fn classify(head: &[u8]) -> Head {
+    match parse_request(head) {
+        Some((method, path)) => Head::Http(method, path),
+        None if is_tls(head) => Head::Tls,
+        None => Head::Other,
+    }
+}
+
 /// Process, method, route.
 pub type RouteKey = (u32, String, String);
 

@@ -13,10 +13,11 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 
 pub use doctor::Finding;
-use http::{DurationMs, RouteAgg, RouteKey};
+use http::{DurationMs, RouteAgg};
 
 use crate::{
     containers::{Attributor, group_of},
+    model::RawProfile,
     procs::ProcessTable,
     symbolize::process_name,
 };
@@ -60,7 +61,28 @@ pub struct Process {
     /// while the client kept them: its keep-alive timeout at work.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_closes: Option<IdleCloses>,
+    /// Exchanges on the TLS connections it accepted (absent when none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
 }
+
+/// A server's TLS traffic: encrypted, so no method, route or status; a
+/// read on an idle connection and the first write after it are one
+/// exchange (the handshake's flights count too).
+#[derive(Clone, Debug, Serialize)]
+pub struct Tls {
+    /// Exchanges.
+    pub exchanges: u64,
+    /// Per second.
+    pub rate_per_s: f64,
+    /// Their durations, read to the answer's first write.
+    pub duration_ms: DurationMs,
+    /// What this can and cannot say.
+    pub note: &'static str,
+}
+
+/// [`Tls::note`].
+const TLS_NOTE: &str = "encrypted in the process (TLS): no routes, status codes or errors; end TLS at the load balancer (plaintext inside the VPC) for RED per route";
 
 /// A server's closes of idle keep-alive connections.
 #[derive(Clone, Debug, Serialize)]
@@ -86,7 +108,7 @@ pub struct RequestsReport {
     /// (TcpExtListenOverflows over the capture).
     pub listen_overflows: i64,
     /// Responses whose request was not seen whole (the capture started
-    /// mid-way) or was not HTTP/1.x (TLS, another protocol): not counted.
+    /// mid-way) or was neither HTTP/1.x nor TLS: not counted.
     pub unparsed: u64,
 }
 
@@ -126,21 +148,26 @@ impl Listen {
     }
 }
 
-/// Builds requests.json from a capture's routes, destinations and idle
-/// closes (those of `exclude` left out), and what was dropped at listen.
-#[allow(clippy::too_many_arguments)]
+/// Builds requests.json from a capture's routes, TLS exchanges,
+/// destinations and idle closes (those of `exclude` left out), and what
+/// was dropped at listen.
 pub fn report(
-    routes: &[(RouteKey, RouteAgg)],
+    raw: &RawProfile,
     listen: &Listen,
-    idle_closes: &[(u32, Vec<u64>)],
-    destinations: &[((u32, downstream::Dest), downstream::DestAgg)],
-    unparsed: u64,
     duration_s: f64,
     procs: &ProcessTable,
     attributor: &mut Attributor,
     exclude: Option<u32>,
 ) -> RequestsReport {
+    let (routes, idle_closes, destinations) = (&raw.routes, &raw.idle_closes, &raw.destinations);
+    let mut tls: HashMap<u32, &RouteAgg> = HashMap::new();
     let mut by: BTreeMap<u32, HashMap<(String, String), RouteAgg>> = BTreeMap::new();
+    for (tgid, agg) in &raw.tls {
+        if Some(*tgid) != exclude {
+            by.entry(*tgid).or_default();
+            tls.insert(*tgid, agg);
+        }
+    }
     for ((tgid, method, route), agg) in routes {
         if Some(*tgid) == exclude {
             continue;
@@ -222,6 +249,12 @@ pub fn report(
                 routes,
                 destinations,
                 idle_closes,
+                tls: tls.get(&pid).map(|a| Tls {
+                    exchanges: a.requests,
+                    rate_per_s: a.requests as f64 / duration_s.max(1e-9),
+                    duration_ms: DurationMs::of(a),
+                    note: TLS_NOTE,
+                }),
             }
         })
         .collect();
@@ -233,7 +266,7 @@ pub fn report(
         processes,
         findings,
         listen_overflows: listen.overflows,
-        unparsed,
+        unparsed: raw.requests_unparsed,
     }
 }
 
@@ -246,6 +279,12 @@ pub fn render(r: &RequestsReport) -> String {
         .collect();
     let mut tail = String::new();
     for p in &r.processes {
+        if let Some(t) = &p.tls {
+            tail.push_str(&format!(
+                "  {} (pid {}) TLS: {:.1} exchanges/s, p50 {:.1} ms, p99 {:.1} ms ({})\n",
+                p.comm, p.pid, t.rate_per_s, t.duration_ms.p50, t.duration_ms.p99, t.note
+            ));
+        }
         // The three with the most round trips, and any that failed.
         for (_, d) in p
             .destinations
