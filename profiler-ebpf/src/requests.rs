@@ -34,6 +34,11 @@ map!(REQ_EVENTS: RingBuf = with_byte_size(requests::REQ_EVENTS));
 map!(PENDING_CONNECTS: HashMap<u32, PendingConnect> = with_max_entries(requests::PENDING_CONNECTS));
 map!(OUT_SOCKS: LruHashMap<u64, OutSock> = with_max_entries(requests::OUT_SOCKS));
 
+/// Records are sent without waking the loader (a wakeup per request cost
+/// more than the rest of the program: an interrupt to self, an exit on a
+/// VM); it drains the ring on its timer (every 20 ms).
+const BPF_RB_NO_WAKEUP: u64 = 1;
+
 /// EINPROGRESS: a non-blocking connect under way.
 const EINPROGRESS: i64 = 115;
 /// Bit of [`Conn::state`] (outbound): the first write was sent up.
@@ -103,7 +108,7 @@ fn send(kind: u32, key: &ConnKey, conn: &Conn, buf: u64, avail: u64, t: u64) {
                 .is_ok();
         (*e).len = if ok { len as u32 } else { 0 };
     }
-    entry.submit(0);
+    entry.submit(BPF_RB_NO_WAKEUP);
 }
 
 prog_named!(req_accept, requests::PROG_ACCEPT);
@@ -415,7 +420,7 @@ fn send_addr(kind: u32, key: &ConnKey, conn: &Conn, addr: &[u8; 32], errno: u32)
         (*e).head = [0; HEAD_BYTES];
         (&mut (*e).head)[..32].copy_from_slice(addr);
     }
-    entry.submit(0);
+    entry.submit(BPF_RB_NO_WAKEUP);
 }
 
 prog_named!(req_close, requests::PROG_CLOSE);
@@ -580,5 +585,5 @@ fn send_state(ctx: &TracePointContext, kind: u32, s: &OutSock, errno: u32) {
             head[8..24].copy_from_slice(&a);
         }
     }
-    entry.submit(0);
+    entry.submit(BPF_RB_NO_WAKEUP);
 }

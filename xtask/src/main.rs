@@ -26,6 +26,7 @@ mod bench_daemon;
 mod bench_node;
 mod bench_offcpu;
 mod bench_overhead;
+mod bench_requests;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -49,9 +50,10 @@ enum Cmd {
     },
     /// Benchmarks against perf and bpftrace, measured in the same run
     /// (root, perf, bpftrace, node, offcputime): `unwind`, `daemon`,
-    /// `overhead`, `node`, `offcpu`, or all.
+    /// `overhead`, `node`, `offcpu`, `requests`, or all.
     Bench {
-        /// Which bench: unwind, daemon, overhead, node, offcpu (default: all).
+        /// Which bench: unwind, daemon, overhead, node, offcpu, requests
+        /// (default: all).
         which: Option<String>,
         /// Rounds of the overhead bench's slowdown runs (each round runs
         /// the workload alone and under every tool, in a rotating order).
@@ -87,15 +89,19 @@ fn main() -> Result<()> {
                     bench_daemon::bench(&exe, &root())?;
                     bench_overhead::bench(&exe, &root(), rounds as usize)?;
                     bench_node::bench(&exe, &root())?;
-                    bench_offcpu::bench(&exe, &root(), rounds as usize)
+                    bench_offcpu::bench(&exe, &root(), rounds as usize)?;
+                    bench_requests::bench(&exe, &root(), rounds as usize)
                 }
                 Some("unwind") => bench::bench(&exe, &root()),
                 Some("daemon") => bench_daemon::bench(&exe, &root()),
                 Some("overhead") => bench_overhead::bench(&exe, &root(), rounds as usize),
                 Some("node") => bench_node::bench(&exe, &root()),
                 Some("offcpu") => bench_offcpu::bench(&exe, &root(), rounds as usize),
+                Some("requests") => bench_requests::bench(&exe, &root(), rounds as usize),
                 Some(other) => {
-                    bail!("unknown bench {other:?}: use unwind, daemon, overhead, node or offcpu")
+                    bail!(
+                        "unknown bench {other:?}: use unwind, daemon, overhead, node, offcpu or requests"
+                    )
                 }
             }
         }

@@ -262,6 +262,11 @@ impl Signal for Requests {
         self.ring.iter().collect()
     }
 
+    /// Its records are sent without wakeups.
+    fn polled(&self) -> bool {
+        self.ring.is_some()
+    }
+
     fn drain(&mut self, _procs: &mut ProcessTable) {
         let Some(ring) = self.ring.as_mut() else {
             return;
