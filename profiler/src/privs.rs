@@ -88,6 +88,21 @@ fn get() -> std::io::Result<(u64, u64, u64)> {
     ))
 }
 
+/// Lowers the calling thread's scheduling priority (and that of the
+/// threads it starts from now on) to nice value `nice`; 0 does nothing.
+/// Threads of its own only: a command started before keeps its priority.
+pub fn lower_priority(nice: i32) -> std::io::Result<()> {
+    if nice == 0 {
+        return Ok(());
+    }
+    // SAFETY: setpriority with plain integer arguments; who = 0 is the
+    // calling thread on Linux.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Keeps only `keep` (those of them held now) in the calling thread's
 /// effective and permitted sets (inheritable and ambient emptied), removes
 /// the rest from the bounding set, and sets no_new_privs; returns what is

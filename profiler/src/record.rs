@@ -197,6 +197,12 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut liveness = tokio::time::interval(Duration::from_millis(250));
     let mut command_status = None;
+    if let Err(e) = crate::privs::lower_priority(args.capture.nice) {
+        eprintln!(
+            "profiler: warning: cannot lower its priority to nice {}: {e}",
+            args.capture.nice
+        );
+    }
     let reason = loop {
         tokio::select! {
             r = capture.events_ready() => { r?; capture.drain_events(); }

@@ -204,6 +204,8 @@ fn other_record_options_are_refused() {
     assert_usage_error(&out, &["--pid", "not-a-pid"]);
     let out = record_in(&dir, &["-F", "fast", "-d", "1", "-o", "out"]);
     assert_usage_error(&out, &["--frequency", "fast"]);
+    let out = record_in(&dir, &["--nice", "20", "-d", "1", "-o", "out"]);
+    assert_usage_error(&out, &["--nice", "20"]);
     let out = record_in(&dir, &["--no-such-option"]);
     assert_usage_error(&out, &["--no-such-option"]);
     assert!(

@@ -25,14 +25,9 @@ fn start_node(script: &str, env: &[(&str, String)]) -> (KillOnDrop, u16) {
     (KillOnDrop(vec![child]), port)
 }
 
-/// `COUNT` requests at `RATE`/s over keep-alive connections: the client's
-/// own figures.
-fn load(port: u16, path: &str, count: u32, rate: u32) -> serde_json::Value {
-    load_with(port, path, count, rate, 4, "keepalive")
-}
-
-/// The same, over `conns` connections, kept (`keepalive`) or one per
-/// request (`close`).
+/// `COUNT` requests at `RATE`/s over `conns` connections, kept
+/// (`keepalive`) or one per request (`close`), by tests/node/load.js: the
+/// client's own figures.
 fn load_with(
     port: u16,
     path: &str,
@@ -60,10 +55,85 @@ fn load_with(
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// A load generator with blocking sockets, one thread per connection:
+/// `count` GETs of `path` at `rate` per second in all over `conns` kept
+/// connections, each timed from its write to the first bytes of its
+/// answer read (a thread blocked in read(2) wakes as they arrive; a Node
+/// client's event loop, sharing 2 CPUs with the server and the profiler,
+/// adds its own delays to the tail). Gives what load.js prints:
+/// `statuses`, `p50_ms`, `p99_ms`.
+fn blocking_load(port: u16, path: &str, count: u32, rate: u32, conns: u32) -> serde_json::Value {
+    use std::{
+        io::{Read, Write as _},
+        time::{Duration, Instant},
+    };
+    let start = Instant::now() + Duration::from_millis(50);
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let threads: Vec<_> = (0..conns)
+        .map(|c| {
+            let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_nodelay(true).unwrap();
+                let mut out = Vec::new();
+                for i in (c..count).step_by(conns as usize) {
+                    let at = start + interval * i;
+                    if let Some(wait) = at.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let t0 = Instant::now();
+                    // One write: a request line split over segments is not
+                    // what clients send.
+                    s.write_all(request.as_bytes()).unwrap();
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let mut first = None;
+                    // The head, then Content-Length bytes of body.
+                    let (status, body_at, len) = loop {
+                        let n = s.read(&mut chunk).unwrap();
+                        assert!(n > 0, "the server closed the connection");
+                        first.get_or_insert_with(|| t0.elapsed());
+                        buf.extend_from_slice(&chunk[..n]);
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                            let status: u16 = head[9..12].parse().unwrap();
+                            let len: usize = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .map_or(0, |v| v.trim().parse().unwrap());
+                            break (status, end + 4, len);
+                        }
+                    };
+                    while buf.len() < body_at + len {
+                        let n = s.read(&mut chunk).unwrap();
+                        assert!(n > 0, "the server closed the connection");
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    out.push((status, first.unwrap().as_secs_f64() * 1e3));
+                }
+                out
+            })
+        })
+        .collect();
+    let all: Vec<(u16, f64)> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let mut statuses = serde_json::Map::new();
+    for (code, _) in &all {
+        let n = statuses.entry(code.to_string()).or_insert(0.into());
+        *n = (n.as_u64().unwrap() + 1).into();
+    }
+    let mut ms: Vec<f64> = all.iter().map(|(_, t)| *t).collect();
+    ms.sort_by(f64::total_cmp);
+    let pct = |q: f64| ms[((q * ms.len() as f64).ceil() as usize).max(1) - 1];
+    serde_json::json!({ "statuses": statuses, "p50_ms": pct(0.5), "p99_ms": pct(0.99) })
+}
+
 /// Per route: requests within 2% of what the client sent (the same count
-/// here), 5xx and 4xx exact, p50 within 3 ms and p99 within 5 ms of the
-/// client's own;
-/// `/slow/7` is the route `/slow/:id`.
+/// here), 5xx and 4xx exact, p50 and p99 within 3 ms of the client's own
+/// (a blocking load generator: [`blocking_load`]); `/slow/7` is the route
+/// `/slow/:id`.
 #[test]
 fn red_per_route_matches_the_clients_own_figures() {
     if !require_root("red_per_route_matches_the_clients_own_figures") {
@@ -73,15 +143,20 @@ fn red_per_route_matches_the_clients_own_figures() {
     let out_dir = dir.join("out");
     let (server, port) = start_node("red.js", &[]);
     let pid = server.0[0].id().to_string();
-    let rec = start_record(&["-p", &pid, "-o", out_dir.to_str().unwrap()]);
+    // At nice 10 the profiler's own work does not delay the server (on 2
+    // vCPUs at 0 it adds 3 to 5 ms to its p99, the client sees it).
+    let rec = start_record(&["-p", &pid, "--nice", "10", "-o", out_dir.to_str().unwrap()]);
     let cases = [
         ("/slow/7", "/slow/:id", 300, 100),
         ("/flaky/3", "/flaky/:id", 300, 100),
         ("/nope", "/nope", 300, 100),
     ];
+    // A warm-up the figures leave out (route /fast): the profiler reads
+    // the server's binary for unwinding at its first samples.
+    blocking_load(port, "/fast", 100, 100, 4);
     let clients: Vec<serde_json::Value> = cases
         .iter()
-        .map(|(path, _, n, rate)| load(port, path, *n, *rate))
+        .map(|(path, _, n, rate)| blocking_load(port, path, *n, *rate, 4))
         .collect();
     let err = rec.stop();
     let r: serde_json::Value =
@@ -116,11 +191,10 @@ fn red_per_route_matches_the_clients_own_figures() {
             Some(status("404")),
             "{route}: {x:#}"
         );
-        // The client's own event loop adds to its tail on 2 CPUs shared
-        // with the server and the profiler: p99 within 5 ms, p50 within 3.
-        for (q, theirs, within) in [("p50", "p50_ms", 3.0), ("p99", "p99_ms", 5.0)] {
+        for (q, theirs, within) in [("p50", "p50_ms", 3.0), ("p99", "p99_ms", 3.0)] {
             let o = x["duration_ms"][q].as_f64().unwrap();
             let t = c[theirs].as_f64().unwrap();
+            eprintln!("{route} {q}: ours {o:.2} ms, the client's {t:.2} ms");
             assert!(
                 (o - t).abs() <= within,
                 "{route} {q}: ours {o:.2} ms, the client's {t:.2} ms\n{x:#}\n{c}"

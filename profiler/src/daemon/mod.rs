@@ -199,6 +199,12 @@ async fn daemon(args: &DaemonArgs) -> Result<(), DaemonError> {
         sym_since: Instant::now(),
     };
     let tick_period = Duration::from_secs(1).min(args.window);
+    if let Err(e) = crate::privs::lower_priority(args.capture.nice) {
+        eprintln!(
+            "profiler: warning: cannot lower its priority to nice {}: {e}",
+            args.capture.nice
+        );
+    }
     let mut tick = tokio::time::interval(tick_period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut window = Window::new(selfcost::Reading::now(&capture.bpf_stats()));
