@@ -66,8 +66,9 @@ pub struct KernelStackKey {
     pub arg0: u64,
     /// The user stack id.
     pub user_stack_id: i32,
-    /// Padding, zero.
-    pub _pad: u32,
+    /// How it left the CPU ([`class`]): a sleep and a preemption in the
+    /// same call are at different places in the kernel.
+    pub class: u32,
 }
 const _: () = assert!(core::mem::size_of::<KernelStackKey>() == 24);
 

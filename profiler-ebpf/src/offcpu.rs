@@ -109,13 +109,17 @@ fn leaving(ctx: &TracePointContext, cfg: &Config, t: u64) {
         orig_ax as i32
     };
     let user_stack_id = stack_id(ctx, BPF_F_USER_STACK as u64);
-    let kernel_stack_id = if syscall != NO_SYSCALL && user_stack_id >= 0 {
+    // Only a thread that went to sleep blocks again where it did: one
+    // preempted or throttled was anywhere in the call (its stack walked
+    // each time, and not cached for the sleeps after it).
+    let sleeping = class == class::SLEEPING || class == class::UNINTERRUPTIBLE;
+    let kernel_stack_id = if syscall != NO_SYSCALL && user_stack_id >= 0 && sleeping {
         let ck = KernelStackKey {
             tid,
             syscall,
             arg0,
             user_stack_id,
-            _pad: 0,
+            class: u32::from(class),
         };
         // SAFETY: a read of plain integers.
         match unsafe { KSTACK_CACHE.get(&ck) } {

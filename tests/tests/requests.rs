@@ -622,6 +622,18 @@ fn a_pool_at_its_limit_is_told_from_one_with_room() {
     eprintln!("pool of 2: {}", f["figures"]);
     assert!(share >= 0.8, "{f:#}");
     assert!((4.0..=7.0).contains(&waiting), "{f:#}");
+    // Its destination: two connections open throughout, 200 round trips
+    // a second at most (2 connections, 10 ms each).
+    let d = r["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"].as_u64() == Some(u64::from(small.0[0].id())))
+        .and_then(|p| p["destinations"].as_array().unwrap().first().cloned())
+        .unwrap();
+    let mean = d["pool"]["connections_mean"].as_f64().unwrap();
+    assert!((1.9..=2.0).contains(&mean), "{d:#}");
+    assert!(d["round_trips_per_s"].as_f64().unwrap() > 0.0, "{d:#}");
     assert!(
         pool_finding(roomy.0[0].id()).is_none(),
         "the pool of 8 is flagged: {findings:#?}"

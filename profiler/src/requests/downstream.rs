@@ -129,6 +129,9 @@ pub struct PoolTime {
     /// Inbound requests in progress beyond those busy, while all were
     /// busy, request-ns.
     pub waiting_ns: u64,
+    /// Connections open over the span, connection-ns (over `span_ns`:
+    /// the mean open at once).
+    pub open_ns: u64,
 }
 
 impl PoolTime {
@@ -137,6 +140,7 @@ impl PoolTime {
         self.span_ns += o.span_ns;
         self.all_busy_ns += o.all_busy_ns;
         self.waiting_ns += o.waiting_ns;
+        self.open_ns += o.open_ns;
     }
 }
 
@@ -169,6 +173,9 @@ pub fn pool_time(dest: &mut [PoolEvent], inbound: &[(u64, i32)], open_at_start: 
             (None, Some(r)) => r.0,
             (None, None) => break,
         };
+        if t >= first && t < last {
+            out.open_ns += open.max(0) as u64 * (next.min(last) - t);
+        }
         if t >= first && open > 0 && busy >= open {
             let dt = next - t;
             out.all_busy_ns += dt;
@@ -271,14 +278,20 @@ pub struct Destination {
     pub protocol: String,
     /// Round trips: a write and the first bytes of its answer.
     pub round_trips: u64,
+    /// Per second over the capture.
+    pub round_trips_per_s: f64,
     /// Per inbound request the process answered (null without requests).
     pub round_trips_per_request: Option<f64>,
     /// Their durations.
     pub round_trip_ms: DurationMs,
     /// Connections opened.
     pub connections_opened: u64,
+    /// Per second.
+    pub connections_opened_per_s: f64,
     /// Connections closed.
     pub connections_closed: u64,
+    /// Per second.
+    pub connections_closed_per_s: f64,
     /// Most open at once (the pool in use).
     pub connections_max: i64,
     /// Median lifetime of the closed ones, ms.
@@ -305,6 +318,9 @@ pub struct Destination {
 /// A destination's [`PoolTime`] as shares.
 #[derive(Clone, Debug, Serialize)]
 pub struct PoolShare {
+    /// Connections open at once, on average while round trips were made
+    /// (the pool in use; `connections_max` is the most).
+    pub connections_mean: f64,
     /// Share of the time all its connections were busy.
     pub all_busy_share: f64,
     /// Inbound requests in progress beyond the connections busy, on
@@ -314,7 +330,8 @@ pub struct PoolShare {
 }
 
 /// The destination's entry, with the process's `requests` answered.
-pub fn destination(dest: &Dest, a: &DestAgg, requests: u64) -> Destination {
+pub fn destination(dest: &Dest, a: &DestAgg, requests: u64, duration_s: f64) -> Destination {
+    let per_s = |n: u64| n as f64 / duration_s.max(1e-9);
     let mut l = a.lifetimes.clone();
     l.sort_unstable();
     Destination {
@@ -325,11 +342,14 @@ pub fn destination(dest: &Dest, a: &DestAgg, requests: u64) -> Destination {
             .unwrap_or_else(|| protocol(&[], dest.1))
             .to_string(),
         round_trips: a.round_trips.requests,
+        round_trips_per_s: per_s(a.round_trips.requests),
         round_trips_per_request: (requests > 0)
             .then(|| a.round_trips.requests as f64 / requests as f64),
         round_trip_ms: DurationMs::of(&a.round_trips),
         connections_opened: a.opened,
+        connections_opened_per_s: per_s(a.opened),
         connections_closed: a.closed,
+        connections_closed_per_s: per_s(a.closed),
         connections_max: a.open_max,
         lifetime_ms_median: l
             .get(l.len().saturating_sub(1) / 2)
@@ -337,6 +357,7 @@ pub fn destination(dest: &Dest, a: &DestAgg, requests: u64) -> Destination {
         bytes_in: a.bytes_in,
         bytes_out: a.bytes_out,
         pool: (a.pool.span_ns > 0).then(|| PoolShare {
+            connections_mean: a.pool.open_ns as f64 / a.pool.span_ns as f64,
             all_busy_share: a.pool.all_busy_ns as f64 / a.pool.span_ns as f64,
             waiting_requests_mean: a.pool.waiting_ns as f64 / a.pool.all_busy_ns.max(1) as f64,
         }),
@@ -456,6 +477,7 @@ mod tests {
                 span_ns: 40,
                 all_busy_ns: 5,
                 waiting_ns: 10,
+                open_ns: 80,
             }
         );
         // One connection open before: the same round trips on it alone

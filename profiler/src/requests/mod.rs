@@ -219,7 +219,7 @@ pub fn report(
             let requests: u64 = routes.iter().map(|r| r.requests).sum();
             let mut destinations = Vec::new();
             for (dest, a) in dests.remove(&pid).unwrap_or_default() {
-                let d = downstream::destination(&dest, &a, requests);
+                let d = downstream::destination(&dest, &a, requests, duration_s);
                 findings.extend(doctor::destination(pid, &d, &a, &route_requests));
                 destinations.push(d);
             }
