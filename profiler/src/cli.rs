@@ -21,6 +21,41 @@ pub enum Command {
     /// Run until SIGTERM, sampling in consecutive windows; serve Prometheus
     /// metrics, pprof profiles, flame graphs and the USE report over HTTP.
     Daemon(DaemonArgs),
+    /// Compare two captures: the functions whose share of samples changed
+    /// significantly, a differential flame graph, the other figures side
+    /// by side, and rules a CI job can gate on (exit 3).
+    Diff(DiffArgs),
+}
+
+/// Options of `profiler diff`.
+#[derive(Debug, Args, Clone)]
+pub struct DiffArgs {
+    /// The capture before: a directory `profiler record -o` (or the
+    /// daemon) wrote, or a folded stacks file.
+    #[arg(value_name = "BEFORE")]
+    pub before: PathBuf,
+
+    /// The capture after, the same way.
+    #[arg(value_name = "AFTER")]
+    pub after: PathBuf,
+
+    /// Exit 3 when this rule fails (repeatable): `NAME>10%` (the share of
+    /// samples whose stack holds a frame named NAME grew by more than 10%
+    /// of what it was, and significantly), `any>10%` (any function),
+    /// `p99(ROUTE)>10%` (a route's p99 from requests.json, `GET /users/:id`
+    /// or `/users/:id`). Without rules: the report only, exit 0.
+    #[arg(long = "fail-on", value_name = "RULE")]
+    pub fail_on: Vec<crate::diff::Rule>,
+
+    /// Print the comparison as JSON (schema profiler.diff/1) instead of
+    /// words.
+    #[arg(long = "json")]
+    pub json: bool,
+
+    /// Directory for diff.svg (the differential flame graph) and
+    /// diff.json; default: the current directory.
+    #[arg(short = 'o', long = "output", value_name = "DIR", default_value = ".")]
+    pub output: PathBuf,
 }
 
 /// What the root frames of the flame graph (and the labels) name.

@@ -12,6 +12,7 @@ pub mod cgroups;
 pub mod cli;
 pub mod containers;
 pub mod daemon;
+pub mod diff;
 pub mod fold;
 #[cfg(test)]
 mod golden;

@@ -20,6 +20,12 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e, e.is_usage()),
         },
+        Command::Diff(args) => match profiler::diff::run(&args) {
+            Ok(false) => ExitCode::SUCCESS,
+            // A rule failed: what a CI job gates on.
+            Ok(true) => ExitCode::from(3),
+            Err(e) => fail(&e, e.is_usage()),
+        },
     }
 }
 

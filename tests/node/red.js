@@ -2,7 +2,7 @@
 // rates, for the RED tests. Prints its port, then serves until killed.
 //
 //   GET /fast          200 at once
-//   GET /slow/:id      200 after 20 ms
+//   GET /slow/:id      200 after 20 ms (and $SLOW_EXTRA_MS more)
 //   GET /flaky/:id     500 for every 4th request (per process), else 200
 //   GET /fanout/:id    12 round trips, one after the other, on one kept
 //                      connection to the TCP echo server on port
@@ -67,7 +67,7 @@ const server = http.createServer((req, res) => {
   if (path === '/fast') {
     res.end('fast\n');
   } else if (path.startsWith('/slow/')) {
-    setTimeout(() => res.end('slow\n'), 20);
+    setTimeout(() => res.end('slow\n'), 20 + Number(process.env.SLOW_EXTRA_MS || 0));
   } else if (path.startsWith('/fanout/') && downstream) {
     (async () => {
       for (let i = 0; i < FANOUT; i++) await roundTrip();
