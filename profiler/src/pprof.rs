@@ -456,6 +456,56 @@ impl Builder {
     }
 }
 
+/// Why a pprof profile could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Gzipped, but not whole.
+    #[error("its gzip stream is broken: {0}")]
+    Gzip(#[from] std::io::Error),
+    /// Not the protobuf of a profile.
+    #[error("{0}")]
+    Decode(#[from] prost::DecodeError),
+}
+
+/// A pprof profile (gzipped or not) as folded stacks: each sample's
+/// frames from the root (its `comm` label, when it has one) to the leaf,
+/// inlined functions apart, counted by its first value.
+pub fn to_folded(data: &[u8]) -> Result<Vec<(String, u64)>, ReadError> {
+    use std::io::Read as _;
+    let mut plain = Vec::new();
+    let data = if data.starts_with(&[0x1f, 0x8b]) {
+        flate2::read::GzDecoder::new(data).read_to_end(&mut plain)?;
+        &plain[..]
+    } else {
+        data
+    };
+    let p = Profile::decode(data)?;
+    let text = |i: i64| p.string_table.get(i as usize).map_or("?", String::as_str);
+    let functions: HashMap<u64, &str> = p.function.iter().map(|f| (f.id, text(f.name))).collect();
+    let locations: HashMap<u64, &Location> = p.location.iter().map(|l| (l.id, l)).collect();
+    let mut out: HashMap<String, u64> = HashMap::new();
+    for s in &p.sample {
+        let mut frames: Vec<&str> = Vec::new();
+        if let Some(comm) = s.label.iter().find(|l| text(l.key) == "comm") {
+            frames.push(text(comm.str));
+        }
+        for id in s.location_id.iter().rev() {
+            match locations.get(id) {
+                Some(l) if !l.line.is_empty() => frames.extend(
+                    l.line
+                        .iter()
+                        .rev()
+                        .map(|x| functions.get(&x.function_id).copied().unwrap_or("?")),
+                ),
+                _ => frames.push("[unknown]"),
+            }
+        }
+        let n = s.value.first().copied().unwrap_or(0).max(0) as u64;
+        *out.entry(frames.join(";")).or_default() += n;
+    }
+    Ok(out.into_iter().collect())
+}
+
 /// The GNU build id of an ELF file (hex). The file is mapped, not read:
 /// only its headers and notes are touched.
 pub fn read_build_id(path: &Path) -> Option<String> {
@@ -475,6 +525,53 @@ mod tests {
 
     use super::*;
     use crate::model::RawStack;
+
+    /// A profile as the daemon serves it, gzipped, back to folded stacks:
+    /// root (comm) first, inlined functions after their caller.
+    #[test]
+    fn profiles_read_back_as_folded_stacks() {
+        let t = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let f = |id, name| Function {
+            id,
+            name,
+            ..Default::default()
+        };
+        let line = |function_id| Line {
+            function_id,
+            line: 0,
+        };
+        let p = Profile {
+            string_table: t(&["", "comm", "app", "main", "f", "inl"]),
+            function: vec![f(1, 3), f(2, 4), f(3, 5)],
+            location: vec![
+                Location {
+                    id: 1,
+                    line: vec![line(3), line(2)],
+                    ..Default::default()
+                },
+                Location {
+                    id: 2,
+                    line: vec![line(1)],
+                    ..Default::default()
+                },
+            ],
+            sample: vec![Sample {
+                location_id: vec![1, 2],
+                value: vec![5],
+                label: vec![Label {
+                    key: 1,
+                    str: 2,
+                    num: 0,
+                }],
+            }],
+            ..Default::default()
+        };
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&p.encode_to_vec()).unwrap();
+        let folded = to_folded(&gz.finish().unwrap()).unwrap();
+        assert_eq!(folded, vec![("app;main;f;inl".to_string(), 5)]);
+        assert!(to_folded(b"not a profile").is_err());
+    }
 
     #[test]
     fn build_id_of_a_system_binary_matches_readelf() {

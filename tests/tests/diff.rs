@@ -244,6 +244,10 @@ fn diff_bad_input_says_what_to_do() {
     let out = run(&["a.folded", "a.folded", "--fail-on", "f>ten%"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("NAME>10%"));
+    std::fs::write(dir.join("bad.pb"), b"\x1f\x8bnot gzip").unwrap();
+    let out = run(&["bad.pb", "a.folded"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a pprof profile"));
     let out = run(&["a.folded", "a.folded", "--fail-on", "f>10%"]);
     assert_eq!(
         out.status.code(),
@@ -251,4 +255,46 @@ fn diff_bad_input_says_what_to_do() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Two profiles the daemon served (pprof, gzipped) compare like two
+/// captures: the known workload's shares read back from both (work_beta
+/// 3/5 of work_alpha), and no rule, exit 0.
+#[test]
+fn two_daemon_profiles_compare() {
+    if !require_root("two_daemon_profiles_compare") {
+        return;
+    }
+    let dir = scratch("diff-pprof");
+    let exe = build_known(&dir.join("bin"), &[]);
+    let port = free_port();
+    let d = start_daemon(
+        Some(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+        &["--window", "60s", "--ecs-agent", "none", "-F", "499"],
+    );
+    let work = Command::new(&exe)
+        .arg("12")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _work = KillOnDrop(vec![work]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut files = Vec::new();
+    for name in ["a.pb.gz", "b.pb.gz"] {
+        let (status, body) = d.get("/debug/pprof/profile?seconds=3");
+        assert_eq!(status, 200);
+        let f = dir.join(name);
+        std::fs::write(&f, body).unwrap();
+        files.push(f);
+    }
+    d.stop();
+    let (out, v) = diff(&files[0], &files[1], &[]);
+    assert_eq!(out.status.code(), Some(0), "{v:#}");
+    // The known shares, read back from the profiles: work_beta does 3
+    // units for work_alpha's 5.
+    let (alpha, beta) = (function(&v, "work_alpha"), function(&v, "work_beta"));
+    for side in ["total_before", "total_after"] {
+        let ratio = beta[side].as_f64().unwrap() / alpha[side].as_f64().unwrap();
+        assert!((ratio - 0.6).abs() <= 0.1, "{side}: {alpha:#} {beta:#}");
+    }
 }

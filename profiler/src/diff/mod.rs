@@ -2,8 +2,8 @@
 //! CI job can act on.
 //!
 //! Each capture is a directory `record` or the daemon wrote (its
-//! `stacks.folded`, and `use.json` / `requests.json` when there) or a
-//! folded file. Per function (frame name): its self share (samples whose
+//! `stacks.folded`, and `use.json` / `requests.json` when there), a
+//! folded file, or a pprof profile the daemon served. Per function (frame name): its self share (samples whose
 //! leaf it is) and total share (samples whose stack holds it, once per
 //! stack), of each capture's own total. A change is significant when a
 //! two-proportion z-test on the sample counts gives a p-value that
@@ -29,7 +29,7 @@ pub use rules::Rule;
 pub enum DiffError {
     /// An input that is neither a capture directory nor a folded file.
     #[error(
-        "{0}: not a capture directory (with stacks.folded) or a folded file: give two directories `profiler record -o` wrote, or two .folded files"
+        "{0}: not a capture directory (with stacks.folded), a folded file or a pprof profile: give two directories `profiler record -o` wrote, two .folded files, or two profiles the daemon served"
     )]
     NotACapture(PathBuf),
     /// An input that could not be read.
@@ -47,6 +47,16 @@ pub enum DiffError {
         path: PathBuf,
         /// Line number, from 1.
         line: usize,
+    },
+    /// A pprof file that does not decode.
+    #[error(
+        "{path}: not a pprof profile ({source}): give a profile the daemon served, gzipped or not"
+    )]
+    Pprof {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: crate::pprof::ReadError,
     },
     /// A capture without samples.
     #[error("{0}: no samples: nothing to compare")]
@@ -110,6 +120,22 @@ impl Capture {
         } else {
             return Err(DiffError::NotACapture(path.to_path_buf()));
         };
+        if let Ok(bytes) = std::fs::read(&folded)
+            && (bytes.starts_with(&[0x1f, 0x8b]) || folded.extension().is_some_and(|e| e == "pb"))
+        {
+            // A pprof profile (the daemon's /debug/pprof/profile).
+            let stacks = crate::pprof::to_folded(&bytes).map_err(|source| DiffError::Pprof {
+                path: folded.clone(),
+                source,
+            })?;
+            if stacks.iter().all(|(_, n)| *n == 0) {
+                return Err(DiffError::Empty(path.to_path_buf()));
+            }
+            return Ok(Capture {
+                stacks,
+                ..Default::default()
+            });
+        }
         let text = read(&folded)?;
         let mut stacks = Vec::new();
         for (i, line) in text.lines().enumerate() {
