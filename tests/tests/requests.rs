@@ -447,8 +447,8 @@ fn full_listener(free_after: Option<&str>) -> (KillOnDrop, u16, Option<std::proc
 /// Outbound handshakes timed from the kernel (SYN sent to established)
 /// and failures told apart, against what the clients saw:
 /// - a SYN dropped by a full accept queue and retransmitted a second
-///   later: the handshake at least the kernel's initial RTO (1 s), inside
-///   the Node client's own timing and within 15 ms of it;
+///   later: the handshake at least the kernel's initial RTO (1 s), and
+///   inside the Node client's own timing of it;
 /// - 20 connects to a TCP server: 20 handshakes, none failed, none
 ///   longer than the client saw;
 /// - 5 connects to a closed port: 5 `refused`, no connection opened;
@@ -533,9 +533,9 @@ fn connects_are_timed_and_their_failures_told_apart() {
     // The kernel retransmits an unanswered SYN after its initial RTO, one
     // second: the handshake lasts that, and fits inside the client's own
     // span (net.connect() to 'connect', which adds its event loop's delays:
-    // up to 7 ms seen on a loaded 2-CPU host at the process's start).
+    // 7 to 20 ms seen on a loaded 2-CPU host at the process's start).
     assert!(
-        (995.0..=theirs + 0.5).contains(&ours) && theirs - ours <= 15.0,
+        (995.0..=theirs + 0.5).contains(&ours) && theirs - ours <= 50.0,
         "handshake: ours {ours:.1} ms, the client's {theirs:.1} ms\n{slow:#}"
     );
 
