@@ -40,7 +40,7 @@ pub struct DiffArgs {
     pub after: PathBuf,
 
     /// Exit 3 when this rule fails (repeatable): `NAME>10%` (the share of
-    /// samples whose stack holds a frame named NAME grew by more than 10%
+    /// samples whose stack holds a frame whose name contains NAME grew by more than 10%
     /// of what it was, and significantly), `any>10%` (any function),
     /// `p99(ROUTE)>10%` (a route's p99 from requests.json, `GET /users/:id`
     /// or `/users/:id`). Without rules: the report only, exit 0.

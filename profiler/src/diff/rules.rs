@@ -1,5 +1,5 @@
 //! `--fail-on` rules: `NAME>10%` (the share of samples whose stack holds a
-//! frame named NAME grew by more than 10% of what it was, significantly),
+//! frame whose name contains NAME grew by more than 10% of what it was, significantly),
 //! `any>10%` (any function, by the corrected test), `p99(ROUTE)>10%` (a
 //! route's p99 grew by more than 10%, significantly).
 
