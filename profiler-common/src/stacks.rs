@@ -75,8 +75,16 @@ pub struct StackKey {
     pub kernel_stack_id: i32,
     /// Name of the sampled thread, NUL-padded.
     pub comm: [u8; COMM_LEN],
+    /// When: the monotonic clock in [`TIME_SLICE_NS`] slices, wrapping
+    /// (userspace subtracts the capture's first slice, wrapping too).
+    pub slice: u32,
 }
-const _: () = assert!(core::mem::size_of::<StackKey>() == 28);
+const _: () = assert!(core::mem::size_of::<StackKey>() == 32);
+
+/// Width of the time slices samples are counted in: a sample's time is
+/// kept to this, so that any range of the capture can be folded alone
+/// (the report's heat map, `profiler diff` of two ranges).
+pub const TIME_SLICE_NS: u64 = 10_000_000;
 
 /// A sample for userspace unwinding (`--unwind dwarf|auto`): the user
 /// registers the unwinder starts from and a copy of the user stack,

@@ -127,6 +127,7 @@ fn try_sample(ctx: &PerfEventContext) {
         user_stack_id,
         kernel_stack_id,
         comm,
+        slice: (now() / stacks::TIME_SLICE_NS) as u32,
     };
     match COUNTS.get_ptr_mut(&key) {
         // SAFETY: per-CPU value of this CPU: no concurrent writer.

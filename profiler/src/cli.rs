@@ -264,6 +264,11 @@ pub struct RecordArgs {
     #[arg(long = "no-requests")]
     pub no_requests: bool,
 
+    /// Print no status while capturing (on a terminal a line updated each
+    /// second; otherwise a line every 10 s, and events as they happen).
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+
     /// Start this command and profile it (and its children) until it exits.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

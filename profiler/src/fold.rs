@@ -23,24 +23,29 @@ pub fn folded_name(frame: &Frame) -> String {
 pub fn fold<'a>(stacks: impl IntoIterator<Item = &'a SymbolizedStack>) -> Folded {
     let mut out = Folded::new();
     for s in stacks {
-        let mut line = String::new();
-        if let Some(g) = &s.group {
-            line.push_str(&sanitize(g));
-            line.push(';');
-        }
-        let process = sanitize(&s.process);
-        line.push_str(if process.is_empty() {
-            "[unknown]"
-        } else {
-            &process
-        });
-        for f in s.user.iter().chain(&s.kernel) {
-            line.push(';');
-            line.push_str(&folded_name(f));
-        }
-        *out.entry(line).or_default() += s.count;
+        *out.entry(line(s)).or_default() += s.count;
     }
     out
+}
+
+/// One stack's folded line, without its count.
+pub fn line(s: &SymbolizedStack) -> String {
+    let mut line = String::new();
+    if let Some(g) = &s.group {
+        line.push_str(&sanitize(g));
+        line.push(';');
+    }
+    let process = sanitize(&s.process);
+    line.push_str(if process.is_empty() {
+        "[unknown]"
+    } else {
+        &process
+    });
+    for f in s.user.iter().chain(&s.kernel) {
+        line.push(';');
+        line.push_str(&folded_name(f));
+    }
+    line
 }
 
 /// Writes folded stacks, one `frames COUNT` line each.

@@ -196,6 +196,12 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     );
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut liveness = tokio::time::interval(Duration::from_millis(250));
+    let mut second = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
+    second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut status = crate::status::Status::new(args.duration, args.quiet);
     let mut command_status = None;
     if let Err(e) = crate::privs::lower_priority(args.capture.nice) {
         eprintln!(
@@ -213,15 +219,20 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
                 command_status = status.ok();
                 break StopReason::CommandExited;
             }
-            _ = liveness.tick(), if !tgids.is_empty() && !has_command => {
-                if tgids.iter().all(|&p| !process_alive(p)) {
+            _ = liveness.tick() => {
+                capture.tick();
+                if !tgids.is_empty() && !has_command && tgids.iter().all(|&p| !process_alive(p)) {
                     break StopReason::TargetsExited;
                 }
             }
+            _ = second.tick() => status.second(&capture.second()),
         }
     };
+    // The last (partial) second of the series.
+    capture.second();
     let stopped = Instant::now();
     let elapsed = stopped - started;
+    status.clear();
     // A sampler that would not detach keeps counting into maps already
     // read: what was captured stands.
     if let Err(e) = capture.stop() {
@@ -336,6 +347,8 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     let (mut samples, mut unique_stacks) = (0, 0);
     let mut folded = Folded::new();
     let mut symbols_text = String::new();
+    let mut symbols_report = None;
+    let mut timeline = None;
     if let Some(o) = &offcpu {
         let folded_path = dir.join("offcpu.folded");
         output::write_atomic(&folded_path, |w| fold::write_folded(&o.folded, w))?;
@@ -387,6 +400,9 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     }
     if args.stacks() {
         let mut stacks = symbolize_profile_with(&mut sym, &raw, &capture.procs, exclude);
+        let kept: Vec<usize> = (0..raw.stacks.len())
+            .filter(|&i| Some(raw.stacks[i].tgid) != exclude)
+            .collect();
         if by_container {
             for s in &mut stacks {
                 s.group = Some(group_of(s.tgid, &capture.procs, &mut attributor));
@@ -414,6 +430,38 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         output::write_atomic(&svg_path, |w| render::flamegraph(&folded, &title, w))?;
         written_paths.insert(0, svg_path);
         written_paths.insert(0, folded_path);
+
+        let t = crate::report::timeline(&raw, &stacks, &kept);
+        let path = dir.join("timeline.json");
+        output::write_json(&path, &t)?;
+        written_paths.push(path);
+        symbols_report = Some(symbols);
+        timeline = Some(t);
+    }
+    {
+        let mut page = crate::report::Page::new(
+            format!(
+                "{} — {:.1} s at {} Hz on {} CPUs",
+                output::hostname(),
+                elapsed.as_secs_f64(),
+                args.capture.frequency,
+                raw.cpus
+            ),
+            args.capture.frequency,
+            &report,
+        );
+        page.requests = requests.as_ref();
+        page.symbols = symbols_report.as_ref();
+        page.cpu = timeline.as_ref();
+        page.offcpu = offcpu
+            .as_ref()
+            .map(|o| crate::report::graph(&o.folded, "µs"));
+        page.stalls = loops
+            .as_ref()
+            .map(|l| crate::report::graph(&l.folded, "µs"));
+        let path = dir.join("report.html");
+        output::write_atomic(&path, |w| crate::report::write_html(&page, w))?;
+        written_paths.insert(0, path);
     }
     let written = Instant::now();
 

@@ -4,6 +4,7 @@
 //! The tests run the real binary as root against real processes; without
 //! root they say they are skipped and why.
 
+pub mod browser;
 pub mod node;
 
 use std::{

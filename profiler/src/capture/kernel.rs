@@ -228,3 +228,147 @@ mod tests {
         assert_eq!(delta(&mut prev, vec![5, 4, 1]), vec![2, 0, 1]);
     }
 }
+
+/// Takes a per-CPU hash map of `u64` values out of the loaded object,
+/// untyped, for [`drain_sums`].
+pub fn take_percpu_hash(ebpf: &mut Ebpf, def: MapDef) -> Result<MapData, CaptureError> {
+    let name = def.name;
+    match ebpf.take_map(name) {
+        Some(aya::maps::Map::PerCpuHashMap(data)) => Ok(data),
+        _ => Err(CaptureError::Map {
+            name,
+            source: aya::maps::MapError::InvalidName { name: name.into() },
+        }),
+    }
+}
+
+/// `BPF_MAP_LOOKUP_AND_DELETE_BATCH` (Linux 5.6).
+const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Moves every entry of a per-CPU hash map of `u64` counts out of the
+/// kernel, handing each key with its count summed over CPUs to `f`: a
+/// few system calls for the whole map (`BPF_MAP_LOOKUP_AND_DELETE_BATCH`,
+/// which takes each bucket under its lock: a sample counted meanwhile
+/// lands either in what is returned or in a fresh entry, never lost).
+/// Falls back to lookups and deletes one key at a time on a kernel
+/// without batch operations. Returns how many entries were moved.
+pub fn drain_sums<K: aya::Pod + Copy>(
+    map: &MapData,
+    ncpus: usize,
+    mut f: impl FnMut(K, u64),
+) -> Result<usize, std::io::Error> {
+    use std::os::fd::{AsFd, AsRawFd};
+    const BATCH: usize = 1024;
+    let fd = map.fd().as_fd().as_raw_fd();
+    let ksize = std::mem::size_of::<K>();
+    let mut keys = vec![0u8; BATCH * ksize];
+    let mut values = vec![0u64; BATCH * ncpus];
+    let mut token = 0u64;
+    let mut first = true;
+    let mut moved = 0;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::addr_of!(token) as u64
+            },
+            out_batch: std::ptr::addr_of_mut!(token) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: the attribute points at buffers of `count` keys and
+        // `count` per-CPU values (8 bytes per possible CPU) that outlive
+        // the call, and at `token` (a hash map's batch token is a u32).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_AND_DELETE_BATCH,
+                std::ptr::addr_of_mut!(attr),
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let err = (rc < 0).then(std::io::Error::last_os_error);
+        let n = attr.count as usize;
+        for i in 0..n.min(BATCH) {
+            // SAFETY: the kernel wrote `n` keys of `ksize` bytes; K is Pod.
+            let key: K = unsafe { std::ptr::read_unaligned(keys[i * ksize..].as_ptr().cast()) };
+            f(key, values[i * ncpus..(i + 1) * ncpus].iter().sum());
+        }
+        moved += n;
+        first = false;
+        match err {
+            None => {}
+            // The end of the map.
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(moved),
+            Some(e) if moved == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
+                return drain_sums_one_by_one(map, ncpus, f);
+            }
+            Some(e) => return Err(e),
+        }
+    }
+}
+
+/// [`drain_sums`] without batch operations (kernels before 5.6).
+fn drain_sums_one_by_one<K: aya::Pod + Copy>(
+    map: &MapData,
+    ncpus: usize,
+    mut f: impl FnMut(K, u64),
+) -> Result<usize, std::io::Error> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let fd = map.fd().as_fd().as_raw_fd();
+    let mut keys: Vec<K> = Vec::new();
+    let mut prev: Option<K> = None;
+    loop {
+        // SAFETY: zeroed bytes are a valid Pod.
+        let mut next: K = unsafe { std::mem::zeroed() };
+        let mut attr = [0u64; 4];
+        attr[0] = fd as u64;
+        attr[1] = prev.as_ref().map_or(0, |k| k as *const K as u64);
+        attr[2] = std::ptr::addr_of_mut!(next) as u64;
+        // SAFETY: BPF_MAP_GET_NEXT_KEY (4) with a key buffer of the map's
+        // key size; the attribute's first three fields.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, 4, attr.as_mut_ptr(), 32usize) };
+        if rc < 0 {
+            break;
+        }
+        keys.push(next);
+        prev = Some(next);
+    }
+    let mut values = vec![0u64; ncpus];
+    let mut moved = 0;
+    for key in keys {
+        let mut attr = [0u64; 4];
+        attr[0] = fd as u64;
+        attr[1] = std::ptr::addr_of!(key) as u64;
+        attr[2] = values.as_mut_ptr() as u64;
+        // SAFETY: BPF_MAP_LOOKUP_ELEM (1) into a buffer of one u64 per
+        // possible CPU, then BPF_MAP_DELETE_ELEM (3) of the same key.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, 1, attr.as_mut_ptr(), 32usize) };
+        if rc < 0 {
+            continue;
+        }
+        // SAFETY: as above.
+        unsafe { libc::syscall(libc::SYS_bpf, 3, attr.as_mut_ptr(), 32usize) };
+        f(key, values.iter().sum());
+        moved += 1;
+    }
+    Ok(moved)
+}

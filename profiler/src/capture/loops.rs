@@ -16,7 +16,7 @@ use super::{
     kernel::{Ring, Tracepoints, drain_ring, take_map, take_ring},
 };
 use crate::{
-    model::{LoopThreadRaw, RawProfile},
+    model::{LoopThreadRaw, RawProfile, Second},
     procs::ProcessTable,
     tracefs::Format,
 };
@@ -33,6 +33,8 @@ pub struct Loops {
     ring: Option<Ring>,
     map: Option<BpfHashMap<MapData, u32, LoopThread>>,
     stalls: Vec<Stall>,
+    /// Stalls already counted in a [`Signal::second`].
+    seen: usize,
     /// Each thread's cumulative record at the last window: windows get
     /// what was added since.
     prev: HashMap<u32, LoopThread>,
@@ -125,6 +127,15 @@ impl Signal for Loops {
         });
     }
 
+    fn second(&mut self, row: &mut Second) {
+        let new = &self.stalls[self.seen.min(self.stalls.len())..];
+        row.stalls = new.len() as u64;
+        row.stall_ms = new.iter().fold(0.0, |t, s| {
+            t + s.end_ns.saturating_sub(s.start_ns) as f64 / 1e6
+        });
+        self.seen = self.stalls.len();
+    }
+
     fn collect(
         &mut self,
         _ebpf: &mut Ebpf,
@@ -136,6 +147,7 @@ impl Signal for Loops {
         };
         out.loops_on = true;
         out.stalls.append(&mut self.stalls);
+        self.seen = 0;
         let threads: Vec<(u32, LoopThread)> = map.iter().filter_map(Result::ok).collect();
         for (tid, now) in threads {
             out.loops.push(LoopThreadRaw {

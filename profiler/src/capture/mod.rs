@@ -52,7 +52,7 @@ pub use kernel::{monotonic_ns, parse_cpu_list};
 
 use crate::{
     kbtf::{Btf, BtfError},
-    model::{RawProfile, Unavailable},
+    model::{RawProfile, Second, Unavailable},
     procs::ProcessTable,
     unwind::UnwindMode,
 };
@@ -222,6 +222,11 @@ pub trait Signal {
         out: &mut RawProfile,
         drain: bool,
     ) -> Result<(), CaptureError>;
+    /// Moves what the kernel aggregates to userspace (a few times a
+    /// second), where a map would otherwise fill.
+    fn tick(&mut self) {}
+    /// Adds its figures of the second just ended to `row`.
+    fn second(&mut self, _row: &mut Second) {}
     /// Forgets what it keeps of processes that are gone.
     fn forget(&mut self, _gone: &[u32]) {}
     /// Detaches its programs; every failure is returned.
@@ -274,6 +279,12 @@ pub struct Capture {
     counters: Option<PerCpuArray<MapData, u64>>,
     /// Cumulative per-CPU counter values at the last window.
     prev: Vec<Vec<u64>>,
+    /// Cumulative per-CPU counter values at the last [`Capture::second`].
+    prev_second: Vec<Vec<u64>>,
+    /// When the capture started, and the rows of its seconds not yet
+    /// collected.
+    started: std::time::Instant,
+    seconds: Vec<Second>,
     /// Held while the capture lives: the kernel keeps run-time statistics
     /// of BPF programs while a BPF_ENABLE_STATS descriptor is open (and
     /// stops when it closes, unlike the sysctl).
@@ -345,6 +356,9 @@ impl Capture {
             unavailable,
             counters: None,
             prev: vec![Vec::new(); Counter::COUNT as usize],
+            prev_second: vec![Vec::new(); Counter::COUNT as usize],
+            started: std::time::Instant::now(),
+            seconds: Vec::new(),
             stats_fd,
             logs,
             procs,
@@ -416,6 +430,63 @@ impl Capture {
         }
     }
 
+    /// Moves what the kernel aggregates to userspace: call it a few times
+    /// a second (the count map holds a key per stack and time slice).
+    pub fn tick(&mut self) {
+        for s in &mut self.signals {
+            s.tick();
+        }
+    }
+
+    /// The figures of the second since the last call (or the start):
+    /// kept for the report's series, and returned for the status line.
+    pub fn second(&mut self) -> Second {
+        self.drain_events();
+        self.tick();
+        let mut row = Second {
+            t: self.started.elapsed().as_secs_f64(),
+            ..Default::default()
+        };
+        if self.counters.is_none() {
+            self.counters = take_map(&mut self.ebpf, counters::COUNTERS).ok();
+        }
+        if let Some(map) = self.counters.as_ref() {
+            let mut d =
+                |c: Counter| delta(&mut self.prev_second[c as usize], per_cpu(map, c as u32));
+            let sum = |v: Vec<u64>| v.iter().sum::<u64>();
+            row.samples = sum(d(Counter::Samples));
+            row.lost = sum(d(Counter::CountMapFull)) + sum(d(Counter::StackCopiesLost));
+            let ticks = d(Counter::CpuTicks);
+            let busy = d(Counter::CpuBusyTicks);
+            row.cpu_busy = self
+                .cpus
+                .iter()
+                .map(|&c| {
+                    let (t, b) = (
+                        ticks.get(c as usize).copied().unwrap_or(0),
+                        busy.get(c as usize).copied().unwrap_or(0),
+                    );
+                    if t == 0 { 0.0 } else { b as f64 / t as f64 }
+                })
+                .collect();
+            row.runq_wait_ms = sum(d(Counter::RunqLatencyTotalUs)) as f64 / 1000.0;
+            row.retransmits = sum(d(Counter::Retransmits));
+            row.oom_kills = sum(d(Counter::OomKills));
+        }
+        for s in &mut self.signals {
+            s.second(&mut row);
+        }
+        for (pid, name, _) in &mut row.top {
+            *name = self
+                .procs
+                .get(*pid)
+                .map(|p| p.name.clone())
+                .unwrap_or_default();
+        }
+        self.seconds.push(row.clone());
+        row
+    }
+
     /// Stops sampling (the maps keep what was recorded). The tracepoints
     /// stay attached until [`Capture::detach`]: unregistering one waits for
     /// an RCU grace period, about 0.1 s each, which [`Capture::collect`]
@@ -478,6 +549,7 @@ impl Capture {
             }
         }
         self.tracking.collect(&mut self.ebpf, &mut out, drain)?;
+        out.seconds = std::mem::take(&mut self.seconds);
         for s in &mut self.signals {
             s.collect(&mut self.ebpf, &mut out, drain)?;
         }

@@ -19,7 +19,7 @@ use super::{
     kernel::{Ring, Tracepoints, drain_ring, take_ring},
 };
 use crate::{
-    model::RawProfile,
+    model::{RawProfile, Second},
     procs::ProcessTable,
     requests::{
         downstream::{self, Dest, DestAgg, PoolEvent, PoolTime, pool_time},
@@ -62,6 +62,8 @@ pub struct Requests {
     /// Per process, exchanges on TLS connections it accepted (a read and
     /// the write answering it).
     tls: HashMap<u32, RouteAgg>,
+    /// HTTP responses and 5xx responses since the last second.
+    recent: (u64, u64),
     routes: HashMap<RouteKey, RouteAgg>,
     /// Responses whose request was not seen whole, and requests that were
     /// not HTTP/1.x.
@@ -267,6 +269,10 @@ impl Signal for Requests {
         self.ring.is_some()
     }
 
+    fn second(&mut self, row: &mut Second) {
+        (row.requests, row.errors) = std::mem::take(&mut self.recent);
+    }
+
     fn drain(&mut self, _procs: &mut ProcessTable) {
         let Some(ring) = self.ring.as_mut() else {
             return;
@@ -276,6 +282,7 @@ impl Signal for Requests {
         let idle_closes = &mut self.idle_closes;
         let timelines = &mut self.timelines;
         let tls = &mut self.tls;
+        let recent = &mut self.recent;
         drain_ring(ring, |e: ReqEvent| {
             let head = &e.head[..(e.len as usize).min(e.head.len())];
             let conn = (e.tgid, e.fd, e.accepted_ns, e.request_ns);
@@ -373,6 +380,8 @@ impl Signal for Requests {
                     }
                     Some(http::Head::Http(method, path)) => match http::parse_status(head) {
                         Some(status) => {
+                            recent.0 += 1;
+                            recent.1 += u64::from(status >= 500);
                             let duration = e.time_ns.saturating_sub(e.request_ns);
                             http::add(routes, e.tgid, &method, &path, status, duration);
                         }

@@ -15,7 +15,7 @@ use super::{
     kernel::{Tracepoints, delta, monotonic_ns, per_cpu, take_map},
 };
 use crate::{
-    model::RawProfile,
+    model::{RawProfile, Second},
     tracefs::{Format, switch_runnable_mask},
 };
 
@@ -29,6 +29,8 @@ pub struct Sched {
     /// Cumulative per-CPU slots at the last window (`[slot][cpu]`).
     prev_lat: Vec<Vec<u64>>,
     prev_depth: Vec<Vec<u64>>,
+    /// Cumulative per-CPU depth slots at the last second.
+    second_depth: Vec<Vec<u64>>,
 }
 
 struct Maps {
@@ -104,6 +106,29 @@ impl Signal for Sched {
                 .attach(ebpf, setup, LATENCY, sched::PROG_SWITCH, &switch, &[])?;
         }
         Ok(())
+    }
+
+    fn second(&mut self, row: &mut Second) {
+        let Some(maps) = self.maps.as_ref() else {
+            return;
+        };
+        self.second_depth.resize(DEPTH_SLOTS as usize, Vec::new());
+        let (mut ticks, mut weighted) = (0u64, 0u64);
+        for slot in 0..DEPTH_SLOTS {
+            let d: u64 = delta(
+                &mut self.second_depth[slot as usize],
+                per_cpu(&maps.depth, slot),
+            )
+            .iter()
+            .sum();
+            ticks += d;
+            weighted += d * u64::from(slot);
+        }
+        row.runq_depth = if ticks == 0 {
+            0.0
+        } else {
+            weighted as f64 / ticks as f64
+        };
     }
 
     fn collect(

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use aya::{
     Ebpf,
-    maps::{MapData, PerCpuHashMap, StackTraceMap},
+    maps::{MapData, StackTraceMap},
     programs::{
         PerfEvent,
         perf_event::{
@@ -17,15 +17,18 @@ use aya::{
     },
 };
 use profiler_common::stacks::{
-    self, SAMPLE_HEADER_BYTES, STACK_COPY_MAX, STACK_PAGE, StackKey, StackSample,
+    self, SAMPLE_HEADER_BYTES, STACK_COPY_MAX, STACK_PAGE, StackKey, StackSample, TIME_SLICE_NS,
 };
 
 use super::{
     CaptureConfig, CaptureError, Setup, Signal,
-    kernel::{Ring, possible_cpus, program, take_map, take_ring, thread_size},
+    kernel::{
+        Ring, drain_sums, possible_cpus, program, take_map, take_percpu_hash, take_ring,
+        thread_size,
+    },
 };
 use crate::{
-    model::{RawProfile, RawStack, RawStackPart, TimedSample},
+    model::{RawProfile, RawStack, RawStackPart, Second, TimedSample},
     procs::ProcessTable,
     unwind::{UnwindMode, UserUnwinder},
 };
@@ -39,10 +42,27 @@ pub struct Stacks {
     /// One stack sample, reused: 64 KiB, too big for the stack and too
     /// big to allocate per sample.
     sample_buf: Box<StackSample>,
-    maps: Option<(
-        PerCpuHashMap<MapData, StackKey, u64>,
-        StackTraceMap<MapData>,
-    )>,
+    maps: Option<(MapData, StackTraceMap<MapData>)>,
+    /// What was moved out of the kernel's count map so far this window.
+    counted: Counted,
+    /// The monotonic clock's slice at the start: slices are counted from
+    /// it.
+    origin_slice: u32,
+    /// Samples per process since the last [`Signal::second`].
+    recent: HashMap<u32, u64>,
+}
+
+/// The kernel's counts, moved to userspace as the capture goes (the map
+/// holds one entry per stack and time slice: it is emptied every
+/// [`Stacks::tick`], a few system calls each).
+#[derive(Default)]
+struct Counted {
+    /// Key (its slice zeroed) -> index in `stacks`.
+    index: HashMap<StackKey, u32>,
+    /// Distinct stacks and their samples.
+    stacks: Vec<(StackKey, u64)>,
+    /// (slice from the origin, index) -> samples.
+    slices: HashMap<(u32, u32), u32>,
 }
 
 impl Stacks {
@@ -57,6 +77,9 @@ impl Stacks {
             // is a valid value.
             sample_buf: unsafe { Box::new_zeroed().assume_init() },
             maps: None,
+            counted: Counted::default(),
+            origin_slice: (super::kernel::monotonic_ns() / TIME_SLICE_NS) as u32,
+            recent: HashMap::new(),
         }
     }
 }
@@ -133,6 +156,11 @@ impl Signal for Stacks {
 
     fn attach(&mut self, ebpf: &mut Ebpf, setup: &mut Setup<'_>) -> Result<(), CaptureError> {
         self.samples = Some(take_ring(ebpf, stacks::STACK_SAMPLES)?);
+        self.maps = Some((
+            take_percpu_hash(ebpf, stacks::COUNTS)?,
+            take_map(ebpf, stacks::STACKS)?,
+        ));
+        self.origin_slice = (super::kernel::monotonic_ns() / TIME_SLICE_NS) as u32;
         let prog: &mut PerfEvent = program(ebpf, stacks::PROG_SAMPLE)?;
         prog.load().map_err(|source| CaptureError::Program {
             what: "load the sampling program".into(),
@@ -208,19 +236,58 @@ impl Signal for Stacks {
         result
     }
 
+    /// Moves the kernel's counts to userspace: the count map holds a
+    /// key per stack and time slice, and is emptied here often enough
+    /// that it does not fill.
+    fn tick(&mut self) {
+        let Some((counts, _)) = self.maps.as_ref() else {
+            return;
+        };
+        let origin = self.origin_slice;
+        let c = &mut self.counted;
+        let recent = &mut self.recent;
+        let moved = drain_sums(counts, possible_cpus() as usize, |key: StackKey, n| {
+            if n == 0 {
+                return;
+            }
+            let slice = key.slice.wrapping_sub(origin);
+            let plain = StackKey { slice: 0, ..key };
+            let id = *c.index.entry(plain).or_insert_with(|| {
+                c.stacks.push((plain, 0));
+                (c.stacks.len() - 1) as u32
+            });
+            c.stacks[id as usize].1 += n;
+            *c.slices.entry((slice, id)).or_default() += n as u32;
+            if key.tgid != 0 {
+                *recent.entry(key.tgid).or_default() += n;
+            }
+        });
+        if let Err(e) = moved {
+            eprintln!("profiler: warning: cannot read the kernel's stack counts: {e}");
+        }
+    }
+
+    fn second(&mut self, row: &mut Second) {
+        let mut top: Vec<(u32, u64)> = std::mem::take(&mut self.recent).into_iter().collect();
+        top.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        top.truncate(3);
+        row.top = top
+            .into_iter()
+            .map(|(p, n)| (p, String::new(), n))
+            .collect();
+    }
+
     fn collect(
         &mut self,
-        ebpf: &mut Ebpf,
+        _ebpf: &mut Ebpf,
         out: &mut RawProfile,
         drain: bool,
     ) -> Result<(), CaptureError> {
-        if self.maps.is_none() {
-            self.maps = Some((
-                take_map(ebpf, stacks::COUNTS)?,
-                take_map(ebpf, stacks::STACKS)?,
-            ));
-        }
-        let (counts, stack_map) = self.maps.as_mut().expect("taken above");
+        self.tick();
+        out.time_origin_ns = u64::from(self.origin_slice) * TIME_SLICE_NS;
+        let Some((_, stack_map)) = self.maps.as_mut() else {
+            return Ok(());
+        };
         let mut cache: HashMap<i32, RawStackPart> = HashMap::new();
         let mut resolve = |id: i32| -> RawStackPart {
             if id < 0 {
@@ -234,16 +301,10 @@ impl Signal for Stacks {
                 })
                 .clone()
         };
-        let mut count_keys = Vec::new();
-        for item in counts.iter() {
-            let Ok((key, per_cpu)) = item else { continue };
-            if drain {
-                count_keys.push(key);
-            }
-            let count: u64 = per_cpu.iter().sum();
-            if count == 0 {
-                continue;
-            }
+        // Stacks are numbered in the order they are pushed; those with no
+        // sample are kept (empty) so that the numbers hold.
+        let base = out.stacks.len() as u32;
+        for (key, count) in &self.counted.stacks {
             let thread = String::from_utf8_lossy(key.comm.split(|b| *b == 0).next().unwrap_or(&[]))
                 .into_owned();
             out.stacks.push(RawStack {
@@ -252,8 +313,17 @@ impl Signal for Stacks {
                 user: resolve(key.user_stack_id),
                 user_cut: None,
                 kernel: resolve(key.kernel_stack_id),
-                count,
+                count: *count,
             });
+        }
+        out.stack_times.extend(
+            self.counted
+                .slices
+                .iter()
+                .map(|(&(slice, id), &n)| (slice, base + id, n)),
+        );
+        if drain {
+            self.counted = Counted::default();
         }
         if let Some(unwinder) = self.unwinder.as_mut() {
             for (tid, time_ns, key) in unwinder.take_timed() {
@@ -270,9 +340,17 @@ impl Signal for Stacks {
                     },
                 });
             }
-            let (unwound, stats) = unwinder.take_window();
+            let (window, stats) = unwinder.take_window();
             out.unwind = Some(stats);
-            for (key, count) in unwound {
+            let base = out.stacks.len() as u32;
+            let origin = self.origin_slice;
+            out.stack_times.extend(
+                window
+                    .slices
+                    .iter()
+                    .map(|&(slice, id, n)| (slice.wrapping_sub(origin), base + id, n)),
+            );
+            for (key, count) in window.stacks {
                 out.stacks.push(RawStack {
                     tgid: key.tgid,
                     thread: key.thread,
@@ -284,11 +362,7 @@ impl Signal for Stacks {
             }
         }
         if drain {
-            // A key or stack gone already (a sample raced the delete) is
-            // what this removal wanted.
-            for key in count_keys {
-                let _ = counts.remove(&key);
-            }
+            // A stack gone already is what this removal wanted.
             let ids: Vec<u32> = stack_map.stack_ids().filter_map(Result::ok).collect();
             for id in ids {
                 let _ = stack_map.remove(&id);

@@ -47,6 +47,39 @@ pub struct RawStack {
     pub count: u64,
 }
 
+/// One second of the capture: what the status line says and what the
+/// report plots.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Second {
+    /// Seconds since the start, at the end of this one.
+    pub t: f64,
+    /// Samples taken.
+    pub samples: u64,
+    /// Samples lost (count map full, stack ring full).
+    pub lost: u64,
+    /// Share (0..1) of each online CPU's ticks that found a task running.
+    pub cpu_busy: Vec<f64>,
+    /// Time tasks waited on run queues, in ms (all CPUs): the CPUs'
+    /// saturation.
+    pub runq_wait_ms: f64,
+    /// Mean run-queue depth seen by the ticks.
+    pub runq_depth: f64,
+    /// TCP retransmits.
+    pub retransmits: u64,
+    /// OOM kills.
+    pub oom_kills: u64,
+    /// HTTP requests answered (ended in this second).
+    pub requests: u64,
+    /// Of those, answered with a 5xx status.
+    pub errors: u64,
+    /// Event-loop stalls that ended in this second.
+    pub stalls: u64,
+    /// Their time, in ms.
+    pub stall_ms: f64,
+    /// The processes most sampled: (pid, name, samples).
+    pub top: Vec<(u32, String, u64)>,
+}
+
 /// One summed off-CPU key: the stacks a thread left the CPU with, and
 /// which part of its time away is counted.
 #[derive(Clone, Debug)]
@@ -122,6 +155,9 @@ pub struct UnwindStats {
     pub jit_cfi_frames: u64,
     /// Bytes of stack received.
     pub bytes: u64,
+    /// Samples counted without their time slice (the slices kept were
+    /// at their bound).
+    pub untimed: u64,
 }
 
 impl UnwindStats {
@@ -134,6 +170,7 @@ impl UnwindStats {
         self.jit_cfi_frames += u.jit_cfi_frames;
         self.dropped += u.dropped;
         self.bytes += u.bytes;
+        self.untimed += u.untimed;
     }
 }
 
@@ -248,6 +285,15 @@ pub const MAX_SOCKET_OWNERS: usize = 4096;
 pub struct RawProfile {
     /// Counted stacks.
     pub stacks: Vec<RawStack>,
+    /// When the counted stacks were sampled: `(time slice, index in
+    /// stacks, samples)`, slices of `profiler_common::stacks::TIME_SLICE_NS`
+    /// from `time_origin_ns`.
+    pub stack_times: Vec<(u32, u32, u32)>,
+    /// The monotonic clock (ns) at slice 0: the start of the capture,
+    /// rounded down to a slice.
+    pub time_origin_ns: u64,
+    /// One row a second of the USE figures, in order.
+    pub seconds: Vec<Second>,
     /// The kernel programs' counters.
     pub counters: Counters,
     /// Online CPUs sampled.
@@ -362,6 +408,7 @@ impl RawProfile {
             }
         }
         self.oom_kills.extend(other.oom_kills);
+        self.seconds.extend(other.seconds);
         for (pid, o) in other.socket_owners {
             if self.socket_owners.len() < MAX_SOCKET_OWNERS {
                 self.socket_owners.insert(pid, o);

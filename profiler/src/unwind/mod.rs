@@ -11,7 +11,7 @@ use framehop::{
     ExplicitModuleSectionInfo, FrameAddress, Module, Unwinder,
     x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64},
 };
-use profiler_common::stacks::{STACK_AT_TOP, STACK_IN_TURN, STACK_IPS, StackSample};
+use profiler_common::stacks::{STACK_AT_TOP, STACK_IN_TURN, STACK_IPS, StackSample, TIME_SLICE_NS};
 
 use crate::{
     jitcfi::JitCfi,
@@ -76,6 +76,20 @@ pub fn own_vdso() -> Option<Vec<u8>> {
     // the process; copied byte for byte.
     unsafe { std::ptr::copy_nonoverlapping(v.start as *const u8, buf.as_mut_ptr(), len) };
     Some(buf)
+}
+
+/// Most (time slice, stack) counts kept per window: past it, samples are
+/// counted without their time (`UnwindStats::untimed`).
+pub const MAX_SLICES: usize = 4_000_000;
+
+/// What [`UserUnwinder::take_window`] hands over.
+#[derive(Debug, Default)]
+pub struct UnwoundWindow {
+    /// Distinct stacks with their sample counts.
+    pub stacks: Vec<(UnwoundKey, u64)>,
+    /// `(time slice, index in stacks, samples)`; slices of
+    /// [`TIME_SLICE_NS`] on the monotonic clock, wrapping.
+    pub slices: Vec<(u32, u32, u32)>,
 }
 
 /// Key of the userspace aggregation.
@@ -195,8 +209,11 @@ pub struct UserUnwinder {
     /// stacks sent aside on collisions share.
     pub max_stacks: Option<usize>,
     cache: CacheX86_64,
-    /// Aggregated stacks.
-    pub stacks: HashMap<UnwoundKey, u64>,
+    /// Aggregated stacks: count, and index in the order first seen.
+    stacks: HashMap<UnwoundKey, (u64, u32)>,
+    /// Samples per (time slice, stack index): the time of each sample to
+    /// [`profiler_common::stacks::TIME_SLICE_NS`] (absolute, wrapping).
+    slices: HashMap<(u32, u32), u32>,
     /// Samples taken inside an event-loop turn, one by one with their
     /// thread and time (also counted in `stacks`): the stalls' own.
     pub timed: Vec<(u32, u64, UnwoundKey)>,
@@ -217,9 +234,21 @@ impl UserUnwinder {
 
     /// Hands over the stacks aggregated and the figures since the last
     /// call, and starts afresh (the caches of files and processes stay).
-    pub fn take_window(&mut self) -> (HashMap<UnwoundKey, u64>, UnwindStats) {
+    pub fn take_window(&mut self) -> (UnwoundWindow, UnwindStats) {
+        let mut stacks: Vec<(UnwoundKey, u64, u32)> = std::mem::take(&mut self.stacks)
+            .into_iter()
+            .map(|(k, (n, i))| (k, n, i))
+            .collect();
+        stacks.sort_unstable_by_key(|s| s.2);
+        let slices = std::mem::take(&mut self.slices)
+            .into_iter()
+            .map(|((slice, i), n)| (slice, i, n))
+            .collect();
         (
-            std::mem::take(&mut self.stacks),
+            UnwoundWindow {
+                stacks: stacks.into_iter().map(|(k, n, _)| (k, n)).collect(),
+                slices,
+            },
             std::mem::take(&mut self.stats),
         )
     }
@@ -539,12 +568,24 @@ impl UserUnwinder {
         if s.flags & STACK_IN_TURN != 0 && self.timed.len() < MAX_TIMED {
             self.timed.push((s.tid, s.time_ns, key.clone()));
         }
-        if let Some(c) = self.stacks.get_mut(&key) {
+        let id = if let Some((c, id)) = self.stacks.get_mut(&key) {
             *c += 1;
+            *id
         } else if self.stacks.len() < self.max_stacks.unwrap_or(MAX_STACKS) {
-            self.stacks.insert(key, 1);
+            let id = self.stacks.len() as u32;
+            self.stacks.insert(key, (1, id));
+            id
         } else {
             self.stats.dropped += 1;
+            return;
+        };
+        let slice = (s.time_ns / TIME_SLICE_NS) as u32;
+        if let Some(n) = self.slices.get_mut(&(slice, id)) {
+            *n += 1;
+        } else if self.slices.len() < MAX_SLICES {
+            self.slices.insert((slice, id), 1);
+        } else {
+            self.stats.untimed += 1;
         }
     }
 }

@@ -84,7 +84,7 @@ fn unwind_own(s: &StackSample) -> (UserUnwinder, ProcessTable, UnwoundKey, Unwin
     let mut u = UserUnwinder::new();
     u.add(s, &mut procs);
     let (stacks, stats) = u.take_window();
-    let key = stacks.into_keys().next().unwrap();
+    let key = stacks.stacks.into_iter().next().unwrap().0;
     (u, procs, key, stats)
 }
 
@@ -273,7 +273,7 @@ fn this_binary_unwinds_to_its_thread_start() {
     s.flags = STACK_AT_TOP;
     u.add(&s, &mut procs);
     let (stacks, stats) = u.take_window();
-    let cuts: Vec<_> = stacks.keys().map(|k| k.cut).collect();
+    let cuts: Vec<_> = stacks.stacks.iter().map(|(k, _)| k.cut).collect();
     assert_eq!((stats.truncated, stats.lost), (1, 1), "{cuts:?}");
 
     // A return address just inside the entry point (_start) ends a

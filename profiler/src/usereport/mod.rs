@@ -6,7 +6,7 @@
 mod table;
 mod throttling;
 
-pub use table::{events_jsonl, render_table};
+pub use table::{events_jsonl, render_table, table_notes, table_rows};
 pub use throttling::Throttling;
 
 use std::{
@@ -265,6 +265,10 @@ pub struct UseReport {
     /// Event loops: turns and stalls (when timed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_loops: Option<crate::loops::EventLoops>,
+    /// One row a second: CPU busy per CPU, run-queue wait and depth,
+    /// retransmits, OOM kills, requests and errors, stalls, samples.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub seconds: Vec<crate::model::Second>,
 }
 
 /// Upper bound of log2 bucket `i` in us.
@@ -636,6 +640,7 @@ pub fn build(
         profiler: None,
         offcpu: None,
         event_loops: None,
+        seconds: raw.seconds.clone(),
     }
 }
 

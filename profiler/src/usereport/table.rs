@@ -27,6 +27,22 @@ fn rate(b: f64) -> String {
 
 /// The table `record` prints: one line per resource, words first.
 pub fn render_table(r: &UseReport) -> String {
+    let mut out = format!("USE summary: {:.1} s, {} CPUs\n", r.duration_s, r.cpu.count);
+    for [name, u, s, e] in table_rows(r) {
+        out.push_str(&format!(
+            "  {name:<8} U: {u}\n  {:<8} S: {s}\n  {:<8} E: {e}\n",
+            "", ""
+        ));
+    }
+    for line in table_notes(r) {
+        out.push_str(&line);
+    }
+    out
+}
+
+/// The USE table's rows: resource, utilization, saturation, errors, in
+/// words.
+pub fn table_rows(r: &UseReport) -> [[String; 4]; 3] {
     let cpu_u = {
         let parts: Vec<String> = r
             .cpu
@@ -134,26 +150,26 @@ pub fn render_table(r: &UseReport) -> String {
         n.listen_drops.map_or("?".into(), |v| v.to_string()),
         n.connection_failures.map_or("?".into(), |v| v.to_string())
     );
-    let rows = [
-        ("CPU", cpu_u, cpu_s.join("; "), "-".to_string()),
-        ("Memory", mem_u, mem_s, mem_e),
-        ("Network", net_u, net_s, net_e),
-    ];
-    let mut out = format!("USE summary: {:.1} s, {} CPUs\n", r.duration_s, r.cpu.count);
-    for (name, u, s, e) in rows {
-        out.push_str(&format!(
-            "  {name:<8} U: {u}\n  {:<8} S: {s}\n  {:<8} E: {e}\n",
-            "", ""
-        ));
-    }
+    [
+        ["CPU".into(), cpu_u, cpu_s.join("; "), "-".to_string()],
+        ["Memory".into(), mem_u, mem_s, mem_e],
+        ["Network".into(), net_u, net_s, net_e],
+    ]
+}
+
+/// The lines under the USE table: off-CPU, event loops, the top
+/// retransmitter, what was not collected (each ends in a newline).
+pub fn table_notes(r: &UseReport) -> Vec<String> {
+    let n = &r.network;
+    let mut out = Vec::new();
     if let Some(o) = &r.offcpu {
-        out.push_str(&crate::offcpu::render_line(o));
+        out.push(crate::offcpu::render_line(o));
     }
     if let Some(l) = &r.event_loops {
-        out.push_str(&crate::loops::render_line(l));
+        out.push(crate::loops::render_line(l));
     }
     if let Some(c) = n.retransmits_by_connection.first() {
-        out.push_str(&format!(
+        out.push(format!(
             "  top retransmitter: {}:{} -> {}:{} {} x{}{}\n",
             c.saddr,
             c.sport,
@@ -168,7 +184,7 @@ pub fn render_table(r: &UseReport) -> String {
         ));
     }
     for m in &r.unavailable {
-        out.push_str(&format!("  unavailable: {}: {}\n", m.signal, m.reason));
+        out.push(format!("  unavailable: {}: {}\n", m.signal, m.reason));
     }
     out
 }

@@ -1,0 +1,230 @@
+//! `report.html`: one self-contained page for a capture (the USE table
+//! and findings in words, a FlameScope-style heat map of the samples over
+//! time whose selection folds the flame graph below to that range, the
+//! off-CPU and stall flame graphs, plots of the distributions and of the
+//! per-second series, the symbolization report), and `timeline.json`,
+//! the timed stacks it draws from. Nothing is fetched: the page's script
+//! and style are inlined (`page.html`), the data is a JSON block in it.
+
+use std::{collections::HashMap, io};
+
+use serde::Serialize;
+
+use crate::{
+    fold::{self, Folded},
+    model::{RawProfile, Second, SymbolizedStack},
+    requests::RequestsReport,
+    symreport::SymbolReport,
+    usereport::{self, UseReport},
+};
+
+/// The page, with `/*DATA*/` where the data goes.
+const PAGE: &str = include_str!("page.html");
+
+/// Stacks with their times: any range of the capture folds on its own.
+#[derive(Debug, Default, Serialize)]
+pub struct Timeline {
+    /// Schema tag.
+    pub schema: &'static str,
+    /// Width of a time slice, in ms.
+    pub slice_ms: f64,
+    /// Frame names (interned).
+    pub frames: Vec<String>,
+    /// Each distinct folded stack, root first, as indexes in `frames`.
+    pub stacks: Vec<Vec<u32>>,
+    /// Flat triples `slice, stack, samples`, in slice order: `samples`
+    /// samples of `stacks[stack]` in `[slice, slice + 1) * slice_ms` from
+    /// the start.
+    pub samples: Vec<u32>,
+}
+
+/// `timeline.json`'s schema tag.
+pub const TIMELINE_SCHEMA: &str = "profiler.timeline/1";
+
+/// Interns frame names and stacks.
+#[derive(Default)]
+struct Interner {
+    frames: Vec<String>,
+    index: HashMap<String, u32>,
+}
+
+impl Interner {
+    fn stack(&mut self, line: &str) -> Vec<u32> {
+        line.split(';')
+            .map(|f| {
+                if let Some(&i) = self.index.get(f) {
+                    return i;
+                }
+                let i = self.frames.len() as u32;
+                self.frames.push(f.to_string());
+                self.index.insert(f.to_string(), i);
+                i
+            })
+            .collect()
+    }
+}
+
+/// The timeline of a capture: `stacks` are the symbolized `raw.stacks`
+/// whose indexes are `kept` (the same order).
+pub fn timeline(raw: &RawProfile, stacks: &[SymbolizedStack], kept: &[usize]) -> Timeline {
+    let mut interner = Interner::default();
+    // Raw stack index -> distinct folded line index.
+    let mut by_raw: HashMap<usize, u32> = HashMap::new();
+    let mut lines: HashMap<String, u32> = HashMap::new();
+    let mut out_stacks = Vec::new();
+    for (s, &raw_index) in stacks.iter().zip(kept) {
+        let line = fold::line(s);
+        let id = match lines.get(&line) {
+            Some(&id) => id,
+            None => {
+                let id = out_stacks.len() as u32;
+                out_stacks.push(interner.stack(&line));
+                lines.insert(line, id);
+                id
+            }
+        };
+        by_raw.insert(raw_index, id);
+    }
+    let mut cells: HashMap<(u32, u32), u32> = HashMap::new();
+    for &(slice, raw_index, n) in &raw.stack_times {
+        if let Some(&id) = by_raw.get(&(raw_index as usize)) {
+            *cells.entry((slice, id)).or_default() += n;
+        }
+    }
+    let mut cells: Vec<((u32, u32), u32)> = cells.into_iter().collect();
+    cells.sort_unstable();
+    Timeline {
+        schema: TIMELINE_SCHEMA,
+        slice_ms: profiler_common::stacks::TIME_SLICE_NS as f64 / 1e6,
+        frames: interner.frames,
+        stacks: out_stacks,
+        samples: cells
+            .into_iter()
+            .flat_map(|((slice, id), n)| [slice, id, n])
+            .collect(),
+    }
+}
+
+/// A flame graph without time: stacks and their weights.
+#[derive(Debug, Default, Serialize)]
+pub struct Graph {
+    /// What it counts (`samples`, `us`).
+    pub unit: &'static str,
+    /// Frame names.
+    pub frames: Vec<String>,
+    /// Stacks, root first, as indexes in `frames`.
+    pub stacks: Vec<Vec<u32>>,
+    /// Weight of each stack.
+    pub weights: Vec<u64>,
+}
+
+/// A folded profile as a [`Graph`].
+pub fn graph(folded: &Folded, unit: &'static str) -> Graph {
+    let mut interner = Interner::default();
+    let mut g = Graph {
+        unit,
+        ..Default::default()
+    };
+    for (line, &n) in folded {
+        g.stacks.push(interner.stack(line));
+        g.weights.push(n);
+    }
+    g.frames = interner.frames;
+    g
+}
+
+/// What the page shows.
+#[derive(Serialize)]
+pub struct Page<'a> {
+    /// Heading: what, where, how long.
+    pub title: String,
+    /// Sampling rate (Hz).
+    pub hz: u64,
+    /// Length of the capture (s).
+    pub duration_s: f64,
+    /// The USE table's rows (resource, utilization, saturation, errors).
+    pub use_rows: [[String; 4]; 3],
+    /// Lines under the table.
+    pub use_notes: Vec<String>,
+    /// use.json.
+    #[serde(rename = "use")]
+    pub use_report: &'a UseReport,
+    /// requests.json, when followed.
+    pub requests: Option<&'a RequestsReport>,
+    /// symbols.json, when stacks were taken.
+    pub symbols: Option<&'a SymbolReport>,
+    /// Timed CPU stacks, when stacks were taken.
+    pub cpu: Option<&'a Timeline>,
+    /// Off-CPU time, when recorded.
+    pub offcpu: Option<Graph>,
+    /// Event-loop stalls, when timed.
+    pub stalls: Option<Graph>,
+    /// The per-second series.
+    pub seconds: &'a [Second],
+}
+
+impl<'a> Page<'a> {
+    /// The page of a capture.
+    pub fn new(title: String, hz: u64, use_report: &'a UseReport) -> Self {
+        Page {
+            title,
+            hz,
+            duration_s: use_report.duration_s,
+            use_rows: usereport::table_rows(use_report),
+            use_notes: usereport::table_notes(use_report),
+            use_report,
+            requests: None,
+            symbols: None,
+            cpu: None,
+            offcpu: None,
+            stalls: None,
+            seconds: &use_report.seconds,
+        }
+    }
+}
+
+/// Writes the page.
+pub fn write_html(page: &Page<'_>, mut w: impl io::Write) -> io::Result<()> {
+    let data = serde_json::to_string(page).map_err(io::Error::other)?;
+    write_page(&data, &mut w)
+}
+
+/// Writes the page around `data`, a JSON object, made safe to sit in a
+/// `<script>` element.
+pub fn write_page(data: &str, mut w: impl io::Write) -> io::Result<()> {
+    let (head, tail) = PAGE
+        .split_once("/*DATA*/")
+        .expect("page.html has a /*DATA*/ mark");
+    w.write_all(head.as_bytes())?;
+    // "</script>" inside the JSON would end the element; "<\/" is the
+    // same string to JSON.
+    w.write_all(data.replace("</", "<\\/").as_bytes())?;
+    w.write_all(tail.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_has_its_data_and_nothing_fetched() {
+        let mut folded = Folded::new();
+        folded.insert("app;main;</script>".into(), 3);
+        let g = graph(&folded, "samples");
+        let mut out = Vec::new();
+        write_page(&serde_json::to_string(&g).unwrap(), &mut out).unwrap();
+        let html = String::from_utf8(out).unwrap();
+        assert!(html.contains(r#"<\/script>"#));
+        assert_eq!(html.matches("</script>").count(), 2, "the data's own");
+        for fetch in [
+            "src=",
+            "href=",
+            "@import",
+            "url(",
+            "fetch(",
+            "XMLHttpRequest",
+        ] {
+            assert!(!html.contains(fetch), "{fetch} in the page");
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! End-to-end: `report.html` in a real browser (headless Chromium over
+//! the DevTools protocol). A program with phases in time (phase_alpha
+//! for 2 s, a 1 s sleep, phase_beta for 2 s) is recorded; the page's heat
+//! map must hold the capture's samples cell by cell, a range dragged with
+//! the mouse must fold the flame graph to that range's functions, search
+//! must highlight the frames it names, the plots must have their bars and
+//! lines, and the page must report no error. A screenshot is kept beside
+//! the capture for a person to look at.
+
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use serde_json::Value;
+use tests::{browser::Browser, *};
+
+/// Slices (of `slice_ms`) holding samples of stacks with a frame named
+/// `name`, from timeline.json.
+fn slices_of(t: &Value, name: &str) -> Vec<u64> {
+    let frames: Vec<&str> = t["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    let stacks = t["stacks"].as_array().unwrap();
+    let has = |i: u64| {
+        stacks[i as usize]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| frames[f.as_u64().unwrap() as usize] == name)
+    };
+    let s: Vec<u64> = t["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    s.chunks(3).filter(|c| has(c[1])).map(|c| c[0]).collect()
+}
+
+fn names_in(b: &mut Browser, flame: &str) -> Vec<String> {
+    let v = b.eval(&format!(
+        "[...document.querySelectorAll('#{flame} .f')].map(f => f.dataset.name)"
+    ));
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Drags across the heat map from the top of column `c0` to the bottom
+/// of column `c1`.
+fn drag_columns(b: &mut Browser, c0: u64, c1: u64) {
+    let (left, top, _, _) = b.rect("#heatmap");
+    let h = b.eval("[report.heat.cw, report.heat.ch, report.heat.rows]");
+    let (cw, ch, rows) = (
+        h[0].as_f64().unwrap(),
+        h[1].as_f64().unwrap(),
+        h[2].as_f64().unwrap(),
+    );
+    b.drag(
+        (left + (c0 as f64 + 0.5) * cw, top + 0.5 * ch),
+        (left + (c1 as f64 + 0.5) * cw, top + (rows - 0.5) * ch),
+    );
+}
+
+#[test]
+fn report_heat_map_selection_and_search_in_chromium() {
+    if !require_root("report_heat_map_selection_and_search_in_chromium") {
+        return;
+    }
+    let dir = scratch("report");
+    let exe = build_c(
+        "phases.c",
+        &dir.join("phases"),
+        &["-O1", "-g", "-fno-omit-frame-pointer"],
+    );
+    let out = dir.join("out");
+    record_ok(
+        &dir,
+        &[
+            "-F",
+            "199",
+            "-q",
+            "-o",
+            out.to_str().unwrap(),
+            "--",
+            exe.to_str().unwrap(),
+            "2000",
+            "1000",
+            "2000",
+        ],
+    );
+
+    // The capture keeps each sample's time: the phases do not overlap.
+    let t: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("timeline.json")).unwrap()).unwrap();
+    let slice_ms = t["slice_ms"].as_f64().unwrap();
+    assert_eq!(slice_ms, 10.0);
+    let (alpha, beta) = (slices_of(&t, "phase_alpha"), slices_of(&t, "phase_beta"));
+    assert!(
+        alpha.len() > 100 && beta.len() > 100,
+        "{} {}",
+        alpha.len(),
+        beta.len()
+    );
+    let alpha_end = *alpha.iter().max().unwrap() as f64 * slice_ms;
+    let beta_start = *beta.iter().min().unwrap() as f64 * slice_ms;
+    assert!(
+        beta_start - alpha_end > 900.0,
+        "the 1 s sleep between the phases: alpha ends at {alpha_end} ms, beta starts at {beta_start} ms"
+    );
+    let folded_total: u64 = read_folded(&out).values().sum();
+    let samples: Vec<u64> = t["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        samples.chunks(3).map(|c| c[2]).sum::<u64>(),
+        folded_total,
+        "every sample of stacks.folded has its time"
+    );
+    // The per-second series in use.json.
+    let u = read_use(&out);
+    let seconds = u["seconds"].as_array().expect("use.json seconds");
+    assert!(seconds.len() >= 5, "{} seconds", seconds.len());
+    let busy: f64 = seconds[0]["cpu_busy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    assert!(
+        busy > 0.9,
+        "phase_alpha keeps a CPU busy in second 1: {busy}"
+    );
+
+    let mut b = Browser::launch(1400, 1000);
+    let ready = b.open(&out.join("report.html"), Duration::from_secs(30));
+    eprintln!(
+        "report.html ready {} ms after navigation",
+        ready.as_millis()
+    );
+    assert!(b.errors.is_empty(), "page errors: {:?}", b.errors);
+
+    // The heat map: 50 cells of 20 ms a second, each holding the samples
+    // of its two 10 ms slices.
+    let heat =
+        b.eval("({cols: report.heat.cols, rows: report.heat.rows, counts: report.heat.counts})");
+    let rows = heat["rows"].as_u64().unwrap();
+    let cols = heat["cols"].as_u64().unwrap();
+    assert_eq!(rows, 50);
+    assert!(cols >= 5, "{cols} columns");
+    let mut expected: BTreeMap<u64, u64> = BTreeMap::new();
+    for c in samples.chunks(3) {
+        *expected.entry(c[0] / 2).or_default() += c[2];
+    }
+    let counts: Vec<u64> = heat["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(counts.len() as u64, cols * rows);
+    for (i, &n) in counts.iter().enumerate() {
+        assert_eq!(
+            n,
+            expected.get(&(i as u64)).copied().unwrap_or(0),
+            "cell {i} (second {}, row {})",
+            i as u64 / rows,
+            i as u64 % rows
+        );
+    }
+    // The cells of the sleep are empty (only the program is profiled).
+    let (quiet0, quiet1) = (
+        (alpha_end / 20.0) as usize + 2,
+        (beta_start / 20.0) as usize - 1,
+    );
+    assert!(quiet1 > quiet0 + 40, "{quiet0}..{quiet1}");
+    assert!(
+        counts[quiet0..quiet1].iter().all(|&n| n == 0),
+        "samples while asleep: {:?}",
+        &counts[quiet0..quiet1]
+    );
+
+    // The whole capture: both phases in the flame graph.
+    let all = names_in(&mut b, "flame-cpu");
+    assert!(all.iter().any(|n| n == "phase_alpha") && all.iter().any(|n| n == "phase_beta"));
+
+    // Drag over the first two seconds: phase_alpha alone.
+    drag_columns(&mut b, 0, 1);
+    let first = names_in(&mut b, "flame-cpu");
+    assert!(
+        first.iter().any(|n| n == "phase_alpha") && !first.iter().any(|n| n == "phase_beta"),
+        "seconds 0-2: {first:?}"
+    );
+    let range = b.eval("document.getElementById('range').textContent");
+    assert!(
+        range
+            .as_str()
+            .unwrap()
+            .starts_with("Selected 0.00 s to 2.00 s"),
+        "{range}"
+    );
+    // Then over the beta phase's seconds: phase_beta alone.
+    let b0 = (beta_start / 1000.0).ceil() as u64;
+    drag_columns(&mut b, b0, b0 + 1);
+    let later = names_in(&mut b, "flame-cpu");
+    assert!(
+        later.iter().any(|n| n == "phase_beta") && !later.iter().any(|n| n == "phase_alpha"),
+        "seconds {b0}-{}: {later:?}",
+        b0 + 2
+    );
+
+    // Search highlights the frames it names, and says their share.
+    b.type_into("#search", "phase_b");
+    let matched =
+        b.eval("[...document.querySelectorAll('#flame-cpu .f.match')].map(f => f.dataset.name)");
+    let matched: Vec<&str> = matched
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        !matched.is_empty() && matched.iter().all(|n| n.contains("phase_b")),
+        "{matched:?}"
+    );
+    let share = b.eval("document.getElementById('matched').textContent");
+    assert!(share.as_str().unwrap().starts_with("matched "), "{share}");
+
+    // Plots: the run-queue histogram has bars, the series have lines.
+    let bars = b.eval("document.querySelectorAll('.hist rect.bar').length");
+    assert!(bars.as_u64().unwrap() > 0, "histogram bars: {bars}");
+    let lines = b.eval("document.querySelectorAll('.line polyline').length");
+    assert!(lines.as_u64().unwrap() >= 6, "series lines: {lines}");
+    let use_rows = b.eval("document.querySelectorAll('#use-table tr').length");
+    assert_eq!(use_rows.as_u64(), Some(4), "header and three resources");
+
+    let shot = out.join("report.png");
+    b.screenshot(&shot);
+    eprintln!("screenshot: {}", shot.display());
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+    assert!(b.errors.is_empty(), "page errors: {:?}", b.errors);
+    check_offline(&out.join("report.html"));
+}
+
+/// The page fetches nothing: no external script, style, image or font.
+pub fn check_offline(page: &Path) {
+    let html = std::fs::read_to_string(page).unwrap();
+    for fetch in [
+        "src=",
+        "href=",
+        "@import",
+        "url(",
+        "fetch(",
+        "XMLHttpRequest",
+    ] {
+        assert!(!html.contains(fetch), "{fetch} in {}", page.display());
+    }
+}
