@@ -265,7 +265,7 @@ pub struct RecordArgs {
     pub no_requests: bool,
 
     /// Print no status while capturing (on a terminal a line updated each
-    /// second; otherwise a line every 10 s, and events as they happen).
+    /// second; otherwise a line every 5 s, and events as they happen).
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
 

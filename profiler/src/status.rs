@@ -14,7 +14,7 @@ use std::{
 use crate::model::Second;
 
 /// Seconds between two status lines when stderr is not a terminal.
-pub const PLAIN_EVERY: u64 = 10;
+pub const PLAIN_EVERY: u64 = 5;
 
 /// Retransmits in one second that are reported as a burst.
 pub const RETRANSMIT_BURST: u64 = 10;

@@ -160,11 +160,16 @@ pub fn read_use(dir: &Path) -> serde_json::Value {
 pub fn busy_loops(n: usize, secs: u32) -> Vec<std::process::Child> {
     (0..n)
         .map(|_| {
-            Command::new("timeout")
-                .arg(secs.to_string())
-                .args(["sh", "-c", "while :; do :; done"])
-                .spawn()
-                .expect("spawn busy loop")
+            std::os::unix::process::CommandExt::process_group(
+                Command::new("timeout").arg(secs.to_string()).args([
+                    "sh",
+                    "-c",
+                    "while :; do :; done",
+                ]),
+                0,
+            )
+            .spawn()
+            .expect("spawn busy loop")
         })
         .collect()
 }
@@ -212,12 +217,17 @@ fn read_until(
     (early, stderr)
 }
 
-/// Children killed (and reaped) when dropped, even when a test fails.
+/// Children killed (and reaped) when dropped, even when a test fails;
+/// with their process group when they lead one (the shell under a
+/// `timeout` of [`busy_loops`] would otherwise spin on, orphaned).
 pub struct KillOnDrop(pub Vec<std::process::Child>);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         for c in &mut self.0 {
+            // SAFETY: kill(2) of a process group we made (ESRCH if the
+            // child leads none).
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -140,6 +140,7 @@ fn more_work_in_one_function_is_flagged_alone() {
     let failed = d["failed"].as_array().unwrap();
     assert_eq!(failed.len(), 1, "{failed:#?}");
     assert_eq!(failed[0]["subject"], "work_beta");
+    diff_page_shows_it(&b.with_extension("diff").join("diff.html"));
     let (out, d) = diff(&a, &b, &["--fail-on", "work_alpha>10%"]);
     assert_eq!(out.status.code(), Some(0), "{d:#}");
     assert!(
@@ -147,6 +148,39 @@ fn more_work_in_one_function_is_flagged_alone() {
     );
     let svg = std::fs::read_to_string(b.with_extension("diff").join("diff.svg")).unwrap();
     assert!(svg.contains("work_beta"), "diff.svg has no work_beta");
+}
+
+/// diff.html in headless Chromium: the failed rule in words, work_beta's
+/// frames red (grown), its row flagged significant, search finds it,
+/// no page error; a screenshot is kept beside it.
+fn diff_page_shows_it(page: &Path) {
+    let mut b = tests::browser::Browser::launch(1400, 1000);
+    b.open(page, std::time::Duration::from_secs(30));
+    assert!(b.errors.is_empty(), "page errors: {:?}", b.errors);
+    let verdict = b.eval("document.getElementById('verdict').textContent");
+    assert!(
+        verdict.as_str().unwrap().contains("FAILED work_beta>10%"),
+        "{verdict}"
+    );
+    let deltas = b.eval(
+        "[...document.querySelectorAll('#flame-diff .f')].filter(f => f.dataset.name === 'work_beta').map(f => [Number(f.dataset.delta), getComputedStyle(f).backgroundColor])",
+    );
+    let deltas = deltas.as_array().unwrap();
+    assert!(!deltas.is_empty(), "no work_beta frame drawn");
+    for d in deltas {
+        assert!(d[0].as_f64().unwrap() > 0.0, "work_beta grew: {d}");
+        let colour = d[1].as_str().unwrap();
+        assert!(colour.starts_with("rgb(255, "), "drawn red: {colour}");
+    }
+    let row = b.eval(
+        "[...document.querySelectorAll('#functions tr')].filter(r => r.dataset.name === 'work_beta').map(r => r.className)",
+    );
+    assert_eq!(row, serde_json::json!(["significant"]), "work_beta's row");
+    b.type_into("#search", "work_beta");
+    let matched = b.eval("document.querySelectorAll('#flame-diff .f.match').length");
+    assert!(matched.as_u64().unwrap() > 0, "search: {matched}");
+    b.screenshot(&page.with_extension("png"));
+    assert!(b.errors.is_empty(), "page errors: {:?}", b.errors);
 }
 
 /// A node script of tests/node that prints its port first, and the port.

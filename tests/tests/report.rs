@@ -262,3 +262,88 @@ pub fn check_offline(page: &Path) {
         assert!(!html.contains(fetch), "{fetch} in {}", page.display());
     }
 }
+
+/// The daemon serves its last window's report at `/`: the page works
+/// in the browser and its heat map holds the window's samples of a busy
+/// loop, in the window's own seconds.
+#[test]
+fn daemon_serves_the_window_report() {
+    if !require_root("daemon_serves_the_window_report") {
+        return;
+    }
+    let dir = scratch("report-daemon");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _spin = KillOnDrop(busy_loops(1, 20));
+    let d = start_daemon(
+        Some(addr),
+        &["--window", "3s", "--ecs-agent", "none", "-F", "199"],
+    );
+    let (status, body) = d.get("/");
+    assert_eq!(status, 200);
+    if !String::from_utf8_lossy(&body).starts_with("<!doctype html>") {
+        // No window has finished yet: the endpoints' list, then the page.
+        assert!(String::from_utf8_lossy(&body).contains("/help"));
+        std::thread::sleep(Duration::from_secs(4));
+    }
+    let (status, body) = d.get("/");
+    assert_eq!(status, 200);
+    let page = dir.join("report.html");
+    std::fs::write(&page, &body).unwrap();
+    check_offline(&page);
+    drop(d);
+
+    let mut b = Browser::launch(1400, 1000);
+    b.open(&page, Duration::from_secs(30));
+    assert!(b.errors.is_empty(), "page errors: {:?}", b.errors);
+    let heat = b.eval(
+        "({cols: report.heat.cols, total: report.heat.counts.reduce((a, b) => a + b, 0), flame: report.flames.cpu.root.value})",
+    );
+    let (cols, total, flame) = (
+        heat["cols"].as_u64().unwrap(),
+        heat["total"].as_u64().unwrap(),
+        heat["flame"].as_u64().unwrap(),
+    );
+    assert!((3..=4).contains(&cols), "a 3 s window: {cols} columns");
+    // A busy loop on one CPU at 199 Hz for 3 s: about 600 samples.
+    assert!(total > 400, "{total} samples in the heat map");
+    assert_eq!(
+        total, flame,
+        "the heat map and the flame graph count the same samples"
+    );
+    let names = names_in(&mut b, "flame-cpu");
+    assert!(
+        names.iter().any(|n| n == "sh"),
+        "the busy loop (sh): {names:?}"
+    );
+    b.screenshot(&dir.join("report.png"));
+}
+
+/// How fast a given report opens: `REPORT=DIR/report.html cargo test
+/// --release -p tests --test report -- --ignored --nocapture page_speed`
+/// prints its size, the first contentful paint and the time until its
+/// script is done, in headless Chromium.
+#[test]
+#[ignore = "a measurement of a given page (REPORT=path)"]
+fn page_speed() {
+    let page = std::path::PathBuf::from(std::env::var("REPORT").expect("REPORT=path/report.html"));
+    let size = std::fs::metadata(&page).unwrap().len();
+    let mut b = Browser::launch(1400, 1000);
+    let ready = b.open(&page, Duration::from_secs(120));
+    let fcp = b.eval(
+        "(performance.getEntriesByName('first-contentful-paint')[0] || {startTime: -1}).startTime",
+    );
+    let heat = b.eval("report.heat ? report.heat.cols * report.heat.rows : 0");
+    let t0 = std::time::Instant::now();
+    b.eval("report.select(0, 100); report.select(null); 1");
+    let reselect = t0.elapsed();
+    println!(
+        "{}: {:.1} MB; first contentful paint {} ms; script done {} ms after navigation; {} heat-map cells; two range selections {} ms",
+        page.display(),
+        size as f64 / 1e6,
+        fcp.as_f64().unwrap_or(-1.0).round(),
+        ready.as_millis(),
+        heat,
+        reselect.as_millis()
+    );
+    assert!(b.errors.is_empty(), "{:?}", b.errors);
+}

@@ -218,6 +218,9 @@ impl Signal for Stacks {
                 )
             };
             sample.len = sample.len.min((n - SAMPLE_HEADER_BYTES) as u32);
+            if sample.tgid != 0 {
+                *self.recent.entry(sample.tgid).or_default() += 1;
+            }
             unwinder.add(sample, procs);
         }
     }

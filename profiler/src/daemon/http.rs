@@ -41,6 +41,8 @@ pub(super) struct Shared {
     pub(super) metrics: Mutex<Metrics>,
     pub(super) last_svg: Mutex<Option<Arc<Body>>>,
     pub(super) last_use: Mutex<Option<Arc<Vec<u8>>>>,
+    /// The last window's report.html.
+    pub(super) last_report: Mutex<Option<Arc<Vec<u8>>>>,
     pub(super) requests: mpsc::Sender<ProfileRequest>,
     pub(super) inflight: Arc<Semaphore>,
     pub(super) max_seconds: u64,
@@ -58,7 +60,9 @@ pub(super) fn text(status: StatusCode, body: impl Into<String>) -> Response {
 
 pub(super) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/", get(index))
+        .route("/", get(report))
+        .route("/report.html", get(report))
+        .route("/help", get(index))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/debug/pprof/profile", get(pprof_profile))
@@ -68,10 +72,26 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
+/// The last window's report page; the endpoints' list until a window
+/// has finished.
+pub(super) async fn report(State(s): State<Arc<Shared>>) -> Response {
+    let last = s.last_report.lock().unwrap().clone();
+    match last {
+        Some(html) => (
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            (*html).clone(),
+        )
+            .into_response(),
+        None => index().await,
+    }
+}
+
 pub(super) async fn index() -> Response {
     text(
         StatusCode::OK,
         "profiler daemon\n\
+         /                                 report.html of the last window (this list until one has finished)\n\
+         /help                             this list\n\
          /metrics                          Prometheus metrics\n\
          /debug/pprof/profile?seconds=N    gzipped pprof CPU profile of the next N seconds\n\
          /flamegraph.svg[?seconds=N]       flame graph of the last window, or of the next N seconds\n\

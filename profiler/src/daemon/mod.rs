@@ -177,6 +177,7 @@ async fn daemon(args: &DaemonArgs) -> Result<(), DaemonError> {
     let shared = Arc::new(Shared {
         metrics: Mutex::new(Metrics::new()),
         last_svg: Mutex::new(None),
+        last_report: Mutex::new(None),
         last_use: Mutex::new(None),
         requests: tx,
         inflight: Arc::new(Semaphore::new(MAX_CONCURRENT_PROFILES)),
@@ -214,6 +215,7 @@ async fn daemon(args: &DaemonArgs) -> Result<(), DaemonError> {
         tokio::select! {
             r = capture.events_ready() => { r?; capture.drain_events(); }
             _ = tick.tick() => {
+                capture.second();
                 slice(&mut capture, &shared, &mut naming, &mut window, &mut active)?;
                 finish_due(&mut active, &capture.procs, args, &mut naming, false);
                 // Ticks and windows start together: a window ends at the
@@ -298,9 +300,10 @@ fn slice(
         );
     }
     for a in active.iter_mut() {
-        a.stacks.add(&raw.stacks);
+        a.stacks.add(&raw.stacks, None);
     }
-    window.stacks.add(&raw.stacks);
+    window.stacks.add(&raw.stacks, Some(&raw.stack_times));
+    window.signals.time_origin_ns = raw.time_origin_ns;
     window.signals.merge_signals(raw);
     Ok(())
 }

@@ -36,15 +36,22 @@ pub(super) type StackId = (
     RawStackPart,
 );
 
-/// Raw stacks summed over slices, bounded.
+/// Raw stacks summed over slices, bounded, with the time slices of
+/// their samples.
 #[derive(Default)]
 pub(super) struct StackAgg {
-    pub(super) stacks: HashMap<StackId, u64>,
+    /// Stack -> (samples, index in the order first seen).
+    pub(super) stacks: HashMap<StackId, (u64, u32)>,
     pub(super) dropped: u64,
+    /// (time slice from the capture's origin, index) -> samples.
+    times: HashMap<(u32, u32), u32>,
 }
 
 impl StackAgg {
-    pub(super) fn add(&mut self, stacks: &[RawStack]) {
+    /// Adds a slice's stacks, and their times when `times` (the slice's
+    /// `stack_times`, indexes into `stacks`).
+    pub(super) fn add(&mut self, stacks: &[RawStack], times: Option<&[(u32, u32, u32)]>) {
+        let mut ids = Vec::with_capacity(stacks.len());
         for s in stacks {
             let key = (
                 s.tgid,
@@ -53,27 +60,51 @@ impl StackAgg {
                 s.user_cut,
                 s.kernel.clone(),
             );
-            if let Some(c) = self.stacks.get_mut(&key) {
+            let id = if let Some((c, id)) = self.stacks.get_mut(&key) {
                 *c += s.count;
+                Some(*id)
             } else if self.stacks.len() < MAX_STACKS {
-                self.stacks.insert(key, s.count);
+                let id = self.stacks.len() as u32;
+                self.stacks.insert(key, (s.count, id));
+                Some(id)
             } else {
                 self.dropped += s.count;
+                None
+            };
+            ids.push(id);
+        }
+        for &(slice, i, n) in times.unwrap_or_default() {
+            if let Some(Some(id)) = ids.get(i as usize) {
+                *self.times.entry((slice, *id)).or_default() += n;
             }
         }
     }
 
+    /// The stacks, in index order.
     pub(super) fn to_raw(&self) -> Vec<RawStack> {
-        self.stacks
+        let mut v: Vec<_> = self.stacks.iter().collect();
+        v.sort_unstable_by_key(|(_, (_, id))| *id);
+        v.into_iter()
+            .map(
+                |((tgid, thread, user, cut, kernel), &(count, _))| RawStack {
+                    tgid: *tgid,
+                    thread: thread.clone(),
+                    user: user.clone(),
+                    user_cut: *cut,
+                    kernel: kernel.clone(),
+                    count,
+                },
+            )
+            .collect()
+    }
+
+    /// The samples' times as `RawProfile::stack_times` of [`Self::to_raw`],
+    /// slices counted from `first` (earlier ones left out).
+    pub(super) fn times_from(&self, first: u32) -> Vec<(u32, u32, u32)> {
+        self.times
             .iter()
-            .map(|((tgid, thread, user, cut, kernel), &count)| RawStack {
-                tgid: *tgid,
-                thread: thread.clone(),
-                user: user.clone(),
-                user_cut: *cut,
-                kernel: kernel.clone(),
-                count,
-            })
+            .filter(|((slice, _), _)| *slice >= first)
+            .map(|(&(slice, id), &n)| (slice - first, id, n))
             .collect()
     }
 
@@ -100,6 +131,8 @@ pub(super) struct Window {
     pub(super) signals: RawProfile,
     pub(super) stacks: StackAgg,
     pub(super) cost_start: selfcost::Reading,
+    /// The monotonic clock at its start.
+    pub(super) start_ns: u64,
 }
 
 impl Window {
@@ -113,6 +146,7 @@ impl Window {
             clock: usereport::Clock::now(),
             signals: RawProfile::default(),
             stacks: StackAgg::default(),
+            start_ns: crate::capture::monotonic_ns(),
         }
     }
 }
@@ -173,6 +207,17 @@ pub(super) fn fold_stacks(
     group_by: GroupBy,
     naming: &mut Naming,
 ) -> (fold::Folded, u64) {
+    let (folded, samples, _) = symbolize_and_fold(stacks, procs, group_by, naming);
+    (folded, samples)
+}
+
+/// [`fold_stacks`], and the symbolized stacks (one per raw stack).
+pub(super) fn symbolize_and_fold(
+    stacks: &[RawStack],
+    procs: &ProcessTable,
+    group_by: GroupBy,
+    naming: &mut Naming,
+) -> (fold::Folded, u64, Vec<crate::model::SymbolizedStack>) {
     let tables = symbol_tables_with(naming.symbolizer(), stacks.iter(), procs);
     let mut symbolized: Vec<_> = stacks
         .iter()
@@ -185,7 +230,7 @@ pub(super) fn fold_stacks(
     }
     let folded = fold::fold(&symbolized);
     let samples = fold::total(&folded);
-    (folded, samples)
+    (folded, samples, symbolized)
 }
 
 pub(super) fn svg(folded: &fold::Folded, took: Duration, hz: u64, samples: u64) -> Body {
@@ -212,6 +257,9 @@ pub(super) fn end_window(
     let host_end = hostsnap::snapshot();
     let mut raw = window.signals.clone();
     raw.stacks = window.stacks.to_raw();
+    let first = (window.start_ns.saturating_sub(raw.time_origin_ns)
+        / profiler_common::stacks::TIME_SLICE_NS) as u32;
+    raw.stack_times = window.stacks.times_from(first);
     // The window's stack table continues the kernel's count map: samples
     // it had no room for are lost the same way, and reported so.
     raw.counters.add(
@@ -307,8 +355,37 @@ pub(super) fn end_window(
     report.event_loops = loops.as_ref().map(|l| l.summary.clone());
     // Plain data (non-finite floats become null): encoding cannot fail.
     let use_json = serde_json::to_vec_pretty(&report).expect("a USE report encodes");
-    let (folded, samples) = fold_stacks(&raw.stacks, procs, args.capture.group_by, naming);
+    let (folded, samples, symbolized) =
+        symbolize_and_fold(&raw.stacks, procs, args.capture.group_by, naming);
     let svg = svg(&folded, elapsed, args.capture.frequency, samples);
+    let html = {
+        let kept: Vec<usize> = (0..raw.stacks.len()).collect();
+        let timeline = crate::report::timeline(&raw, &symbolized, &kept);
+        let symbols = crate::symreport::build(&symbolized);
+        let mut page = crate::report::Page::new(
+            format!(
+                "{} — daemon window of {:.0} s from {} at {} Hz on {} CPUs",
+                output::hostname(),
+                elapsed.as_secs_f64(),
+                output::stamp(window.start_time),
+                args.capture.frequency,
+                raw.cpus
+            ),
+            args.capture.frequency,
+            &report,
+        );
+        page.requests = requests.as_ref();
+        page.symbols = Some(&symbols);
+        page.cpu = Some(&timeline);
+        page.offcpu = offcpu
+            .as_ref()
+            .map(|o| crate::report::graph(&o.folded, "µs"));
+        page.stalls = loops
+            .as_ref()
+            .map(|l| crate::report::graph(&l.folded, "µs"));
+        let mut out = Vec::new();
+        crate::report::write_html(&page, &mut out).map(|()| out)
+    };
     if let Some(dir) = &args.output {
         let time_svg = |what: &'static str, f: &fold::Folded| -> Option<Vec<u8>> {
             let title = render::TimeTitle {
@@ -343,6 +420,11 @@ pub(super) fn end_window(
                 extra,
             };
             let mut written = files.write(&out)?;
+            if let Ok(html) = &html {
+                let path = out.join("report.html");
+                output::write_atomic(&path, |w| std::io::Write::write_all(w, html))?;
+                written.push(path);
+            }
             if let Some(r) = &requests {
                 let path = out.join("requests.json");
                 output::write_json(&path, r)?;
@@ -359,6 +441,9 @@ pub(super) fn end_window(
         for e in errors.chain(output::retain(dir, "window-", args.retain as usize)) {
             eprintln!("profiler: could not write the window: {e}");
         }
+    }
+    if let Ok(html) = html {
+        *shared.last_report.lock().unwrap() = Some(Arc::new(html));
     }
     *shared.last_svg.lock().unwrap() = Some(Arc::new(svg));
     *shared.last_use.lock().unwrap() = Some(Arc::new(use_json));
@@ -379,13 +464,20 @@ mod tests {
             kernel: Err(-14),
             count,
         };
-        agg.add(&[s(1, 2), s(1, 3), s(2, 1)]);
+        agg.add(
+            &[s(1, 2), s(1, 3), s(2, 1)],
+            Some(&[(5, 0, 2), (6, 1, 3), (6, 2, 1)]),
+        );
         assert_eq!(agg.stacks.len(), 2);
         assert_eq!(agg.to_raw().iter().map(|s| s.count).sum::<u64>(), 6);
         assert!(agg.has(2) && !agg.has(3));
+        // Stack 0 and 1 are the same: its samples in slices 5 and 6.
+        let mut t = agg.times_from(5);
+        t.sort_unstable();
+        assert_eq!(t, vec![(0, 0, 2), (1, 0, 3), (1, 1, 1)]);
         let many: Vec<RawStack> = (0..MAX_STACKS as u32 + 10).map(|i| s(i, 1)).collect();
         let mut agg = StackAgg::default();
-        agg.add(&many);
+        agg.add(&many, None);
         assert_eq!(agg.stacks.len(), MAX_STACKS);
         assert_eq!(agg.dropped, 10);
     }

@@ -435,7 +435,28 @@ pub fn run(args: &crate::cli::DiffArgs) -> Result<bool, DiffError> {
     write_svg(&before, &after, &svg)?;
     let jpath = args.output.join("diff.json");
     crate::output::write_json(&jpath, &d)?;
-    eprintln!("profiler: wrote {} and {}", svg.display(), jpath.display());
+    let page = crate::report::DiffPage {
+        kind: "diff",
+        title: format!("{} → {}", args.before.display(), args.after.display()),
+        diff: &d,
+        rules: !args.fail_on.is_empty(),
+        before: crate::report::graph_of(
+            before.stacks.iter().map(|(l, n)| (l.as_str(), *n)),
+            "samples",
+        ),
+        after: crate::report::graph_of(
+            after.stacks.iter().map(|(l, n)| (l.as_str(), *n)),
+            "samples",
+        ),
+    };
+    let hpath = args.output.join("diff.html");
+    crate::output::write_atomic(&hpath, |w| crate::report::write_diff_html(&page, w))?;
+    eprintln!(
+        "profiler: wrote {}, {} and {}",
+        hpath.display(),
+        svg.display(),
+        jpath.display()
+    );
     Ok(!d.failed.is_empty())
 }
 

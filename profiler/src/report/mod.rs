@@ -120,17 +120,45 @@ pub struct Graph {
 
 /// A folded profile as a [`Graph`].
 pub fn graph(folded: &Folded, unit: &'static str) -> Graph {
+    graph_of(folded.iter().map(|(l, &n)| (l.as_str(), n)), unit)
+}
+
+/// Folded lines and their weights as a [`Graph`].
+pub fn graph_of<'a>(lines: impl Iterator<Item = (&'a str, u64)>, unit: &'static str) -> Graph {
     let mut interner = Interner::default();
     let mut g = Graph {
         unit,
         ..Default::default()
     };
-    for (line, &n) in folded {
+    for (line, n) in lines {
         g.stacks.push(interner.stack(line));
         g.weights.push(n);
     }
     g.frames = interner.frames;
     g
+}
+
+/// What the diff page shows.
+#[derive(Serialize)]
+pub struct DiffPage<'a> {
+    /// Always `diff`: the page draws the diff view.
+    pub kind: &'static str,
+    /// Heading.
+    pub title: String,
+    /// The comparison (diff.json).
+    pub diff: &'a crate::diff::Diff,
+    /// Whether rules were given.
+    pub rules: bool,
+    /// The stacks before.
+    pub before: Graph,
+    /// The stacks after.
+    pub after: Graph,
+}
+
+/// Writes the diff page.
+pub fn write_diff_html(page: &DiffPage<'_>, mut w: impl io::Write) -> io::Result<()> {
+    let data = serde_json::to_string(page).map_err(io::Error::other)?;
+    write_page(&data, &mut w)
 }
 
 /// What the page shows.
