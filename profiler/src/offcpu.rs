@@ -204,6 +204,21 @@ fn classify_by_frames(class_: u8, syscall: i32, kernel: &[Frame]) -> Cause {
     Cause::Other
 }
 
+/// Names the causes of each second's off-CPU time (`Second::offcpu_ms`)
+/// from its classes, syscalls and details. Without kernel frames (not
+/// walked per second): page faults, and disk waits outside the fsync
+/// family of calls, count as `other` here, as they are told apart in
+/// the totals.
+pub fn name_seconds(seconds: &mut [crate::model::Second]) {
+    for row in seconds {
+        for &(class_, syscall, detail, ns) in &row.offcpu {
+            *row.offcpu_ms
+                .entry(classify(class_, syscall, detail, &[]).name())
+                .or_default() += ns as f64 / 1e6;
+        }
+    }
+}
+
 /// Seconds per cause, every cause listed.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct ByCause(pub BTreeMap<&'static str, f64>);

@@ -268,7 +268,8 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         command_status = c.try_wait().ok().flatten();
     }
 
-    let raw = capture.collect()?;
+    let mut raw = capture.collect()?;
+    crate::offcpu::name_seconds(&mut raw.seconds);
     let collected_ns = crate::capture::monotonic_ns();
     capture.procs.refresh_all();
     let cost_end = selfcost::Reading::now(&capture.bpf_stats());

@@ -137,6 +137,15 @@ fn report_heat_map_selection_and_search_in_chromium() {
         busy > 0.9,
         "phase_alpha keeps a CPU busy in second 1: {busy}"
     );
+    // The 1 s sleep, off the CPU, in the second it ended.
+    let slept: f64 = seconds
+        .iter()
+        .map(|s| s["offcpu_ms"]["sleep"].as_f64().unwrap_or(0.0))
+        .fold(0.0, f64::max);
+    assert!(
+        (900.0..1200.0).contains(&slept),
+        "the 1 s sleep in one second's off-CPU time: {slept} ms"
+    );
 
     let mut b = Browser::launch(1400, 1000);
     let ready = b.open(&out.join("report.html"), Duration::from_secs(30));
@@ -237,6 +246,8 @@ fn report_heat_map_selection_and_search_in_chromium() {
     assert!(bars.as_u64().unwrap() > 0, "histogram bars: {bars}");
     let lines = b.eval("document.querySelectorAll('.line polyline').length");
     assert!(lines.as_u64().unwrap() >= 6, "series lines: {lines}");
+    let band = b.eval("document.querySelectorAll('#offcpu-band rect').length");
+    assert!(band.as_u64().unwrap() > 0, "off-CPU band: {band}");
     let use_rows = b.eval("document.querySelectorAll('#use-table tr').length");
     assert_eq!(use_rows.as_u64(), Some(4), "header and three resources");
 

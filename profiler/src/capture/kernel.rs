@@ -242,6 +242,8 @@ pub fn take_percpu_hash(ebpf: &mut Ebpf, def: MapDef) -> Result<MapData, Capture
     }
 }
 
+/// `BPF_MAP_LOOKUP_BATCH` (Linux 5.6).
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// `BPF_MAP_LOOKUP_AND_DELETE_BATCH` (Linux 5.6).
 const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
 
@@ -264,22 +266,43 @@ struct BatchAttr {
 /// few system calls for the whole map (`BPF_MAP_LOOKUP_AND_DELETE_BATCH`,
 /// which takes each bucket under its lock: a sample counted meanwhile
 /// lands either in what is returned or in a fresh entry, never lost).
-/// Falls back to lookups and deletes one key at a time on a kernel
-/// without batch operations. Returns how many entries were moved.
+/// Returns how many entries were moved.
 pub fn drain_sums<K: aya::Pod + Copy>(
     map: &MapData,
     ncpus: usize,
     mut f: impl FnMut(K, u64),
 ) -> Result<usize, std::io::Error> {
+    batch_read(map, ncpus, true, |k: K, v: &[u64]| f(k, v.iter().sum()))
+}
+
+/// Reads every entry of a per-CPU hash map, `f` getting each key and its
+/// values (one per possible CPU), and deletes them with `delete`: a few
+/// system calls for the whole map (`BPF_MAP_LOOKUP_BATCH` or
+/// `BPF_MAP_LOOKUP_AND_DELETE_BATCH`, Linux 5.6), or lookups (and
+/// deletes) one key at a time on a kernel without batch operations.
+/// Returns how many entries were read.
+pub fn batch_read<K: aya::Pod + Copy, V: aya::Pod + Copy + Default>(
+    map: &MapData,
+    ncpus: usize,
+    delete: bool,
+    mut f: impl FnMut(K, &[V]),
+) -> Result<usize, std::io::Error> {
     use std::os::fd::{AsFd, AsRawFd};
     const BATCH: usize = 1024;
+    // The kernel lays per-CPU values out 8-byte aligned.
+    assert!(std::mem::size_of::<V>().is_multiple_of(8));
     let fd = map.fd().as_fd().as_raw_fd();
     let ksize = std::mem::size_of::<K>();
     let mut keys = vec![0u8; BATCH * ksize];
-    let mut values = vec![0u64; BATCH * ncpus];
+    let mut values = vec![V::default(); BATCH * ncpus];
     let mut token = 0u64;
     let mut first = true;
-    let mut moved = 0;
+    let mut read = 0;
+    let cmd = if delete {
+        BPF_MAP_LOOKUP_AND_DELETE_BATCH
+    } else {
+        BPF_MAP_LOOKUP_BATCH
+    };
     loop {
         let mut attr = BatchAttr {
             in_batch: if first {
@@ -295,12 +318,12 @@ pub fn drain_sums<K: aya::Pod + Copy>(
             ..Default::default()
         };
         // SAFETY: the attribute points at buffers of `count` keys and
-        // `count` per-CPU values (8 bytes per possible CPU) that outlive
-        // the call, and at `token` (a hash map's batch token is a u32).
+        // `count` per-CPU values (one V per possible CPU) that outlive the
+        // call, and at `token` (a hash map's batch token is a u32).
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
-                BPF_MAP_LOOKUP_AND_DELETE_BATCH,
+                cmd,
                 std::ptr::addr_of_mut!(attr),
                 std::mem::size_of::<BatchAttr>(),
             )
@@ -310,27 +333,28 @@ pub fn drain_sums<K: aya::Pod + Copy>(
         for i in 0..n.min(BATCH) {
             // SAFETY: the kernel wrote `n` keys of `ksize` bytes; K is Pod.
             let key: K = unsafe { std::ptr::read_unaligned(keys[i * ksize..].as_ptr().cast()) };
-            f(key, values[i * ncpus..(i + 1) * ncpus].iter().sum());
+            f(key, &values[i * ncpus..(i + 1) * ncpus]);
         }
-        moved += n;
+        read += n;
         first = false;
         match err {
             None => {}
             // The end of the map.
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(moved),
-            Some(e) if moved == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
-                return drain_sums_one_by_one(map, ncpus, f);
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(read),
+            Some(e) if read == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
+                return read_one_by_one(map, ncpus, delete, f);
             }
             Some(e) => return Err(e),
         }
     }
 }
 
-/// [`drain_sums`] without batch operations (kernels before 5.6).
-fn drain_sums_one_by_one<K: aya::Pod + Copy>(
+/// [`batch_read`] without batch operations (kernels before 5.6).
+fn read_one_by_one<K: aya::Pod + Copy, V: aya::Pod + Copy + Default>(
     map: &MapData,
     ncpus: usize,
-    mut f: impl FnMut(K, u64),
+    delete: bool,
+    mut f: impl FnMut(K, &[V]),
 ) -> Result<usize, std::io::Error> {
     use std::os::fd::{AsFd, AsRawFd};
     let fd = map.fd().as_fd().as_raw_fd();
@@ -352,23 +376,25 @@ fn drain_sums_one_by_one<K: aya::Pod + Copy>(
         keys.push(next);
         prev = Some(next);
     }
-    let mut values = vec![0u64; ncpus];
-    let mut moved = 0;
+    let mut values = vec![V::default(); ncpus];
+    let mut read = 0;
     for key in keys {
         let mut attr = [0u64; 4];
         attr[0] = fd as u64;
         attr[1] = std::ptr::addr_of!(key) as u64;
         attr[2] = values.as_mut_ptr() as u64;
-        // SAFETY: BPF_MAP_LOOKUP_ELEM (1) into a buffer of one u64 per
+        // SAFETY: BPF_MAP_LOOKUP_ELEM (1) into a buffer of one V per
         // possible CPU, then BPF_MAP_DELETE_ELEM (3) of the same key.
         let rc = unsafe { libc::syscall(libc::SYS_bpf, 1, attr.as_mut_ptr(), 32usize) };
         if rc < 0 {
             continue;
         }
-        // SAFETY: as above.
-        unsafe { libc::syscall(libc::SYS_bpf, 3, attr.as_mut_ptr(), 32usize) };
-        f(key, values.iter().sum());
-        moved += 1;
+        if delete {
+            // SAFETY: as above.
+            unsafe { libc::syscall(libc::SYS_bpf, 3, attr.as_mut_ptr(), 32usize) };
+        }
+        f(key, &values);
+        read += 1;
     }
-    Ok(moved)
+    Ok(read)
 }

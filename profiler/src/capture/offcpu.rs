@@ -14,10 +14,13 @@ use profiler_common::offcpu::{self, KernelStackKey, OffKey, OffStart, OffValue, 
 
 use super::{
     CaptureError, Setup, Signal,
-    kernel::{Ring, Tracepoints, drain_ring, monotonic_ns, take_map, take_ring, thread_size},
+    kernel::{
+        Ring, Tracepoints, batch_read, drain_ring, monotonic_ns, possible_cpus, take_map,
+        take_percpu_hash, take_ring, thread_size,
+    },
 };
 use crate::{
-    model::{OffCpuStack, RawProfile, RawStack, RawStackPart, TurnBlock},
+    model::{OffCpuStack, RawProfile, RawStack, RawStackPart, Second, TurnBlock},
     procs::ProcessTable,
     tracefs::{Format, switch_runnable_mask},
 };
@@ -38,13 +41,18 @@ pub struct OffCpu {
     /// Blocks inside event-loop turns.
     turn_ring: Option<Ring>,
     turn_blocks: Vec<profiler_common::offcpu::TurnBlock>,
+    /// Nanoseconds per (class, syscall, detail) in the count map at the
+    /// last second.
+    prev_second: HashMap<(u8, i32, u8), u64>,
 }
 
 /// Most blocks inside loop turns kept per window.
 const MAX_TURN_BLOCKS: usize = 400_000;
 
 struct Maps {
-    counts: PerCpuHashMap<MapData, OffKey, OffValue>,
+    /// [`offcpu::OFFCPU_COUNTS`], untyped: read in batches each second,
+    /// typed (`PerCpuHashMap<_, OffKey, OffValue>`) at each window.
+    counts: aya::maps::Map,
     stacks: StackTraceMap<MapData>,
     start: BpfHashMap<MapData, u32, OffStart>,
     kstacks: BpfHashMap<MapData, KernelStackKey, [i64; 2]>,
@@ -146,7 +154,7 @@ impl Signal for OffCpu {
         }
         self.turn_ring = Some(take_ring(ebpf, offcpu::LOOP_BLOCKS)?);
         self.maps = Some(Maps {
-            counts: take_map(ebpf, offcpu::OFFCPU_COUNTS)?,
+            counts: aya::maps::Map::PerCpuHashMap(take_percpu_hash(ebpf, offcpu::OFFCPU_COUNTS)?),
             stacks: take_map(ebpf, offcpu::OFFCPU_STACKS)?,
             start: take_map(ebpf, offcpu::OFFCPU_START)?,
             kstacks: take_map(ebpf, offcpu::KSTACK_CACHE)?,
@@ -156,6 +164,35 @@ impl Signal for OffCpu {
 
     fn rings(&self) -> Vec<&Ring> {
         self.turn_ring.iter().collect()
+    }
+
+    /// The time off the CPU of the blocks that ended in the second, by
+    /// class, syscall and detail (the count map read in a few batches).
+    fn second(&mut self, row: &mut Second) {
+        let Some(aya::maps::Map::PerCpuHashMap(data)) = self.maps.as_ref().map(|m| &m.counts)
+        else {
+            return;
+        };
+        let mut now: HashMap<(u8, i32, u8), u64> = HashMap::new();
+        let read = batch_read(
+            data,
+            possible_cpus() as usize,
+            false,
+            |k: OffKey, v: &[OffValue]| {
+                *now.entry((k.class, k.syscall, k.detail)).or_default() +=
+                    v.iter().map(|x| x.ns).sum::<u64>();
+            },
+        );
+        if read.is_err() {
+            return;
+        }
+        for (&k, &ns) in &now {
+            let d = ns.saturating_sub(self.prev_second.get(&k).copied().unwrap_or(0));
+            if d > 0 {
+                row.offcpu.push((k.0, k.1, k.2, d));
+            }
+        }
+        self.prev_second = now;
     }
 
     fn drain(&mut self, _procs: &mut ProcessTable) {
@@ -222,7 +259,12 @@ impl Signal for OffCpu {
         }
         let mut keys = Vec::new();
         let mut sums: HashMap<OffKey, (u64, u64)> = HashMap::new();
-        for item in maps.counts.iter() {
+        let mut counts: PerCpuHashMap<&mut MapData, OffKey, OffValue> =
+            PerCpuHashMap::try_from(&mut maps.counts).map_err(|source| CaptureError::Map {
+                name: offcpu::OFFCPU_COUNTS.name,
+                source,
+            })?;
+        for item in counts.iter() {
             let Ok((key, per_cpu)) = item else { continue };
             keys.push(key);
             let s = sums.entry(key).or_default();
@@ -305,8 +347,10 @@ impl Signal for OffCpu {
                 live.insert(id as i32);
             }
             for key in keys {
-                let _ = maps.counts.remove(&key);
+                let _ = counts.remove(&key);
             }
+            // The next second counts from an empty map.
+            self.prev_second.clear();
             let ids: Vec<u32> = maps.stacks.stack_ids().filter_map(Result::ok).collect();
             for id in ids.into_iter().filter(|id| !live.contains(&(*id as i32))) {
                 let _ = maps.stacks.remove(&id);

@@ -16,6 +16,7 @@ use aya::{
         },
     },
 };
+use profiler_common::counters::Counter;
 use profiler_common::stacks::{
     self, SAMPLE_HEADER_BYTES, STACK_COPY_MAX, STACK_PAGE, StackKey, StackSample, TIME_SLICE_NS,
 };
@@ -63,6 +64,10 @@ struct Counted {
     stacks: Vec<(StackKey, u64)>,
     /// (slice from the origin, index) -> samples.
     slices: HashMap<(u32, u32), u32>,
+    /// Most distinct stacks (`--max-stacks`, the kernel map's bound).
+    limit: usize,
+    /// Samples of stacks past `limit`: lost as the kernel map's are.
+    dropped: u64,
 }
 
 impl Stacks {
@@ -77,7 +82,10 @@ impl Stacks {
             // is a valid value.
             sample_buf: unsafe { Box::new_zeroed().assume_init() },
             maps: None,
-            counted: Counted::default(),
+            counted: Counted {
+                limit: cfg.count_map_entries as usize,
+                ..Counted::default()
+            },
             origin_slice: (super::kernel::monotonic_ns() / TIME_SLICE_NS) as u32,
             recent: HashMap::new(),
         }
@@ -255,10 +263,19 @@ impl Signal for Stacks {
             }
             let slice = key.slice.wrapping_sub(origin);
             let plain = StackKey { slice: 0, ..key };
-            let id = *c.index.entry(plain).or_insert_with(|| {
-                c.stacks.push((plain, 0));
-                (c.stacks.len() - 1) as u32
-            });
+            let id = match c.index.get(&plain) {
+                Some(&id) => id,
+                None if c.stacks.len() < c.limit => {
+                    c.stacks.push((plain, 0));
+                    let id = (c.stacks.len() - 1) as u32;
+                    c.index.insert(plain, id);
+                    id
+                }
+                None => {
+                    c.dropped += n;
+                    return;
+                }
+            };
             c.stacks[id as usize].1 += n;
             *c.slices.entry((slice, id)).or_default() += n as u32;
             if key.tgid != 0 {
@@ -325,8 +342,14 @@ impl Signal for Stacks {
                 .iter()
                 .map(|(&(slice, id), &n)| (slice, base + id, n)),
         );
+        out.counters
+            .add(Counter::CountMapFull, self.counted.dropped);
+        self.counted.dropped = 0;
         if drain {
-            self.counted = Counted::default();
+            self.counted = Counted {
+                limit: self.counted.limit,
+                ..Counted::default()
+            };
         }
         if let Some(unwinder) = self.unwinder.as_mut() {
             for (tid, time_ns, key) in unwinder.take_timed() {

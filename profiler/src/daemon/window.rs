@@ -260,6 +260,7 @@ pub(super) fn end_window(
     let first = (window.start_ns.saturating_sub(raw.time_origin_ns)
         / profiler_common::stacks::TIME_SLICE_NS) as u32;
     raw.stack_times = window.stacks.times_from(first);
+    crate::offcpu::name_seconds(&mut raw.seconds);
     // The window's stack table continues the kernel's count map: samples
     // it had no room for are lost the same way, and reported so.
     raw.counters.add(

@@ -78,6 +78,14 @@ pub struct Second {
     pub stall_ms: f64,
     /// The processes most sampled: (pid, name, samples).
     pub top: Vec<(u32, String, u64)>,
+    /// Time off the CPU of the blocks that ended in this second, by
+    /// cause, in ms (`crate::offcpu::name_seconds` fills it from
+    /// `offcpu`).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub offcpu_ms: std::collections::BTreeMap<&'static str, f64>,
+    /// The same as counted: (class, syscall, detail, ns).
+    #[serde(skip)]
+    pub offcpu: Vec<(u8, i32, u8, u64)>,
 }
 
 /// One summed off-CPU key: the stacks a thread left the CPU with, and
