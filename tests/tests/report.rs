@@ -358,3 +358,71 @@ fn page_speed() {
     );
     assert!(b.errors.is_empty(), "{:?}", b.errors);
 }
+
+/// HTTP requests keep their time: a real Node.js service under
+/// autocannon for 2 s of a 5 s capture; timeline.json holds each request
+/// answered (as many as requests.json counts), all in the load's
+/// seconds; in the browser, the range table of a dragged range counts
+/// exactly the requests answered in it.
+#[test]
+fn requests_keep_their_time() {
+    if !require_root("requests_keep_their_time") {
+        return;
+    }
+    let dir = scratch("report-requests");
+    let out = dir.join("out");
+    let (service, port) = tests::node::start_service(&dir, &[]);
+    let service = KillOnDrop(vec![service]);
+    let pid = service.0[0].id().to_string();
+    let rec = start_record(&["-d", "5", "-q", "-p", &pid, "-o", out.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut load = tests::node::load(port, 2);
+    load.wait().unwrap();
+    rec.finish();
+    drop(service);
+
+    let t: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("timeline.json")).unwrap()).unwrap();
+    let q: Vec<u64> = t["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let routes = t["routes"].as_array().unwrap();
+    let times: Vec<u64> = q.chunks(4).map(|c| c[0]).collect();
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("requests.json")).unwrap()).unwrap();
+    let counted = r["processes"][0]["requests"].as_u64().unwrap();
+    assert!(counted > 100, "{counted} requests under autocannon");
+    assert_eq!(times.len() as u64, counted, "every request with its time");
+    assert!(
+        routes
+            .iter()
+            .any(|r| r.as_str().unwrap().starts_with("GET /docs/:id")),
+        "{routes:?}"
+    );
+    let (first, last) = (*times.iter().min().unwrap(), *times.iter().max().unwrap());
+    assert!(
+        first >= 200 && last <= 3500 && last - first >= 1500,
+        "the load's 2 s: {first}..{last} ms"
+    );
+
+    let mut b = Browser::launch(1400, 1000);
+    b.open(&out.join("report.html"), Duration::from_secs(30));
+    assert!(b.errors.is_empty(), "page errors: {:?}", b.errors);
+    // Second 1 alone (1000..2000 ms).
+    drag_columns(&mut b, 1, 1);
+    let shown = b.eval(
+        "[...document.querySelectorAll('#range-routes tr')].slice(1).reduce((n, r) => n + Number(r.dataset.count), 0)",
+    );
+    let expected = times.iter().filter(|&&t| (1000..2000).contains(&t)).count() as u64;
+    assert!(expected > 50, "{expected} requests in second 1");
+    assert_eq!(
+        shown.as_u64(),
+        Some(expected),
+        "requests in the range table"
+    );
+    b.screenshot(&out.join("report.png"));
+    assert!(b.errors.is_empty(), "page errors: {:?}", b.errors);
+}

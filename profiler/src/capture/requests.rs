@@ -19,7 +19,7 @@ use super::{
     kernel::{Ring, Tracepoints, drain_ring, take_ring},
 };
 use crate::{
-    model::{RawProfile, Second},
+    model::{RawProfile, Second, TimedRequest},
     procs::ProcessTable,
     requests::{
         downstream::{self, Dest, DestAgg, PoolEvent, PoolTime, pool_time},
@@ -46,6 +46,9 @@ const STATE_FIELDS: [(&str, u32); 8] = [
 ];
 /// Requests waiting for their response, at most.
 const MAX_PENDING: usize = 65_536;
+/// Most requests kept one by one per window (24 bytes each); the
+/// per-route figures count them all.
+const MAX_TIMED_REQUESTS: usize = 1_000_000;
 
 /// A request: process, fd, the connection's accept time, its start.
 type RequestId = (u32, u32, u64, u64);
@@ -64,6 +67,11 @@ pub struct Requests {
     tls: HashMap<u32, RouteAgg>,
     /// HTTP responses and 5xx responses since the last second.
     recent: (u64, u64),
+    /// Requests one by one since the last window, bounded.
+    timed: Vec<TimedRequest>,
+    /// Route -> index in `route_names`.
+    route_ids: HashMap<RouteKey, u32>,
+    route_names: Vec<RouteKey>,
     routes: HashMap<RouteKey, RouteAgg>,
     /// Responses whose request was not seen whole, and requests that were
     /// not HTTP/1.x.
@@ -283,6 +291,8 @@ impl Signal for Requests {
         let timelines = &mut self.timelines;
         let tls = &mut self.tls;
         let recent = &mut self.recent;
+        let (timed, route_ids, route_names) =
+            (&mut self.timed, &mut self.route_ids, &mut self.route_names);
         drain_ring(ring, |e: ReqEvent| {
             let head = &e.head[..(e.len as usize).min(e.head.len())];
             let conn = (e.tgid, e.fd, e.accepted_ns, e.request_ns);
@@ -383,7 +393,24 @@ impl Signal for Requests {
                             recent.0 += 1;
                             recent.1 += u64::from(status >= 500);
                             let duration = e.time_ns.saturating_sub(e.request_ns);
-                            http::add(routes, e.tgid, &method, &path, status, duration);
+                            let key = http::add(routes, e.tgid, &method, &path, status, duration);
+                            if timed.len() < MAX_TIMED_REQUESTS {
+                                let route = match route_ids.get(&key) {
+                                    Some(&id) => id,
+                                    None => {
+                                        let id = route_names.len() as u32;
+                                        route_names.push(key.clone());
+                                        route_ids.insert(key, id);
+                                        id
+                                    }
+                                };
+                                timed.push(TimedRequest {
+                                    time_ns: e.time_ns,
+                                    route,
+                                    duration_us: u32::try_from(duration / 1000).unwrap_or(u32::MAX),
+                                    status,
+                                });
+                            }
                         }
                         None => *unparsed += 1,
                     },
@@ -416,10 +443,16 @@ impl Signal for Requests {
         }
         out.requests_on = true;
         out.requests_unparsed += self.unparsed;
+        out.request_times.append(&mut self.timed);
+        out.request_routes = self.route_names.clone();
         for (pid, v) in &self.idle_closes {
             out.idle_closes.push((*pid, v.clone()));
         }
         if drain {
+            // The requests handed over, their routes can be numbered
+            // afresh.
+            self.route_ids.clear();
+            self.route_names.clear();
             self.idle_closes.clear();
             out.routes.extend(self.routes.drain());
             out.tls.extend(self.tls.drain());

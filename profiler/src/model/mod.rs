@@ -16,6 +16,6 @@ pub use frames::{
 };
 pub use raw::{
     CountedEvents, Counters, Cut, LoopThreadRaw, MAX_SOCKET_OWNERS, OffCpuStack, OomKill,
-    OwnerInfo, RawProfile, RawStack, RawStackPart, Second, TimedSample, TurnBlock, Unavailable,
-    UnwindStats,
+    OwnerInfo, RawProfile, RawStack, RawStackPart, Second, TimedRequest, TimedSample, TurnBlock,
+    Unavailable, UnwindStats,
 };

@@ -47,6 +47,19 @@ pub struct RawStack {
     pub count: u64,
 }
 
+/// One HTTP request, as answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimedRequest {
+    /// When the response began (monotonic ns).
+    pub time_ns: u64,
+    /// Index in `RawProfile::request_routes`.
+    pub route: u32,
+    /// Server-side duration, microseconds.
+    pub duration_us: u32,
+    /// Status code.
+    pub status: u16,
+}
+
 /// One second of the capture: what the status line says and what the
 /// report plots.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
@@ -359,6 +372,11 @@ pub struct RawProfile {
     pub tls: Vec<(u32, crate::requests::http::RouteAgg)>,
     /// Responses whose request was not seen whole or not HTTP/1.x.
     pub requests_unparsed: u64,
+    /// HTTP/1.x requests one by one, in the order answered (bounded).
+    pub request_times: Vec<TimedRequest>,
+    /// The routes `TimedRequest::route` indexes (the capture's whole
+    /// list so far).
+    pub request_routes: Vec<crate::requests::http::RouteKey>,
     /// Per process, the idle time (ns) of the accepted connections it
     /// closed itself after answering on them.
     pub idle_closes: Vec<(u32, Vec<u64>)>,
@@ -417,6 +435,35 @@ impl RawProfile {
         }
         self.oom_kills.extend(other.oom_kills);
         self.seconds.extend(other.seconds);
+        // Each slice numbers its own routes: renumber into this list.
+        let mut ids: HashMap<&crate::requests::http::RouteKey, u32> = self
+            .request_routes
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k, i as u32))
+            .collect();
+        let mut added = Vec::new();
+        let map: Vec<u32> = other
+            .request_routes
+            .iter()
+            .map(|k| match ids.get(k) {
+                Some(&i) => i,
+                None => {
+                    let i = (self.request_routes.len() + added.len()) as u32;
+                    ids.insert(k, i);
+                    added.push(k.clone());
+                    i
+                }
+            })
+            .collect();
+        self.request_routes.extend(added);
+        self.request_times
+            .extend(other.request_times.iter().filter_map(|r| {
+                Some(TimedRequest {
+                    route: *map.get(r.route as usize)?,
+                    ..*r
+                })
+            }));
         for (pid, o) in other.socket_owners {
             if self.socket_owners.len() < MAX_SOCKET_OWNERS {
                 self.socket_owners.insert(pid, o);

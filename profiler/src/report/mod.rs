@@ -36,6 +36,11 @@ pub struct Timeline {
     /// samples of `stacks[stack]` in `[slice, slice + 1) * slice_ms` from
     /// the start.
     pub samples: Vec<u32>,
+    /// HTTP routes: `METHOD route [pid]`.
+    pub routes: Vec<String>,
+    /// HTTP requests, flat quadruples `ms, route, duration_us, status`:
+    /// answered `ms` milliseconds from the start, `routes[route]`.
+    pub requests: Vec<u32>,
 }
 
 /// `timeline.json`'s schema tag.
@@ -93,7 +98,26 @@ pub fn timeline(raw: &RawProfile, stacks: &[SymbolizedStack], kept: &[usize]) ->
     }
     let mut cells: Vec<((u32, u32), u32)> = cells.into_iter().collect();
     cells.sort_unstable();
+    let routes = raw
+        .request_routes
+        .iter()
+        .map(|(pid, method, route)| format!("{method} {route} [{pid}]"))
+        .collect();
+    let requests = raw
+        .request_times
+        .iter()
+        .flat_map(|r| {
+            [
+                (r.time_ns.saturating_sub(raw.time_origin_ns) / 1_000_000) as u32,
+                r.route,
+                r.duration_us,
+                u32::from(r.status),
+            ]
+        })
+        .collect();
     Timeline {
+        routes,
+        requests,
         schema: TIMELINE_SCHEMA,
         slice_ms: profiler_common::stacks::TIME_SLICE_NS as f64 / 1e6,
         frames: interner.frames,

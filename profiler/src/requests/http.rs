@@ -187,14 +187,14 @@ pub fn add(
     path: &str,
     status: u16,
     duration_ns: u64,
-) {
+) -> RouteKey {
     let mut key = (tgid, method.to_string(), normalize(path));
     if !routes.contains_key(&key)
         && routes.keys().filter(|k| k.0 == tgid).count() >= MAX_ROUTES_PER_PROCESS
     {
         key.2 = "other".into();
     }
-    let r = routes.entry(key).or_default();
+    let r = routes.entry(key.clone()).or_default();
     r.time(duration_ns);
     match status {
         400..=499 => r.errors_4xx += 1,
@@ -202,6 +202,7 @@ pub fn add(
         300..=399 => r.redirects += 1,
         _ => {}
     }
+    key
 }
 
 /// A histogram bucket.
