@@ -411,6 +411,13 @@ fn requests_keep_their_time() {
     let mut b = Browser::launch(1400, 1000);
     b.open(&out.join("report.html"), Duration::from_secs(30));
     assert!(b.errors.is_empty(), "page errors: {:?}", b.errors);
+    // The latency heat map holds every request.
+    let in_map = b.eval("report.latency.counts.reduce((a, b) => a + b, 0)");
+    assert_eq!(
+        in_map.as_u64(),
+        Some(counted),
+        "requests in the latency map"
+    );
     // Second 1 alone (1000..2000 ms).
     drag_columns(&mut b, 1, 1);
     let shown = b.eval(
