@@ -450,16 +450,14 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
             ),
             args.capture.frequency,
             &report,
+        )
+        .with_graphs(
+            offcpu.as_ref().map(|o| &o.folded),
+            loops.as_ref().map(|l| &l.folded),
         );
         page.requests = requests.as_ref();
         page.symbols = symbols_report.as_ref();
         page.cpu = timeline.as_ref();
-        page.offcpu = offcpu
-            .as_ref()
-            .map(|o| crate::report::graph(&o.folded, "µs"));
-        page.stalls = loops
-            .as_ref()
-            .map(|l| crate::report::graph(&l.folded, "µs"));
         let path = dir.join("report.html");
         output::write_atomic(&path, |w| crate::report::write_html(&page, w))?;
         written_paths.insert(0, path);
@@ -602,6 +600,12 @@ fn print_summary(
         Counter::UserRegsMissing,
         "samples without user registers (counted with kernel frames only)",
     );
+    if let Some(u) = raw.unwind.as_ref().filter(|u| u.untimed > 0) {
+        eprintln!(
+            "profiler: {} samples counted without their time (the timed cells were at their bound): the heat map misses them",
+            u.untimed
+        );
+    }
     if let Some(u) = raw.unwind.as_ref().filter(|u| u.samples > 0) {
         eprintln!(
             "profiler: unwound {} user stacks in userspace: {} truncated at the copied window, {} stopped at a frame with no unwind rule, {} stopped at an address that is not code, {} dropped; {} JIT frames walked with jitdump CFI; {} copies reached the top of their stack; {} bytes of stack per sample",

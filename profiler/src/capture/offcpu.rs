@@ -44,6 +44,8 @@ pub struct OffCpu {
     /// Nanoseconds per (class, syscall, detail) in the count map at the
     /// last second.
     prev_second: HashMap<(u8, i32, u8), u64>,
+    /// Possible CPUs (the per-CPU values of a map), read at attach.
+    ncpus: usize,
 }
 
 /// Most blocks inside loop turns kept per window.
@@ -153,6 +155,7 @@ impl Signal for OffCpu {
             return Ok(());
         }
         self.turn_ring = Some(take_ring(ebpf, offcpu::LOOP_BLOCKS)?);
+        self.ncpus = possible_cpus() as usize;
         self.maps = Some(Maps {
             counts: aya::maps::Map::PerCpuHashMap(take_percpu_hash(ebpf, offcpu::OFFCPU_COUNTS)?),
             stacks: take_map(ebpf, offcpu::OFFCPU_STACKS)?,
@@ -174,15 +177,10 @@ impl Signal for OffCpu {
             return;
         };
         let mut now: HashMap<(u8, i32, u8), u64> = HashMap::new();
-        let read = batch_read(
-            data,
-            possible_cpus() as usize,
-            false,
-            |k: OffKey, v: &[OffValue]| {
-                *now.entry((k.class, k.syscall, k.detail)).or_default() +=
-                    v.iter().map(|x| x.ns).sum::<u64>();
-            },
-        );
+        let read = batch_read(data, self.ncpus, false, |k: OffKey, v: &[OffValue]| {
+            *now.entry((k.class, k.syscall, k.detail)).or_default() +=
+                v.iter().map(|x| x.ns).sum::<u64>();
+        });
         if read.is_err() {
             return;
         }

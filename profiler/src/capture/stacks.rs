@@ -51,6 +51,8 @@ pub struct Stacks {
     origin_slice: u32,
     /// Samples per process since the last [`Signal::second`].
     recent: HashMap<u32, u64>,
+    /// Possible CPUs (the per-CPU values of a map), read once.
+    ncpus: usize,
 }
 
 /// The kernel's counts, moved to userspace as the capture goes (the map
@@ -88,6 +90,7 @@ impl Stacks {
             },
             origin_slice: (super::kernel::monotonic_ns() / TIME_SLICE_NS) as u32,
             recent: HashMap::new(),
+            ncpus: possible_cpus() as usize,
         }
     }
 }
@@ -257,7 +260,7 @@ impl Signal for Stacks {
         let origin = self.origin_slice;
         let c = &mut self.counted;
         let recent = &mut self.recent;
-        let moved = drain_sums(counts, possible_cpus() as usize, |key: StackKey, n| {
+        let moved = drain_sums(counts, self.ncpus, |key: StackKey, n| {
             if n == 0 {
                 return;
             }

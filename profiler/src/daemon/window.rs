@@ -374,16 +374,14 @@ pub(super) fn end_window(
             ),
             args.capture.frequency,
             &report,
+        )
+        .with_graphs(
+            offcpu.as_ref().map(|o| &o.folded),
+            loops.as_ref().map(|l| &l.folded),
         );
         page.requests = requests.as_ref();
         page.symbols = Some(&symbols);
         page.cpu = Some(&timeline);
-        page.offcpu = offcpu
-            .as_ref()
-            .map(|o| crate::report::graph(&o.folded, "µs"));
-        page.stalls = loops
-            .as_ref()
-            .map(|l| crate::report::graph(&l.folded, "µs"));
         let mut out = Vec::new();
         crate::report::write_html(&page, &mut out).map(|()| out)
     };

@@ -74,7 +74,7 @@ impl Interner {
 pub fn timeline(raw: &RawProfile, stacks: &[SymbolizedStack], kept: &[usize]) -> Timeline {
     let mut interner = Interner::default();
     // Raw stack index -> distinct folded line index.
-    let mut by_raw: HashMap<usize, u32> = HashMap::new();
+    let mut by_raw: Vec<Option<u32>> = vec![None; raw.stacks.len()];
     let mut lines: HashMap<String, u32> = HashMap::new();
     let mut out_stacks = Vec::new();
     for (s, &raw_index) in stacks.iter().zip(kept) {
@@ -88,11 +88,13 @@ pub fn timeline(raw: &RawProfile, stacks: &[SymbolizedStack], kept: &[usize]) ->
                 id
             }
         };
-        by_raw.insert(raw_index, id);
+        if let Some(slot) = by_raw.get_mut(raw_index) {
+            *slot = Some(id);
+        }
     }
     let mut cells: HashMap<(u32, u32), u32> = HashMap::new();
     for &(slice, raw_index, n) in &raw.stack_times {
-        if let Some(&id) = by_raw.get(&(raw_index as usize)) {
+        if let Some(&Some(id)) = by_raw.get(raw_index as usize) {
             *cells.entry((slice, id)).or_default() += n;
         }
     }
@@ -216,6 +218,13 @@ pub struct Page<'a> {
 }
 
 impl<'a> Page<'a> {
+    /// Adds the off-CPU and stall flame graphs, where they were recorded.
+    pub fn with_graphs(mut self, offcpu: Option<&Folded>, stalls: Option<&Folded>) -> Self {
+        self.offcpu = offcpu.map(|f| graph(f, "µs"));
+        self.stalls = stalls.map(|f| graph(f, "µs"));
+        self
+    }
+
     /// The page of a capture.
     pub fn new(title: String, hz: u64, use_report: &'a UseReport) -> Self {
         Page {
