@@ -215,22 +215,27 @@ fn full_kernel_maps_are_counted_and_the_capture_goes_on() {
         .map(|_| Command::new(&spin).arg("4").spawn().expect("spawn spin"))
         .collect();
     thread::sleep(Duration::from_millis(200));
-    let out = record_ok(
-        &dir,
-        &[
-            "--verbose",
-            "--unwind",
-            "fp",
-            "--max-stacks",
-            "16",
-            "-F",
-            "499",
-            "-d",
-            "2",
-            "-o",
-            out_dir.to_str().unwrap(),
-        ],
-    );
+    // Only the spinners: another process's stacks filling the 16-entry
+    // stack map first would send every spinner sample aside as a
+    // collision, and the count map would never see them.
+    let pids: Vec<String> = spinners.iter().map(|c| c.id().to_string()).collect();
+    let mut args = vec![
+        "--verbose",
+        "--unwind",
+        "fp",
+        "--max-stacks",
+        "16",
+        "-F",
+        "499",
+        "-d",
+        "2",
+        "-o",
+        out_dir.to_str().unwrap(),
+    ];
+    for p in &pids {
+        args.extend(["-p", p.as_str()]);
+    }
+    let out = record_ok(&dir, &args);
     for mut s in spinners {
         let _ = s.kill();
         let _ = s.wait();
