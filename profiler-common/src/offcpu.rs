@@ -27,7 +27,9 @@ pub const OFFCPU_START: MapDef = MapDef {
     name: "OFFCPU_START",
     entries: 32 * 1024,
 };
-/// Per-CPU hash map [`OffKey`] -> [`OffValue`].
+/// Per-CPU hash map [`OffSumKey`] -> [`OffValue`]: the time away of
+/// each key, per span of time slices; userspace empties it a few times a
+/// second.
 pub const OFFCPU_COUNTS: MapDef = MapDef {
     name: "OFFCPU_COUNTS",
     entries: 16 * 1024,
@@ -123,6 +125,24 @@ pub struct OffKey {
 }
 const _: () = assert!(core::mem::size_of::<OffKey>() == 36);
 
+/// Key of [`OFFCPU_COUNTS`]: what was away, and when. A block's time
+/// away is one interval: it is summed with the first and last time slice
+/// it covers ([`crate::stacks::TIME_SLICE_NS`] on the monotonic clock,
+/// wrapping), so that userspace spreads it over the slices between them
+/// and any range of the capture folds on its own. Short blocks, inside
+/// one slice, still sum into one entry per slice.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OffSumKey {
+    /// What was away.
+    pub key: OffKey,
+    /// The slice the interval starts in.
+    pub first: u32,
+    /// The slice it ends in.
+    pub last: u32,
+}
+const _: () = assert!(core::mem::size_of::<OffSumKey>() == 44);
+
 /// Value of [`OFFCPU_COUNTS`] (per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -171,4 +191,11 @@ pub struct TurnBlock {
 }
 const _: () = assert!(core::mem::size_of::<TurnBlock>() == 72);
 
-crate::pod!(OffKey, OffValue, OffStart, TurnBlock, KernelStackKey);
+crate::pod!(
+    OffKey,
+    OffSumKey,
+    OffValue,
+    OffStart,
+    TurnBlock,
+    KernelStackKey
+);

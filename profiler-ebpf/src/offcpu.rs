@@ -20,16 +20,17 @@ use profiler_common::{
     config::Config,
     counters::Counter,
     offcpu::{
-        self, KSTACK_TTL_NS, KernelStackKey, NO_SYSCALL, OffKey, OffStart, OffValue, SHORT,
-        TurnBlock, class,
+        self, KSTACK_TTL_NS, KernelStackKey, NO_SYSCALL, OffKey, OffStart, OffSumKey, OffValue,
+        SHORT, TurnBlock, class,
     },
+    stacks::TIME_SLICE_NS,
 };
 
 use crate::{COUNTERS, bump, config, dropped, now, read};
 
 map!(OFFCPU_STACKS: StackTrace = with_max_entries(offcpu::OFFCPU_STACKS));
 map!(OFFCPU_START: HashMap<u32, OffStart> = with_max_entries(offcpu::OFFCPU_START));
-map!(OFFCPU_COUNTS: PerCpuHashMap<OffKey, OffValue> = with_max_entries(offcpu::OFFCPU_COUNTS));
+map!(OFFCPU_COUNTS: PerCpuHashMap<OffSumKey, OffValue> = with_max_entries(offcpu::OFFCPU_COUNTS));
 map!(LOOP_BLOCKS: RingBuf = with_byte_size(offcpu::LOOP_BLOCKS));
 map!(KSTACK_CACHE: LruHashMap<KernelStackKey, [i64; 2]> = with_max_entries(offcpu::KSTACK_CACHE));
 
@@ -161,11 +162,20 @@ fn leaving(ctx: &TracePointContext, cfg: &Config, t: u64) {
     }
 }
 
+/// Adds the interval `[from, to)` (ktime ns) away to `key`, with the
+/// time slices it covers.
 #[inline(always)]
-fn sum(key: &OffKey, ns: u64) {
+fn sum(key: &OffKey, from: u64, to: u64) {
+    let ns = to.saturating_sub(from);
     if ns == 0 {
         return;
     }
+    let key = OffSumKey {
+        key: *key,
+        first: (from / TIME_SLICE_NS) as u32,
+        last: ((to - 1) / TIME_SLICE_NS) as u32,
+    };
+    let key = &key;
     match OFFCPU_COUNTS.get_ptr_mut(key) {
         // SAFETY: this CPU's value: no concurrent writer.
         Some(v) => unsafe {
@@ -214,11 +224,11 @@ fn returning(cfg: &Config, tid: u32, t: u64) {
     }
     let blocked = matches!(key.class, class::SLEEPING | class::UNINTERRUPTIBLE);
     if blocked && s.woken_ns >= s.start_ns && s.woken_ns <= t {
-        sum(&key, s.woken_ns - s.start_ns);
+        sum(&key, s.start_ns, s.woken_ns);
         key.class = class::WOKEN_WAITING;
-        sum(&key, t - s.woken_ns);
+        sum(&key, s.woken_ns, t);
     } else {
-        sum(&key, total);
+        sum(&key, s.start_ns, t);
     }
 }
 

@@ -288,8 +288,22 @@ pub struct OffCpuSummary {
 pub struct OffCpuAnalysis {
     /// Folded stacks, values in microseconds, the cause as leaf frame.
     pub folded: Folded,
+    /// Each key of `RawProfile::offcpu` folded: for the times of its
+    /// time away (`report::off_timeline`).
+    pub timed: Vec<TimedKey>,
     /// For use.json.
     pub summary: OffCpuSummary,
+}
+
+/// One off-CPU key as folded.
+pub struct TimedKey {
+    /// Its index in `RawProfile::offcpu`.
+    pub index: usize,
+    /// Its folded line (the cause as leaf frame); for a short block, the
+    /// cause's frame alone.
+    pub line: String,
+    /// Shorter than the minimum: not in the flame graph.
+    pub short: bool,
 }
 
 /// Symbolizes, classifies and folds a capture's off-CPU keys (those of
@@ -306,18 +320,21 @@ pub fn analyze(
     min_ns: u64,
     throttled_told_apart: bool,
 ) -> OffCpuAnalysis {
-    let keys: Vec<&OffCpuStack> = raw
+    let keys: Vec<(usize, &OffCpuStack)> = raw
         .offcpu
         .iter()
-        .filter(|o| Some(o.stack.tgid) != exclude)
+        .enumerate()
+        .filter(|(_, o)| Some(o.stack.tgid) != exclude)
         .collect();
-    let tables = symbol_tables_with(sym, keys.iter().map(|o| &o.stack), procs);
+    let tables = symbol_tables_with(sym, keys.iter().map(|(_, o)| &o.stack), procs);
+    let mut timed = Vec::with_capacity(keys.len());
+    let mut graphed = Vec::new();
     let mut by_cause = ByCause::full();
     let mut per_proc: HashMap<u32, ByCause> = HashMap::new();
     let mut names: HashMap<u32, String> = HashMap::new();
     let mut stacks = Vec::new();
     let mut short_ns = 0u64;
-    for o in keys {
+    for (index, o) in keys {
         let mut s = symbolize_stack(&o.stack, &tables, procs);
         let cause = classify(o.class, o.syscall, o.detail, &s.kernel);
         let secs = o.ns as f64 / 1e9;
@@ -331,11 +348,17 @@ pub fn analyze(
             .or_insert_with(|| process_name(o.stack.tgid, &o.stack.thread, procs));
         if o.short {
             short_ns += o.ns;
+            timed.push(TimedKey {
+                index,
+                line: cause.frame(),
+                short: true,
+            });
             continue;
         }
         s.kernel.push(Frame::new(cause.frame(), FrameKind::User));
         s.count = o.ns / 1000;
         stacks.push(s);
+        graphed.push(index);
     }
     if group_by_container {
         for s in &mut stacks {
@@ -343,6 +366,11 @@ pub fn analyze(
         }
     }
     let folded = fold::fold(&stacks);
+    timed.extend(stacks.iter().zip(graphed).map(|(s, index)| TimedKey {
+        index,
+        line: fold::line(s),
+        short: false,
+    }));
     let mut by_process: Vec<ProcessOffCpu> = per_proc
         .into_iter()
         .map(|(pid, by)| ProcessOffCpu {
@@ -356,6 +384,7 @@ pub fn analyze(
     by_process.sort_by(|a, b| b.busy_s().total_cmp(&a.busy_s()).then(a.pid.cmp(&b.pid)));
     OffCpuAnalysis {
         folded,
+        timed,
         summary: OffCpuSummary {
             by_cause_s: by_cause,
             by_process,

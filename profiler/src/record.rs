@@ -432,7 +432,10 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         written_paths.insert(0, svg_path);
         written_paths.insert(0, folded_path);
 
-        let t = crate::report::timeline(&raw, &stacks, &kept);
+        let mut t = crate::report::timeline(&raw, &stacks, &kept);
+        t.offcpu = offcpu
+            .as_ref()
+            .map(|o| crate::report::off_timeline(&raw, o));
         let path = dir.join("timeline.json");
         output::write_json(&path, &t)?;
         written_paths.push(path);
@@ -454,10 +457,10 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         .with_graphs(
             offcpu.as_ref().map(|o| &o.folded),
             loops.as_ref().map(|l| &l.folded),
-        );
+        )
+        .with_timeline(timeline.as_ref());
         page.requests = requests.as_ref();
         page.symbols = symbols_report.as_ref();
-        page.cpu = timeline.as_ref();
         let path = dir.join("report.html");
         output::write_atomic(&path, |w| crate::report::write_html(&page, w))?;
         written_paths.insert(0, path);

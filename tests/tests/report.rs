@@ -38,6 +38,39 @@ fn slices_of(t: &Value, name: &str) -> Vec<u64> {
     s.chunks(3).filter(|c| has(c[1])).map(|c| c[0]).collect()
 }
 
+/// The time away (us) of the sleep's stacks in timeline.json's off-CPU
+/// intervals, and the first and last slice they cover.
+fn sleep_spans(t: &Value) -> (u64, u64, u64) {
+    let off = &t["offcpu"];
+    let frames: Vec<&str> = off["frames"]
+        .as_array()
+        .expect("timeline.json offcpu")
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    let stacks = off["stacks"].as_array().unwrap();
+    let sleep = |i: u64| {
+        stacks[i as usize]
+            .as_array()
+            .unwrap()
+            .last()
+            .is_some_and(|f| frames[f.as_u64().unwrap() as usize] == "[off-cpu: sleep]")
+    };
+    let spans: Vec<u64> = off["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let (mut us, mut first, mut last) = (0, u64::MAX, 0);
+    for c in spans.chunks(4).filter(|c| sleep(c[2])) {
+        us += c[3];
+        first = first.min(c[0]);
+        last = last.max(c[1]);
+    }
+    (us, first, last)
+}
+
 fn names_in(b: &mut Browser, flame: &str) -> Vec<String> {
     let v = b.eval(&format!(
         "[...document.querySelectorAll('#{flame} .f')].map(f => f.dataset.name)"
@@ -146,6 +179,18 @@ fn report_heat_map_selection_and_search_in_chromium() {
         (900.0..1200.0).contains(&slept),
         "the 1 s sleep in one second's off-CPU time: {slept} ms"
     );
+    // Off-CPU time keeps its time too: the sleep's interval lies between
+    // the phases, to a slice or two.
+    let (sleep_us, sleep_first, sleep_last) = sleep_spans(&t);
+    assert!(
+        (900_000..1_200_000).contains(&sleep_us),
+        "the 1 s sleep's time away in timeline.json: {sleep_us} us"
+    );
+    assert!(
+        sleep_first as f64 * slice_ms >= alpha_end - 20.0
+            && sleep_last as f64 * slice_ms <= beta_start + 20.0,
+        "the sleep in slices {sleep_first}..={sleep_last}, between {alpha_end} and {beta_start} ms"
+    );
 
     let mut b = Browser::launch(1400, 1000);
     let ready = b.open(&out.join("report.html"), Duration::from_secs(30));
@@ -214,6 +259,29 @@ fn report_heat_map_selection_and_search_in_chromium() {
             .starts_with("Selected 0.00 s to 2.00 s"),
         "{range}"
     );
+    // Off the CPU in those seconds: not the sleep, which came after.
+    let off = names_in(&mut b, "flame-offcpu");
+    assert!(
+        !off.iter().any(|n| n == "[off-cpu: sleep]"),
+        "off-CPU in seconds 0-2: {off:?}"
+    );
+    // Over the sleep's seconds: the sleep, with its time.
+    let (s0, s1) = (
+        (sleep_first as f64 * slice_ms / 1000.0) as u64,
+        (sleep_last as f64 * slice_ms / 1000.0) as u64,
+    );
+    drag_columns(&mut b, s0, s1);
+    let off = names_in(&mut b, "flame-offcpu");
+    assert!(
+        off.iter().any(|n| n == "[off-cpu: sleep]"),
+        "off-CPU in seconds {s0}-{}: {off:?}",
+        s1 + 1
+    );
+    let in_range = b.eval("report.flames.offcpu.root.value");
+    assert!(
+        in_range.as_f64().unwrap() >= 0.9 * sleep_us as f64,
+        "the sleep's {sleep_us} us in the selected range: {in_range}"
+    );
     // Then over the beta phase's seconds: phase_beta alone.
     let b0 = (beta_start / 1000.0).ceil() as u64;
     drag_columns(&mut b, b0, b0 + 1);
@@ -246,8 +314,23 @@ fn report_heat_map_selection_and_search_in_chromium() {
     assert!(bars.as_u64().unwrap() > 0, "histogram bars: {bars}");
     let lines = b.eval("document.querySelectorAll('.line polyline').length");
     assert!(lines.as_u64().unwrap() >= 6, "series lines: {lines}");
-    let band = b.eval("document.querySelectorAll('#offcpu-band rect').length");
-    assert!(band.as_u64().unwrap() > 0, "off-CPU band: {band}");
+    // The off-CPU band: the sleep's time in the seconds it was spent.
+    let band = b.eval(
+        "[...document.querySelectorAll('#offcpu-band rect[data-cause=sleep]')].map(r => +r.dataset.ms)",
+    );
+    let band: Vec<f64> = band
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let band_ms: f64 = band.iter().sum();
+    assert!(
+        (band_ms - sleep_us as f64 / 1000.0).abs() < 5.0
+            && band.iter().all(|&ms| ms <= 1000.5)
+            && band.len() <= 3,
+        "the sleep in the off-CPU band, per second: {band:?}"
+    );
     let use_rows = b.eval("document.querySelectorAll('#use-table tr').length");
     assert_eq!(use_rows.as_u64(), Some(4), "header and three resources");
 
@@ -287,7 +370,15 @@ fn daemon_serves_the_window_report() {
     let _spin = KillOnDrop(busy_loops(1, 20));
     let d = start_daemon(
         Some(addr),
-        &["--window", "3s", "--ecs-agent", "none", "-F", "199"],
+        &[
+            "--window",
+            "3s",
+            "--ecs-agent",
+            "none",
+            "-F",
+            "199",
+            "--off-cpu",
+        ],
     );
     let (status, body) = d.get("/");
     assert_eq!(status, 200);
@@ -296,6 +387,8 @@ fn daemon_serves_the_window_report() {
         assert!(String::from_utf8_lossy(&body).contains("/help"));
         std::thread::sleep(Duration::from_secs(4));
     }
+    // A later window: its times count from its own start.
+    std::thread::sleep(Duration::from_secs(3));
     let (status, body) = d.get("/");
     assert_eq!(status, 200);
     let page = dir.join("report.html");
@@ -325,6 +418,21 @@ fn daemon_serves_the_window_report() {
     assert!(
         names.iter().any(|n| n == "sh"),
         "the busy loop (sh): {names:?}"
+    );
+    // Off-CPU time (the host's threads) is timed in the window's seconds.
+    let off = b.eval(
+        "(() => { const s = D.cpu.offcpu.spans; let last = 0; for (let i = 0; i < s.length; i += 4) last = Math.max(last, s[i + 1]); return [s.length / 4, last, D.cpu.slice_ms]; })()",
+    );
+    let (n, last, slice_ms) = (
+        off[0].as_f64().unwrap(),
+        off[1].as_f64().unwrap(),
+        off[2].as_f64().unwrap(),
+    );
+    assert!(n > 0.0, "off-CPU intervals in the window");
+    assert!(
+        last * slice_ms < (cols as f64 + 0.5) * 1000.0,
+        "the last off-CPU interval ends at {} ms of a {cols} s window",
+        last * slice_ms
     );
     b.screenshot(&dir.join("report.png"));
 }

@@ -8,9 +8,12 @@ use std::collections::HashMap;
 
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, StackTraceMap},
+    maps::{HashMap as BpfHashMap, MapData, StackTraceMap},
 };
-use profiler_common::offcpu::{self, KernelStackKey, OffKey, OffStart, OffValue, SHORT, class};
+use profiler_common::{
+    offcpu::{self, KernelStackKey, OffKey, OffStart, OffSumKey, OffValue, SHORT, class},
+    stacks::TIME_SLICE_NS,
+};
 
 use super::{
     CaptureError, Setup, Signal,
@@ -20,7 +23,7 @@ use super::{
     },
 };
 use crate::{
-    model::{OffCpuStack, RawProfile, RawStack, RawStackPart, Second, TurnBlock},
+    model::{MAX_OFFCPU_SPANS, OffCpuStack, RawProfile, RawStack, RawStackPart, Second, TurnBlock},
     procs::ProcessTable,
     tracefs::{Format, switch_runnable_mask},
 };
@@ -41,20 +44,59 @@ pub struct OffCpu {
     /// Blocks inside event-loop turns.
     turn_ring: Option<Ring>,
     turn_blocks: Vec<profiler_common::offcpu::TurnBlock>,
-    /// Nanoseconds per (class, syscall, detail) in the count map at the
-    /// last second.
-    prev_second: HashMap<(u8, i32, u8), u64>,
+    /// What the kernel summed, moved here at each tick.
+    sums: HashMap<OffKey, KeySum>,
+    /// Intervals in `sums`, bounded by [`MAX_OFFCPU_SPANS`].
+    spans: usize,
+    /// Nanoseconds per (class, syscall, detail) of the blocks that ended
+    /// since the last second.
+    second_ns: HashMap<(u8, i32, u8), u64>,
     /// Possible CPUs (the per-CPU values of a map), read at attach.
     ncpus: usize,
+}
+
+/// One key's time away: nanoseconds, blocks, and when
+/// ([`OffCpuStack::spans`]).
+#[derive(Clone, Default)]
+struct KeySum {
+    ns: u64,
+    blocks: u64,
+    spans: Vec<[u32; 3]>,
+}
+
+impl KeySum {
+    /// Adds `[from, to)` (ktime ns) away, one block; its interval kept
+    /// while `spans` allows.
+    fn add_interval(&mut self, from: u64, to: u64, spans: &mut usize) {
+        let ns = to.saturating_sub(from);
+        if ns == 0 {
+            return;
+        }
+        let (first, last) = (
+            (from / TIME_SLICE_NS) as u32,
+            ((to - 1) / TIME_SLICE_NS) as u32,
+        );
+        self.add(first, last, ns, 1, spans);
+    }
+
+    /// Adds `ns` away in `blocks` blocks over slices `first..=last`.
+    fn add(&mut self, first: u32, last: u32, ns: u64, blocks: u64, spans: &mut usize) {
+        self.ns += ns;
+        self.blocks += blocks;
+        if *spans < MAX_OFFCPU_SPANS {
+            let us = ns.div_ceil(1000).min(u64::from(u32::MAX)) as u32;
+            self.spans.push([first, last, us]);
+            *spans += 1;
+        }
+    }
 }
 
 /// Most blocks inside loop turns kept per window.
 const MAX_TURN_BLOCKS: usize = 400_000;
 
 struct Maps {
-    /// [`offcpu::OFFCPU_COUNTS`], untyped: read in batches each second,
-    /// typed (`PerCpuHashMap<_, OffKey, OffValue>`) at each window.
-    counts: aya::maps::Map,
+    /// [`offcpu::OFFCPU_COUNTS`], emptied in batches at each tick.
+    counts: MapData,
     stacks: StackTraceMap<MapData>,
     start: BpfHashMap<MapData, u32, OffStart>,
     kstacks: BpfHashMap<MapData, KernelStackKey, [i64; 2]>,
@@ -157,7 +199,7 @@ impl Signal for OffCpu {
         self.turn_ring = Some(take_ring(ebpf, offcpu::LOOP_BLOCKS)?);
         self.ncpus = possible_cpus() as usize;
         self.maps = Some(Maps {
-            counts: aya::maps::Map::PerCpuHashMap(take_percpu_hash(ebpf, offcpu::OFFCPU_COUNTS)?),
+            counts: take_percpu_hash(ebpf, offcpu::OFFCPU_COUNTS)?,
             stacks: take_map(ebpf, offcpu::OFFCPU_STACKS)?,
             start: take_map(ebpf, offcpu::OFFCPU_START)?,
             kstacks: take_map(ebpf, offcpu::KSTACK_CACHE)?,
@@ -169,28 +211,44 @@ impl Signal for OffCpu {
         self.turn_ring.iter().collect()
     }
 
-    /// The time off the CPU of the blocks that ended in the second, by
-    /// class, syscall and detail (the count map read in a few batches).
-    fn second(&mut self, row: &mut Second) {
-        let Some(aya::maps::Map::PerCpuHashMap(data)) = self.maps.as_ref().map(|m| &m.counts)
-        else {
+    /// Moves the kernel's sums to userspace: the count map holds a key
+    /// per stack and span of time slices, and is emptied here (a few
+    /// system calls for the whole map) often enough that it does not
+    /// fill.
+    fn tick(&mut self) {
+        let Some(maps) = self.maps.as_ref() else {
             return;
         };
-        let mut now: HashMap<(u8, i32, u8), u64> = HashMap::new();
-        let read = batch_read(data, self.ncpus, false, |k: OffKey, v: &[OffValue]| {
-            *now.entry((k.class, k.syscall, k.detail)).or_default() +=
-                v.iter().map(|x| x.ns).sum::<u64>();
-        });
-        if read.is_err() {
-            return;
+        let (sums, second, spans) = (&mut self.sums, &mut self.second_ns, &mut self.spans);
+        let moved = batch_read(
+            &maps.counts,
+            self.ncpus,
+            true,
+            |k: OffSumKey, v: &[OffValue]| {
+                let (ns, blocks) = v.iter().fold((0, 0), |a, x| (a.0 + x.ns, a.1 + x.count));
+                if ns == 0 {
+                    return;
+                }
+                let key = k.key;
+                sums.entry(key)
+                    .or_default()
+                    .add(k.first, k.last, ns, blocks, spans);
+                *second
+                    .entry((key.class, key.syscall, key.detail))
+                    .or_default() += ns;
+            },
+        );
+        if let Err(e) = moved {
+            eprintln!("profiler: warning: cannot read the kernel's off-CPU sums: {e}");
         }
-        for (&k, &ns) in &now {
-            let d = ns.saturating_sub(self.prev_second.get(&k).copied().unwrap_or(0));
-            if d > 0 {
-                row.offcpu.push((k.0, k.1, k.2, d));
-            }
+    }
+
+    /// The time off the CPU of the blocks that ended in the second, by
+    /// class, syscall and detail.
+    fn second(&mut self, row: &mut Second) {
+        for ((class, syscall, detail), ns) in self.second_ns.drain() {
+            row.offcpu.push((class, syscall, detail, ns));
         }
-        self.prev_second = now;
     }
 
     fn drain(&mut self, _procs: &mut ProcessTable) {
@@ -211,6 +269,7 @@ impl Signal for OffCpu {
         out: &mut RawProfile,
         drain: bool,
     ) -> Result<(), CaptureError> {
+        self.tick();
         let Some(maps) = self.maps.as_mut() else {
             return Ok(());
         };
@@ -252,25 +311,17 @@ impl Signal for OffCpu {
                     syscall: k.syscall,
                     detail: k.detail,
                     short: false,
+                    spans: Vec::new(),
                 },
             });
         }
-        let mut keys = Vec::new();
-        let mut sums: HashMap<OffKey, (u64, u64)> = HashMap::new();
-        let mut counts: PerCpuHashMap<&mut MapData, OffKey, OffValue> =
-            PerCpuHashMap::try_from(&mut maps.counts).map_err(|source| CaptureError::Map {
-                name: offcpu::OFFCPU_COUNTS.name,
-                source,
-            })?;
-        for item in counts.iter() {
-            let Ok((key, per_cpu)) = item else { continue };
-            keys.push(key);
-            let s = sums.entry(key).or_default();
-            for v in per_cpu.iter() {
-                s.0 += v.ns;
-                s.1 += v.count;
-            }
-        }
+        let mut spans = self.spans;
+        let mut sums = if drain {
+            self.spans = 0;
+            std::mem::take(&mut self.sums)
+        } else {
+            self.sums.clone()
+        };
         // Threads off the CPU now (an idle loop in epoll_wait, a long
         // sleep): their time so far belongs to this window. With `drain`
         // their start moves to now, so that the next window counts the
@@ -292,19 +343,23 @@ impl Signal for OffCpu {
             }
             let blocked = matches!(key.class, class::SLEEPING | class::UNINTERRUPTIBLE);
             if blocked && s.woken_ns >= s.start_ns && s.woken_ns <= now {
-                let e = sums.entry(key).or_default();
-                e.0 += s.woken_ns - s.start_ns;
-                e.1 += 1;
+                sums.entry(key)
+                    .or_default()
+                    .add_interval(s.start_ns, s.woken_ns, &mut spans);
                 key.class = class::WOKEN_WAITING;
-                sums.entry(key).or_default().0 += now - s.woken_ns;
-            } else {
                 let e = sums.entry(key).or_default();
-                e.0 += total;
-                e.1 += 1;
+                e.add_interval(s.woken_ns, now, &mut spans);
+                // The wait after the wakeup is the same block.
+                e.blocks = e.blocks.saturating_sub(1);
+            } else {
+                sums.entry(key)
+                    .or_default()
+                    .add_interval(s.start_ns, now, &mut spans);
             }
             restart.push((tid, s));
         }
-        for (key, (ns, blocks)) in sums {
+        for (key, sum) in sums {
+            let KeySum { ns, blocks, spans } = sum;
             if ns == 0 {
                 continue;
             }
@@ -330,6 +385,7 @@ impl Signal for OffCpu {
                 syscall: key.syscall,
                 detail: key.detail,
                 short,
+                spans,
             });
         }
         if drain {
@@ -344,11 +400,6 @@ impl Signal for OffCpu {
             for (_, [id, _]) in maps.kstacks.iter().filter_map(Result::ok) {
                 live.insert(id as i32);
             }
-            for key in keys {
-                let _ = counts.remove(&key);
-            }
-            // The next second counts from an empty map.
-            self.prev_second.clear();
             let ids: Vec<u32> = maps.stacks.stack_ids().filter_map(Result::ok).collect();
             for id in ids.into_iter().filter(|id| !live.contains(&(*id as i32))) {
                 let _ = maps.stacks.remove(&id);

@@ -49,6 +49,8 @@ pub struct Stacks {
     /// The monotonic clock's slice at the start: slices are counted from
     /// it.
     origin_slice: u32,
+    /// The same, in ns (not wrapped).
+    origin_ns: u64,
     /// Samples per process since the last [`Signal::second`].
     recent: HashMap<u32, u64>,
     /// Possible CPUs (the per-CPU values of a map), read once.
@@ -88,6 +90,7 @@ impl Stacks {
                 limit: cfg.count_map_entries as usize,
                 ..Counted::default()
             },
+            origin_ns: super::kernel::monotonic_ns() / TIME_SLICE_NS * TIME_SLICE_NS,
             origin_slice: (super::kernel::monotonic_ns() / TIME_SLICE_NS) as u32,
             recent: HashMap::new(),
             ncpus: possible_cpus() as usize,
@@ -171,7 +174,8 @@ impl Signal for Stacks {
             take_percpu_hash(ebpf, stacks::COUNTS)?,
             take_map(ebpf, stacks::STACKS)?,
         ));
-        self.origin_slice = (super::kernel::monotonic_ns() / TIME_SLICE_NS) as u32;
+        self.origin_ns = super::kernel::monotonic_ns() / TIME_SLICE_NS * TIME_SLICE_NS;
+        self.origin_slice = (self.origin_ns / TIME_SLICE_NS) as u32;
         let prog: &mut PerfEvent = program(ebpf, stacks::PROG_SAMPLE)?;
         prog.load().map_err(|source| CaptureError::Program {
             what: "load the sampling program".into(),
@@ -307,7 +311,7 @@ impl Signal for Stacks {
         drain: bool,
     ) -> Result<(), CaptureError> {
         self.tick();
-        out.time_origin_ns = u64::from(self.origin_slice) * TIME_SLICE_NS;
+        out.time_origin_ns = self.origin_ns;
         let Some((_, stack_map)) = self.maps.as_mut() else {
             return Ok(());
         };

@@ -260,6 +260,8 @@ pub(super) fn end_window(
     let first = (window.start_ns.saturating_sub(raw.time_origin_ns)
         / profiler_common::stacks::TIME_SLICE_NS) as u32;
     raw.stack_times = window.stacks.times_from(first);
+    // Everything timed in the window counts from its start.
+    raw.time_origin_ns += u64::from(first) * profiler_common::stacks::TIME_SLICE_NS;
     crate::offcpu::name_seconds(&mut raw.seconds);
     // The window's stack table continues the kernel's count map: samples
     // it had no room for are lost the same way, and reported so.
@@ -361,7 +363,10 @@ pub(super) fn end_window(
     let svg = svg(&folded, elapsed, args.capture.frequency, samples);
     let html = {
         let kept: Vec<usize> = (0..raw.stacks.len()).collect();
-        let timeline = crate::report::timeline(&raw, &symbolized, &kept);
+        let mut timeline = crate::report::timeline(&raw, &symbolized, &kept);
+        timeline.offcpu = offcpu
+            .as_ref()
+            .map(|o| crate::report::off_timeline(&raw, o));
         let symbols = crate::symreport::build(&symbolized);
         let mut page = crate::report::Page::new(
             format!(
@@ -378,10 +383,10 @@ pub(super) fn end_window(
         .with_graphs(
             offcpu.as_ref().map(|o| &o.folded),
             loops.as_ref().map(|l| &l.folded),
-        );
+        )
+        .with_timeline(Some(&timeline));
         page.requests = requests.as_ref();
         page.symbols = Some(&symbols);
-        page.cpu = Some(&timeline);
         let mut out = Vec::new();
         crate::report::write_html(&page, &mut out).map(|()| out)
     };

@@ -15,7 +15,7 @@ pub use frames::{
     Folded, Frame, FrameKind, Side, SymbolizedStack, Unknown, UnknownReason, sanitize,
 };
 pub use raw::{
-    CountedEvents, Counters, Cut, LoopThreadRaw, MAX_SOCKET_OWNERS, OffCpuStack, OomKill,
-    OwnerInfo, RawProfile, RawStack, RawStackPart, Second, TimedRequest, TimedSample, TurnBlock,
-    Unavailable, UnwindStats,
+    CountedEvents, Counters, Cut, LoopThreadRaw, MAX_OFFCPU_SPANS, MAX_SOCKET_OWNERS, OffCpuStack,
+    OomKill, OwnerInfo, RawProfile, RawStack, RawStackPart, Second, TimedRequest, TimedSample,
+    TurnBlock, Unavailable, UnwindStats,
 };

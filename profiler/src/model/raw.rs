@@ -119,7 +119,17 @@ pub struct OffCpuStack {
     /// Blocks shorter than the minimum: no user stack, not in the flame
     /// graph, still in the totals.
     pub short: bool,
+    /// When: intervals `[first, last, us]`, `us` microseconds away
+    /// spread over time slices `first..=last`
+    /// (`profiler_common::stacks::TIME_SLICE_NS` on the monotonic clock,
+    /// wrapping). Their `us` add up to about `ns` / 1000; a capture
+    /// keeps at most [`MAX_OFFCPU_SPANS`] of them, the totals all.
+    pub spans: Vec<[u32; 3]>,
 }
+
+/// Most off-CPU intervals kept in one window (16 bytes each with their
+/// share of the vector): the totals past it stay, untimed.
+pub const MAX_OFFCPU_SPANS: usize = 2_000_000;
 
 /// A CPU sample taken inside an event-loop turn.
 #[derive(Clone, Debug)]
@@ -273,7 +283,13 @@ fn coalesce_offcpu(v: &mut Vec<OffCpuStack>) {
     type Key = (u32, String, RawStackPart, RawStackPart, u8, i32, u8, bool);
     let mut at: HashMap<Key, usize> = HashMap::new();
     let mut out: Vec<OffCpuStack> = Vec::with_capacity(v.len());
-    for o in v.drain(..) {
+    let mut spans = 0;
+    for mut o in v.drain(..) {
+        // Past the bound, the time stays and its when goes.
+        if spans + o.spans.len() > MAX_OFFCPU_SPANS {
+            o.spans.clear();
+        }
+        spans += o.spans.len();
         let key = (
             o.stack.tgid,
             o.stack.thread.clone(),
@@ -288,6 +304,7 @@ fn coalesce_offcpu(v: &mut Vec<OffCpuStack>) {
             Some(&i) => {
                 out[i].ns += o.ns;
                 out[i].stack.count += o.stack.count;
+                out[i].spans.append(&mut o.spans);
             }
             None => {
                 at.insert(key, out.len());

@@ -10,6 +10,8 @@ use std::{collections::HashMap, io};
 
 use serde::Serialize;
 
+use profiler_common::stacks::TIME_SLICE_NS;
+
 use crate::{
     fold::{self, Folded},
     model::{RawProfile, Second, SymbolizedStack},
@@ -41,6 +43,72 @@ pub struct Timeline {
     /// HTTP requests, flat quadruples `ms, route, duration_us, status`:
     /// answered `ms` milliseconds from the start, `routes[route]`.
     pub requests: Vec<u32>,
+    /// Off-CPU time with its times, when recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offcpu: Option<OffTimeline>,
+}
+
+/// Off-CPU time with its times: the flame graph of offcpu.folded, and
+/// when each stack's time away was.
+#[derive(Debug, Default, Serialize)]
+pub struct OffTimeline {
+    /// Frames, stacks and their µs over the capture: `stacks[..graphed]`
+    /// are offcpu.folded's lines; those after are the blocks shorter
+    /// than `--off-cpu-min`, one stack per cause (its frame alone), in
+    /// no flame graph.
+    #[serde(flatten)]
+    pub graph: Graph,
+    /// How many of the stacks are in the flame graph.
+    pub graphed: usize,
+    /// Flat quadruples `first, last, stack, us`: `us` microseconds of
+    /// `stacks[stack]` away, spread over slices `first..=last` (slices
+    /// as `Timeline::samples`).
+    pub spans: Vec<u32>,
+}
+
+/// The off-CPU timeline of a capture whose keys `analysis` folded.
+pub fn off_timeline(raw: &RawProfile, analysis: &crate::offcpu::OffCpuAnalysis) -> OffTimeline {
+    let origin = (raw.time_origin_ns / TIME_SLICE_NS) as u32;
+    // Slices before the start (a block begun before it) count from it.
+    let rel = |slice: u32| {
+        let r = slice.wrapping_sub(origin);
+        if r > u32::MAX / 2 { 0 } else { r }
+    };
+    let mut interner = Interner::default();
+    let mut ids: HashMap<&str, u32> = HashMap::new();
+    let mut out = OffTimeline {
+        graph: Graph {
+            unit: "µs",
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut order: Vec<&crate::offcpu::TimedKey> = analysis.timed.iter().collect();
+    // The graphed lines first.
+    order.sort_by_key(|t| t.short);
+    for t in &order {
+        if t.short && out.graphed == 0 {
+            out.graphed = out.graph.stacks.len();
+        }
+        let Some(o) = raw.offcpu.get(t.index) else {
+            continue;
+        };
+        let id = *ids.entry(t.line.as_str()).or_insert_with(|| {
+            out.graph.stacks.push(interner.stack(&t.line));
+            out.graph.weights.push(0);
+            (out.graph.stacks.len() - 1) as u32
+        });
+        out.graph.weights[id as usize] += o.ns / 1000;
+        for &[first, last, us] in &o.spans {
+            let (a, b) = (rel(first), rel(last));
+            out.spans.extend([a, b.max(a), id, us]);
+        }
+    }
+    if order.last().is_none_or(|t| !t.short) {
+        out.graphed = out.graph.stacks.len();
+    }
+    out.graph.frames = interner.frames;
+    out
 }
 
 /// `timeline.json`'s schema tag.
@@ -121,7 +189,8 @@ pub fn timeline(raw: &RawProfile, stacks: &[SymbolizedStack], kept: &[usize]) ->
         routes,
         requests,
         schema: TIMELINE_SCHEMA,
-        slice_ms: profiler_common::stacks::TIME_SLICE_NS as f64 / 1e6,
+        slice_ms: TIME_SLICE_NS as f64 / 1e6,
+        offcpu: None,
         frames: interner.frames,
         stacks: out_stacks,
         samples: cells
@@ -209,7 +278,7 @@ pub struct Page<'a> {
     pub symbols: Option<&'a SymbolReport>,
     /// Timed CPU stacks, when stacks were taken.
     pub cpu: Option<&'a Timeline>,
-    /// Off-CPU time, when recorded.
+    /// Off-CPU time, when recorded and not timed in `cpu`.
     pub offcpu: Option<Graph>,
     /// Event-loop stalls, when timed.
     pub stalls: Option<Graph>,
@@ -222,6 +291,16 @@ impl<'a> Page<'a> {
     pub fn with_graphs(mut self, offcpu: Option<&Folded>, stalls: Option<&Folded>) -> Self {
         self.offcpu = offcpu.map(|f| graph(f, "µs"));
         self.stalls = stalls.map(|f| graph(f, "µs"));
+        self
+    }
+
+    /// Adds the timed CPU stacks; off-CPU time timed there is not
+    /// repeated.
+    pub fn with_timeline(mut self, cpu: Option<&'a Timeline>) -> Self {
+        if cpu.is_some_and(|t| t.offcpu.is_some()) {
+            self.offcpu = None;
+        }
+        self.cpu = cpu;
         self
     }
 
