@@ -20,6 +20,27 @@ pub const RETRANS: MapDef = MapDef {
     name: "RETRANS",
     entries: 4096,
 };
+/// Per-CPU array of [`SliceCount`]: retransmits per time slice
+/// ([`crate::stacks::TIME_SLICE_NS`]), slot `slice % entries`; a slot
+/// is taken over by a later slice after `entries` slices (10 s), long
+/// after userspace has read it (a few times a second).
+pub const RETRANS_TIMES: MapDef = MapDef {
+    name: "RETRANS_TIMES",
+    entries: 1024,
+};
+
+/// Value of [`RETRANS_TIMES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SliceCount {
+    /// The slice (monotonic clock / [`crate::stacks::TIME_SLICE_NS`],
+    /// wrapping).
+    pub slice: u32,
+    /// Retransmits on this CPU in it.
+    pub count: u32,
+}
+const _: () = assert!(core::mem::size_of::<SliceCount>() == 8);
+
 /// LRU hash map socket address -> [`SockOwner`].
 pub const SOCK_OWNERS: MapDef = MapDef {
     name: "SOCK_OWNERS",
@@ -116,4 +137,4 @@ pub struct SockOwner {
 }
 const _: () = assert!(core::mem::size_of::<SockOwner>() == 32);
 
-crate::pod!(RetransKey, RetransValue, SockOwner);
+crate::pod!(RetransKey, RetransValue, SliceCount, SockOwner);

@@ -6,13 +6,14 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::tracepoint,
-    maps::{LruHashMap, PerCpuHashMap, RingBuf},
+    maps::{LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TracePointContext,
 };
 use profiler_common::{
     COMM_LEN,
     counters::Counter,
-    tcp::{self, RetransKey, RetransValue, SockOwner, field},
+    stacks::TIME_SLICE_NS,
+    tcp::{self, RetransKey, RetransValue, SliceCount, SockOwner, field},
 };
 
 use aya_log_ebpf::warn;
@@ -22,6 +23,7 @@ use crate::{bump, config, now, read};
 map!(RETRANS: PerCpuHashMap<RetransKey, RetransValue> = with_max_entries(tcp::RETRANS));
 map!(SOCK_OWNERS: LruHashMap<u64, SockOwner> = with_max_entries(tcp::SOCK_OWNERS));
 map!(OWNER_EVENTS: RingBuf = with_byte_size(tcp::OWNER_EVENTS));
+map!(RETRANS_TIMES: PerCpuArray<SliceCount> = with_max_entries(tcp::RETRANS_TIMES));
 
 prog_named!(sock_owner, tcp::PROG_SOCK_OWNER);
 /// inet_sock_set_state and sock_send_length, in process context: remember
@@ -88,6 +90,17 @@ fn count_retransmit(ctx: &TracePointContext, f: &[u32; 9], state: i32) -> u32 {
         key.daddr[..4].copy_from_slice(&d);
     }
     let now = now();
+    // When, to the slice.
+    let slice = (now / TIME_SLICE_NS) as u32;
+    if let Some(c) = RETRANS_TIMES.get_ptr_mut(slice % tcp::RETRANS_TIMES.entries) {
+        // SAFETY: this CPU's slot: no concurrent writer.
+        unsafe {
+            if (*c).slice != slice {
+                *c = SliceCount { slice, count: 0 };
+            }
+            (*c).count += 1;
+        }
+    }
     if let Some(v) = RETRANS.get_ptr_mut(&key) {
         // SAFETY: per-CPU value of this CPU: no concurrent writer.
         unsafe {

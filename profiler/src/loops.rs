@@ -113,6 +113,9 @@ pub struct EventLoops {
 pub struct LoopsAnalysis {
     /// What was on the CPU and off it inside stalls, microseconds.
     pub folded: Folded,
+    /// Each stack of `folded` as it happened: `(line, from_ns, to_ns,
+    /// us)`, ktime ns (a sample: its instant).
+    pub timed: Vec<(String, u64, u64, u64)>,
     /// For use.json.
     pub summary: EventLoops,
 }
@@ -197,6 +200,9 @@ pub fn analyze(
     struct Inside<'a> {
         stack: &'a RawStack,
         us: u64,
+        /// When (ktime ns): a sample's instant, or the block's part
+        /// inside the stall; for a block, where its wakeup falls.
+        at: (u64, u64, u64),
         /// None: on the CPU; else the block's class and syscall, and the
         /// part of it (us) after its wakeup.
         block: Option<(u8, i32, u8, u64)>,
@@ -210,6 +216,7 @@ pub fn analyze(
             inside.entry((s.tid, i)).or_default().push(Inside {
                 stack: &s.stack,
                 us: sample_us,
+                at: (s.time_ns, s.time_ns, s.time_ns + 1),
                 block: None,
             });
         }
@@ -228,9 +235,11 @@ pub fn analyze(
         } else {
             0
         };
+        let (from, to) = (b.start_ns.max(st.start_ns), b.end_ns.min(st.end_ns));
         inside.entry((b.tid, i)).or_default().push(Inside {
             stack: &b.block.stack,
             us,
+            at: (from, b.woken_ns.clamp(from, to.max(from)), to),
             block: Some((b.block.class, b.block.syscall, b.block.detail, woken)),
         });
     }
@@ -238,6 +247,8 @@ pub fn analyze(
     let all: Vec<&RawStack> = inside.values().flatten().map(|x| x.stack).collect();
     let tables = symbol_tables_with(sym, all.iter().copied(), procs);
     let mut folded_stacks: Vec<SymbolizedStack> = Vec::new();
+    // Each one's interval (ktime ns).
+    let mut when: Vec<(u64, u64)> = Vec::new();
     // Per (tid, stall): on-CPU us, off-CPU us by cause, leaf frames.
     let mut per_stall: HashMap<(u32, usize), StallParts> = HashMap::new();
     for (key, items) in &inside {
@@ -258,6 +269,7 @@ pub fn analyze(
                 None => {
                     s.count = x.us;
                     folded_stacks.push(s);
+                    when.push((x.at.0, x.at.2));
                 }
                 Some((cls, syscall, detail, woken_us)) => {
                     let cause = classify(cls, syscall, detail, &s.kernel);
@@ -267,7 +279,12 @@ pub fn analyze(
                         *entry.0.entry(Cause::Cpu.name()).or_default() +=
                             woken_us.min(x.us) as f64 / 1000.0;
                     }
-                    for (c, us) in [(cause, blocked_us), (Cause::Cpu, woken_us.min(x.us))] {
+                    let (from, woken, to) = x.at;
+                    let woken = if woken_us > 0 { woken } else { to };
+                    for (c, us, at) in [
+                        (cause, blocked_us, (from, woken)),
+                        (Cause::Cpu, woken_us.min(x.us), (woken, to)),
+                    ] {
                         if us == 0 {
                             continue;
                         }
@@ -275,6 +292,7 @@ pub fn analyze(
                         b.kernel.push(Frame::new(c.frame(), FrameKind::User));
                         b.count = us;
                         folded_stacks.push(b);
+                        when.push(at);
                     }
                 }
             }
@@ -286,6 +304,11 @@ pub fn analyze(
         }
     }
     let folded = fold::fold(&folded_stacks);
+    let timed = folded_stacks
+        .iter()
+        .zip(when)
+        .map(|(s, (from, to))| (fold::line(s), from, to, s.count))
+        .collect();
 
     let mut loops: Vec<LoopReport> = raw
         .loops
@@ -369,6 +392,7 @@ pub fn analyze(
     loops.truncate(MAX_LOOPS_LISTED);
     LoopsAnalysis {
         folded,
+        timed,
         summary: EventLoops {
             stall_threshold_ms: stall_ns as f64 / 1e6,
             threads,

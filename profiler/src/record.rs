@@ -436,6 +436,9 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         t.offcpu = offcpu
             .as_ref()
             .map(|o| crate::report::off_timeline(&raw, o));
+        t.stalls = loops
+            .as_ref()
+            .map(|l| crate::report::stall_timeline(&raw, l));
         let path = dir.join("timeline.json");
         output::write_json(&path, &t)?;
         written_paths.push(path);

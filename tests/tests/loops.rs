@@ -2,7 +2,7 @@
 //! loop at a known pace, against Node's own monitorEventLoopDelay measured
 //! in the same run; and a Node.js loop that idles.
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use tests::*;
 
@@ -106,6 +106,61 @@ fn node_stalls_match_nodes_own_delay_monitor() {
             .unwrap()
             .contains("Event-loop stalls flame graph")
     );
+    // The stalls' time keeps its time: in timeline.json, five bursts of
+    // about 150 ms, 500 ms apart, holding all of stalls.folded.
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/timeline.json")).unwrap())
+            .unwrap();
+    let spans: Vec<u64> = t["stalls"]["spans"]
+        .as_array()
+        .expect("timeline.json stalls")
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let timed_us: u64 = spans.chunks(4).map(|c| c[3]).sum();
+    let folded_us: u64 = folded.values().sum();
+    assert!(
+        timed_us.abs_diff(folded_us) <= folded_us / 100 + spans.len() as u64,
+        "timed {timed_us} us, stalls.folded {folded_us} us"
+    );
+    let mut at: Vec<(u64, u64)> = spans.chunks(4).map(|c| (c[0], c[1])).collect();
+    at.sort_unstable();
+    // Bursts: intervals closer than 200 ms (20 slices) to the last one.
+    let mut bursts: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in at {
+        match bursts.last_mut() {
+            Some(last) if a <= last.1 + 20 => last.1 = last.1.max(b),
+            _ => bursts.push((a, b)),
+        }
+    }
+    assert_eq!(bursts.len(), 5, "stall time in bursts (slices): {bursts:?}");
+    assert!(
+        bursts.iter().all(|(a, b)| b - a <= 20),
+        "each burst within a 150 ms stall: {bursts:?}"
+    );
+    // In the report, selecting the first burst's range folds the stall
+    // flame graph to that stall alone.
+    let mut b = tests::browser::Browser::launch(1200, 900);
+    b.open(&dir.join("out/report.html"), Duration::from_secs(30));
+    assert!(b.errors.is_empty(), "page errors: {:?}", b.errors);
+    let whole = b.eval("report.flames.stalls.root.value").as_f64().unwrap();
+    assert!(
+        (whole - folded_us as f64).abs() <= 1.0,
+        "the page's stall graph {whole} us, stalls.folded {folded_us} us"
+    );
+    let (a, z) = bursts[0];
+    let first = b
+        .eval(&format!(
+            "report.select({a}, {}), report.flames.stalls.root.value",
+            z + 1
+        ))
+        .as_f64()
+        .unwrap();
+    assert!(
+        first > 0.1 * whole && first < 0.4 * whole,
+        "the first of five stalls: {first} us of {whole}"
+    );
+    assert!(b.errors.is_empty(), "page errors: {:?}", b.errors);
 }
 
 /// A loop that waits for a timer: idle, no stall.

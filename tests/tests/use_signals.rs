@@ -319,6 +319,32 @@ for c in cs:
         .map(|c| c["count"].as_i64().unwrap())
         .sum();
     assert_eq!(per_conn, ours);
+    // Each retransmit keeps its time, to its 10 ms slice, within the
+    // capture.
+    let times: Vec<(u64, u64)> = u["network"]["retransmit_times"]
+        .as_array()
+        .expect("network.retransmit_times")
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        times.iter().map(|t| t.1).sum::<u64>() as i64,
+        ours,
+        "every retransmit has its time: {times:?}"
+    );
+    let duration_ms = u["duration_s"].as_f64().unwrap() * 1000.0;
+    assert!(
+        times.windows(2).all(|w| w[0].0 < w[1].0)
+            && times
+                .iter()
+                .all(|t| t.0 % 10 == 0 && (t.0 as f64) < duration_ms + 20.0),
+        "retransmit times in order, in 10 ms slices of the {duration_ms} ms capture: {times:?}"
+    );
+    // Spread over the client's 2.5 s of sending, not lumped.
+    assert!(
+        times.len() > 5 && times.last().unwrap().0 - times[0].0 > 1000,
+        "{times:?}"
+    );
     assert_eq!(conn["family"], "ipv4");
     let v6 = conns
         .iter()

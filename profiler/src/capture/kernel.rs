@@ -242,6 +242,18 @@ pub fn take_percpu_hash(ebpf: &mut Ebpf, def: MapDef) -> Result<MapData, Capture
     }
 }
 
+/// Takes a per-CPU array map untyped, for [`batch_read`].
+pub fn take_percpu_array(ebpf: &mut Ebpf, def: MapDef) -> Result<MapData, CaptureError> {
+    let name = def.name;
+    match ebpf.take_map(name) {
+        Some(aya::maps::Map::PerCpuArray(data)) => Ok(data),
+        _ => Err(CaptureError::Map {
+            name,
+            source: aya::maps::MapError::InvalidName { name: name.into() },
+        }),
+    }
+}
+
 /// `BPF_MAP_LOOKUP_BATCH` (Linux 5.6).
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// `BPF_MAP_LOOKUP_AND_DELETE_BATCH` (Linux 5.6).

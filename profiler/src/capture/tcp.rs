@@ -4,17 +4,20 @@
 //! Kernel side: `profiler-ebpf/src/tcp.rs`; shared types:
 //! `profiler_common::tcp`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use aya::{
     Ebpf,
     maps::{MapData, PerCpuHashMap},
 };
-use profiler_common::tcp::{self, RetransKey, RetransValue, field};
+use profiler_common::tcp::{self, RetransKey, RetransValue, SliceCount, field};
 
 use super::{
     CaptureError, Setup, Signal,
-    kernel::{Ring, Tracepoints, drain_ring, take_map, take_ring},
+    kernel::{
+        Ring, Tracepoints, batch_read, drain_ring, possible_cpus, take_map, take_percpu_array,
+        take_ring,
+    },
 };
 use crate::{
     model::{MAX_SOCKET_OWNERS, OwnerInfo, RawProfile},
@@ -34,6 +37,13 @@ pub struct Tcp {
     retrans: Option<PerCpuHashMap<MapData, RetransKey, RetransValue>>,
     /// Owners read since the last window.
     owners: HashMap<u32, OwnerInfo>,
+    /// [`tcp::RETRANS_TIMES`], read at each tick.
+    times_map: Option<MapData>,
+    /// Each CPU's slots as last read (`[slot * ncpus + cpu]`).
+    seen: Vec<SliceCount>,
+    /// Retransmits per slice since the last window.
+    times: BTreeMap<u32, u32>,
+    ncpus: usize,
 }
 
 impl Signal for Tcp {
@@ -55,6 +65,9 @@ impl Signal for Tcp {
     fn attach(&mut self, ebpf: &mut Ebpf, setup: &mut Setup<'_>) -> Result<(), CaptureError> {
         self.owner_events = Some(take_ring(ebpf, tcp::OWNER_EVENTS)?);
         self.retrans = Some(take_map(ebpf, tcp::RETRANS)?);
+        self.ncpus = possible_cpus() as usize;
+        self.seen = vec![SliceCount::default(); tcp::RETRANS_TIMES.entries as usize * self.ncpus];
+        self.times_map = Some(take_percpu_array(ebpf, tcp::RETRANS_TIMES)?);
         let programs = [
             (
                 RETRANSMITS,
@@ -102,12 +115,47 @@ impl Signal for Tcp {
         }
     }
 
+    /// Reads the retransmits per slice (one batch lookup of the array):
+    /// what a slot gained since it was last read, or all of it where a
+    /// new slice took the slot over.
+    fn tick(&mut self) {
+        let Some(map) = self.times_map.as_ref() else {
+            return;
+        };
+        let (seen, times, ncpus) = (&mut self.seen, &mut self.times, self.ncpus);
+        let read = batch_read(map, ncpus, false, |slot: u32, v: &[SliceCount]| {
+            for (cpu, now) in v.iter().enumerate() {
+                let Some(was) = seen.get_mut(slot as usize * ncpus + cpu) else {
+                    continue;
+                };
+                let new = if now.slice == was.slice {
+                    now.count.saturating_sub(was.count)
+                } else {
+                    now.count
+                };
+                *was = *now;
+                if new > 0 {
+                    *times.entry(now.slice).or_default() += new;
+                }
+            }
+        });
+        if let Err(e) = read {
+            eprintln!("profiler: warning: cannot read the retransmits' times: {e}");
+        }
+    }
+
     fn collect(
         &mut self,
         _ebpf: &mut Ebpf,
         out: &mut RawProfile,
         drain: bool,
     ) -> Result<(), CaptureError> {
+        self.tick();
+        out.retransmit_times = if drain {
+            std::mem::take(&mut self.times).into_iter().collect()
+        } else {
+            self.times.iter().map(|(&s, &n)| (s, n)).collect()
+        };
         out.socket_owners = std::mem::take(&mut self.owners);
         let Some(retrans) = self.retrans.as_mut() else {
             return Ok(());

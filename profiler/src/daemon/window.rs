@@ -367,6 +367,9 @@ pub(super) fn end_window(
         timeline.offcpu = offcpu
             .as_ref()
             .map(|o| crate::report::off_timeline(&raw, o));
+        timeline.stalls = loops
+            .as_ref()
+            .map(|l| crate::report::stall_timeline(&raw, l));
         let symbols = crate::symreport::build(&symbolized);
         let mut page = crate::report::Page::new(
             format!(

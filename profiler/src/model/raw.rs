@@ -350,6 +350,10 @@ pub struct RawProfile {
     pub runq_depth: Vec<Vec<u64>>,
     /// Retransmits per connection (summed over CPUs; owner where known).
     pub retransmits: Vec<(RetransKey, RetransValue)>,
+    /// Retransmits per time slice: `(slice, count)`, slices of
+    /// `profiler_common::stacks::TIME_SLICE_NS` on the monotonic clock
+    /// (wrapping), in order.
+    pub retransmit_times: Vec<(u32, u32)>,
     /// OOM kills, in order.
     pub oom_kills: Vec<OomKill>,
     /// Signals not collected, with the reason.
@@ -451,6 +455,7 @@ impl RawProfile {
             }
         }
         self.oom_kills.extend(other.oom_kills);
+        self.retransmit_times.extend(other.retransmit_times);
         self.seconds.extend(other.seconds);
         // Each slice numbers its own routes: renumber into this list.
         let mut ids: HashMap<&crate::requests::http::RouteKey, u32> = self

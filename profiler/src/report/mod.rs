@@ -45,70 +45,121 @@ pub struct Timeline {
     pub requests: Vec<u32>,
     /// Off-CPU time with its times, when recorded.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub offcpu: Option<OffTimeline>,
+    pub offcpu: Option<TimedGraph>,
+    /// Time inside event-loop stalls with its times, when timed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stalls: Option<TimedGraph>,
 }
 
-/// Off-CPU time with its times: the flame graph of offcpu.folded, and
-/// when each stack's time away was.
+/// A flame graph of time (µs) with the intervals it was spent in:
+/// off-CPU time (offcpu.folded) or time inside stalls (stalls.folded).
 #[derive(Debug, Default, Serialize)]
-pub struct OffTimeline {
+pub struct TimedGraph {
     /// Frames, stacks and their µs over the capture: `stacks[..graphed]`
-    /// are offcpu.folded's lines; those after are the blocks shorter
-    /// than `--off-cpu-min`, one stack per cause (its frame alone), in
-    /// no flame graph.
+    /// are the folded file's lines; for off-CPU time those after are
+    /// the blocks shorter than `--off-cpu-min`, one stack per cause (its
+    /// frame alone), in no flame graph.
     #[serde(flatten)]
     pub graph: Graph,
     /// How many of the stacks are in the flame graph.
     pub graphed: usize,
     /// Flat quadruples `first, last, stack, us`: `us` microseconds of
-    /// `stacks[stack]` away, spread over slices `first..=last` (slices
-    /// as `Timeline::samples`).
+    /// `stacks[stack]`, spread over slices `first..=last` (slices as
+    /// `Timeline::samples`).
     pub spans: Vec<u32>,
 }
 
-/// The off-CPU timeline of a capture whose keys `analysis` folded.
-pub fn off_timeline(raw: &RawProfile, analysis: &crate::offcpu::OffCpuAnalysis) -> OffTimeline {
-    let origin = (raw.time_origin_ns / TIME_SLICE_NS) as u32;
-    // Slices before the start (a block begun before it) count from it.
-    let rel = |slice: u32| {
-        let r = slice.wrapping_sub(origin);
+/// Builds a [`TimedGraph`], one distinct line at a time.
+struct TimedGraphBuilder {
+    interner: Interner,
+    ids: HashMap<String, u32>,
+    out: TimedGraph,
+    /// The capture's first slice (absolute, wrapping).
+    origin: u32,
+}
+
+impl TimedGraphBuilder {
+    fn new(raw: &RawProfile) -> Self {
+        TimedGraphBuilder {
+            interner: Interner::default(),
+            ids: HashMap::new(),
+            out: TimedGraph {
+                graph: Graph {
+                    unit: "µs",
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            origin: (raw.time_origin_ns / TIME_SLICE_NS) as u32,
+        }
+    }
+
+    /// A slice counted from the start; one before it (a block begun
+    /// before the start) at the start.
+    fn rel(&self, slice: u32) -> u32 {
+        let r = slice.wrapping_sub(self.origin);
         if r > u32::MAX / 2 { 0 } else { r }
-    };
-    let mut interner = Interner::default();
-    let mut ids: HashMap<&str, u32> = HashMap::new();
-    let mut out = OffTimeline {
-        graph: Graph {
-            unit: "µs",
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    }
+
+    /// Adds `us` to `line`, spent over `spans` (`[first, last, us]`,
+    /// absolute slices).
+    fn add(&mut self, line: &str, us: u64, spans: impl IntoIterator<Item = [u32; 3]>) {
+        let id = match self.ids.get(line) {
+            Some(&id) => id,
+            None => {
+                let id = self.out.graph.stacks.len() as u32;
+                self.out.graph.stacks.push(self.interner.stack(line));
+                self.out.graph.weights.push(0);
+                self.ids.insert(line.to_string(), id);
+                id
+            }
+        };
+        self.out.graph.weights[id as usize] += us;
+        for [first, last, us] in spans {
+            let (a, b) = (self.rel(first), self.rel(last));
+            self.out.spans.extend([a, b.max(a), id, us]);
+        }
+    }
+
+    fn finish(mut self, graphed: usize) -> TimedGraph {
+        self.out.graphed = graphed;
+        self.out.graph.frames = self.interner.frames;
+        self.out
+    }
+}
+
+/// The off-CPU time of a capture whose keys `analysis` folded, with its
+/// intervals.
+pub fn off_timeline(raw: &RawProfile, analysis: &crate::offcpu::OffCpuAnalysis) -> TimedGraph {
+    let mut b = TimedGraphBuilder::new(raw);
     let mut order: Vec<&crate::offcpu::TimedKey> = analysis.timed.iter().collect();
     // The graphed lines first.
     order.sort_by_key(|t| t.short);
-    for t in &order {
-        if t.short && out.graphed == 0 {
-            out.graphed = out.graph.stacks.len();
-        }
+    let mut graphed = None;
+    for t in order {
         let Some(o) = raw.offcpu.get(t.index) else {
             continue;
         };
-        let id = *ids.entry(t.line.as_str()).or_insert_with(|| {
-            out.graph.stacks.push(interner.stack(&t.line));
-            out.graph.weights.push(0);
-            (out.graph.stacks.len() - 1) as u32
-        });
-        out.graph.weights[id as usize] += o.ns / 1000;
-        for &[first, last, us] in &o.spans {
-            let (a, b) = (rel(first), rel(last));
-            out.spans.extend([a, b.max(a), id, us]);
+        if t.short && graphed.is_none() {
+            graphed = Some(b.out.graph.stacks.len());
         }
+        b.add(&t.line, o.ns / 1000, o.spans.iter().copied());
     }
-    if order.last().is_none_or(|t| !t.short) {
-        out.graphed = out.graph.stacks.len();
+    let graphed = graphed.unwrap_or(b.out.graph.stacks.len());
+    b.finish(graphed)
+}
+
+/// The time inside event-loop stalls of a capture, with its intervals.
+pub fn stall_timeline(raw: &RawProfile, analysis: &crate::loops::LoopsAnalysis) -> TimedGraph {
+    let mut b = TimedGraphBuilder::new(raw);
+    for (line, from, to, us) in &analysis.timed {
+        let first = (from / TIME_SLICE_NS) as u32;
+        let last = (to.saturating_sub(1).max(*from) / TIME_SLICE_NS) as u32;
+        let us32 = (*us).min(u64::from(u32::MAX)) as u32;
+        b.add(line, *us, [[first, last, us32]]);
     }
-    out.graph.frames = interner.frames;
-    out
+    let n = b.out.graph.stacks.len();
+    b.finish(n)
 }
 
 /// `timeline.json`'s schema tag.
@@ -191,6 +242,7 @@ pub fn timeline(raw: &RawProfile, stacks: &[SymbolizedStack], kept: &[usize]) ->
         schema: TIMELINE_SCHEMA,
         slice_ms: TIME_SLICE_NS as f64 / 1e6,
         offcpu: None,
+        stalls: None,
         frames: interner.frames,
         stacks: out_stacks,
         samples: cells
@@ -280,7 +332,7 @@ pub struct Page<'a> {
     pub cpu: Option<&'a Timeline>,
     /// Off-CPU time, when recorded and not timed in `cpu`.
     pub offcpu: Option<Graph>,
-    /// Event-loop stalls, when timed.
+    /// Event-loop stalls, when timed and not in `cpu`.
     pub stalls: Option<Graph>,
     /// The per-second series.
     pub seconds: &'a [Second],
@@ -294,11 +346,14 @@ impl<'a> Page<'a> {
         self
     }
 
-    /// Adds the timed CPU stacks; off-CPU time timed there is not
-    /// repeated.
+    /// Adds the timed CPU stacks; off-CPU and stall time timed there is
+    /// not repeated.
     pub fn with_timeline(mut self, cpu: Option<&'a Timeline>) -> Self {
         if cpu.is_some_and(|t| t.offcpu.is_some()) {
             self.offcpu = None;
+        }
+        if cpu.is_some_and(|t| t.stalls.is_some()) {
+            self.stalls = None;
         }
         self.cpu = cpu;
         self

@@ -211,6 +211,10 @@ pub struct Network {
     pub tcp_retransmits: u64,
     /// Per connection (and TCP state), most first.
     pub retransmits_by_connection: Vec<RetransConn>,
+    /// When: `[ms, count]` pairs, `count` retransmits in the 10 ms from
+    /// `ms` after the start, in order (only slices that had some).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub retransmit_times: Vec<[u64; 2]>,
     /// The kernel's RetransSegs over the window (counts segments; can
     /// exceed the retransmit count when one retransmit carries several).
     pub kernel_retrans_segs: Option<i64>,
@@ -593,6 +597,19 @@ pub fn build(
     let network = Network {
         tcp_retransmits: raw.counter(profiler_common::counters::Counter::Retransmits),
         retransmits_by_connection: conns,
+        retransmit_times: {
+            let slice = profiler_common::stacks::TIME_SLICE_NS;
+            let origin = (raw.time_origin_ns / slice) as u32;
+            raw.retransmit_times
+                .iter()
+                .map(|&(s, n)| {
+                    // Before the start (not expected): at the start.
+                    let r = s.wrapping_sub(origin);
+                    let r = if r > u32::MAX / 2 { 0 } else { r };
+                    [u64::from(r) * slice / 1_000_000, u64::from(n)]
+                })
+                .collect()
+        },
         kernel_retrans_segs: delta("RetransSegs", &start.tcp, &end.tcp),
         kernel_out_segs: delta("OutSegs", &start.tcp, &end.tcp),
         rx_bytes_per_s: rx,
