@@ -74,6 +74,9 @@ struct TimedGraphBuilder {
     interner: Interner,
     ids: HashMap<String, u32>,
     out: TimedGraph,
+    /// µs per (first, last, stack): the same interval of the same line
+    /// (threads folded together, ticks) is one span.
+    spans: HashMap<(u32, u32, u32), u64>,
     /// The capture's first slice (absolute, wrapping).
     origin: u32,
 }
@@ -90,6 +93,7 @@ impl TimedGraphBuilder {
                 },
                 ..Default::default()
             },
+            spans: HashMap::new(),
             origin: (raw.time_origin_ns / TIME_SLICE_NS) as u32,
         }
     }
@@ -117,11 +121,17 @@ impl TimedGraphBuilder {
         self.out.graph.weights[id as usize] += us;
         for [first, last, us] in spans {
             let (a, b) = (self.rel(first), self.rel(last));
-            self.out.spans.extend([a, b.max(a), id, us]);
+            *self.spans.entry((a, b.max(a), id)).or_default() += u64::from(us);
         }
     }
 
     fn finish(mut self, graphed: usize) -> TimedGraph {
+        let mut spans: Vec<((u32, u32, u32), u64)> = self.spans.into_iter().collect();
+        spans.sort_unstable();
+        self.out.spans = spans
+            .into_iter()
+            .flat_map(|((a, b, id), us)| [a, b, id, us.min(u64::from(u32::MAX)) as u32])
+            .collect();
         self.out.graphed = graphed;
         self.out.graph.frames = self.interner.frames;
         self.out
