@@ -4,6 +4,7 @@
 //! opens only sampling events). No kernel program: the kernel counts, the
 //! loader reads each counter's total at every window.
 
+use super::kernel::Closing;
 use std::{
     io::Read,
     os::fd::{FromRawFd, OwnedFd},
@@ -137,7 +138,7 @@ impl Signal for Counted {
         Ok(())
     }
 
-    fn detach(&mut self, _ebpf: &mut Ebpf) -> Vec<CaptureError> {
+    fn detach(&mut self, _ebpf: &mut Ebpf, _closing: &mut Closing) -> Vec<CaptureError> {
         // Closing the descriptors ends the counting.
         self.counters.clear();
         Vec::new()

@@ -70,6 +70,45 @@ pub fn drain_ring<T: Copy>(ring: &mut Ring, mut f: impl FnMut(T)) {
     }
 }
 
+/// Links taken off their programs at the end, closed all at once: closing
+/// the last perf event of a tracepoint (or a raw tracepoint's link) waits
+/// for an RCU grace period, some 20-100 ms each; one after another the
+/// forty of a capture took seconds, while waits made at the same time
+/// share their grace periods.
+#[derive(Default)]
+pub struct Closing(Vec<Box<dyn Send>>);
+
+impl Closing {
+    /// Keeps `link` to close in [`Closing::finish`].
+    pub fn add(&mut self, link: impl Send + 'static) {
+        self.0.push(Box::new(link));
+    }
+
+    /// Closes every link, each on a thread of its own, and waits for
+    /// them all.
+    pub fn finish(self) {
+        let mut threads = Vec::new();
+        for link in self.0 {
+            // Where no thread can be made, closed here.
+            let (tx, rx) = std::sync::mpsc::channel::<Box<dyn Send>>();
+            match std::thread::Builder::new()
+                .name("profiler-close".into())
+                .stack_size(64 * 1024)
+                .spawn(move || drop(rx.recv()))
+            {
+                Ok(t) => {
+                    let _ = tx.send(link);
+                    threads.push(t);
+                }
+                Err(_) => drop(link),
+            }
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Tracepoint programs attached by a signal, to detach at the end.
 #[derive(Default)]
 pub struct Tracepoints(Vec<(ProgDef, TracePointLinkId)>);
@@ -113,18 +152,21 @@ impl Tracepoints {
         Ok(all)
     }
 
-    /// Detaches them all; returns what failed.
-    pub fn detach(&mut self, ebpf: &mut Ebpf) -> Vec<CaptureError> {
+    /// Takes their links off the programs into `closing`; returns what
+    /// failed.
+    pub fn detach(&mut self, ebpf: &mut Ebpf, closing: &mut Closing) -> Vec<CaptureError> {
         let mut errors = Vec::new();
         for (def, link) in self.0.drain(..) {
             let result = program::<TracePoint>(ebpf, def).and_then(|prog| {
-                prog.detach(link).map_err(|source| CaptureError::Program {
-                    what: format!("detach program {}", def.name),
-                    source,
-                })
+                prog.take_link(link)
+                    .map_err(|source| CaptureError::Program {
+                        what: format!("detach program {}", def.name),
+                        source,
+                    })
             });
-            if let Err(e) = result {
-                errors.push(e);
+            match result {
+                Ok(link) => closing.add(link),
+                Err(e) => errors.push(e),
             }
         }
         errors

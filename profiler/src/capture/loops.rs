@@ -3,6 +3,7 @@
 //! loop threads' turn counts and histograms. Kernel side:
 //! `profiler-ebpf/src/loops.rs`; shared types: `profiler_common::loops`.
 
+use super::kernel::Closing;
 use std::collections::HashMap;
 
 use aya::{
@@ -167,7 +168,7 @@ impl Signal for Loops {
         Ok(())
     }
 
-    fn detach(&mut self, ebpf: &mut Ebpf) -> Vec<CaptureError> {
-        self.tracepoints.detach(ebpf)
+    fn detach(&mut self, ebpf: &mut Ebpf, closing: &mut Closing) -> Vec<CaptureError> {
+        self.tracepoints.detach(ebpf, closing)
     }
 }

@@ -230,7 +230,8 @@ pub trait Signal {
     /// Forgets what it keeps of processes that are gone.
     fn forget(&mut self, _gone: &[u32]) {}
     /// Detaches its programs; every failure is returned.
-    fn detach(&mut self, ebpf: &mut Ebpf) -> Vec<CaptureError>;
+    /// Its links go to `closing`, closed all at once.
+    fn detach(&mut self, ebpf: &mut Ebpf, closing: &mut kernel::Closing) -> Vec<CaptureError>;
 }
 
 /// Prints the kernel programs' log records (`--verbose`) on stderr.
@@ -506,10 +507,12 @@ impl Capture {
     /// Detaches every program (after [`Capture::collect`]); returns what
     /// failed to detach.
     pub fn detach(&mut self) -> Vec<CaptureError> {
-        let mut errors = self.tracking.detach(&mut self.ebpf);
+        let mut closing = kernel::Closing::default();
+        let mut errors = self.tracking.detach(&mut self.ebpf, &mut closing);
         for s in &mut self.signals {
-            errors.extend(s.detach(&mut self.ebpf));
+            errors.extend(s.detach(&mut self.ebpf, &mut closing));
         }
+        closing.finish();
         errors
     }
 

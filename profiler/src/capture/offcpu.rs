@@ -4,6 +4,7 @@
 //! keys with their stacks. Kernel side: `profiler-ebpf/src/offcpu.rs`;
 //! shared types: `profiler_common::offcpu`.
 
+use super::kernel::Closing;
 use std::collections::HashMap;
 
 use aya::{
@@ -417,7 +418,7 @@ impl Signal for OffCpu {
         Ok(())
     }
 
-    fn detach(&mut self, ebpf: &mut Ebpf) -> Vec<CaptureError> {
-        self.tracepoints.detach(ebpf)
+    fn detach(&mut self, ebpf: &mut Ebpf, closing: &mut Closing) -> Vec<CaptureError> {
+        self.tracepoints.detach(ebpf, closing)
     }
 }

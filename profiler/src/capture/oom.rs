@@ -4,6 +4,7 @@
 //! resolved at once (a dead container's cgroup goes soon). Kernel side:
 //! `profiler-ebpf/src/oom.rs`; shared types: `profiler_common::oom`.
 
+use super::kernel::Closing;
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData},
@@ -136,18 +137,22 @@ impl Signal for Oom {
         Ok(())
     }
 
-    fn detach(&mut self, ebpf: &mut Ebpf) -> Vec<CaptureError> {
+    fn detach(&mut self, ebpf: &mut Ebpf, closing: &mut Closing) -> Vec<CaptureError> {
         let mut errors = Vec::new();
         if let Some(link) = self.task_link.take() {
             let result = program::<RawTracePoint>(ebpf, oom::PROG_OOM_TASK).and_then(|prog| {
-                prog.detach(link).map_err(|source| CaptureError::Program {
-                    what: format!("detach program {}", oom::PROG_OOM_TASK.name),
-                    source,
-                })
+                prog.take_link(link)
+                    .map_err(|source| CaptureError::Program {
+                        what: format!("detach program {}", oom::PROG_OOM_TASK.name),
+                        source,
+                    })
             });
-            errors.extend(result.err());
+            match result {
+                Ok(link) => closing.add(link),
+                Err(e) => errors.push(e),
+            }
         }
-        errors.extend(self.tracepoints.detach(ebpf));
+        errors.extend(self.tracepoints.detach(ebpf, closing));
         errors
     }
 }

@@ -3,6 +3,7 @@
 //! sampled), keeps the pid filter, and follows forks. Kernel side:
 //! `profiler-ebpf/src/procs.rs`; shared types: `profiler_common::procs`.
 
+use super::kernel::Closing;
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData},
@@ -131,7 +132,7 @@ impl Signal for Tracking {
         Ok(())
     }
 
-    fn detach(&mut self, ebpf: &mut Ebpf) -> Vec<CaptureError> {
-        self.tracepoints.detach(ebpf)
+    fn detach(&mut self, ebpf: &mut Ebpf, closing: &mut Closing) -> Vec<CaptureError> {
+        self.tracepoints.detach(ebpf, closing)
     }
 }

@@ -5,6 +5,7 @@
 //! `profiler-ebpf/src/requests.rs`; shared types:
 //! `profiler_common::requests`.
 
+use super::kernel::Closing;
 use std::collections::HashMap;
 
 use aya::Ebpf;
@@ -494,7 +495,7 @@ impl Signal for Requests {
         self.outbound.retain(|k, _| !gone.contains(&k.0));
     }
 
-    fn detach(&mut self, ebpf: &mut Ebpf) -> Vec<CaptureError> {
-        self.tracepoints.detach(ebpf)
+    fn detach(&mut self, ebpf: &mut Ebpf, closing: &mut Closing) -> Vec<CaptureError> {
+        self.tracepoints.detach(ebpf, closing)
     }
 }

@@ -4,6 +4,7 @@
 //! per-CPU histograms. Kernel side: `profiler-ebpf/src/sched.rs`; shared
 //! types: `profiler_common::sched`.
 
+use super::kernel::Closing;
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
@@ -185,7 +186,7 @@ impl Signal for Sched {
         Ok(())
     }
 
-    fn detach(&mut self, ebpf: &mut Ebpf) -> Vec<CaptureError> {
-        self.tracepoints.detach(ebpf)
+    fn detach(&mut self, ebpf: &mut Ebpf, closing: &mut Closing) -> Vec<CaptureError> {
+        self.tracepoints.detach(ebpf, closing)
     }
 }

@@ -4,6 +4,7 @@
 //! stacks out of the kernel's maps. Kernel side:
 //! `profiler-ebpf/src/stacks.rs`; shared types: `profiler_common::stacks`.
 
+use super::kernel::Closing;
 use std::collections::HashMap;
 
 use aya::{
@@ -410,7 +411,7 @@ impl Signal for Stacks {
         }
     }
 
-    fn detach(&mut self, ebpf: &mut Ebpf) -> Vec<CaptureError> {
+    fn detach(&mut self, ebpf: &mut Ebpf, _closing: &mut Closing) -> Vec<CaptureError> {
         // Normally stopped already; a capture that ended in an error
         // stops here.
         self.stop(ebpf).err().into_iter().collect()

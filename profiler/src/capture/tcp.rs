@@ -4,6 +4,7 @@
 //! Kernel side: `profiler-ebpf/src/tcp.rs`; shared types:
 //! `profiler_common::tcp`.
 
+use super::kernel::Closing;
 use std::collections::{BTreeMap, HashMap};
 
 use aya::{
@@ -193,8 +194,8 @@ impl Signal for Tcp {
         Ok(())
     }
 
-    fn detach(&mut self, ebpf: &mut Ebpf) -> Vec<CaptureError> {
-        self.tracepoints.detach(ebpf)
+    fn detach(&mut self, ebpf: &mut Ebpf, closing: &mut Closing) -> Vec<CaptureError> {
+        self.tracepoints.detach(ebpf, closing)
     }
 }
 
