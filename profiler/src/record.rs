@@ -149,6 +149,9 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     let mut sigterm = signal(SignalKind::terminate())?;
 
     let mut capture = Capture::start(&cfg)?;
+    if args.capture.verbose {
+        eprintln!("profiler: started: {}", capture.startup().render());
+    }
     let cost_start = selfcost::Reading::now(&capture.bpf_stats());
     let started = Instant::now();
     let clock = usereport::Clock::now();
@@ -289,7 +292,10 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     };
     // The programs' time up to the stop; our CPU and RSS up to the
     // analysis (the files are written with what they cost so far).
-    report.profiler = Some(cost(&cost_end));
+    report.profiler = Some(crate::selfcost::SelfCost {
+        startup_ms: Some(capture.startup().as_ms()),
+        ..cost(&cost_end)
+    });
     let exclude = has_command.then_some(own_pid);
     // A one-shot capture can wait a second for the ECS agent.
     let mut attributor = Attributor::waiting(
@@ -489,8 +495,9 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         written - stopped,
     );
     // Last, once everything is said: unregistering a tracepoint waits for
-    // an RCU grace period, and there are some forty (about 2 s here).
-    for e in capture.detach() {
+    // an RCU grace period, one after another (about 1 s here), left to a
+    // helper process so that the command returns now.
+    for e in capture.detach_and_exit_soon() {
         eprintln!("profiler: warning: {e} (the kernel detaches it when the profiler exits)");
     }
     Ok(Outcome {

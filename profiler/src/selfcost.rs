@@ -52,6 +52,9 @@ pub struct SelfCost {
     /// Per program that ran: kernel cost per run (empty without the
     /// statistics).
     pub programs: Vec<ProgramCost>,
+    /// Where the start's time went, ms (`record`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub startup_ms: Option<std::collections::BTreeMap<&'static str, f64>>,
 }
 
 /// One eBPF program's cost over the interval.
@@ -110,6 +113,7 @@ pub fn between(
         share_of_cpu: (if stats_on { bpf_s } else { 0.0 } + user) / machine,
         peak_rss_bytes: peak,
         share_of_memory: peak as f64 / mem as f64,
+        startup_ms: None,
     }
 }
 

@@ -352,3 +352,67 @@ fn binary_replaced_on_disk_is_still_symbolized() {
     );
     assert!(!folded.keys().any(|l| l.contains("upgraded_function")));
 }
+
+/// The tracepoints' detaching (a grace period each, serialized in the
+/// kernel) is left to a helper process so that `record` returns at once:
+/// the helper, in a session of its own, must end on its own soon after,
+/// taking the programs with it.
+#[test]
+fn the_detaching_helper_ends_after_record() {
+    if !require_root("the_detaching_helper_ends_after_record") {
+        return;
+    }
+    let dir = scratch("detach-helper");
+    // Helpers (of earlier captures too) still detaching: a profiler
+    // process leading a session of its own and not yet a zombie (its
+    // memory, and so /proc/PID/exe, is gone while it closes its files).
+    let helpers = || -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| {
+                let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                    return false;
+                };
+                let Some((head, rest)) = stat.rsplit_once(')') else {
+                    return false;
+                };
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                head.ends_with("(profiler")
+                    && f.first().is_some_and(|s| *s != "Z")
+                    && f.get(3).and_then(|s| s.parse::<u32>().ok()) == Some(pid)
+            })
+            .collect()
+    };
+    let before = helpers();
+    let out = dir.join("out");
+    record_ok(
+        &dir,
+        &["-d", "1", "-p", "1", "-q", "-o", out.to_str().unwrap()],
+    );
+    assert!(out.join("use.json").exists());
+    // It ends once the kernel has let the tracepoints go (about a second
+    // here); a helper that waits forever would stay.
+    let t = std::time::Instant::now();
+    let deadline = t + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    loop {
+        let left: Vec<u32> = helpers()
+            .into_iter()
+            .filter(|p| !before.contains(p))
+            .collect();
+        if left.is_empty() {
+            eprintln!(
+                "helpers seen after record: {seen:?}, gone {} ms after it",
+                t.elapsed().as_millis()
+            );
+            break;
+        }
+        seen = left.clone();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the detaching helper {left:?} still runs 30 s after record ended"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -27,6 +27,7 @@ mod bench_node;
 mod bench_offcpu;
 mod bench_overhead;
 mod bench_requests;
+mod bench_startstop;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -50,10 +51,10 @@ enum Cmd {
     },
     /// Benchmarks against perf and bpftrace, measured in the same run
     /// (root, perf, bpftrace, node, offcputime): `unwind`, `daemon`,
-    /// `overhead`, `node`, `offcpu`, `requests`, or all.
+    /// `overhead`, `node`, `offcpu`, `requests`, `startstop`, or all.
     Bench {
-        /// Which bench: unwind, daemon, overhead, node, offcpu, requests
-        /// (default: all).
+        /// Which bench: unwind, daemon, overhead, node, offcpu, requests,
+        /// startstop (default: all).
         which: Option<String>,
         /// Rounds of the overhead bench's slowdown runs (each round runs
         /// the workload alone and under every tool, in a rotating order).
@@ -90,7 +91,8 @@ fn main() -> Result<()> {
                     bench_overhead::bench(&exe, &root(), rounds as usize)?;
                     bench_node::bench(&exe, &root())?;
                     bench_offcpu::bench(&exe, &root(), rounds as usize)?;
-                    bench_requests::bench(&exe, &root(), rounds as usize)
+                    bench_requests::bench(&exe, &root(), rounds as usize)?;
+                    bench_startstop::bench(&exe, &root(), rounds as usize)
                 }
                 Some("unwind") => bench::bench(&exe, &root()),
                 Some("daemon") => bench_daemon::bench(&exe, &root()),
@@ -98,9 +100,10 @@ fn main() -> Result<()> {
                 Some("node") => bench_node::bench(&exe, &root()),
                 Some("offcpu") => bench_offcpu::bench(&exe, &root(), rounds as usize),
                 Some("requests") => bench_requests::bench(&exe, &root(), rounds as usize),
+                Some("startstop") => bench_startstop::bench(&exe, &root(), rounds as usize),
                 Some(other) => {
                     bail!(
-                        "unknown bench {other:?}: use unwind, daemon, overhead, node, offcpu or requests"
+                        "unknown bench {other:?}: use unwind, daemon, overhead, node, offcpu, requests or startstop"
                     )
                 }
             }

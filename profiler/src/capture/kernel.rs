@@ -84,6 +84,68 @@ impl Closing {
         self.0.push(Box::new(link));
     }
 
+    /// Leaves the waits to a helper process, so that ours can exit at
+    /// once: a forked child holds copies of every descriptor, stdio on
+    /// /dev/null, until our end of a pipe closes (when we exit); the
+    /// closing of our copies then only drops a reference, and the
+    /// kernel's waits happen as the helper exits, unwaited for. The
+    /// programs stay attached for that second or so. Where no helper can
+    /// be made, [`Closing::finish`] here.
+    pub fn hand_off(self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let mut pipe = [0i32; 2];
+        // SAFETY: a two-int array for the descriptors.
+        if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return self.finish();
+        }
+        // SAFETY: a NUL-terminated path.
+        let devnull = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        // SAFETY: the child calls only async-signal-safe functions
+        // (close, dup2, setsid, read, _exit) before it ends: no lock or
+        // allocation another thread may have held at the fork.
+        match unsafe { libc::fork() } {
+            0 => unsafe {
+                libc::close(pipe[1]);
+                if devnull >= 0 {
+                    for fd in 0..3 {
+                        libc::dup2(devnull, fd);
+                    }
+                }
+                // Out of the terminal's process group: a second Ctrl-C
+                // is not for it.
+                libc::setsid();
+                let mut byte = 0u8;
+                while libc::read(pipe[0], std::ptr::addr_of_mut!(byte).cast(), 1) < 0 {}
+                libc::_exit(0);
+            },
+            -1 => {
+                // SAFETY: descriptors this function opened.
+                unsafe {
+                    libc::close(pipe[0]);
+                    libc::close(pipe[1]);
+                    if devnull >= 0 {
+                        libc::close(devnull);
+                    }
+                }
+                self.finish();
+            }
+            _ => {
+                // SAFETY: as above. The write end stays open until we
+                // exit: then the helper reads the end of the pipe.
+                unsafe {
+                    libc::close(pipe[0]);
+                    if devnull >= 0 {
+                        libc::close(devnull);
+                    }
+                }
+                // The helper holds them too: only references drop here.
+                drop(self.0);
+            }
+        }
+    }
+
     /// Closes every link, each on a thread of its own, and waits for
     /// them all.
     pub fn finish(self) {
@@ -128,7 +190,10 @@ impl Tracepoints {
         optional: &[&str],
     ) -> Result<bool, CaptureError> {
         let prog: &mut TracePoint = program(ebpf, def)?;
-        if let Err(e) = prog.load() {
+        let t = std::time::Instant::now();
+        let loaded = prog.load();
+        setup.verifying += t.elapsed();
+        if let Err(e) = loaded {
             setup.unavailable(
                 signal,
                 format!("the kernel refused program {}: {e}", def.name),

@@ -169,6 +169,8 @@ pub struct Setup<'a> {
     pub sizes: Vec<(MapDef, u32)>,
     /// Signals (or parts) this kernel cannot give, and why.
     pub unavailable: Vec<Unavailable>,
+    /// Time spent in the verifier (loading programs) so far.
+    pub verifying: std::time::Duration,
 }
 
 impl Setup<'_> {
@@ -294,6 +296,52 @@ pub struct Capture {
     logs: Option<AsyncFd<aya_log::EbpfLogger<KernelLog>>>,
     /// Processes read while they lived.
     pub procs: ProcessTable,
+    startup: Startup,
+}
+
+/// Where [`Capture::start`]'s time went.
+#[derive(Clone, Debug, Default)]
+pub struct Startup {
+    /// Reading and parsing the kernel's BTF.
+    pub btf: std::time::Duration,
+    /// Reading the tracepoints' formats (tracefs) and the rest of each
+    /// signal's layouts.
+    pub configure: std::time::Duration,
+    /// Parsing the object, relocating it against BTF, creating the maps.
+    pub maps: std::time::Duration,
+    /// The verifier: loading the programs.
+    pub verifier: std::time::Duration,
+    /// Attaching them (perf events, tracepoints) and the rest.
+    pub attach: std::time::Duration,
+}
+
+impl Startup {
+    /// Each part, in ms (use.json `profiler.startup_ms`).
+    pub fn as_ms(&self) -> std::collections::BTreeMap<&'static str, f64> {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        [
+            ("btf", ms(self.btf)),
+            ("tracepoint_formats", ms(self.configure)),
+            ("object_and_maps", ms(self.maps)),
+            ("verifier", ms(self.verifier)),
+            ("attach", ms(self.attach)),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    /// One line, in ms.
+    pub fn render(&self) -> String {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        format!(
+            "BTF {:.0} ms, tracepoint formats {:.0} ms, object and maps {:.0} ms, verifier {:.0} ms, attach {:.0} ms",
+            ms(self.btf),
+            ms(self.configure),
+            ms(self.maps),
+            ms(self.verifier),
+            ms(self.attach)
+        )
+    }
 }
 
 impl Capture {
@@ -301,8 +349,10 @@ impl Capture {
     /// cannot be loaded or attached on this kernel is reported in
     /// [`RawProfile::unavailable`]; the others go on.
     pub fn start(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
+        let t0 = std::time::Instant::now();
         let cpus = kernel::online_cpus()?;
         let btf = crate::kbtf::load();
+        let t_btf = t0.elapsed();
         let mut setup = Setup {
             cfg,
             cpus: &cpus,
@@ -310,6 +360,7 @@ impl Capture {
             config: Config::DEFAULT,
             sizes: Vec::new(),
             unavailable: Vec::new(),
+            verifying: std::time::Duration::ZERO,
         };
         let mut tracking = procs::Tracking::default();
         let mut signals = signals(cfg);
@@ -326,7 +377,9 @@ impl Capture {
         for (def, size) in &setup.sizes {
             loader.map_max_entries(def.name, *size);
         }
+        let t_configured = t0.elapsed();
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(CaptureError::Load)?;
+        let t_loaded = t0.elapsed();
 
         let mut procs = ProcessTable::new();
         for pid in &cfg.pids {
@@ -339,6 +392,14 @@ impl Capture {
         for s in &mut signals {
             s.attach(&mut ebpf, &mut setup)?;
         }
+        let t_attached = t0.elapsed();
+        let startup = Startup {
+            btf: t_btf,
+            configure: t_configured - t_btf,
+            maps: t_loaded - t_configured,
+            verifier: setup.verifying,
+            attach: (t_attached - t_loaded).saturating_sub(setup.verifying),
+        };
         let unavailable = setup.unavailable;
         let logs = if cfg.verbose {
             let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, KernelLog)
@@ -363,7 +424,13 @@ impl Capture {
             stats_fd,
             logs,
             procs,
+            startup,
         })
+    }
+
+    /// Where the start's time went.
+    pub fn startup(&self) -> &Startup {
+        &self.startup
     }
 
     /// Whether the kernel measures our programs' run time.
@@ -507,13 +574,28 @@ impl Capture {
     /// Detaches every program (after [`Capture::collect`]); returns what
     /// failed to detach.
     pub fn detach(&mut self) -> Vec<CaptureError> {
+        let (closing, errors) = self.take_links();
+        closing.finish();
+        errors
+    }
+
+    /// Detaches every program for a process about to exit: the kernel's
+    /// waits (an RCU grace period per tracepoint, serialized, about 1 s
+    /// in all here) are left to a helper process
+    /// ([`kernel::Closing::hand_off`]), so that the exit need not wait.
+    pub fn detach_and_exit_soon(&mut self) -> Vec<CaptureError> {
+        let (closing, errors) = self.take_links();
+        closing.hand_off();
+        errors
+    }
+
+    fn take_links(&mut self) -> (kernel::Closing, Vec<CaptureError>) {
         let mut closing = kernel::Closing::default();
         let mut errors = self.tracking.detach(&mut self.ebpf, &mut closing);
         for s in &mut self.signals {
             errors.extend(s.detach(&mut self.ebpf, &mut closing));
         }
-        closing.finish();
-        errors
+        (closing, errors)
     }
 
     /// Drains the kernel maps (call after [`Capture::stop`]).

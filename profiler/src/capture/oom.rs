@@ -70,7 +70,10 @@ impl Signal for Oom {
         // is the task that ran out of memory, and /proc is the last resort.
         if self.task_arg {
             let prog: &mut RawTracePoint = program(ebpf, oom::PROG_OOM_TASK)?;
-            match prog.load().and_then(|()| prog.attach("mark_victim")) {
+            let t = std::time::Instant::now();
+            let loaded = prog.load();
+            setup.verifying += t.elapsed();
+            match loaded.and_then(|()| prog.attach("mark_victim")) {
                 Ok(link) => {
                     self.task_link = Some(link);
                     self.cgroups = Some(take_map(ebpf, oom::OOM_CGROUPS)?);

@@ -178,7 +178,10 @@ impl Signal for Stacks {
         self.origin_ns = super::kernel::monotonic_ns() / TIME_SLICE_NS * TIME_SLICE_NS;
         self.origin_slice = (self.origin_ns / TIME_SLICE_NS) as u32;
         let prog: &mut PerfEvent = program(ebpf, stacks::PROG_SAMPLE)?;
-        prog.load().map_err(|source| CaptureError::Program {
+        let t = std::time::Instant::now();
+        let loaded = prog.load();
+        setup.verifying += t.elapsed();
+        loaded.map_err(|source| CaptureError::Program {
             what: "load the sampling program".into(),
             source,
         })?;
