@@ -149,6 +149,8 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     let mut sigterm = signal(SignalKind::terminate())?;
 
     let mut capture = Capture::start(&cfg)?;
+    let mut memory = crate::selfcost::MemoryPhases::default();
+    memory.mark("started");
     if args.capture.verbose {
         eprintln!("profiler: started: {}", capture.startup().render());
     }
@@ -271,7 +273,9 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         command_status = c.try_wait().ok().flatten();
     }
 
+    memory.mark("captured");
     let mut raw = capture.collect()?;
+    memory.mark("collected");
     crate::offcpu::name_seconds(&mut raw.seconds);
     let collected_ns = crate::capture::monotonic_ns();
     capture.procs.refresh_all();
@@ -310,6 +314,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     // One symbolizer for the CPU, off-CPU and stall stacks: each binary
     // is parsed once.
     let mut sym = Symbolizer::new();
+    memory.mark("use report");
     let offcpu = raw.offcpu_on.then(|| {
         crate::offcpu::analyze(
             &raw,
@@ -406,7 +411,9 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         written_paths.push(svg_path);
     }
     if args.stacks() {
+        memory.mark("off-CPU and loops analysed");
         let mut stacks = symbolize_profile_with(&mut sym, &raw, &capture.procs, exclude);
+        memory.mark("CPU stacks symbolized");
         let kept: Vec<usize> = (0..raw.stacks.len())
             .filter(|&i| Some(raw.stacks[i].tgid) != exclude)
             .collect();
@@ -475,6 +482,10 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         written_paths.insert(0, path);
     }
     let written = Instant::now();
+    memory.mark("written");
+    if args.capture.verbose {
+        eprintln!("profiler: memory: {}", memory.render());
+    }
 
     eprint!("{}", usereport::render_table(&report));
     if let Some(r) = &requests {
@@ -500,6 +511,22 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     for e in capture.detach_and_exit_soon() {
         eprintln!("profiler: warning: {e} (the kernel detaches it when the profiler exits)");
     }
+    // The process ends now: freeing what the analysis built, allocation
+    // by allocation, would only delay its exit (tens of ms after a busy
+    // capture); the kernel takes the memory back at once.
+    std::mem::forget((
+        raw,
+        sym,
+        folded,
+        timeline,
+        offcpu,
+        loops,
+        requests,
+        report,
+        attributor,
+        symbols_report,
+        capture,
+    ));
     Ok(Outcome {
         dir,
         samples,

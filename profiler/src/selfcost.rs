@@ -141,6 +141,42 @@ pub fn peak_rss_bytes() -> u64 {
     kib_field("/proc/self/status", "VmHWM") * 1024
 }
 
+/// Resident memory now, bytes.
+pub fn rss_bytes() -> u64 {
+    kib_field("/proc/self/status", "VmRSS") * 1024
+}
+
+/// Where memory went, phase by phase (`-v`): each phase's RSS and the
+/// peak so far, in MiB.
+#[derive(Default)]
+pub struct MemoryPhases(Vec<(&'static str, [u64; 4])>);
+
+impl MemoryPhases {
+    /// Notes the RSS at the end of `phase`: in all, anonymous (the heap),
+    /// file pages (mapped binaries and debug info), and the peak so far.
+    pub fn mark(&mut self, phase: &'static str) {
+        let status = std::fs::read_to_string("/proc/self/status")
+            .map(|s| crate::hostsnap::parse_meminfo(&s))
+            .unwrap_or_default();
+        let mib = |k: &str| status.get(k).copied().unwrap_or(0) >> 10;
+        self.0.push((
+            phase,
+            [mib("VmRSS"), mib("RssAnon"), mib("RssFile"), mib("VmHWM")],
+        ));
+    }
+
+    /// One line.
+    pub fn render(&self) -> String {
+        self.0
+            .iter()
+            .map(|(p, [rss, anon, file, peak])| {
+                format!("{p} {rss} MiB ({anon} anon, {file} file; peak {peak})")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 fn mem_total_bytes() -> u64 {
     kib_field("/proc/meminfo", "MemTotal") * 1024
 }

@@ -6,7 +6,10 @@
 //! the timed stacks it draws from. Nothing is fetched: the page's script
 //! and style are inlined (`page.html`), the data is a JSON block in it.
 
-use std::{collections::HashMap, io};
+use std::{
+    collections::HashMap,
+    io::{self, Write as _},
+};
 
 use serde::Serialize;
 
@@ -204,16 +207,18 @@ pub fn timeline(raw: &RawProfile, stacks: &[SymbolizedStack], kept: &[usize]) ->
     let mut interner = Interner::default();
     // Raw stack index -> distinct folded line index.
     let mut by_raw: Vec<Option<u32>> = vec![None; raw.stacks.len()];
-    let mut lines: HashMap<String, u32> = HashMap::new();
-    let mut out_stacks = Vec::new();
+    // Distinct stacks by their interned frames (4 bytes a frame, not the
+    // folded line's text).
+    let mut lines: HashMap<Vec<u32>, u32> = HashMap::new();
+    let mut out_stacks: Vec<Vec<u32>> = Vec::new();
     for (s, &raw_index) in stacks.iter().zip(kept) {
-        let line = fold::line(s);
-        let id = match lines.get(&line) {
+        let frames = interner.stack(&fold::line(s));
+        let id = match lines.get(&frames) {
             Some(&id) => id,
             None => {
                 let id = out_stacks.len() as u32;
-                out_stacks.push(interner.stack(&line));
-                lines.insert(line, id);
+                out_stacks.push(frames.clone());
+                lines.insert(frames, id);
                 id
             }
         };
@@ -313,9 +318,8 @@ pub struct DiffPage<'a> {
 }
 
 /// Writes the diff page.
-pub fn write_diff_html(page: &DiffPage<'_>, mut w: impl io::Write) -> io::Result<()> {
-    let data = serde_json::to_string(page).map_err(io::Error::other)?;
-    write_page(&data, &mut w)
+pub fn write_diff_html(page: &DiffPage<'_>, w: impl io::Write) -> io::Result<()> {
+    write_json_page(page, w)
 }
 
 /// What the page shows.
@@ -389,22 +393,74 @@ impl<'a> Page<'a> {
 }
 
 /// Writes the page.
-pub fn write_html(page: &Page<'_>, mut w: impl io::Write) -> io::Result<()> {
-    let data = serde_json::to_string(page).map_err(io::Error::other)?;
-    write_page(&data, &mut w)
+pub fn write_html(page: &Page<'_>, w: impl io::Write) -> io::Result<()> {
+    write_json_page(page, w)
 }
 
 /// Writes the page around `data`, a JSON object, made safe to sit in a
 /// `<script>` element.
-pub fn write_page(data: &str, mut w: impl io::Write) -> io::Result<()> {
+pub fn write_page(data: &str, w: impl io::Write) -> io::Result<()> {
+    write_page_with(w, |out| out.write_all(data.as_bytes()))
+}
+
+/// Writes the page with `value` serialized as its data, streamed (no
+/// copy of the JSON in memory).
+fn write_json_page<T: Serialize>(value: &T, w: impl io::Write) -> io::Result<()> {
+    write_page_with(w, |out| {
+        serde_json::to_writer(out, value).map_err(io::Error::other)
+    })
+}
+
+fn write_page_with(
+    mut w: impl io::Write,
+    data: impl FnOnce(&mut ScriptSafe<&mut dyn io::Write>) -> io::Result<()>,
+) -> io::Result<()> {
     let (head, tail) = PAGE
         .split_once("/*DATA*/")
         .expect("page.html has a /*DATA*/ mark");
     w.write_all(head.as_bytes())?;
-    // "</script>" inside the JSON would end the element; "<\/" is the
-    // same string to JSON.
-    w.write_all(data.replace("</", "<\\/").as_bytes())?;
+    let mut out = ScriptSafe {
+        w: &mut w as &mut dyn io::Write,
+        after_lt: false,
+    };
+    data(&mut out)?;
     w.write_all(tail.as_bytes())
+}
+
+/// Passes JSON through with every `</` written `<\/`: "</script>" inside
+/// the data would end the page's element, and `\/` is `/` to JSON (a
+/// `<` is only ever inside a string there).
+struct ScriptSafe<W> {
+    w: W,
+    /// The last byte written was `<`.
+    after_lt: bool,
+}
+
+impl<W: io::Write> io::Write for ScriptSafe<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut from = 0;
+        for (i, &b) in buf.iter().enumerate() {
+            let lt_before = if i == 0 {
+                self.after_lt
+            } else {
+                buf[i - 1] == b'<'
+            };
+            if b == b'/' && lt_before {
+                self.w.write_all(&buf[from..i])?;
+                self.w.write_all(b"\\")?;
+                from = i;
+            }
+        }
+        self.w.write_all(&buf[from..])?;
+        if let Some(&last) = buf.last() {
+            self.after_lt = last == b'<';
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
 }
 
 #[cfg(test)]
@@ -420,7 +476,20 @@ mod tests {
         write_page(&serde_json::to_string(&g).unwrap(), &mut out).unwrap();
         let html = String::from_utf8(out).unwrap();
         assert!(html.contains(r#"<\/script>"#));
-        assert_eq!(html.matches("</script>").count(), 2, "the data's own");
+        // A `</` split across two writes is caught too.
+        let mut out = Vec::new();
+        write_page_with(&mut out, |w| {
+            w.write_all(b"\"a<")?;
+            w.write_all(b"/script>\"")
+        })
+        .unwrap();
+        let html = String::from_utf8(out).unwrap();
+        assert!(html.contains(r#""a<\/script>""#), "{html}");
+        assert_eq!(
+            html.matches("</script>").count(),
+            2,
+            "the page's own two elements"
+        );
         for fetch in [
             "src=",
             "href=",
