@@ -399,8 +399,19 @@ pub fn depth_offsets(btf: &Btf) -> Result<DepthOffsets, BtfError> {
 
 /// Loads the kernel's BTF.
 pub fn load() -> Result<Btf, BtfError> {
-    let data = std::fs::read(VMLINUX_BTF).map_err(BtfError::Unreadable)?;
-    Btf::parse(data)
+    load_with_aya().0
+}
+
+/// The kernel's BTF read once, parsed both for our layouts and for aya's
+/// loader (its CO-RE relocations), which would otherwise read and parse
+/// the 5 MB again.
+pub fn load_with_aya() -> (Result<Btf, BtfError>, Option<aya::Btf>) {
+    let data = match std::fs::read(VMLINUX_BTF) {
+        Ok(d) => d,
+        Err(e) => return (Err(BtfError::Unreadable(e)), None),
+    };
+    let theirs = aya::Btf::parse(&data, aya::Endianness::default()).ok();
+    (Btf::parse(data), theirs)
 }
 
 #[cfg(test)]

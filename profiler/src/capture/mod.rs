@@ -351,7 +351,7 @@ impl Capture {
     pub fn start(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
         let t0 = std::time::Instant::now();
         let cpus = kernel::online_cpus()?;
-        let btf = crate::kbtf::load();
+        let (btf, aya_btf) = crate::kbtf::load_with_aya();
         let t_btf = t0.elapsed();
         let mut setup = Setup {
             cfg,
@@ -369,6 +369,7 @@ impl Capture {
             s.configure(&mut setup);
         }
         let mut loader = EbpfLoader::new();
+        loader.btf(aya_btf.as_ref());
         loader.override_global(config::CONFIG, &setup.config, true);
         // Level 0 turns every log statement off; the global is read-only,
         // so the verifier drops the logging code altogether.

@@ -125,8 +125,9 @@ pub enum FrameKind {
     /// Kernel code (folded with `_[k]`).
     Kernel,
     /// A frame that could not be named (folded with `_[k]` on the kernel
-    /// side).
-    Unknown(Unknown),
+    /// side). Boxed: the rare case keeps every frame small (a frame is
+    /// copied into each stack it is in).
+    Unknown(Box<Unknown>),
 }
 
 impl FrameKind {
@@ -174,7 +175,7 @@ impl Frame {
             (_, Some(addr), Side::Kernel) => format!("[unknown kernel {addr:#x}]"),
             _ => format!("[unknown: {}]", u.reason),
         };
-        Frame::new(name, FrameKind::Unknown(u))
+        Frame::new(name, FrameKind::Unknown(Box::new(u)))
     }
 
     /// The unknown frame's description, if it is one.

@@ -387,7 +387,7 @@ fn not_code(entry: &MapEntry) -> Frame {
     };
     Frame::new(
         format!("[unknown: not code ({what}): the walk went wrong]"),
-        FrameKind::Unknown(Unknown::new(UnknownReason::NotCode, Side::User)),
+        FrameKind::Unknown(Box::new(Unknown::new(UnknownReason::NotCode, Side::User))),
     )
 }
 
