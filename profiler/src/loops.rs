@@ -263,7 +263,7 @@ pub fn analyze(
                 .rev()
                 .find(|f| f.kind == FrameKind::Jit)
                 .or(s.user.last())
-                .map_or_else(|| s.process.clone(), |f| f.name.clone());
+                .map_or_else(|| s.process.clone(), |f| f.name.to_string());
             *entry.1.entry(leaf).or_default() += x.us;
             match x.block {
                 None => {

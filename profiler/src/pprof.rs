@@ -174,7 +174,7 @@ pub struct Function {
 pub struct Builder {
     p: Profile,
     strings: HashMap<String, i64>,
-    functions: HashMap<(String, &'static str), u64>,
+    functions: HashMap<(std::sync::Arc<str>, &'static str), u64>,
     mappings: HashMap<(u32, u64), u64>,
     locations: HashMap<(u32, u64), u64>,
     build_ids: HashMap<String, String>,

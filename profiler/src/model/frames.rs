@@ -152,15 +152,16 @@ impl FrameKind {
 /// One frame of a symbolized stack.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Frame {
-    /// Function name, or where the frame is when it has none.
-    pub name: String,
+    /// Function name, or where the frame is when it has none; shared by
+    /// every stack the frame is in.
+    pub name: std::sync::Arc<str>,
     /// What kind of code it is.
     pub kind: FrameKind,
 }
 
 impl Frame {
     /// A frame.
-    pub fn new(name: impl Into<String>, kind: FrameKind) -> Self {
+    pub fn new(name: impl Into<std::sync::Arc<str>>, kind: FrameKind) -> Self {
         Frame {
             name: name.into(),
             kind,

@@ -18,7 +18,7 @@ fn names_a_function_of_this_test_binary() {
     let addr = names_a_function_of_this_test_binary as *const () as u64;
     let mut sym = Symbolizer::new();
     let frames = sym.user(table.get(me), &[addr]);
-    let names: Vec<&str> = frames[&addr].iter().map(|f| f.name.as_str()).collect();
+    let names: Vec<&str> = frames[&addr].iter().map(|f| &*f.name).collect();
     assert!(
         names
             .iter()
@@ -95,7 +95,7 @@ fn a_missing_file_still_says_where() {
     let info = exited_process("1000-2000 r-xp 00003000 fd:01 7 /nonexistent/libfoo.so\n");
     let mut sym = Symbolizer::new();
     let frames = sym.user(Some(&info), &[0x1a2b, 0x5000]);
-    assert_eq!(frames[&0x1a2b][0].name, "libfoo.so+0x3a2b");
+    assert_eq!(&*frames[&0x1a2b][0].name, "libfoo.so+0x3a2b");
     assert_eq!(
         frames[&0x1a2b][0].unknown_info().map(|u| u.reason),
         Some(UnknownReason::FileUnreadable)
