@@ -451,6 +451,29 @@ pub fn http_get(
     Ok((status, body))
 }
 
+/// The detaching helpers of `record` still running: profiler processes
+/// leading a session of their own, not yet zombies (a helper's memory,
+/// and so /proc/PID/exe, is gone while it closes its files).
+pub fn detaching_helpers() -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            let Some((head, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            head.ends_with("(profiler")
+                && f.first().is_some_and(|s| *s != "Z")
+                && f.get(3).and_then(|s| s.parse::<u32>().ok()) == Some(pid)
+        })
+        .collect()
+}
+
 /// Resident memory of a process, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -363,27 +363,8 @@ fn the_detaching_helper_ends_after_record() {
         return;
     }
     let dir = scratch("detach-helper");
-    // Helpers (of earlier captures too) still detaching: a profiler
-    // process leading a session of its own and not yet a zombie (its
-    // memory, and so /proc/PID/exe, is gone while it closes its files).
-    let helpers = || -> Vec<u32> {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|&pid| {
-                let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                    return false;
-                };
-                let Some((head, rest)) = stat.rsplit_once(')') else {
-                    return false;
-                };
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                head.ends_with("(profiler")
-                    && f.first().is_some_and(|s| *s != "Z")
-                    && f.get(3).and_then(|s| s.parse::<u32>().ok()) == Some(pid)
-            })
-            .collect()
-    };
+    // Helpers of earlier captures, still detaching, are not this one's.
+    let helpers = detaching_helpers;
     let before = helpers();
     let out = dir.join("out");
     record_ok(

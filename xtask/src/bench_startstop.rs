@@ -32,30 +32,8 @@ const BUSY_S: u64 = 10;
 /// kernel lets one tracepoint go at a time, and a capture started
 /// meanwhile waits for it: that is measured apart, not in each start.
 fn wait_for_helpers() {
-    let helpers = || {
-        std::fs::read_dir("/proc")
-            .map(|rd| {
-                rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-                    .filter(|&pid| {
-                        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                            .ok()
-                            .and_then(|st| {
-                                let (head, rest) = st.rsplit_once(')')?;
-                                let f: Vec<&str> = rest.split_whitespace().collect();
-                                Some(
-                                    head.ends_with("(profiler")
-                                        && f.first()? != &"Z"
-                                        && f.get(3)?.parse::<u32>().ok()? == pid,
-                                )
-                            })
-                            .unwrap_or(false)
-                    })
-                    .count()
-            })
-            .unwrap_or(0)
-    };
     let t = Instant::now();
-    while helpers() > 0 && t.elapsed() < Duration::from_secs(10) {
+    while !tests::detaching_helpers().is_empty() && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -163,9 +141,8 @@ pub fn bench(profiler: &Path, root: &Path, rounds: usize) -> Result<()> {
 
     // 1. Idle host: record -d 1, wall and CPU.
     let (mut walls, mut cpus) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        wait_for_helpers();
-        let cpu0 = crate::bench::children_cpu();
+    // One run: wall seconds.
+    let idle_run = || -> Result<f64> {
         let t = Instant::now();
         let status = Command::new(profiler)
             .args(["record", "-F", "999", "-d", "1", "-p", "1", "-q", "-o"])
@@ -176,22 +153,17 @@ pub fn bench(profiler: &Path, root: &Path, rounds: usize) -> Result<()> {
         if !status.success() {
             bail!("record -d 1 -p 1 failed");
         }
-        walls.push(t.elapsed().as_secs_f64());
+        Ok(t.elapsed().as_secs_f64())
+    };
+    for _ in 0..rounds {
+        wait_for_helpers();
+        let cpu0 = crate::bench::children_cpu();
+        walls.push(idle_run()?);
         cpus.push(crate::bench::children_cpu() - cpu0);
     }
     // Back to back: a capture started while the last one's helper still
     // lets its tracepoints go.
-    let t = Instant::now();
-    let b2b = Command::new(profiler)
-        .args(["record", "-F", "999", "-d", "1", "-p", "1", "-q", "-o"])
-        .arg(dir.join("idle"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()?;
-    if !b2b.success() {
-        bail!("record -d 1 -p 1 failed");
-    }
-    let back_to_back = t.elapsed().as_secs_f64();
+    let back_to_back = idle_run()?;
     let (wall, _) = mean_ci(&walls);
     let (cpu, _) = mean_ci(&cpus);
     let _ = writeln!(
