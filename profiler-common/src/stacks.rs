@@ -86,6 +86,16 @@ const _: () = assert!(core::mem::size_of::<StackKey>() == 32);
 /// (the report's heat map, `profiler diff` of two ranges).
 pub const TIME_SLICE_NS: u64 = 10_000_000;
 
+/// The first and last time slice (wrapping) an interval `[from, to)` of
+/// ktime ns covers; `to` > `from`.
+#[inline(always)]
+pub const fn slices_of(from: u64, to: u64) -> (u32, u32) {
+    (
+        (from / TIME_SLICE_NS) as u32,
+        (to.saturating_sub(1) / TIME_SLICE_NS) as u32,
+    )
+}
+
 /// A sample for userspace unwinding (`--unwind dwarf|auto`): the user
 /// registers the unwinder starts from and a copy of the user stack,
 /// sent through [`STACK_SAMPLES`].

@@ -23,7 +23,7 @@ use profiler_common::{
         self, KSTACK_TTL_NS, KernelStackKey, NO_SYSCALL, OffKey, OffStart, OffSumKey, OffValue,
         SHORT, TurnBlock, class,
     },
-    stacks::TIME_SLICE_NS,
+    stacks::slices_of,
 };
 
 use crate::{COUNTERS, bump, config, dropped, now, read};
@@ -170,10 +170,11 @@ fn sum(key: &OffKey, from: u64, to: u64) {
     if ns == 0 {
         return;
     }
+    let (first, last) = slices_of(from, to);
     let key = OffSumKey {
         key: *key,
-        first: (from / TIME_SLICE_NS) as u32,
-        last: ((to - 1) / TIME_SLICE_NS) as u32,
+        first,
+        last,
     };
     let key = &key;
     match OFFCPU_COUNTS.get_ptr_mut(key) {

@@ -445,13 +445,11 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         written_paths.insert(0, svg_path);
         written_paths.insert(0, folded_path);
 
-        let mut t = crate::report::timeline(&raw, &stacks, &kept);
-        t.offcpu = offcpu
-            .as_ref()
-            .map(|o| crate::report::off_timeline(&raw, o));
-        t.stalls = loops
-            .as_ref()
-            .map(|l| crate::report::stall_timeline(&raw, l));
+        let t = crate::report::timeline(&raw, &stacks, &kept).with_timed(
+            &raw,
+            offcpu.as_ref(),
+            loops.as_ref(),
+        );
         let path = dir.join("timeline.json");
         output::write_json(&path, &t)?;
         written_paths.push(path);

@@ -13,7 +13,7 @@ use aya::{
 };
 use profiler_common::{
     offcpu::{self, KernelStackKey, OffKey, OffStart, OffSumKey, OffValue, SHORT, class},
-    stacks::TIME_SLICE_NS,
+    stacks::slices_of,
 };
 
 use super::{
@@ -73,10 +73,7 @@ impl KeySum {
         if ns == 0 {
             return;
         }
-        let (first, last) = (
-            (from / TIME_SLICE_NS) as u32,
-            ((to - 1) / TIME_SLICE_NS) as u32,
-        );
+        let (first, last) = slices_of(from, to);
         self.add(first, last, ns, 1, spans);
     }
 

@@ -363,13 +363,11 @@ pub(super) fn end_window(
     let svg = svg(&folded, elapsed, args.capture.frequency, samples);
     let html = {
         let kept: Vec<usize> = (0..raw.stacks.len()).collect();
-        let mut timeline = crate::report::timeline(&raw, &symbolized, &kept);
-        timeline.offcpu = offcpu
-            .as_ref()
-            .map(|o| crate::report::off_timeline(&raw, o));
-        timeline.stalls = loops
-            .as_ref()
-            .map(|l| crate::report::stall_timeline(&raw, l));
+        let timeline = crate::report::timeline(&raw, &symbolized, &kept).with_timed(
+            &raw,
+            offcpu.as_ref(),
+            loops.as_ref(),
+        );
         let symbols = crate::symreport::build(&symbolized);
         let mut page = crate::report::Page::new(
             format!(

@@ -166,13 +166,27 @@ pub fn off_timeline(raw: &RawProfile, analysis: &crate::offcpu::OffCpuAnalysis) 
 pub fn stall_timeline(raw: &RawProfile, analysis: &crate::loops::LoopsAnalysis) -> TimedGraph {
     let mut b = TimedGraphBuilder::new(raw);
     for (line, from, to, us) in &analysis.timed {
-        let first = (from / TIME_SLICE_NS) as u32;
-        let last = (to.saturating_sub(1).max(*from) / TIME_SLICE_NS) as u32;
+        let (first, last) = profiler_common::stacks::slices_of(*from, (*to).max(from + 1));
         let us32 = (*us).min(u64::from(u32::MAX)) as u32;
         b.add(line, *us, [[first, last, us32]]);
     }
     let n = b.out.graph.stacks.len();
     b.finish(n)
+}
+
+impl Timeline {
+    /// Adds the off-CPU and stall time with its intervals, where they
+    /// were recorded.
+    pub fn with_timed(
+        mut self,
+        raw: &RawProfile,
+        offcpu: Option<&crate::offcpu::OffCpuAnalysis>,
+        loops: Option<&crate::loops::LoopsAnalysis>,
+    ) -> Self {
+        self.offcpu = offcpu.map(|o| off_timeline(raw, o));
+        self.stalls = loops.map(|l| stall_timeline(raw, l));
+        self
+    }
 }
 
 /// `timeline.json`'s schema tag.
