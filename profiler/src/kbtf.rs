@@ -397,26 +397,78 @@ pub fn depth_offsets(btf: &Btf) -> Result<DepthOffsets, BtfError> {
     Err(BtfError::NoCountField)
 }
 
-/// Loads the kernel's BTF.
+/// Loads the kernel's BTF (for our layouts: aya's loader reads its own).
 pub fn load() -> Result<Btf, BtfError> {
-    load_with_aya().0
+    Btf::parse(std::fs::read(VMLINUX_BTF).map_err(BtfError::Unreadable)?)
 }
 
-/// The kernel's BTF read once, parsed both for our layouts and for aya's
-/// loader (its CO-RE relocations), which would otherwise read and parse
-/// the 5 MB again.
-pub fn load_with_aya() -> (Result<Btf, BtfError>, Option<aya::Btf>) {
-    let data = match std::fs::read(VMLINUX_BTF) {
-        Ok(d) => d,
-        Err(e) => return (Err(BtfError::Unreadable(e)), None),
+/// Bytes of CO-RE relocation records in an eBPF object's `.BTF.ext`
+/// section: 0 when the loader has nothing to relocate against the
+/// kernel's BTF. `None` when the object cannot be read as a 64-bit
+/// little-endian ELF (then assume relocations are needed).
+pub fn core_relocation_bytes(elf: &[u8]) -> Option<u32> {
+    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_le_bytes(elf.get(o..o + 4)?.try_into().ok()?));
+    let u64_at = |o: usize| {
+        let v = u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?);
+        usize::try_from(v).ok()
     };
-    let theirs = aya::Btf::parse(&data, aya::Endianness::default()).ok();
-    (Btf::parse(data), theirs)
+    if elf.get(..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    let shoff = u64_at(0x28)?;
+    let shentsize = usize::from(u16_at(0x3a)?);
+    let shnum = usize::from(u16_at(0x3c)?);
+    let names = shoff.checked_add(usize::from(u16_at(0x3e)?).checked_mul(shentsize)?)?;
+    let names_off = u64_at(names.checked_add(0x18)?)?;
+    let name_of = |sh: usize| -> Option<&[u8]> {
+        let start = names_off.checked_add(u32_at(sh)? as usize)?;
+        let rest = elf.get(start..)?;
+        Some(&rest[..rest.iter().position(|&b| b == 0)?])
+    };
+    for i in 0..shnum {
+        let sh = shoff.checked_add(i.checked_mul(shentsize)?)?;
+        if name_of(sh)? != b".BTF.ext" {
+            continue;
+        }
+        let off = u64_at(sh.checked_add(0x18)?)?;
+        // struct btf_ext_header: magic, version, flags (u16, u8, u8),
+        // hdr_len, then func_info, line_info and core_relo (off, len)
+        // pairs; headers too short to hold core_relo have none.
+        let hdr_len = u32_at(off.checked_add(4)?)?;
+        if hdr_len < 32 {
+            return Some(0);
+        }
+        return u32_at(off.checked_add(28)?);
+    }
+    Some(0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Our programs are built without CO-RE relocations, so the loader
+    /// skips parsing the kernel's BTF for aya; a program that gains one
+    /// turns that parse back on (and this test says so).
+    #[test]
+    fn the_object_has_no_core_relocations() {
+        assert_eq!(
+            core_relocation_bytes(crate::capture::ebpf_object()),
+            Some(0)
+        );
+        // The same object with a relocation length written into its
+        // .BTF.ext header (magic, version 1, flags, hdr_len 32) reads back.
+        let mut obj = crate::capture::ebpf_object().to_vec();
+        let at = obj
+            .windows(8)
+            .position(|w| w == [0x9f, 0xeb, 1, 0, 32, 0, 0, 0])
+            .expect("the object's .BTF.ext header");
+        obj[at + 28..at + 32].copy_from_slice(&48u32.to_le_bytes());
+        assert_eq!(core_relocation_bytes(&obj), Some(48));
+        assert_eq!(core_relocation_bytes(b"not an elf"), None);
+        assert_eq!(core_relocation_bytes(&[]), None);
+    }
 
     /// Reads this machine's BTF (present on every kernel we support; the
     /// test says so when it is not).

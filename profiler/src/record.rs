@@ -144,6 +144,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         loops: args.event_loops(),
         stall_ns: u64::try_from(args.stall_threshold.as_nanos()).unwrap_or(u64::MAX),
         requests: args.requests(),
+        duration: args.duration,
     };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -298,6 +299,9 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     // analysis (the files are written with what they cost so far).
     report.profiler = Some(crate::selfcost::SelfCost {
         startup_ms: Some(capture.startup().as_ms()),
+        samples: args
+            .stacks()
+            .then(|| crate::selfcost::SampleAccount::of(&raw)),
         ..cost(&cost_end)
     });
     let exclude = has_command.then_some(own_pid);

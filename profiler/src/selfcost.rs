@@ -55,6 +55,51 @@ pub struct SelfCost {
     /// Where the start's time went, ms (`record`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub startup_ms: Option<std::collections::BTreeMap<&'static str, f64>>,
+    /// Every CPU sample the kernel took, and where each went (`record`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples: Option<SampleAccount>,
+}
+
+/// The CPU samples' books: `taken` = `kept` + every `lost_*`. `kept` is
+/// what the stacks (stacks.folded, the flame graph) hold, less the
+/// profiler's own samples when it ran a command.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct SampleAccount {
+    /// Samples the kernel took (after the pid filter).
+    pub taken: u64,
+    /// Samples in the captured stacks.
+    pub kept: u64,
+    /// Lost in the kernel's count map (full), or past `--max-stacks`.
+    pub lost_count_map: u64,
+    /// Stack copies lost: their ring buffer was full.
+    pub lost_ring: u64,
+    /// Stacks sent aside (`--unwind fp` collisions) past `--max-stacks`.
+    pub lost_sent_aside: u64,
+}
+
+impl SampleAccount {
+    /// The books of a capture.
+    pub fn of(raw: &crate::model::RawProfile) -> Self {
+        use profiler_common::counters::Counter;
+        SampleAccount {
+            taken: raw.counter(Counter::Samples),
+            kept: raw.stacks.iter().map(|s| s.count).sum(),
+            lost_count_map: raw.counter(Counter::CountMapFull),
+            lost_ring: raw.counter(Counter::StackCopiesLost),
+            lost_sent_aside: raw
+                .unwind
+                .as_ref()
+                .filter(|u| u.samples == 0)
+                .map_or(0, |u| u.dropped),
+        }
+    }
+
+    /// Samples taken that are neither kept nor counted lost (0 when the
+    /// books balance).
+    pub fn unaccounted(&self) -> i64 {
+        self.taken as i64
+            - (self.kept + self.lost_count_map + self.lost_ring + self.lost_sent_aside) as i64
+    }
 }
 
 /// One eBPF program's cost over the interval.
@@ -114,6 +159,7 @@ pub fn between(
         peak_rss_bytes: peak,
         share_of_memory: peak as f64 / mem as f64,
         startup_ms: None,
+        samples: None,
     }
 }
 

@@ -198,6 +198,29 @@ fn full_kernel_maps_are_counted_and_the_capture_goes_on() {
     assert!(!folded.is_empty() && folded.len() <= 8, "{folded:#?}");
     let u = read_use(&out_dir);
     assert!(u["cpu"]["count"].as_u64().unwrap() >= 1);
+    // The books balance: every sample the kernel took is in the stacks
+    // or counted lost, and the stacks are what stacks.folded holds.
+    let books = &u["profiler"]["samples"];
+    let n = |k: &str| {
+        books[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {k} in {books}"))
+    };
+    assert_eq!(
+        n("taken"),
+        n("kept") + n("lost_count_map") + n("lost_ring") + n("lost_sent_aside"),
+        "{books}"
+    );
+    assert_eq!(
+        n("lost_count_map") + n("lost_sent_aside"),
+        lost,
+        "{books}\n{err}"
+    );
+    assert_eq!(
+        folded.values().sum::<u64>(),
+        n("kept"),
+        "stacks.folded against {books}"
+    );
 
     // With it, the sampler says which samples it lost, as they are lost
     // (aya-log), one line per sample lost in the kernel's count map. The

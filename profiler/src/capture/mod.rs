@@ -31,6 +31,7 @@ mod oom;
 mod procs;
 mod requests;
 mod sched;
+pub mod sizes;
 mod stacks;
 mod tcp;
 
@@ -59,6 +60,11 @@ use crate::{
 
 /// The eBPF object, built by build.rs and embedded: one file to ship.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
+
+/// The eBPF object this build loads.
+pub fn ebpf_object() -> &'static [u8] {
+    EBPF_OBJECT
+}
 
 /// How to capture.
 #[derive(Clone, Debug)]
@@ -95,6 +101,9 @@ pub struct CaptureConfig {
     pub stall_ns: u64,
     /// Follow accepted connections' requests.
     pub requests: bool,
+    /// The capture's length when known (`record -d`): bounds the maps
+    /// that keep a whole capture's stacks.
+    pub duration: Option<std::time::Duration>,
 }
 
 impl Default for CaptureConfig {
@@ -116,6 +125,7 @@ impl Default for CaptureConfig {
             loops: false,
             stall_ns: profiler_common::loops::STALL_NS,
             requests: false,
+            duration: None,
         }
     }
 }
@@ -174,6 +184,15 @@ pub struct Setup<'a> {
 }
 
 impl Setup<'_> {
+    /// The host the map sizes follow ([`sizes`]).
+    pub fn host(&self) -> sizes::Host {
+        sizes::Host {
+            cpus: self.cpus.len().max(1) as u32,
+            hz: self.cfg.frequency_hz,
+            duration: self.cfg.duration,
+        }
+    }
+
     /// Marks a signal unavailable.
     pub fn unavailable(&mut self, signal: &'static str, reason: impl std::fmt::Display) {
         self.unavailable.push(Unavailable {
@@ -350,8 +369,11 @@ impl Capture {
     /// [`RawProfile::unavailable`]; the others go on.
     pub fn start(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
         let t0 = std::time::Instant::now();
+        // aya's loader reads and parses the kernel's BTF when created:
+        // on another CPU while we read ours and the tracepoint formats.
+        let making_loader = std::thread::spawn(EbpfLoader::new);
         let cpus = kernel::online_cpus()?;
-        let (btf, aya_btf) = crate::kbtf::load_with_aya();
+        let btf = crate::kbtf::load();
         let t_btf = t0.elapsed();
         let mut setup = Setup {
             cfg,
@@ -368,8 +390,15 @@ impl Capture {
         for s in &mut signals {
             s.configure(&mut setup);
         }
-        let mut loader = EbpfLoader::new();
-        loader.btf(aya_btf.as_ref());
+        let mut loader = making_loader
+            .join()
+            .map_err(|_| CaptureError::Io(std::io::Error::other("aya's loader panicked")))?;
+        // aya's loader parses the kernel's BTF for CO-RE relocations
+        // when created; our programs have none, so its copy (tens of MB
+        // parsed) is dropped before the maps are made.
+        if crate::kbtf::core_relocation_bytes(EBPF_OBJECT) == Some(0) {
+            loader.btf(None);
+        }
         loader.override_global(config::CONFIG, &setup.config, true);
         // Level 0 turns every log statement off; the global is read-only,
         // so the verifier drops the logging code altogether.

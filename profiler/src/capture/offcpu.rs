@@ -105,6 +105,12 @@ impl Signal for OffCpu {
         let cfg = setup.cfg;
         self.on = cfg.offcpu;
         self.min_ns = cfg.offcpu_min_ns;
+        // Sized for the host (shrunk to nothing just below when off).
+        let host = setup.host();
+        setup.sizes.push((offcpu::OFFCPU_STACKS, host.stack_map()));
+        setup
+            .sizes
+            .push((offcpu::OFFCPU_COUNTS, host.offcpu_counts()));
         if !self.on {
             for def in [
                 offcpu::OFFCPU_STACKS,

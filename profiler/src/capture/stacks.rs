@@ -133,14 +133,23 @@ impl Signal for Stacks {
         }
         let (copy, collided) = (c.copy_stacks != 0, c.send_collided != 0);
         let cpus = setup.cpus.len();
+        let host = setup.host();
         let sizes = &mut setup.sizes;
         sizes.push((
             stacks::STACKS,
-            if cfg.stacks { cfg.stack_map_entries } else { 1 },
+            if cfg.stacks {
+                cfg.stack_map_entries.min(host.stack_map())
+            } else {
+                1
+            },
         ));
         sizes.push((
             stacks::COUNTS,
-            if cfg.stacks { cfg.count_map_entries } else { 1 },
+            if cfg.stacks {
+                cfg.count_map_entries.min(host.count_map())
+            } else {
+                1
+            },
         ));
         sizes.push((
             stacks::SCRATCH,

@@ -121,6 +121,11 @@ impl Symbolizer {
     /// Names kernel addresses (already adjusted to point into their call
     /// instruction). Every address gets an entry.
     pub fn kernel(&self, addrs: &[u64]) -> HashMap<u64, Vec<Frame>> {
+        // blazesym reads all of /proc/kallsyms on first use (a tenth of
+        // an idle capture's CPU): not for nothing.
+        if addrs.is_empty() {
+            return HashMap::new();
+        }
         let src = Source::Kernel(Kernel {
             vmlinux: MaybeDefault::None,
             debug_syms: false,
