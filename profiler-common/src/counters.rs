@@ -80,11 +80,17 @@ pub enum Counter {
     ConnsFull = 27,
     /// Request or response starts not reported: their ring was full.
     RequestEventsLost = 28,
+    /// Threads that left the CPU and were timed (off-CPU).
+    OffcpuSwitches = 29,
+    /// Of those, user stacks walked (not cached, not preempted).
+    OffcpuUserWalks = 30,
+    /// Of those, kernel stacks walked.
+    OffcpuKernelWalks = 31,
 }
 
 impl Counter {
     /// Number of counters (the size of [`COUNTERS`]).
-    pub const COUNT: u32 = 29;
+    pub const COUNT: u32 = 32;
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Samples,
@@ -116,6 +122,9 @@ impl Counter {
         Counter::LoopBlocksLost,
         Counter::ConnsFull,
         Counter::RequestEventsLost,
+        Counter::OffcpuSwitches,
+        Counter::OffcpuUserWalks,
+        Counter::OffcpuKernelWalks,
     ];
 
     /// Stable name, used in reports and metric labels.
@@ -150,6 +159,9 @@ impl Counter {
             Counter::LoopBlocksLost => "stall_blocks_lost_ring_full",
             Counter::ConnsFull => "connections_not_followed_map_full",
             Counter::RequestEventsLost => "request_events_lost_ring_full",
+            Counter::OffcpuSwitches => "offcpu_switches_timed",
+            Counter::OffcpuUserWalks => "offcpu_user_stacks_walked",
+            Counter::OffcpuKernelWalks => "offcpu_kernel_stacks_walked",
         }
     }
 }

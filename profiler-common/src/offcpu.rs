@@ -56,6 +56,38 @@ pub const KSTACK_CACHE: MapDef = MapDef {
 /// How long a cached kernel stack is reused.
 pub const KSTACK_TTL_NS: u64 = 1_000_000_000;
 
+/// LRU hash map [`UserStackKey`] -> [user stack id, trusted until (ktime
+/// ns)]: a thread that blocks again in the same syscall on the same first
+/// argument from the same instruction, stack pointer and frame pointer
+/// blocks from the same user stack (two call chains would have to reach
+/// the same syscall at the same depth with the same frame pointer), so
+/// the user stack (deep in Node.js: several µs) is walked again only once
+/// [`KSTACK_TTL_NS`] has passed.
+pub const USTACK_CACHE: MapDef = MapDef {
+    name: "USTACK_CACHE",
+    entries: 16 * 1024,
+};
+
+/// Key of [`USTACK_CACHE`]: where a sleeping thread entered the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UserStackKey {
+    /// Thread id.
+    pub tid: u32,
+    /// The syscall.
+    pub syscall: i32,
+    /// Its first argument.
+    pub arg0: u64,
+    /// User instruction pointer (after the syscall instruction).
+    pub ip: u64,
+    /// User stack pointer.
+    pub sp: u64,
+    /// User frame pointer (or whatever the register holds in code built
+    /// without them).
+    pub bp: u64,
+}
+const _: () = assert!(core::mem::size_of::<UserStackKey>() == 40);
+
 /// Key of [`KSTACK_CACHE`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -96,6 +128,12 @@ pub const MIN_NS: u64 = 1_000_000;
 /// [`OffKey::user_stack_id`] of blocks shorter than `--off-cpu-min`:
 /// counted for the per-cause totals, left out of the flame graph.
 pub const SHORT: i32 = i32::MIN;
+
+/// [`OffKey::kernel_stack_id`] of a thread preempted or throttled: its
+/// kernel stack is the scheduler's own way in (an interrupt, or the
+/// return to user mode), the same for every such switch, so it is not
+/// walked (its cause is `cpu` or `throttled` whatever the frames).
+pub const NOT_WALKED: i32 = i32::MIN + 1;
 
 /// [`OffKey::syscall`] of a thread that was not in a syscall.
 pub const NO_SYSCALL: i32 = -1;
@@ -197,5 +235,6 @@ crate::pod!(
     OffValue,
     OffStart,
     TurnBlock,
-    KernelStackKey
+    KernelStackKey,
+    UserStackKey
 );

@@ -56,20 +56,34 @@ pub fn user_regs(ctx: &PerfEventContext, cfg: &Config) -> Option<(u64, u64, u64)
     }
 }
 
-/// The current task's `pt_regs->orig_ax` (the number of the syscall it is
-/// in, -1 when it entered the kernel by an interrupt, or an exception's
-/// error code: a page fault's) and its first two syscall arguments (`di`,
-/// `si`).
-/// None for a kernel thread (no user registers) or when the kernel
-/// stack's place is unknown.
+/// Where the current task entered the kernel, from the `pt_regs` saved
+/// at the top of its kernel stack (read in one go).
+pub struct Entry {
+    /// `orig_ax`: the number of the syscall it is in, -1 when it entered
+    /// by an interrupt, or an exception's code.
+    pub nr: i64,
+    /// The first two syscall arguments (`di`, `si`).
+    pub arg0: u64,
+    pub arg1: u64,
+    /// User instruction, stack and frame pointers.
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+}
+
+/// The current task's [`Entry`]. None for a kernel thread (no user
+/// registers) or when the kernel stack's place is unknown.
 #[cfg(bpf_target_arch = "x86_64")]
 #[inline(always)]
-pub fn current_syscall(cfg: &Config) -> Option<(i64, u64, u64)> {
+pub fn current_entry(cfg: &Config) -> Option<Entry> {
     const PT_REGS_WORDS: usize = 21;
+    const RBP: usize = 4;
     const RSI: usize = 13;
     const RDI: usize = 14;
     const ORIG_RAX: usize = 15;
+    const RIP: usize = 16;
     const CS: usize = 17;
+    const RSP: usize = 19;
     if cfg.task_stack == 0 {
         return None;
     }
@@ -82,14 +96,19 @@ pub fn current_syscall(cfg: &Config) -> Option<(i64, u64, u64)> {
         if stack.is_null() {
             return None;
         }
-        let pt = stack.add(cfg.thread_size as usize - PT_REGS_WORDS * 8) as *const u64;
-        let cs = bpf_probe_read_kernel(pt.add(CS)).ok()?;
-        if cs & 3 != 3 {
+        let pt =
+            stack.add(cfg.thread_size as usize - PT_REGS_WORDS * 8) as *const [u64; PT_REGS_WORDS];
+        let r = bpf_probe_read_kernel(pt).ok()?;
+        if r[CS] & 3 != 3 {
             return None;
         }
-        let nr: u64 = bpf_probe_read_kernel(pt.add(ORIG_RAX)).ok()?;
-        let di: u64 = bpf_probe_read_kernel(pt.add(RDI)).unwrap_or(0);
-        let si: u64 = bpf_probe_read_kernel(pt.add(RSI)).unwrap_or(0);
-        Some((nr as i64, di, si))
+        Some(Entry {
+            nr: r[ORIG_RAX] as i64,
+            arg0: r[RDI],
+            arg1: r[RSI],
+            ip: r[RIP],
+            sp: r[RSP],
+            bp: r[RBP],
+        })
     }
 }

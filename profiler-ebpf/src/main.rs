@@ -52,6 +52,12 @@ macro_rules! prog_named {
     };
 }
 
+/// Ring buffer flag: send without waking the loader. A wakeup costs more
+/// than the rest of a program (an interrupt to self, an exit on a VM),
+/// and in sched_switch it woke our own thread into more switches; the
+/// loader drains such rings on its timer (every 20 ms).
+pub(crate) const BPF_RB_NO_WAKEUP: u64 = 1;
+
 mod arch;
 mod loops;
 mod offcpu;

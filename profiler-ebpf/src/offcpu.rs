@@ -20,19 +20,20 @@ use profiler_common::{
     config::Config,
     counters::Counter,
     offcpu::{
-        self, KSTACK_TTL_NS, KernelStackKey, NO_SYSCALL, OffKey, OffStart, OffSumKey, OffValue,
-        SHORT, TurnBlock, class,
+        self, KSTACK_TTL_NS, KernelStackKey, NO_SYSCALL, NOT_WALKED, OffKey, OffStart, OffSumKey,
+        OffValue, SHORT, TurnBlock, UserStackKey, class,
     },
     stacks::slices_of,
 };
 
-use crate::{COUNTERS, bump, config, dropped, now, read};
+use crate::{BPF_RB_NO_WAKEUP, COUNTERS, bump, config, dropped, now, read};
 
 map!(OFFCPU_STACKS: StackTrace = with_max_entries(offcpu::OFFCPU_STACKS));
 map!(OFFCPU_START: HashMap<u32, OffStart> = with_max_entries(offcpu::OFFCPU_START));
 map!(OFFCPU_COUNTS: PerCpuHashMap<OffSumKey, OffValue> = with_max_entries(offcpu::OFFCPU_COUNTS));
 map!(LOOP_BLOCKS: RingBuf = with_byte_size(offcpu::LOOP_BLOCKS));
 map!(KSTACK_CACHE: LruHashMap<KernelStackKey, [i64; 2]> = with_max_entries(offcpu::KSTACK_CACHE));
+map!(USTACK_CACHE: LruHashMap<UserStackKey, [i64; 2]> = with_max_entries(offcpu::USTACK_CACHE));
 
 /// `TASK_UNINTERRUPTIBLE` in sched_switch's `prev_state`.
 const STATE_D: i64 = 2;
@@ -63,6 +64,11 @@ fn throttled(cfg: &Config) -> bool {
 
 #[inline(always)]
 fn stack_id(ctx: &TracePointContext, flags: u64) -> i32 {
+    bump(if flags & BPF_F_USER_STACK as u64 != 0 {
+        Counter::OffcpuUserWalks
+    } else {
+        Counter::OffcpuKernelWalks
+    });
     match ctx.get_stackid(&OFFCPU_STACKS, flags) {
         Ok(id) => id as i32,
         Err(e) => {
@@ -83,9 +89,10 @@ fn leaving(ctx: &TracePointContext, cfg: &Config, t: u64) {
         return;
     }
     // No user registers: a kernel thread, left out.
-    let Some((orig_ax, arg0, arg1)) = crate::arch::current_syscall(cfg) else {
+    let Some(entry) = crate::arch::current_entry(cfg) else {
         return;
     };
+    let (orig_ax, arg0, arg1) = (entry.nr, entry.arg0, entry.arg1);
     let Some(state) = read::<i64>(ctx, cfg.switch_prev_state) else {
         return;
     };
@@ -109,11 +116,35 @@ fn leaving(ctx: &TracePointContext, cfg: &Config, t: u64) {
     } else {
         orig_ax as i32
     };
-    let user_stack_id = stack_id(ctx, BPF_F_USER_STACK as u64);
     // Only a thread that went to sleep blocks again where it did: one
-    // preempted or throttled was anywhere in the call (its stack walked
+    // preempted or throttled was anywhere in the call (its stacks walked
     // each time, and not cached for the sleeps after it).
     let sleeping = class == class::SLEEPING || class == class::UNINTERRUPTIBLE;
+    let user_stack_id = if syscall != NO_SYSCALL && sleeping {
+        let uk = UserStackKey {
+            tid,
+            syscall,
+            arg0,
+            ip: entry.ip,
+            sp: entry.sp,
+            bp: entry.bp,
+        };
+        // SAFETY: a read of plain integers.
+        match unsafe { USTACK_CACHE.get(&uk) } {
+            Some(&[id, until]) if (t as i64) < until => id as i32,
+            _ => {
+                let id = stack_id(ctx, BPF_F_USER_STACK as u64);
+                if id >= 0 {
+                    let _ = USTACK_CACHE.insert(&uk, &[id as i64, (t + KSTACK_TTL_NS) as i64], 0);
+                }
+                id
+            }
+        }
+    } else {
+        // Preempted or throttled (or not in a syscall): anywhere, walked
+        // each time.
+        stack_id(ctx, BPF_F_USER_STACK as u64)
+    };
     let kernel_stack_id = if syscall != NO_SYSCALL && user_stack_id >= 0 && sleeping {
         let ck = KernelStackKey {
             tid,
@@ -133,8 +164,10 @@ fn leaving(ctx: &TracePointContext, cfg: &Config, t: u64) {
                 id
             }
         }
-    } else {
+    } else if sleeping {
         stack_id(ctx, 0)
+    } else {
+        NOT_WALKED
     };
     let start = OffStart {
         start_ns: t,
@@ -157,6 +190,7 @@ fn leaving(ctx: &TracePointContext, cfg: &Config, t: u64) {
         },
         _pad: 0,
     };
+    bump(Counter::OffcpuSwitches);
     if OFFCPU_START.insert(&tid, &start, 0).is_err() {
         bump(Counter::OffcpuStartFull);
     }
@@ -214,7 +248,10 @@ fn returning(cfg: &Config, tid: u32, t: u64) {
             key: s.key,
             _pad2: 0,
         };
-        if LOOP_BLOCKS.output::<TurnBlock>(&block, 0).is_err() {
+        if LOOP_BLOCKS
+            .output::<TurnBlock>(&block, BPF_RB_NO_WAKEUP)
+            .is_err()
+        {
             bump(Counter::LoopBlocksLost);
         }
     }

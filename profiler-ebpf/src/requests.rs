@@ -26,18 +26,13 @@ use profiler_common::{
     },
 };
 
-use crate::{bump, config, now};
+use crate::{BPF_RB_NO_WAKEUP, bump, config, now};
 
 map!(CONNS: HashMap<ConnKey, Conn> = with_max_entries(requests::CONNS));
 map!(PENDING_READS: HashMap<u32, PendingRead> = with_max_entries(requests::PENDING_READS));
 map!(REQ_EVENTS: RingBuf = with_byte_size(requests::REQ_EVENTS));
 map!(PENDING_CONNECTS: HashMap<u32, PendingConnect> = with_max_entries(requests::PENDING_CONNECTS));
 map!(OUT_SOCKS: LruHashMap<u64, OutSock> = with_max_entries(requests::OUT_SOCKS));
-
-/// Records are sent without waking the loader (a wakeup per request cost
-/// more than the rest of the program: an interrupt to self, an exit on a
-/// VM); it drains the ring on its timer (every 20 ms).
-const BPF_RB_NO_WAKEUP: u64 = 1;
 
 /// EINPROGRESS: a non-blocking connect under way.
 const EINPROGRESS: i64 = 115;

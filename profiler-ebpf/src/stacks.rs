@@ -25,7 +25,7 @@ use profiler_common::{
 
 use aya_log_ebpf::warn;
 
-use crate::{EEXIST, bump, config, dropped, now};
+use crate::{BPF_RB_NO_WAKEUP, EEXIST, bump, config, dropped, now};
 
 map!(STACKS: StackTrace = with_max_entries(stacks::STACKS));
 map!(COUNTS: PerCpuHashMap<StackKey, u64> = with_max_entries(stacks::COUNTS));
@@ -47,8 +47,6 @@ map!(STACK_SAMPLES: RingBuf = with_byte_size(stacks::STACK_SAMPLES));
 
 /// How long a [`STACK_TOPS`] entry is trusted.
 const STACK_TOP_TTL_NS: u64 = 1_000_000_000;
-/// bpf_ringbuf_output flag: do not wake the reader.
-const BPF_RB_NO_WAKEUP: u64 = 1;
 
 prog_named!(sample_stack, stacks::PROG_SAMPLE);
 #[perf_event]

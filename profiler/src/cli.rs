@@ -25,6 +25,19 @@ pub enum Command {
     /// significantly, a differential flame graph, the other figures side
     /// by side, and rules a CI job can gate on (exit 3).
     Diff(DiffArgs),
+    /// Unwind and symbolize stack copies saved by `record --save-samples`
+    /// on one thread, and say how fast (the replay bench; the processes
+    /// must still run).
+    #[command(hide = true)]
+    Replay(ReplayArgs),
+}
+
+/// Options of `profiler replay`.
+#[derive(Debug, Args, Clone)]
+pub struct ReplayArgs {
+    /// The file `record --save-samples` wrote.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
 }
 
 /// Options of `profiler diff`.
@@ -235,6 +248,11 @@ pub struct RecordArgs {
     /// silently dropped.
     #[arg(long = "max-stacks", value_name = "N", default_value_t = profiler_common::stacks::COUNTS.entries, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub max_stacks: u32,
+
+    /// Also write every user stack copy received to FILE, for `profiler
+    /// replay` (the replay bench: unwinding and symbolizing offline).
+    #[arg(long = "save-samples", value_name = "FILE", hide = true)]
+    pub save_samples: Option<PathBuf>,
 
     /// Do not time threads off the CPU (offcpu.folded, offcpu.svg and
     /// use.json's `offcpu` are then not written). Also off with

@@ -33,6 +33,7 @@ pub mod procmaps;
 pub mod procs;
 pub mod record;
 pub mod render;
+pub mod replay;
 pub mod report;
 pub mod requests;
 pub mod selfcost;

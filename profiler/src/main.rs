@@ -26,6 +26,10 @@ fn main() -> ExitCode {
             Ok(true) => ExitCode::from(3),
             Err(e) => fail(&e, e.is_usage()),
         },
+        Command::Replay(args) => match profiler::replay::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e, e.is_usage()),
+        },
     }
 }
 

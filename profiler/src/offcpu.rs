@@ -282,6 +282,10 @@ pub struct OffCpuSummary {
     /// Whether throttled waits are told apart from other waits for a CPU
     /// (false: they are counted under `cpu`).
     pub throttled_told_apart: bool,
+    /// What the kernel side did at the switches: `[switches timed, user
+    /// stacks walked, kernel stacks walked]`; the rest came from its
+    /// caches, or were not walked (preempted threads).
+    pub switches_and_walks: [u64; 3],
 }
 
 /// The stage's result: folded stacks and the summary.
@@ -392,6 +396,14 @@ pub fn analyze(
             short_s: short_ns as f64 / 1e9,
             lost_s: raw.counter(profiler_common::counters::Counter::OffcpuLostNs) as f64 / 1e9,
             throttled_told_apart,
+            switches_and_walks: {
+                use profiler_common::counters::Counter;
+                [
+                    raw.counter(Counter::OffcpuSwitches),
+                    raw.counter(Counter::OffcpuUserWalks),
+                    raw.counter(Counter::OffcpuKernelWalks),
+                ]
+            },
         },
     }
 }
@@ -516,6 +528,7 @@ mod tests {
             short_s: 0.0,
             lost_s: 0.0,
             throttled_told_apart: true,
+            switches_and_walks: [0; 3],
         };
         let line = render_line(&s);
         assert!(

@@ -145,6 +145,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         stall_ns: u64::try_from(args.stall_threshold.as_nanos()).unwrap_or(u64::MAX),
         requests: args.requests(),
         duration: args.duration,
+        save_samples: args.save_samples.clone(),
     };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

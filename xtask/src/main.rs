@@ -23,6 +23,7 @@ mod pin {
 
 mod bench;
 mod bench_daemon;
+mod bench_kcost;
 mod bench_node;
 mod bench_offcpu;
 mod bench_overhead;
@@ -51,10 +52,10 @@ enum Cmd {
     },
     /// Benchmarks against perf and bpftrace, measured in the same run
     /// (root, perf, bpftrace, node, offcputime): `unwind`, `daemon`,
-    /// `overhead`, `node`, `offcpu`, `requests`, `startstop`, or all.
+    /// `overhead`, `node`, `offcpu`, `requests`, `startstop`, `kcost`, `replay`, or all.
     Bench {
         /// Which bench: unwind, daemon, overhead, node, offcpu, requests,
-        /// startstop (default: all).
+        /// startstop, kcost, replay (default: all).
         which: Option<String>,
         /// Rounds of the overhead bench's slowdown runs (each round runs
         /// the workload alone and under every tool, in a rotating order).
@@ -92,7 +93,9 @@ fn main() -> Result<()> {
                     bench_node::bench(&exe, &root())?;
                     bench_offcpu::bench(&exe, &root(), rounds as usize)?;
                     bench_requests::bench(&exe, &root(), rounds as usize)?;
-                    bench_startstop::bench(&exe, &root(), rounds as usize)
+                    bench_startstop::bench(&exe, &root(), rounds as usize)?;
+                    bench_kcost::bench(&exe, &root(), rounds as usize)?;
+                    bench_kcost::replay(&exe, &root(), rounds as usize)
                 }
                 Some("unwind") => bench::bench(&exe, &root()),
                 Some("daemon") => bench_daemon::bench(&exe, &root()),
@@ -101,9 +104,11 @@ fn main() -> Result<()> {
                 Some("offcpu") => bench_offcpu::bench(&exe, &root(), rounds as usize),
                 Some("requests") => bench_requests::bench(&exe, &root(), rounds as usize),
                 Some("startstop") => bench_startstop::bench(&exe, &root(), rounds as usize),
+                Some("kcost") => bench_kcost::bench(&exe, &root(), rounds as usize),
+                Some("replay") => bench_kcost::replay(&exe, &root(), rounds as usize),
                 Some(other) => {
                     bail!(
-                        "unknown bench {other:?}: use unwind, daemon, overhead, node, offcpu, requests or startstop"
+                        "unknown bench {other:?}: use unwind, daemon, overhead, node, offcpu, requests, startstop, kcost or replay"
                     )
                 }
             }

@@ -104,6 +104,8 @@ pub struct CaptureConfig {
     /// The capture's length when known (`record -d`): bounds the maps
     /// that keep a whole capture's stacks.
     pub duration: Option<std::time::Duration>,
+    /// Also write every stack copy received here (`profiler replay`).
+    pub save_samples: Option<std::path::PathBuf>,
 }
 
 impl Default for CaptureConfig {
@@ -126,6 +128,7 @@ impl Default for CaptureConfig {
             stall_ns: profiler_common::loops::STALL_NS,
             requests: false,
             duration: None,
+            save_samples: None,
         }
     }
 }

@@ -12,7 +12,9 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, StackTraceMap},
 };
 use profiler_common::{
-    offcpu::{self, KernelStackKey, OffKey, OffStart, OffSumKey, OffValue, SHORT, class},
+    offcpu::{
+        self, KernelStackKey, OffKey, OffStart, OffSumKey, OffValue, SHORT, UserStackKey, class,
+    },
     stacks::slices_of,
 };
 
@@ -98,6 +100,7 @@ struct Maps {
     stacks: StackTraceMap<MapData>,
     start: BpfHashMap<MapData, u32, OffStart>,
     kstacks: BpfHashMap<MapData, KernelStackKey, [i64; 2]>,
+    ustacks: BpfHashMap<MapData, UserStackKey, [i64; 2]>,
 }
 
 impl Signal for OffCpu {
@@ -116,6 +119,8 @@ impl Signal for OffCpu {
                 offcpu::OFFCPU_STACKS,
                 offcpu::OFFCPU_START,
                 offcpu::OFFCPU_COUNTS,
+                offcpu::KSTACK_CACHE,
+                offcpu::USTACK_CACHE,
             ] {
                 setup.sizes.push((def, 1));
             }
@@ -207,12 +212,16 @@ impl Signal for OffCpu {
             stacks: take_map(ebpf, offcpu::OFFCPU_STACKS)?,
             start: take_map(ebpf, offcpu::OFFCPU_START)?,
             kstacks: take_map(ebpf, offcpu::KSTACK_CACHE)?,
+            ustacks: take_map(ebpf, offcpu::USTACK_CACHE)?,
         });
         Ok(())
     }
 
-    fn rings(&self) -> Vec<&Ring> {
-        self.turn_ring.iter().collect()
+    /// The turn blocks' ring is written without wakeups (from
+    /// sched_switch, a wakeup woke our own thread into more switches): read
+    /// on the timer.
+    fn polled(&self) -> bool {
+        self.turn_ring.is_some()
     }
 
     /// Moves the kernel's sums to userspace: the count map holds a key
@@ -281,6 +290,9 @@ impl Signal for OffCpu {
         let stack_map = &maps.stacks;
         let mut cache: HashMap<i32, RawStackPart> = HashMap::new();
         let mut resolve = |id: i32| -> RawStackPart {
+            if id == offcpu::NOT_WALKED {
+                return Ok(Vec::new());
+            }
             if id < 0 {
                 return Err(id);
             }
@@ -400,8 +412,11 @@ impl Signal for OffCpu {
                 live.insert(s.key.user_stack_id);
                 live.insert(s.key.kernel_stack_id);
             }
-            // Kernel stacks the cache still hands out.
+            // Stacks the caches still hand out.
             for (_, [id, _]) in maps.kstacks.iter().filter_map(Result::ok) {
+                live.insert(id as i32);
+            }
+            for (_, [id, _]) in maps.ustacks.iter().filter_map(Result::ok) {
                 live.insert(id as i32);
             }
             let ids: Vec<u32> = maps.stacks.stack_ids().filter_map(Result::ok).collect();

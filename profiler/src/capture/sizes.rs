@@ -17,6 +17,26 @@ pub struct Host {
     pub duration: Option<Duration>,
 }
 
+/// Most memory one per-CPU map may take: its values are one per possible
+/// CPU, so its size grows with the square of the host (entries follow
+/// the CPUs too).
+const PER_CPU_MAP_BYTES: u64 = 64 << 20;
+
+/// Bytes of a hash map element besides its key and value (the kernel's
+/// `htab_elem`, rounded up).
+const ELEM_OVERHEAD: u64 = 48;
+
+/// Bytes of a stack-trace map entry: 127 addresses and a header.
+const STACK_ENTRY: u64 = 127 * 8 + 24;
+
+/// The largest power of two of entries of a per-CPU map whose `key`
+/// and `value` bytes fit [`PER_CPU_MAP_BYTES`] on `cpus` CPUs.
+fn per_cpu_cap(cpus: u32, key: u64, value: u64) -> u32 {
+    let per_entry = key + ELEM_OVERHEAD + value * u64::from(cpus);
+    let n = (PER_CPU_MAP_BYTES / per_entry).max(1);
+    (1u64 << (63 - n.leading_zeros())) as u32
+}
+
 fn pow2_clamped(want: u64, min: u32, max: u32) -> u32 {
     want.clamp(u64::from(min), u64::from(max))
         .next_power_of_two()
@@ -32,8 +52,12 @@ impl Host {
     /// The count map (`COUNTS`, one key per stack and 10 ms slice) is
     /// emptied four times a second: one second of samples, every one a
     /// distinct key, leaves room for three late ticks.
+    /// Per-CPU values: at most [`PER_CPU_MAP_BYTES`], which on a very
+    /// big host at a high rate holds less than a second (the README's
+    /// cost model).
     pub fn count_map(&self) -> u32 {
-        pow2_clamped(self.samples(1.0), 1024, 1 << 18)
+        let cap = per_cpu_cap(self.cpus, 32, 8).min(1 << 18);
+        pow2_clamped(self.samples(1.0), 1024.min(cap), cap)
     }
 
     /// A stack-trace map (`STACKS`, `OFFCPU_STACKS`) keeps every distinct
@@ -56,7 +80,19 @@ impl Host {
     /// slices), emptied four times a second: 4096 per CPU between 8 K
     /// and 128 K entries.
     pub fn offcpu_counts(&self) -> u32 {
-        pow2_clamped(u64::from(self.cpus) * 4096, 8192, 128 * 1024)
+        let cap = per_cpu_cap(self.cpus, 44, 16).min(128 * 1024);
+        pow2_clamped(u64::from(self.cpus) * 4096, 8192.min(cap), cap)
+    }
+
+    /// Kernel memory of the maps that follow the host, bytes: the count
+    /// map, the two stack-trace maps, the off-CPU sums, and the ring of
+    /// stack copies (`ring`: its bytes, from the rate and CPUs).
+    pub fn maps_bytes(&self, ring: u64) -> u64 {
+        let cpus = u64::from(self.cpus);
+        u64::from(self.count_map()) * (32 + ELEM_OVERHEAD + 8 * cpus)
+            + 2 * u64::from(self.stack_map()) * STACK_ENTRY
+            + u64::from(self.offcpu_counts()) * (44 + ELEM_OVERHEAD + 16 * cpus)
+            + ring
     }
 }
 
@@ -86,12 +122,44 @@ mod tests {
         };
         assert_eq!(short.stack_map(), 4096);
         // The biggest EC2 hosts: bounded.
+        // The biggest EC2 hosts: per-CPU maps bounded by memory.
         let big = host(192, 999);
-        assert_eq!(big.count_map(), 1 << 18);
+        assert_eq!(big.count_map(), 32 * 1024);
         assert_eq!(big.stack_map(), 32 * 1024);
-        assert_eq!(big.offcpu_counts(), 128 * 1024);
+        assert_eq!(big.offcpu_counts(), 16 * 1024);
         assert_eq!(host(192, 99).count_map(), 32 * 1024);
+        assert_eq!(host(64, 999).count_map(), 64 * 1024);
         assert_eq!(host(16, 99).count_map(), 2048);
         assert_eq!(host(1, 1).count_map(), 1024);
+    }
+
+    /// The README's table of map sizes per host is this code's (run with
+    /// `--nocapture` to print it after a change).
+    #[test]
+    fn the_readme_table_is_this_code() {
+        let mut table = String::from(
+            "| vCPUs | Hz | count map | stack maps (each) | off-CPU sums | stack ring | kernel memory |\n|---|---|---|---|---|---|---|\n",
+        );
+        for cpus in [2u32, 16, 64, 192] {
+            for hz in [99u64, 999] {
+                let h = host(cpus, hz);
+                let ring = u64::from(super::super::stacks::ring_bytes_for(hz, cpus as usize));
+                table.push_str(&format!(
+                    "| {cpus} | {hz} | {} | {} | {} | {} MiB | {} MiB |\n",
+                    h.count_map(),
+                    h.stack_map(),
+                    h.offcpu_counts(),
+                    ring >> 20,
+                    h.maps_bytes(ring) >> 20,
+                ));
+            }
+        }
+        println!("{table}");
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+            .expect("README.md");
+        assert!(
+            readme.contains(&table),
+            "README.md's cost model should hold this table:\n{table}"
+        );
     }
 }

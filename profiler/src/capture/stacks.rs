@@ -56,6 +56,9 @@ pub struct Stacks {
     recent: HashMap<u32, u64>,
     /// Possible CPUs (the per-CPU values of a map), read once.
     ncpus: usize,
+    /// Where the stack copies are also written, as received, for
+    /// `profiler replay` (`record --save-samples`).
+    saved: Option<std::io::BufWriter<std::fs::File>>,
 }
 
 /// The kernel's counts, moved to userspace as the capture goes (the map
@@ -95,6 +98,12 @@ impl Stacks {
             origin_slice: (super::kernel::monotonic_ns() / TIME_SLICE_NS) as u32,
             recent: HashMap::new(),
             ncpus: possible_cpus() as usize,
+            saved: cfg.save_samples.as_ref().and_then(|p| {
+                std::fs::File::create(p)
+                    .map_err(|e| eprintln!("profiler: warning: {}: {e}", p.display()))
+                    .ok()
+                    .map(std::io::BufWriter::new)
+            }),
         }
     }
 }
@@ -107,6 +116,12 @@ impl Stacks {
 /// bigger reckoning costs the profiler's RSS more than it saves. Half a
 /// second covers the first look at a big binary's CFI; copies that find
 /// the ring full are counted (`stack_copies_lost`).
+/// The stack ring of a default capture (`--unwind auto`, whole copies).
+#[cfg(test)]
+pub(super) fn ring_bytes_for(hz: u64, cpus: usize) -> u32 {
+    stack_ring_bytes(hz, cpus, profiler_common::stacks::STACK_COPY_MAX as u32)
+}
+
 fn stack_ring_bytes(hz: u64, cpus: usize, stack_bytes: u32) -> u32 {
     let record = u64::from(stack_bytes.min(8192)) + 128;
     let want = hz * cpus as u64 * record / 2;
@@ -246,6 +261,16 @@ impl Signal for Stacks {
                 )
             };
             sample.len = sample.len.min((n - SAMPLE_HEADER_BYTES) as u32);
+            if let Some(w) = self.saved.as_mut() {
+                use std::io::Write;
+                let written = w
+                    .write_all(&(n as u32).to_le_bytes())
+                    .and_then(|()| w.write_all(&item[..n]));
+                if let Err(e) = written {
+                    eprintln!("profiler: warning: saving stack samples: {e}");
+                    self.saved = None;
+                }
+            }
             if sample.tgid != 0 {
                 *self.recent.entry(sample.tgid).or_default() += 1;
             }
@@ -324,6 +349,12 @@ impl Signal for Stacks {
         drain: bool,
     ) -> Result<(), CaptureError> {
         self.tick();
+        if let Some(w) = self.saved.as_mut() {
+            use std::io::Write;
+            if let Err(e) = w.flush() {
+                eprintln!("profiler: warning: saving stack samples: {e}");
+            }
+        }
         out.time_origin_ns = self.origin_ns;
         let Some((_, stack_map)) = self.maps.as_mut() else {
             return Ok(());
