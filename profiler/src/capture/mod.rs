@@ -184,6 +184,8 @@ pub struct Setup<'a> {
     pub unavailable: Vec<Unavailable>,
     /// Time spent in the verifier (loading programs) so far.
     pub verifying: std::time::Duration,
+    /// Threads on the host at start.
+    pub threads: u32,
 }
 
 impl Setup<'_> {
@@ -193,6 +195,7 @@ impl Setup<'_> {
             cpus: self.cpus.len().max(1) as u32,
             hz: self.cfg.frequency_hz,
             duration: self.cfg.duration,
+            threads: self.threads,
         }
     }
 
@@ -386,6 +389,7 @@ impl Capture {
             sizes: Vec::new(),
             unavailable: Vec::new(),
             verifying: std::time::Duration::ZERO,
+            threads: sizes::threads_now(),
         };
         let mut tracking = procs::Tracking::default();
         let mut signals = signals(cfg);

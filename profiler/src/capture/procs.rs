@@ -59,6 +59,8 @@ impl Tracking {
 
 impl Signal for Tracking {
     fn configure(&mut self, setup: &mut Setup<'_>) {
+        // Processes announced: at most the host's threads.
+        setup.sizes.push((procs::SEEN, setup.host().thread_map()));
         let c = &mut setup.config;
         c.filter_pids = setup.cfg.filter.into();
         c.reannounce_ns = procs::REANNOUNCE_NS;

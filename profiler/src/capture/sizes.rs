@@ -15,6 +15,24 @@ pub struct Host {
     pub hz: u64,
     /// The capture's length when known (`record -d`).
     pub duration: Option<Duration>,
+    /// Threads on the host at start ([`threads_now`]).
+    pub threads: u32,
+}
+
+/// Threads on the host now: the total of /proc/loadavg's
+/// "running/total" field (8192 when it cannot be read).
+pub fn threads_now() -> u32 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(3)?
+                .split_once('/')?
+                .1
+                .parse()
+                .ok()
+        })
+        .unwrap_or(8192)
 }
 
 /// Most memory one per-CPU map may take: its values are one per possible
@@ -84,6 +102,21 @@ impl Host {
         pow2_clamped(u64::from(self.cpus) * 4096, 8192.min(cap), cap)
     }
 
+    /// Maps keyed by thread or process (`OFFCPU_START`: threads off the
+    /// CPU now, `RUNQ_START`: threads waiting for one, `SEEN`: processes
+    /// announced to userspace): four times the host's
+    /// threads at start, between 8 K and 256 K entries (a full one counts
+    /// what it could not time).
+    pub fn thread_map(&self) -> u32 {
+        pow2_clamped(u64::from(self.threads) * 4, 8192, 256 * 1024)
+    }
+
+    /// The socket owners (`SOCK_OWNERS`, an LRU that forgets the oldest):
+    /// 8 K entries a CPU between 16 K and 256 K.
+    pub fn socket_owners(&self) -> u32 {
+        pow2_clamped(u64::from(self.cpus) * 8192, 16 * 1024, 256 * 1024)
+    }
+
     /// Kernel memory of the maps that follow the host, bytes: the count
     /// map, the two stack-trace maps, the off-CPU sums, and the ring of
     /// stack copies (`ring`: its bytes, from the rate and CPUs).
@@ -105,6 +138,7 @@ mod tests {
             cpus,
             hz,
             duration: None,
+            threads: 500,
         }
     }
 
@@ -131,6 +165,11 @@ mod tests {
         assert_eq!(host(64, 999).count_map(), 64 * 1024);
         assert_eq!(host(16, 99).count_map(), 2048);
         assert_eq!(host(1, 1).count_map(), 1024);
+        assert_eq!(vm.thread_map(), 8192);
+        assert_eq!(Host { threads: 10_000, ..vm }.thread_map(), 64 * 1024);
+        assert_eq!(vm.socket_owners(), 16 * 1024);
+        assert_eq!(big.socket_owners(), 256 * 1024);
+        assert!(threads_now() > 1);
     }
 
     /// The README's table of map sizes per host is this code's (run with

@@ -49,6 +49,9 @@ pub struct Tcp {
 
 impl Signal for Tcp {
     fn configure(&mut self, setup: &mut Setup<'_>) {
+        setup
+            .sizes
+            .push((tcp::SOCK_OWNERS, setup.host().socket_owners()));
         match Format::read("tcp", "tcp_retransmit_skb") {
             Ok(f) => setup.config.retrans = f.offsets(&field::NAMES),
             Err(reason) => setup.unavailable(RETRANSMITS, reason),
