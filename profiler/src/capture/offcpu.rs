@@ -114,9 +114,7 @@ impl Signal for OffCpu {
         setup
             .sizes
             .push((offcpu::OFFCPU_COUNTS, host.offcpu_counts()));
-        setup
-            .sizes
-            .push((offcpu::OFFCPU_START, host.thread_map()));
+        setup.sizes.push((offcpu::OFFCPU_START, host.thread_map()));
         if !self.on {
             for def in [
                 offcpu::OFFCPU_STACKS,

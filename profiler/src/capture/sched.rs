@@ -57,7 +57,9 @@ const LATENCY: &str = "runqueue_latency";
 
 impl Signal for Sched {
     fn configure(&mut self, setup: &mut Setup<'_>) {
-        setup.sizes.push((sched::RUNQ_START, setup.host().thread_map()));
+        setup
+            .sizes
+            .push((sched::RUNQ_START, setup.host().thread_map()));
         match (
             Format::read("sched", "sched_switch"),
             Format::read("sched", "sched_wakeup"),

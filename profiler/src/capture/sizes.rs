@@ -24,14 +24,7 @@ pub struct Host {
 pub fn threads_now() -> u32 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
-        .and_then(|l| {
-            l.split_whitespace()
-                .nth(3)?
-                .split_once('/')?
-                .1
-                .parse()
-                .ok()
-        })
+        .and_then(|l| l.split_whitespace().nth(3)?.split_once('/')?.1.parse().ok())
         .unwrap_or(8192)
 }
 
@@ -166,7 +159,14 @@ mod tests {
         assert_eq!(host(16, 99).count_map(), 2048);
         assert_eq!(host(1, 1).count_map(), 1024);
         assert_eq!(vm.thread_map(), 8192);
-        assert_eq!(Host { threads: 10_000, ..vm }.thread_map(), 64 * 1024);
+        assert_eq!(
+            Host {
+                threads: 10_000,
+                ..vm
+            }
+            .thread_map(),
+            64 * 1024
+        );
         assert_eq!(vm.socket_owners(), 16 * 1024);
         assert_eq!(big.socket_owners(), 256 * 1024);
         assert!(threads_now() > 1);

@@ -296,13 +296,15 @@ pub(super) fn end_window(
     }
     report.profiler = Some(cost);
     let by_container = args.capture.group_by == GroupBy::Container;
-    // One for the window's off-CPU and stall stacks.
-    let mut sym = crate::symbolize::Symbolizer::new();
+    // The daemon's long-lived symbolizer names the off-CPU and stall
+    // stacks too: a fresh one each window read kallsyms and parsed (and
+    // inflated) every binary's DWARF again, most of a window's CPU.
+    naming.symbolizer();
     let offcpu = raw.offcpu_on.then(|| {
         crate::offcpu::analyze(
             &raw,
             procs,
-            &mut sym,
+            &mut naming.sym,
             None,
             &mut naming.attributor,
             by_container,
@@ -316,7 +318,7 @@ pub(super) fn end_window(
         crate::loops::analyze(
             &raw,
             procs,
-            &mut sym,
+            &mut naming.sym,
             None,
             &mut naming.attributor,
             by_container,
