@@ -104,8 +104,13 @@ pub struct Config {
     /// Offset of `sk_err` in `struct sock` (0: unknown), for why a
     /// connection failed.
     pub sk_err: u32,
+    /// The profiler's own thread-group id: its event loop (tokio's
+    /// epoll) is not the user's, and is not timed.
+    pub own_tgid: u32,
+    /// Padding, zero.
+    pub _pad7: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 248);
+const _: () = assert!(core::mem::size_of::<Config>() == 256);
 
 impl Config {
     /// The settings before the loader has read anything: every signal off,
@@ -150,6 +155,8 @@ impl Config {
         sock_states: 0,
         _pad6: [0; 2],
         sk_err: 0,
+        own_tgid: 0,
+        _pad7: 0,
     };
 }
 

@@ -50,7 +50,7 @@ pub fn loop_exit(_ctx: TracePointContext) -> u32 {
     let cfg = config();
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    if cfg.filter_pids != 0 && !crate::procs::profiled(tgid) {
+    if (cfg.filter_pids != 0 && !crate::procs::profiled(tgid)) || tgid == cfg.own_tgid {
         return 0;
     }
     let p = match LOOPS.get_ptr_mut(&tid) {

@@ -406,6 +406,7 @@ impl Capture {
         if crate::kbtf::core_relocation_bytes(EBPF_OBJECT) == Some(0) {
             loader.btf(None);
         }
+        setup.config.own_tgid = std::process::id();
         loader.override_global(config::CONFIG, &setup.config, true);
         // Level 0 turns every log statement off; the global is read-only,
         // so the verifier drops the logging code altogether.
