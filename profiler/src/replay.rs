@@ -11,7 +11,7 @@ use profiler_common::stacks::{SAMPLE_HEADER_BYTES, StackSample};
 use serde::Serialize;
 
 use crate::{
-    model::{RawProfile, RawStack},
+    model::RawProfile,
     procs::ProcessTable,
     symbolize::{Symbolizer, symbolize_profile_with},
     unwind::UserUnwinder,
@@ -105,14 +105,7 @@ pub fn replay(path: &Path) -> Result<Replay, ReplayError> {
                 at,
             });
         };
-        // SAFETY: copies at most size_of::<StackSample>() bytes of plain
-        // integers into it.
-        unsafe {
-            let dst = (&mut *sample as *mut StackSample).cast::<u8>();
-            std::ptr::write_bytes(dst, 0, std::mem::size_of::<StackSample>());
-            std::ptr::copy_nonoverlapping(record.as_ptr(), dst, record.len());
-        }
-        sample.len = sample.len.min((record.len() - SAMPLE_HEADER_BYTES) as u32);
+        crate::capture::read_record(&mut sample, record);
         bytes += u64::from(sample.len);
         samples += 1;
         unwinder.add(&sample, &mut procs);
@@ -122,15 +115,8 @@ pub fn replay(path: &Path) -> Result<Replay, ReplayError> {
     let (window, _) = unwinder.take_window();
     let mut raw = RawProfile::default();
     for (key, count) in window.stacks {
-        raw.stacks.push(RawStack {
-            tgid: key.tgid,
-            thread: key.thread,
-            user: Ok(key.user),
-            user_cut: key.cut,
-            // The kernel's stack map is gone: user frames only.
-            kernel: Ok(Vec::new()),
-            count,
-        });
+        // The kernel's stack map is gone: user frames only.
+        raw.stacks.push(key.into_raw(Ok(Vec::new()), count));
     }
     let mut sym = Symbolizer::new();
     let symbolized = symbolize_profile_with(&mut sym, &raw, &procs, None);

@@ -33,6 +33,7 @@ mod requests;
 mod sched;
 pub mod sizes;
 mod stacks;
+pub(crate) use stacks::read_record;
 mod tcp;
 
 use std::{future::Future, pin::Pin, task::Poll};

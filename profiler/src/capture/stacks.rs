@@ -116,6 +116,20 @@ impl Stacks {
 /// bigger reckoning costs the profiler's RSS more than it saves. Half a
 /// second covers the first look at a big binary's CFI; copies that find
 /// the ring full are counted (`stack_copies_lost`).
+/// Copies one ring record (a header and the stack bytes the kernel
+/// sent) into `sample`, its length bounded by what arrived; returns the
+/// bytes copied. The caller checks the record holds a header.
+pub(crate) fn read_record(sample: &mut StackSample, item: &[u8]) -> usize {
+    let n = item.len().min(std::mem::size_of::<StackSample>());
+    // SAFETY: copies n <= size_of::<StackSample>() bytes of plain
+    // integers into it.
+    unsafe {
+        std::ptr::copy_nonoverlapping(item.as_ptr(), (sample as *mut StackSample).cast::<u8>(), n)
+    };
+    sample.len = sample.len.min((n - SAMPLE_HEADER_BYTES) as u32);
+    n
+}
+
 /// The stack ring of a default capture (`--unwind auto`, whole copies).
 #[cfg(test)]
 pub(super) fn ring_bytes_for(hz: u64, cpus: usize) -> u32 {
@@ -250,17 +264,7 @@ impl Signal for Stacks {
             // The kernel sends the header and only the pages it copied:
             // the rest of the record stays zero.
             let sample = &mut self.sample_buf;
-            let n = item.len().min(std::mem::size_of::<StackSample>());
-            // SAFETY: copies n <= size_of::<StackSample>() bytes of plain
-            // integers into it.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    item.as_ptr(),
-                    (&mut **sample as *mut StackSample).cast::<u8>(),
-                    n,
-                )
-            };
-            sample.len = sample.len.min((n - SAMPLE_HEADER_BYTES) as u32);
+            let n = read_record(sample, &item);
             if let Some(w) = self.saved.as_mut() {
                 use std::io::Write;
                 let written = w
@@ -407,13 +411,9 @@ impl Signal for Stacks {
                 out.turn_samples.push(TimedSample {
                     tid,
                     time_ns,
-                    stack: RawStack {
-                        tgid: key.tgid,
-                        thread: key.thread,
-                        user: Ok(key.user),
-                        user_cut: key.cut,
-                        kernel: resolve(key.kernel_stack_id),
-                        count: 1,
+                    stack: {
+                        let kernel = resolve(key.kernel_stack_id);
+                        key.into_raw(kernel, 1)
                     },
                 });
             }
@@ -428,14 +428,8 @@ impl Signal for Stacks {
                     .map(|&(slice, id, n)| (slice.wrapping_sub(origin), base + id, n)),
             );
             for (key, count) in window.stacks {
-                out.stacks.push(RawStack {
-                    tgid: key.tgid,
-                    thread: key.thread,
-                    user: Ok(key.user),
-                    user_cut: key.cut,
-                    kernel: resolve(key.kernel_stack_id),
-                    count,
-                });
+                let kernel = resolve(key.kernel_stack_id);
+                out.stacks.push(key.into_raw(kernel, count));
             }
         }
         if drain {

@@ -107,6 +107,25 @@ pub struct UnwoundKey {
     pub cut: Option<Cut>,
 }
 
+impl UnwoundKey {
+    /// The stack as the rest of the pipeline takes it, with its kernel
+    /// part resolved by the caller.
+    pub fn into_raw(
+        self,
+        kernel: crate::model::RawStackPart,
+        count: u64,
+    ) -> crate::model::RawStack {
+        crate::model::RawStack {
+            tgid: self.tgid,
+            thread: self.thread,
+            user: Ok(self.user),
+            user_cut: self.cut,
+            kernel,
+            count,
+        }
+    }
+}
+
 /// Unwind data of files by host path (None: read and found unusable).
 type FileMap = HashMap<PathBuf, Option<Arc<FileUnwindData>>>;
 
