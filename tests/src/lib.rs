@@ -6,6 +6,7 @@
 
 pub mod browser;
 pub mod node;
+pub mod watchdog;
 
 use std::{
     collections::BTreeMap,
@@ -37,6 +38,7 @@ pub fn profiler_bin() -> PathBuf {
 
 /// True when running as root; otherwise prints why the test is skipped.
 pub fn require_root(test: &str) -> bool {
+    watchdog::arm();
     // SAFETY: geteuid cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
@@ -47,6 +49,7 @@ pub fn require_root(test: &str) -> bool {
 
 /// A fresh scratch directory under the target dir, removed first if it exists.
 pub fn scratch(name: &str) -> PathBuf {
+    watchdog::arm();
     let d = workspace().join("target/e2e").join(name);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
