@@ -136,9 +136,12 @@ pub(super) fn ring_bytes_for(hz: u64, cpus: usize) -> u32 {
     stack_ring_bytes(hz, cpus, profiler_common::stacks::STACK_COPY_MAX as u32)
 }
 
+/// A quarter second of copies (read every 20 ms, and at each tick): the
+/// ring's pages count twice in the profiler's RSS (its data is mapped
+/// twice, for records that wrap), so it is no larger than that.
 fn stack_ring_bytes(hz: u64, cpus: usize, stack_bytes: u32) -> u32 {
     let record = u64::from(stack_bytes.min(8192)) + 128;
-    let want = hz * cpus as u64 * record / 2;
+    let want = hz * cpus as u64 * record / 4;
     want.clamp(1 << 20, 64 << 20)
         .next_power_of_two()
         .min(64 << 20) as u32

@@ -25,6 +25,19 @@ use crate::{
     procs::{ProcessInfo, ProcessTable},
 };
 
+/// Whether `path` is the file this process runs (the same device and
+/// inode as /proc/self/exe).
+fn is_own_executable(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    static OWN: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
+    let own = OWN.get_or_init(|| {
+        fs::metadata("/proc/self/exe")
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    });
+    own.is_some_and(|own| fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == own))
+}
+
 /// Strips the `::h0123456789abcdef` hash of a demangled Rust legacy name.
 fn strip_rust_hash(name: &str) -> &str {
     if let Some(idx) = name.rfind("::h") {
@@ -252,7 +265,13 @@ impl Symbolizer {
     }
 
     fn file(&self, path: &Path, offsets: &[u64]) -> Vec<Result<Vec<Frame>, Unknown>> {
-        let src = Source::Elf(Elf::new(path));
+        let mut elf = Elf::new(path);
+        // The profiler's own frames (it samples itself on a system-wide
+        // capture) are named from its symbol table alone: its DWARF, tens
+        // of MB, would double the peak memory of a capture, for the
+        // inlined frames of the tool rather than of what it profiles.
+        elf.debug_syms = !is_own_executable(path);
+        let src = Source::Elf(elf);
         match self
             .blaze
             .symbolize(&src, blazesym::symbolize::Input::FileOffset(offsets))
