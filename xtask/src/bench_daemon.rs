@@ -85,19 +85,18 @@ fn workloads(root: &Path, dir: &Path, secs: u64) -> Result<Kill> {
     Ok(Kill(kids))
 }
 
-pub fn bench(profiler: &Path, root: &Path) -> Result<()> {
-    let dir = root.join("target/bench");
-    std::fs::create_dir_all(&dir)?;
+/// A daemon with every signal on and windows of `window`, serving on a
+/// free port of the loopback once it answers.
+fn start_daemon(profiler: &Path, window: &str) -> Result<(Child, SocketAddr)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let _load = workloads(root, &dir, WINDOWS + 90)?;
-    let mut daemon = Command::new(profiler)
+    let daemon = Command::new(profiler)
         .args([
             "daemon",
             "--window",
-            "1s",
+            window,
             "-F",
             HZ,
             "--ecs-agent",
@@ -110,7 +109,6 @@ pub fn bench(profiler: &Path, root: &Path) -> Result<()> {
         .stderr(Stdio::null())
         .spawn()
         .context("start the daemon")?;
-    let pid = daemon.id();
     let waited = Instant::now();
     while get(addr, "/healthz").is_err() {
         if waited.elapsed() > Duration::from_secs(30) {
@@ -118,11 +116,114 @@ pub fn bench(profiler: &Path, root: &Path) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let windows = || -> f64 {
-        get(addr, "/metrics")
-            .map(|(_, b)| metric(&String::from_utf8_lossy(&b), "profiler_windows_total"))
-            .unwrap_or(0.0)
-    };
+    Ok((daemon, addr))
+}
+
+/// The daemon's count of finished windows.
+fn windows_done(addr: SocketAddr) -> u64 {
+    get(addr, "/metrics")
+        .map(|(_, b)| metric(&String::from_utf8_lossy(&b), "profiler_windows_total"))
+        .unwrap_or(0.0) as u64
+}
+
+/// RSS (KiB) of `pid` at each window of `at`, as the daemon reaches it.
+fn rss_at(pid: u32, addr: SocketAddr, at: &[u64], limit: Duration) -> Result<Vec<(u64, u64)>> {
+    let t0 = Instant::now();
+    let mut marks = Vec::new();
+    for &w in at {
+        loop {
+            let n = windows_done(addr);
+            if n >= w {
+                let (_, rss) = usage(pid);
+                eprintln!("xtask: window {n}: RSS {rss} KiB");
+                marks.push((n, rss));
+                break;
+            }
+            if t0.elapsed() > limit {
+                bail!("the daemon made only {n} windows in {} s", limit.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(marks)
+}
+
+/// `cargo xtask bench soak`: the daemon's memory on the busy host with
+/// every signal on: steady RSS with its default 60 s windows (windows 2
+/// to 4), and a thousand 250 ms windows with process churn (RSS at the
+/// 10th window against each later mark, up to the 1000th).
+pub fn soak(profiler: &Path, root: &Path) -> Result<()> {
+    const LIMIT_KIB: u64 = 64 * 1024;
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let _load = workloads(root, &dir, 4 * 60 + 30 + 400)?;
+    let (mut daemon, addr) = start_daemon(profiler, "60s")?;
+    let minute = rss_at(daemon.id(), addr, &[2, 3, 4], Duration::from_secs(6 * 60))?;
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    daemon.wait()?;
+    let steady = minute.iter().map(|m| m.1).max().unwrap_or(0);
+
+    let (mut daemon, addr) = start_daemon(profiler, "250ms")?;
+    let at = [10, 100, 250, 500, 750, 1000];
+    let soak = rss_at(daemon.id(), addr, &at, Duration::from_secs(1000))?;
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    daemon.wait()?;
+    let base = soak.first().map_or(1, |m| m.1.max(1));
+    let worst = soak
+        .iter()
+        .map(|m| (m.1 as f64 - base as f64) / base as f64)
+        .fold(0.0f64, |a, d| if d.abs() > a.abs() { d } else { a });
+
+    let mut md = format!(
+        "# Daemon soak (issue 15)\n\nBusy host (known-workload loops, Node.js, a process started every 50 ms); `profiler daemon -F {HZ} --off-cpu` (every signal on).\n\n\
+         | windows | window | RSS KiB |\n|---|---|---|\n"
+    );
+    for (n, rss) in &minute {
+        let _ = writeln!(md, "| {n} | 60 s | {rss} |");
+    }
+    for (n, rss) in &soak {
+        let _ = writeln!(md, "| {n} | 250 ms | {rss} |");
+    }
+    let verdicts = [
+        format!(
+            "steady RSS with 60 s windows: {} MiB, at most 64 MiB: {}",
+            steady >> 10,
+            if steady <= LIMIT_KIB { "met" } else { "MISSED" }
+        ),
+        format!(
+            "RSS from the 10th window to the 1000th (250 ms windows, churn): {:+.1}% at worst, within 5%: {}",
+            100.0 * worst,
+            if worst.abs() <= 0.05 { "met" } else { "MISSED" }
+        ),
+    ];
+    md.push('\n');
+    for v in &verdicts {
+        let _ = writeln!(md, "- {v}");
+        eprintln!("xtask: {v}");
+    }
+    std::fs::write(dir.join("soak.md"), &md)?;
+    std::fs::write(
+        dir.join("soak.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "minute_windows": minute.iter().map(|(n, r)| serde_json::json!({"window": n, "rss_kib": r})).collect::<Vec<_>>(),
+            "short_windows": soak.iter().map(|(n, r)| serde_json::json!({"window": n, "rss_kib": r})).collect::<Vec<_>>(),
+            "steady_rss_kib": steady,
+            "worst_change": worst,
+        }))?,
+    )?;
+    eprintln!("xtask: wrote {}", dir.join("soak.md").display());
+    Ok(())
+}
+
+pub fn bench(profiler: &Path, root: &Path) -> Result<()> {
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let _load = workloads(root, &dir, WINDOWS + 90)?;
+    let (mut daemon, addr) = start_daemon(profiler, "1s")?;
+    let pid = daemon.id();
+    let windows = || windows_done(addr) as f64;
     // A busy minute's profile, asked for at window 20.
     let mut marks: Vec<(u64, f64, u64)> = Vec::new();
     let mut profile: Option<std::thread::JoinHandle<Result<Response>>> = None;

@@ -52,10 +52,11 @@ enum Cmd {
     },
     /// Benchmarks against perf and bpftrace, measured in the same run
     /// (root, perf, bpftrace, node, offcputime): `unwind`, `daemon`,
-    /// `overhead`, `node`, `offcpu`, `requests`, `startstop`, `kcost`, `replay`, or all.
+    /// `overhead`, `node`, `offcpu`, `requests`, `startstop`, `kcost`, `replay`,
+    /// `soak`, or all.
     Bench {
         /// Which bench: unwind, daemon, overhead, node, offcpu, requests,
-        /// startstop, kcost, replay (default: all).
+        /// startstop, kcost, replay, soak (default: all).
         which: Option<String>,
         /// Rounds of the overhead bench's slowdown runs (each round runs
         /// the workload alone and under every tool, in a rotating order).
@@ -95,7 +96,8 @@ fn main() -> Result<()> {
                     bench_requests::bench(&exe, &root(), rounds as usize)?;
                     bench_startstop::bench(&exe, &root(), rounds as usize)?;
                     bench_kcost::bench(&exe, &root(), rounds as usize)?;
-                    bench_kcost::replay(&exe, &root(), rounds as usize)
+                    bench_kcost::replay(&exe, &root(), rounds as usize)?;
+                    bench_daemon::soak(&exe, &root())
                 }
                 Some("unwind") => bench::bench(&exe, &root()),
                 Some("daemon") => bench_daemon::bench(&exe, &root()),
@@ -106,9 +108,10 @@ fn main() -> Result<()> {
                 Some("startstop") => bench_startstop::bench(&exe, &root(), rounds as usize),
                 Some("kcost") => bench_kcost::bench(&exe, &root(), rounds as usize),
                 Some("replay") => bench_kcost::replay(&exe, &root(), rounds as usize),
+                Some("soak") => bench_daemon::soak(&exe, &root()),
                 Some(other) => {
                     bail!(
-                        "unknown bench {other:?}: use unwind, daemon, overhead, node, offcpu, requests, startstop, kcost or replay"
+                        "unknown bench {other:?}: use unwind, daemon, overhead, node, offcpu, requests, startstop, kcost, replay or soak"
                     )
                 }
             }

@@ -8,11 +8,13 @@
 
 use std::{collections::HashMap, fs, path::Path};
 
+use blazesym::Addr;
 use blazesym::symbolize::{
     Symbolized, Symbolizer as Blaze,
-    source::{Elf, Kernel, Source},
+    source::{Elf, Source},
 };
-use blazesym::{Addr, MaybeDefault};
+
+mod kallsyms;
 
 use crate::{
     jitdump::{JitDump, JitDumpReader},
@@ -77,6 +79,8 @@ pub struct Symbolizer {
     /// Function symbols of the vDSO (start, end, name), read lazily from
     /// the profiler's own copy: the same image in every process.
     vdso: Option<Vec<(u64, u64, String)>>,
+    /// Kernel functions, read from kallsyms on first use.
+    kernel_table: std::cell::OnceCell<Option<kallsyms::Table>>,
 }
 
 impl Default for Symbolizer {
@@ -99,6 +103,7 @@ impl Symbolizer {
             jitdumps: HashMap::new(),
             round: 1,
             vdso: None,
+            kernel_table: std::cell::OnceCell::new(),
         }
     }
 
@@ -139,30 +144,18 @@ impl Symbolizer {
         if addrs.is_empty() {
             return HashMap::new();
         }
-        let src = Source::Kernel(Kernel {
-            vmlinux: MaybeDefault::None,
-            debug_syms: false,
-            ..Kernel::default()
-        });
-        let results = self
-            .blaze
-            .symbolize(&src, blazesym::symbolize::Input::AbsAddr(addrs));
+        let kernel_frame = |addr: u64, name: Option<&str>| match name {
+            Some(n) => Frame::new(strip_rust_hash(n), FrameKind::Kernel),
+            None => unknown_kernel(addr, Some("no kernel function at this address")),
+        };
         let mut out = HashMap::with_capacity(addrs.len());
-        match results {
-            Ok(results) => {
-                for (addr, res) in addrs.iter().zip(results) {
-                    let frames = match res {
-                        Symbolized::Sym(sym) => frames_of(&sym, FrameKind::Kernel),
-                        Symbolized::Unknown(r) => vec![unknown_kernel(*addr, Some(r))],
-                    };
-                    out.insert(*addr, frames);
-                }
-            }
-            Err(_) => {
-                for addr in addrs {
-                    out.insert(*addr, vec![unknown_kernel(*addr, None)]);
-                }
-            }
+        let table = self.kernel_table.get_or_init(kallsyms::Table::load);
+        for &addr in addrs {
+            let frame = match table {
+                Some(t) => kernel_frame(addr, t.name(addr)),
+                None => unknown_kernel(addr, Some(KALLSYMS_HIDDEN)),
+            };
+            out.insert(addr, vec![frame]);
         }
         out
     }
@@ -416,11 +409,16 @@ fn not_code(entry: &MapEntry) -> Frame {
 }
 
 /// A kernel address not in kallsyms.
-fn unknown_kernel(addr: Addr, r: Option<blazesym::symbolize::Reason>) -> Frame {
+/// Why no kernel address can be named: kallsyms unreadable, or its
+/// addresses hidden.
+const KALLSYMS_HIDDEN: &str =
+    "/proc/kallsyms shows no addresses (kptr_restrict, or not root) or cannot be read";
+
+fn unknown_kernel(addr: Addr, detail: Option<&'static str>) -> Frame {
     let mut u = Unknown::new(UnknownReason::KernelUnknown, Side::Kernel);
     u.offset = Some(addr);
-    if let Some(r) = r {
-        u = u.detail(blaze_reason(r));
+    if let Some(d) = detail {
+        u = u.detail(d);
     }
     Frame::unknown(u)
 }
