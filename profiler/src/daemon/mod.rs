@@ -141,6 +141,17 @@ impl Naming {
         &mut self.sym
     }
 
+    /// After a window: a symbolizer the next window would not reuse (a
+    /// minute old by its end) is let go now rather than held through it,
+    /// with the binaries it parsed: with 60 s windows the daemon holds
+    /// them only while it names a window's stacks.
+    fn after_window(&mut self, window: Duration) {
+        if self.sym_since.elapsed() + window + Duration::from_secs(1) >= SYMBOLIZER_LIFETIME {
+            self.sym = Symbolizer::new();
+            self.sym_since = Instant::now();
+        }
+    }
+
     fn container_of(&mut self, tgid: u32, procs: &ProcessTable) -> Option<String> {
         let p = procs.get(tgid)?;
         self.attributor
@@ -242,6 +253,11 @@ async fn daemon(args: &DaemonArgs) -> Result<(), DaemonError> {
                     let cost = selfcost::Reading::now(&capture.bpf_stats());
                     end_window(&mut capture, &shared, &mut naming, &window, &cost, args);
                     windows_done += 1;
+                    naming.after_window(args.window);
+                    // The window's page, JSON and flame graphs were built
+                    // and freed: their pages go back to the kernel rather
+                    // than stay in glibc's arenas until the next window.
+                    give_back_freed_memory();
                     capture.forget_exited(|pid| active.iter().any(|a| a.stacks.has(pid)));
                     let mut m = shared.metrics.lock().unwrap();
                     m.update_self(&cost.programs);
