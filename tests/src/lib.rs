@@ -477,16 +477,24 @@ pub fn detaching_helpers() -> Vec<u32> {
         .collect()
 }
 
+/// The value of the line `name` (e.g. `"VmRSS:"`) of /proc/PID/status.
+pub fn status_field(pid: u32, name: &str) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+}
+
+/// A `kB` line of /proc/PID/status (`"VmRSS:"`, `"VmHWM:"`), in KiB; 0
+/// when the process is gone.
+pub fn status_kib(pid: u32, name: &str) -> u64 {
+    status_field(pid, name)
+        .and_then(|v| v.trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Resident memory of a process, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    status_kib(pid, "VmRSS:")
 }
 
 /// The value of a sample line `name{labels} value` in a Prometheus

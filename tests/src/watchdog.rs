@@ -6,6 +6,7 @@
 //! fails in minutes with the evidence rather than at its own limit with
 //! none.
 
+use crate::status_field;
 use std::{
     fmt::Write as _,
     path::Path,
@@ -72,12 +73,6 @@ fn descendants(root: u32) -> Vec<u32> {
         }
     }
     out
-}
-
-fn status_field(pid: u32, name: &str) -> Option<String> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
 }
 
 fn read(path: &str) -> String {

@@ -44,15 +44,7 @@ fn usage(pid: u32) -> (f64, u64) {
         + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0);
-    (ticks / hz, rss)
+    (ticks / hz, tests::rss_kib(pid))
 }
 
 struct Kill(Vec<Child>);
@@ -126,18 +118,6 @@ fn windows_done(addr: SocketAddr) -> u64 {
         .unwrap_or(0.0) as u64
 }
 
-/// Peak RSS (KiB) of a process so far (VmHWM).
-fn peak_rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// RSS (KiB) of `pid` in each window of `at`: half a window (`window`)
 /// after the daemon finished the one before, between the ends, where
 /// the window's page and JSON are not being built.
@@ -187,7 +167,7 @@ pub fn soak(profiler: &Path, root: &Path) -> Result<()> {
         Duration::from_secs(60),
         Duration::from_secs(6 * 60),
     )?;
-    let minute_peak = peak_rss(daemon.id());
+    let minute_peak = tests::status_kib(daemon.id(), "VmHWM:");
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     daemon.wait()?;
@@ -202,7 +182,7 @@ pub fn soak(profiler: &Path, root: &Path) -> Result<()> {
         Duration::from_millis(250),
         Duration::from_secs(1000),
     )?;
-    let soak_peak = peak_rss(daemon.id());
+    let soak_peak = tests::status_kib(daemon.id(), "VmHWM:");
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     daemon.wait()?;

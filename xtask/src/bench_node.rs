@@ -52,14 +52,7 @@ fn throughput(dir: &Path, flags: &[&str]) -> Result<(f64, u64)> {
         .arg(format!("http://127.0.0.1:{port}/docs/1"))
         .stderr(Stdio::null())
         .output()?;
-    let rss = std::fs::read_to_string(format!("/proc/{}/status", node.id()))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
-        })
-        .unwrap_or(0);
+    let rss = tests::rss_kib(node.id());
     sigterm_and_wait(node);
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).context("autocannon -j printed no JSON")?;

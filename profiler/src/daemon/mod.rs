@@ -132,12 +132,7 @@ struct Naming {
 
 impl Naming {
     fn symbolizer(&mut self) -> &mut Symbolizer {
-        // A window ends a tick early or late: a second of slack.
-        if self.sym_since.elapsed() + Duration::from_secs(1) >= SYMBOLIZER_LIFETIME {
-            self.sym = Symbolizer::new();
-            self.sym_since = Instant::now();
-            give_back_freed_memory();
-        }
+        self.renew_symbolizer_within(Duration::ZERO);
         &mut self.sym
     }
 
@@ -146,7 +141,13 @@ impl Naming {
     /// with the binaries it parsed: with 60 s windows the daemon holds
     /// them only while it names a window's stacks.
     fn after_window(&mut self, window: Duration) {
-        if self.sym_since.elapsed() + window + Duration::from_secs(1) >= SYMBOLIZER_LIFETIME {
+        self.renew_symbolizer_within(window);
+    }
+
+    /// A new symbolizer if this one reaches its lifetime within `ahead`
+    /// (a window ends a tick early or late: a second of slack).
+    fn renew_symbolizer_within(&mut self, ahead: Duration) {
+        if self.sym_since.elapsed() + ahead + Duration::from_secs(1) >= SYMBOLIZER_LIFETIME {
             self.sym = Symbolizer::new();
             self.sym_since = Instant::now();
         }

@@ -1,6 +1,6 @@
 //! Kernel function names from /proc/kallsyms, read once (30 ms of system
 //! time here) into a [`Table`]: addresses sorted, every name in one
-//! string, 3.8 MB for this kernel's 121 K functions, where blazesym's
+//! string, 4 MB for this kernel's 121 K functions, where blazesym's
 //! table (a `String` and an entry per symbol) took 6 MB. Reading it twice
 //! to keep only the names asked for would take 1 MB, for 30 ms more of a
 //! capture's stop.
@@ -16,8 +16,7 @@ fn is_function(ty: u8) -> bool {
 
 /// Calls `f(address, name)` for each function of `text` (kallsyms'
 /// format: `ffffffff81000000 T _stext` and `... t name\t[module]`).
-fn each_function(text: impl BufRead, mut f: impl FnMut(u64, &str)) -> std::io::Result<()> {
-    let mut text = text;
+fn each_function(mut text: impl BufRead, mut f: impl FnMut(u64, &str)) -> std::io::Result<()> {
     let mut line = String::new();
     loop {
         line.clear();
@@ -47,8 +46,8 @@ fn open() -> std::io::Result<impl BufRead> {
 /// Every kernel function, kept: addresses sorted, names in one string.
 pub struct Table {
     starts: Vec<u64>,
-    /// Each function's name: `names[ends[i - 1]..ends[i]]`.
-    ends: Vec<u32>,
+    /// Each function's name in `names`, in the order of `starts`.
+    spans: Vec<(u32, u32)>,
     names: String,
 }
 
@@ -59,12 +58,12 @@ impl Table {
     }
 
     fn from(text: impl BufRead) -> Option<Table> {
-        let mut entries: Vec<(u64, u32, u32)> = Vec::new();
+        let mut entries: Vec<(u64, (u32, u32))> = Vec::new();
         let mut names = String::new();
         each_function(text, |a, name| {
             let start = names.len() as u32;
             names.push_str(name);
-            entries.push((a, start, names.len() as u32));
+            entries.push((a, (start, names.len() as u32)));
         })
         .ok()?;
         if entries.is_empty() {
@@ -73,17 +72,12 @@ impl Table {
         // Several names at one address: the first listed.
         entries.sort_by_key(|e| e.0);
         entries.dedup_by_key(|e| e.0);
-        let mut table = Table {
-            starts: Vec::with_capacity(entries.len()),
-            ends: Vec::with_capacity(entries.len()),
-            names: String::with_capacity(names.len()),
-        };
-        for (a, s, e) in entries {
-            table.starts.push(a);
-            table.names.push_str(&names[s as usize..e as usize]);
-            table.ends.push(table.names.len() as u32);
-        }
-        Some(table)
+        let (starts, spans) = entries.into_iter().unzip();
+        Some(Table {
+            starts,
+            spans,
+            names,
+        })
     }
 
     /// The name of the function `addr` is in.
@@ -92,8 +86,8 @@ impl Table {
         if i == 0 {
             return None;
         }
-        let start = if i >= 2 { self.ends[i - 2] as usize } else { 0 };
-        Some(&self.names[start..self.ends[i - 1] as usize])
+        let (start, end) = self.spans[i - 1];
+        Some(&self.names[start as usize..end as usize])
     }
 }
 

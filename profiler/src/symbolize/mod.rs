@@ -52,16 +52,11 @@ fn strip_rust_hash(name: &str) -> &str {
 }
 
 /// The frames (outermost first) for one symbolized address.
-fn frames_of(sym: &blazesym::symbolize::Sym<'_>, kind: FrameKind) -> Vec<Frame> {
+fn frames_of(sym: &blazesym::symbolize::Sym<'_>) -> Vec<Frame> {
     let mut out = Vec::with_capacity(1 + sym.inlined.len());
-    let inlined_kind = if kind == FrameKind::Kernel {
-        FrameKind::Kernel
-    } else {
-        FrameKind::Inlined
-    };
-    out.push(Frame::new(strip_rust_hash(&sym.name), kind));
+    out.push(Frame::new(strip_rust_hash(&sym.name), FrameKind::User));
     for f in sym.inlined.iter() {
-        out.push(Frame::new(strip_rust_hash(&f.name), inlined_kind.clone()));
+        out.push(Frame::new(strip_rust_hash(&f.name), FrameKind::Inlined));
     }
     out
 }
@@ -146,14 +141,14 @@ impl Symbolizer {
         }
         let kernel_frame = |addr: u64, name: Option<&str>| match name {
             Some(n) => Frame::new(strip_rust_hash(n), FrameKind::Kernel),
-            None => unknown_kernel(addr, Some("no kernel function at this address")),
+            None => unknown_kernel(addr, "no kernel function at this address"),
         };
         let mut out = HashMap::with_capacity(addrs.len());
         let table = self.kernel_table.get_or_init(kallsyms::Table::load);
         for &addr in addrs {
             let frame = match table {
                 Some(t) => kernel_frame(addr, t.name(addr)),
-                None => unknown_kernel(addr, Some(KALLSYMS_HIDDEN)),
+                None => unknown_kernel(addr, KALLSYMS_HIDDEN),
             };
             out.insert(addr, vec![frame]);
         }
@@ -272,7 +267,7 @@ impl Symbolizer {
             Ok(results) => results
                 .into_iter()
                 .map(|r| match r {
-                    Symbolized::Sym(sym) => Ok(frames_of(&sym, FrameKind::User)),
+                    Symbolized::Sym(sym) => Ok(frames_of(&sym)),
                     Symbolized::Unknown(r) => {
                         Err(Unknown::new(UnknownReason::NoSymbols, Side::User)
                             .detail(blaze_reason(r)))
@@ -408,18 +403,15 @@ fn not_code(entry: &MapEntry) -> Frame {
     )
 }
 
-/// A kernel address not in kallsyms.
 /// Why no kernel address can be named: kallsyms unreadable, or its
 /// addresses hidden.
 const KALLSYMS_HIDDEN: &str =
     "/proc/kallsyms shows no addresses (kptr_restrict, or not root) or cannot be read";
 
-fn unknown_kernel(addr: Addr, detail: Option<&'static str>) -> Frame {
-    let mut u = Unknown::new(UnknownReason::KernelUnknown, Side::Kernel);
+/// A kernel address that cannot be named, and why.
+fn unknown_kernel(addr: Addr, detail: &'static str) -> Frame {
+    let mut u = Unknown::new(UnknownReason::KernelUnknown, Side::Kernel).detail(detail);
     u.offset = Some(addr);
-    if let Some(d) = detail {
-        u = u.detail(d);
-    }
     Frame::unknown(u)
 }
 
