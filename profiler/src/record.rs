@@ -316,10 +316,22 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
         Duration::from_secs(1),
     );
     let by_container = args.capture.group_by == GroupBy::Container;
-    // One symbolizer for the CPU, off-CPU and stall stacks: each binary
-    // is parsed once.
+    // One symbolizer for the CPU, off-CPU and stall stacks, which names
+    // all their addresses first, one binary after another, each let go
+    // once named: a binary is parsed once, and one at a time.
     let mut sym = Symbolizer::new();
     memory.mark("use report");
+    if args.stacks() {
+        let all = raw
+            .stacks
+            .iter()
+            .chain(raw.offcpu.iter().map(|o| &o.stack))
+            .chain(raw.turn_samples.iter().map(|t| &t.stack))
+            .chain(raw.turn_blocks.iter().map(|b| &b.block.stack))
+            .filter(|s| Some(s.tgid) != exclude);
+        sym.prefetch(all, &capture.procs);
+        memory.mark("user frames named");
+    }
     let offcpu = raw.offcpu_on.then(|| {
         crate::offcpu::analyze(
             &raw,

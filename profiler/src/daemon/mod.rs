@@ -104,13 +104,15 @@ pub fn run(args: &DaemonArgs) -> Result<(), DaemonError> {
     runtime.block_on(daemon(args))
 }
 
-/// How long one symbolizer (its parsed files) is kept: a minute, so that
-/// short windows do not re-read every binary each time (1 s windows cost
-/// 23% of a CPU that way, 3.6% with the symbolizer kept), while what it
-/// holds is bounded by the binaries of one minute's stacks: the files of
-/// processes gone, replaced on disk or no longer sampled are let go. With
-/// the default 60 s windows, each window starts with a new one.
-const SYMBOLIZER_LIFETIME: Duration = Duration::from_secs(60);
+/// How long a parsed binary is kept without naming an address: the
+/// next window's stacks, if it comes within this, are mostly of the same
+/// binaries, and re-reading them each window costs CPU (1 s windows cost
+/// 23% of a CPU that way, 3.6% with them kept). A binary no stack named
+/// for this long (its processes gone, or no longer sampled) is let go;
+/// with windows longer than this, every binary is let go once a window's
+/// stacks are named, so the parsed binaries are held only while a window
+/// ends.
+const SYMBOLS_KEPT_IDLE: Duration = Duration::from_secs(10);
 
 /// Returns the heap's free pages to the kernel: glibc keeps what a dropped
 /// symbolizer freed (parsed sections, symbol tables) in its arenas, where
@@ -127,30 +129,22 @@ fn give_back_freed_memory() {
 struct Naming {
     attributor: Attributor,
     sym: Symbolizer,
-    sym_since: Instant,
 }
 
 impl Naming {
     fn symbolizer(&mut self) -> &mut Symbolizer {
-        self.renew_symbolizer_within(Duration::ZERO);
         &mut self.sym
     }
 
-    /// After a window: a symbolizer the next window would not reuse (a
-    /// minute old by its end) is let go now rather than held through it,
-    /// with the binaries it parsed: with 60 s windows the daemon holds
-    /// them only while it names a window's stacks.
+    /// After a window: the binaries the next window will not name (none,
+    /// when it is more than [`SYMBOLS_KEPT_IDLE`] away) are let go.
     fn after_window(&mut self, window: Duration) {
-        self.renew_symbolizer_within(window);
-    }
-
-    /// A new symbolizer if this one reaches its lifetime within `ahead`
-    /// (a window ends a tick early or late: a second of slack).
-    fn renew_symbolizer_within(&mut self, ahead: Duration) {
-        if self.sym_since.elapsed() + ahead + Duration::from_secs(1) >= SYMBOLIZER_LIFETIME {
-            self.sym = Symbolizer::new();
-            self.sym_since = Instant::now();
-        }
+        let idle = if window > SYMBOLS_KEPT_IDLE {
+            Duration::ZERO
+        } else {
+            SYMBOLS_KEPT_IDLE
+        };
+        self.sym.forget_unused(idle);
     }
 
     fn container_of(&mut self, tgid: u32, procs: &ProcessTable) -> Option<String> {
@@ -225,7 +219,6 @@ async fn daemon(args: &DaemonArgs) -> Result<(), DaemonError> {
     let mut naming = Naming {
         attributor: Attributor::new(args.ecs_agent.0),
         sym: Symbolizer::new(),
-        sym_since: Instant::now(),
     };
     let tick_period = Duration::from_secs(1).min(args.window);
     if let Err(e) = crate::privs::lower_priority(args.capture.nice) {

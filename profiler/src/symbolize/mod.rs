@@ -6,7 +6,12 @@
 //! process's perf map. An address that cannot be named becomes a frame
 //! that says where it is (`libfoo.so+0x1a2b`) or why it is unknown.
 
-use std::{collections::HashMap, fs, path::Path};
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use blazesym::Addr;
 use blazesym::symbolize::{
@@ -61,9 +66,75 @@ fn frames_of(sym: &blazesym::symbolize::Sym<'_>) -> Vec<Frame> {
     out
 }
 
+/// How long kernel names are trusted (modules and BPF programs come and
+/// go); read again after.
+const KERNEL_NAMES_LIFETIME: Duration = Duration::from_secs(60);
+
+/// A file as it was read: device, inode, size and modification time.
+type FileStamp = (u64, u64, u64, i64, i64);
+
+fn stamp_of(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+}
+
+/// One file's symbols: a blazesym symbolizer of its own (the file's
+/// sections parsed as addresses ask for them), so that the file can be let
+/// go alone, and what was named ahead of time.
+struct FileSyms {
+    /// None until an address is asked for, and again once let go.
+    blaze: Option<Blaze>,
+    /// The file when first read: one replaced on disk is read again.
+    stamp: Option<FileStamp>,
+    /// Frames named by [`Symbolizer::prefetch`], by file offset.
+    named: HashMap<u64, Result<Vec<Frame>, Unknown>>,
+    /// The round it was last compared with the disk in.
+    checked_round: u64,
+    /// When it last named an address.
+    used: Instant,
+}
+
+impl FileSyms {
+    fn new(path: &Path, round: u64) -> Self {
+        FileSyms {
+            blaze: None,
+            stamp: stamp_of(path),
+            named: HashMap::new(),
+            checked_round: round,
+            used: Instant::now(),
+        }
+    }
+}
+
+fn new_blaze() -> Blaze {
+    Blaze::builder()
+        .enable_code_info(true)
+        .enable_inlined_fns(true)
+        .enable_demangling(true)
+        .enable_auto_reload(false)
+        .build()
+}
+
+/// Where `addr` is in the code of a regular file (not a memfd): the
+/// file's path in the process's view and the offset in it.
+fn code_in_file(maps: &[MapEntry], addr: u64) -> Option<(&str, u64)> {
+    match normalize(maps, addr) {
+        Normalized::File { entry, file_offset } if entry.exec && !is_memfd(&entry.backing) => {
+            match &entry.backing {
+                Backing::File { path, .. } => Some((path.as_str(), file_offset)),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
 /// Symbolizes addresses, caching parsed files and perf maps across calls.
 pub struct Symbolizer {
-    blaze: Blaze,
+    /// Parsed files by host path, each let go on its own.
+    files: HashMap<PathBuf, FileSyms>,
     perf_maps: HashMap<u32, Option<PerfMap>>,
     /// Jitdumps read, per process (with the JS functions they name).
     /// Jitdumps followed, per process, and the symbolization round each
@@ -76,6 +147,8 @@ pub struct Symbolizer {
     vdso: Option<Vec<(u64, u64, String)>>,
     /// Kernel functions, read from kallsyms on first use.
     kernel_table: std::cell::OnceCell<Option<kallsyms::Table>>,
+    /// When the kernel's names were last let go (or the symbolizer made).
+    kernel_since: Instant,
 }
 
 impl Default for Symbolizer {
@@ -88,17 +161,73 @@ impl Symbolizer {
     /// A symbolizer with DWARF, inlined functions and demangling on.
     pub fn new() -> Self {
         Symbolizer {
-            blaze: Blaze::builder()
-                .enable_code_info(true)
-                .enable_inlined_fns(true)
-                .enable_demangling(true)
-                .enable_auto_reload(false)
-                .build(),
+            files: HashMap::new(),
             perf_maps: HashMap::new(),
             jitdumps: HashMap::new(),
             round: 1,
             vdso: None,
             kernel_table: std::cell::OnceCell::new(),
+            kernel_since: Instant::now(),
+        }
+    }
+
+    /// Lets go of the files that named no address within `idle` (every
+    /// file for zero), and of the kernel's names once they are a minute
+    /// old. What a long-lived symbolizer holds is then bounded by the
+    /// binaries of its recent stacks: those of processes gone or no longer
+    /// sampled go, and nothing is read twice while it is in use.
+    pub fn forget_unused(&mut self, idle: Duration) {
+        let now = Instant::now();
+        self.files
+            .retain(|_, f| now.saturating_duration_since(f.used) < idle);
+        if self.kernel_since.elapsed() >= KERNEL_NAMES_LIFETIME {
+            self.kernel_table = std::cell::OnceCell::new();
+            self.kernel_since = now;
+        }
+    }
+
+    /// How many files it holds parsed (or named ahead).
+    pub fn files_held(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Names ahead, one file after another, every user address of
+    /// `stacks` in a file's code, and lets each file's parsed sections go
+    /// as soon as its addresses are named (the frames are kept for
+    /// [`Self::user`]): a capture that names all its stacks at once then
+    /// holds one parsed binary at a time, not every binary it saw.
+    pub fn prefetch<'a>(
+        &mut self,
+        stacks: impl IntoIterator<Item = &'a RawStack>,
+        procs: &ProcessTable,
+    ) {
+        let mut addrs: HashMap<u32, HashSet<u64>> = HashMap::new();
+        for s in stacks {
+            if let Ok(u) = &s.user {
+                addrs.entry(s.tgid).or_default().extend(adjusted(u));
+            }
+        }
+        let mut by_file: HashMap<PathBuf, BTreeSet<u64>> = HashMap::new();
+        for (tgid, addrs) in addrs {
+            let Some(process) = procs.get(tgid) else {
+                continue;
+            };
+            for addr in addrs {
+                if let Some((path, offset)) = code_in_file(&process.maps, addr) {
+                    by_file
+                        .entry(process.host_path(path))
+                        .or_default()
+                        .insert(offset);
+                }
+            }
+        }
+        for (path, offsets) in by_file {
+            let offsets: Vec<u64> = offsets.into_iter().collect();
+            let named = self.file(&path, &offsets);
+            if let Some(f) = self.files.get_mut(&path) {
+                f.named.extend(offsets.into_iter().zip(named));
+                f.blaze = None;
+            }
         }
     }
 
@@ -173,6 +302,10 @@ impl Symbolizer {
         // Group file-backed addresses by file, so each file is parsed once.
         let mut by_file: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
         for &addr in addrs {
+            if let Some((path, offset)) = code_in_file(&process.maps, addr) {
+                by_file.entry(path).or_default().push((addr, offset));
+                continue;
+            }
             match normalize(&process.maps, addr) {
                 Normalized::File { entry, .. }
                 | Normalized::Anonymous(entry)
@@ -197,14 +330,8 @@ impl Symbolizer {
                     };
                     out.insert(addr, frame);
                 }
-                Normalized::File { entry, file_offset } => {
-                    let Backing::File { path, .. } = &entry.backing else {
-                        unreachable!("normalize gives File for file backings")
-                    };
-                    by_file
-                        .entry(path.as_str())
-                        .or_default()
-                        .push((addr, file_offset));
+                Normalized::File { .. } => {
+                    unreachable!("code in a file is named by the file, above")
                 }
                 // JIT code is in anonymous memory; the maps read may also
                 // predate the region (mapped after the last look).
@@ -252,32 +379,41 @@ impl Symbolizer {
         out
     }
 
-    fn file(&self, path: &Path, offsets: &[u64]) -> Vec<Result<Vec<Frame>, Unknown>> {
-        let mut elf = Elf::new(path);
-        // The profiler's own frames (it samples itself on a system-wide
-        // capture) are named from its symbol table alone: its DWARF, tens
-        // of MB, would double the peak memory of a capture, for the
-        // inlined frames of the tool rather than of what it profiles.
-        elf.debug_syms = !is_own_executable(path);
-        let src = Source::Elf(elf);
-        match self
-            .blaze
-            .symbolize(&src, blazesym::symbolize::Input::FileOffset(offsets))
-        {
-            Ok(results) => results
-                .into_iter()
-                .map(|r| match r {
-                    Symbolized::Sym(sym) => Ok(frames_of(&sym)),
-                    Symbolized::Unknown(r) => {
-                        Err(Unknown::new(UnknownReason::NoSymbols, Side::User)
-                            .detail(blaze_reason(r)))
-                    }
-                })
-                .collect(),
-            Err(_) => {
-                vec![Err(Unknown::new(UnknownReason::FileUnreadable, Side::User)); offsets.len()]
+    /// The frames of `offsets` in the file at `path`: those named ahead,
+    /// the others by the file's own symbolizer (made on first need).
+    fn file(&mut self, path: &Path, offsets: &[u64]) -> Vec<Result<Vec<Frame>, Unknown>> {
+        let round = self.round;
+        let f = self
+            .files
+            .entry(path.to_path_buf())
+            .or_insert_with(|| FileSyms::new(path, round));
+        if f.checked_round != round {
+            f.checked_round = round;
+            if stamp_of(path) != f.stamp {
+                *f = FileSyms::new(path, round);
             }
         }
+        f.used = Instant::now();
+        let missing: Vec<u64> = offsets
+            .iter()
+            .copied()
+            .filter(|o| !f.named.contains_key(o))
+            .collect();
+        let mut found = if missing.is_empty() {
+            Vec::new()
+        } else {
+            resolve(f.blaze.get_or_insert_with(new_blaze), path, &missing)
+        }
+        .into_iter();
+        offsets
+            .iter()
+            .map(|o| match f.named.get(o) {
+                Some(named) => named.clone(),
+                None => found.next().unwrap_or_else(|| {
+                    Err(Unknown::new(UnknownReason::FileUnreadable, Side::User))
+                }),
+            })
+            .collect()
     }
 
     /// The frames of JIT code at `addr`: from the jitdump first (it has
@@ -344,6 +480,31 @@ impl Symbolizer {
                 fs::read_to_string(path).ok().map(|t| PerfMap::parse(&t))
             })
             .as_ref()
+    }
+}
+
+/// Names `offsets` in the file at `path` with `blaze`.
+fn resolve(blaze: &Blaze, path: &Path, offsets: &[u64]) -> Vec<Result<Vec<Frame>, Unknown>> {
+    let mut elf = Elf::new(path);
+    // The profiler's own frames (it samples itself on a system-wide
+    // capture) are named from its symbol table alone: its DWARF, tens
+    // of MB, would double the peak memory of a capture, for the
+    // inlined frames of the tool rather than of what it profiles.
+    elf.debug_syms = !is_own_executable(path);
+    let src = Source::Elf(elf);
+    match blaze.symbolize(&src, blazesym::symbolize::Input::FileOffset(offsets)) {
+        Ok(results) => results
+            .into_iter()
+            .map(|r| match r {
+                Symbolized::Sym(sym) => Ok(frames_of(&sym)),
+                Symbolized::Unknown(r) => {
+                    Err(Unknown::new(UnknownReason::NoSymbols, Side::User).detail(blaze_reason(r)))
+                }
+            })
+            .collect(),
+        Err(_) => {
+            vec![Err(Unknown::new(UnknownReason::FileUnreadable, Side::User)); offsets.len()]
+        }
     }
 }
 
@@ -449,7 +610,6 @@ pub fn symbol_tables_with<'a>(
     stacks: impl IntoIterator<Item = &'a RawStack> + Clone,
     procs: &ProcessTable,
 ) -> SymbolTables {
-    use std::collections::HashSet;
     sym.new_round();
     let kernel_addrs: Vec<u64> = stacks
         .clone()

@@ -27,6 +27,60 @@ fn names_a_function_of_this_test_binary() {
     );
 }
 
+/// A capture names its addresses ahead, file by file, and lets each
+/// parsed file go: the frames are those a symbolizer finds on demand, and
+/// no parsed file is held afterwards. A daemon's idle files go too.
+#[test]
+fn prefetched_names_match_and_files_are_let_go() {
+    let mut table = crate::procs::ProcessTable::new();
+    let me = std::process::id();
+    table.observe(me);
+    let a = names_a_function_of_this_test_binary as *const () as u64;
+    let b = rust_hashes_are_stripped as *const () as u64;
+    let stack = RawStack {
+        tgid: me,
+        thread: "test".into(),
+        // Leaf first: `b` is a return address, named as `b - 1`.
+        user: Ok(vec![a, b + 1]),
+        user_cut: None,
+        kernel: Err(-libc::EFAULT),
+        count: 1,
+    };
+    let mut ahead = Symbolizer::new();
+    ahead.prefetch([&stack], &table);
+    assert_eq!(ahead.files_held(), 1);
+    assert!(
+        ahead
+            .files
+            .values()
+            .all(|f| f.blaze.is_none() && f.named.len() == 2),
+        "a prefetched file keeps its frames, not its parse"
+    );
+    let named = ahead.user(table.get(me), &[a, b]);
+    assert!(
+        ahead.files.values().all(|f| f.blaze.is_none()),
+        "named again from what was kept"
+    );
+    let fresh = Symbolizer::new().user(table.get(me), &[a, b]);
+    for addr in [a, b] {
+        assert_eq!(names_of(&named, addr), names_of(&fresh, addr));
+    }
+    assert!(
+        names_of(&named, b)
+            .iter()
+            .any(|n| n.ends_with("rust_hashes_are_stripped"))
+    );
+
+    ahead.forget_unused(Duration::from_secs(3600));
+    assert_eq!(ahead.files_held(), 1, "used just now: kept");
+    ahead.forget_unused(Duration::ZERO);
+    assert_eq!(ahead.files_held(), 0);
+}
+
+fn names_of(t: &HashMap<u64, Vec<Frame>>, addr: u64) -> Vec<String> {
+    t[&addr].iter().map(|f| f.name.to_string()).collect()
+}
+
 /// Truncated and corrupted copies of a real binary with DWARF (this
 /// test binary): symbolizing them never panics, and every frame still
 /// says where it is.
