@@ -322,13 +322,7 @@ async fn record(args: &RecordArgs, tgids: Vec<u32>, dir: PathBuf) -> Result<Outc
     let mut sym = Symbolizer::new();
     memory.mark("use report");
     if args.stacks() {
-        let all = raw
-            .stacks
-            .iter()
-            .chain(raw.offcpu.iter().map(|o| &o.stack))
-            .chain(raw.turn_samples.iter().map(|t| &t.stack))
-            .chain(raw.turn_blocks.iter().map(|b| &b.block.stack))
-            .filter(|s| Some(s.tgid) != exclude);
+        let all = raw.all_stacks().filter(|s| Some(s.tgid) != exclude);
         sym.prefetch(all, &capture.procs);
         memory.mark("user frames named");
     }

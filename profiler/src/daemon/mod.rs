@@ -29,6 +29,7 @@ use crate::{
     cli::DaemonArgs,
     containers::Attributor,
     metrics::Metrics,
+    model::RawProfile,
     output::{self, OutputError},
     preflight::{self, PreflightError},
     procs::ProcessTable,
@@ -104,15 +105,13 @@ pub fn run(args: &DaemonArgs) -> Result<(), DaemonError> {
     runtime.block_on(daemon(args))
 }
 
-/// How long a parsed binary is kept without naming an address: the
-/// next window's stacks, if it comes within this, are mostly of the same
-/// binaries, and re-reading them each window costs CPU (1 s windows cost
-/// 23% of a CPU that way, 3.6% with them kept). A binary no stack named
-/// for this long (its processes gone, or no longer sampled) is let go;
-/// with windows longer than this, every binary is let go once a window's
-/// stacks are named, so the parsed binaries are held only while a window
-/// ends.
-const SYMBOLS_KEPT_IDLE: Duration = Duration::from_secs(10);
+/// How long the names of an address are kept when no stack asks for it
+/// (at least two windows): the windows' stacks are mostly of the same
+/// addresses, and naming a new one means parsing its binary again (1 s
+/// windows cost 23% of a CPU when each window parsed every binary). The
+/// binaries parsed for a window's new addresses are let go at its end:
+/// the daemon holds names, not binaries.
+const NAMES_KEPT_IDLE: Duration = Duration::from_secs(60);
 
 /// Returns the heap's free pages to the kernel: glibc keeps what a dropped
 /// symbolizer freed (parsed sections, symbol tables) in its arenas, where
@@ -129,6 +128,8 @@ fn give_back_freed_memory() {
 struct Naming {
     attributor: Attributor,
     sym: Symbolizer,
+    /// The windows' length.
+    window: Duration,
 }
 
 impl Naming {
@@ -136,15 +137,18 @@ impl Naming {
         &mut self.sym
     }
 
-    /// After a window: the binaries the next window will not name (none,
-    /// when it is more than [`SYMBOLS_KEPT_IDLE`] away) are let go.
-    fn after_window(&mut self, window: Duration) {
-        let idle = if window > SYMBOLS_KEPT_IDLE {
-            Duration::ZERO
-        } else {
-            SYMBOLS_KEPT_IDLE
-        };
-        self.sym.forget_unused(idle);
+    /// Before a window's stacks are named: the addresses not named yet
+    /// are, one binary after another, each parse let go once its
+    /// addresses are named (as `record` does).
+    fn before_naming(&mut self, raw: &RawProfile, procs: &ProcessTable) {
+        self.sym.prefetch(raw.all_stacks(), procs);
+    }
+
+    /// After a window: what was parsed is let go, and the names of
+    /// addresses no stack asked for lately.
+    fn after_window(&mut self) {
+        self.sym
+            .forget_unused(NAMES_KEPT_IDLE.max(self.window.saturating_mul(2)));
     }
 
     fn container_of(&mut self, tgid: u32, procs: &ProcessTable) -> Option<String> {
@@ -219,6 +223,7 @@ async fn daemon(args: &DaemonArgs) -> Result<(), DaemonError> {
     let mut naming = Naming {
         attributor: Attributor::new(args.ecs_agent.0),
         sym: Symbolizer::new(),
+        window: args.window,
     };
     let tick_period = Duration::from_secs(1).min(args.window);
     if let Err(e) = crate::privs::lower_priority(args.capture.nice) {
@@ -247,7 +252,7 @@ async fn daemon(args: &DaemonArgs) -> Result<(), DaemonError> {
                     let cost = selfcost::Reading::now(&capture.bpf_stats());
                     end_window(&mut capture, &shared, &mut naming, &window, &cost, args);
                     windows_done += 1;
-                    naming.after_window(args.window);
+                    naming.after_window();
                     // The window's page, JSON and flame graphs were built
                     // and freed: their pages go back to the kernel rather
                     // than stay in glibc's arenas until the next window.

@@ -299,7 +299,7 @@ pub(super) fn end_window(
     // The daemon's long-lived symbolizer names the off-CPU and stall
     // stacks too: a fresh one each window read kallsyms and parsed (and
     // inflated) every binary's DWARF again, most of a window's CPU.
-    naming.symbolizer();
+    naming.before_naming(&raw, procs);
     let offcpu = raw.offcpu_on.then(|| {
         crate::offcpu::analyze(
             &raw,

@@ -409,6 +409,16 @@ pub struct RawProfile {
 }
 
 impl RawProfile {
+    /// Every stack of the capture: the CPU samples', the off-CPU keys',
+    /// and the event-loop turns' samples and blocks.
+    pub fn all_stacks(&self) -> impl Iterator<Item = &RawStack> {
+        self.stacks
+            .iter()
+            .chain(self.offcpu.iter().map(|o| &o.stack))
+            .chain(self.turn_samples.iter().map(|t| &t.stack))
+            .chain(self.turn_blocks.iter().map(|b| &b.block.stack))
+    }
+
     /// Adds what `other` recorded (a later slice of the same capture) to
     /// this one, except its stacks: counters, ticks, histograms,
     /// retransmits (by connection), OOM kills, socket owners.

@@ -67,8 +67,14 @@ fn frames_of(sym: &blazesym::symbolize::Sym<'_>) -> Vec<Frame> {
 }
 
 /// How long kernel names are trusted (modules and BPF programs come and
-/// go); read again after.
+/// go); asked of kallsyms again after.
 const KERNEL_NAMES_LIFETIME: Duration = Duration::from_secs(60);
+
+/// An address's frames, and when they were last asked for.
+struct Named {
+    frames: Result<Vec<Frame>, Unknown>,
+    used: Instant,
+}
 
 /// A file as it was read: device, inode, size and modification time.
 type FileStamp = (u64, u64, u64, i64, i64);
@@ -81,15 +87,16 @@ fn stamp_of(path: &Path) -> Option<FileStamp> {
 }
 
 /// One file's symbols: a blazesym symbolizer of its own (the file's
-/// sections parsed as addresses ask for them), so that the file can be let
-/// go alone, and what was named ahead of time.
+/// sections parsed as addresses ask for them), so that the file's parse
+/// can be let go alone, and the frames it named.
 struct FileSyms {
-    /// None until an address is asked for, and again once let go.
+    /// None until a new address is asked for, and again once let go.
     blaze: Option<Blaze>,
     /// The file when first read: one replaced on disk is read again.
     stamp: Option<FileStamp>,
-    /// Frames named by [`Symbolizer::prefetch`], by file offset.
-    named: HashMap<u64, Result<Vec<Frame>, Unknown>>,
+    /// The frames found, by file offset: an address named once is not
+    /// looked up in the file again while it keeps being asked for.
+    named: HashMap<u64, Named>,
     /// The round it was last compared with the disk in.
     checked_round: u64,
     /// When it last named an address.
@@ -145,9 +152,13 @@ pub struct Symbolizer {
     /// Function symbols of the vDSO (start, end, name), read lazily from
     /// the profiler's own copy: the same image in every process.
     vdso: Option<Vec<(u64, u64, String)>>,
-    /// Kernel functions, read from kallsyms on first use.
+    /// Kernel functions, read from kallsyms when an address not named
+    /// yet is asked for.
     kernel_table: std::cell::OnceCell<Option<kallsyms::Table>>,
-    /// When the kernel's names were last let go (or the symbolizer made).
+    /// The kernel frames found, by address.
+    kernel_named: HashMap<u64, Named>,
+    /// When the kernel's names were last all let go (or the symbolizer
+    /// made).
     kernel_since: Instant,
 }
 
@@ -167,22 +178,31 @@ impl Symbolizer {
             round: 1,
             vdso: None,
             kernel_table: std::cell::OnceCell::new(),
+            kernel_named: HashMap::new(),
             kernel_since: Instant::now(),
         }
     }
 
-    /// Lets go of the files that named no address within `idle` (every
-    /// file for zero), and of the kernel's names once they are a minute
-    /// old. What a long-lived symbolizer holds is then bounded by the
-    /// binaries of its recent stacks: those of processes gone or no longer
-    /// sampled go, and nothing is read twice while it is in use.
+    /// Lets go of every parsed file and of the kernel's symbol table (an
+    /// address not named yet parses its binary again), and of the frames
+    /// of addresses not asked for within `idle`, with the files none of
+    /// whose addresses were: a long-lived symbolizer holds the names of its
+    /// recent stacks' addresses, not the binaries they came from. Kernel
+    /// names are all asked of kallsyms again once a minute old.
     pub fn forget_unused(&mut self, idle: Duration) {
         let now = Instant::now();
-        self.files
-            .retain(|_, f| now.saturating_duration_since(f.used) < idle);
+        let recent = |n: &Named| now.saturating_duration_since(n.used) < idle;
+        self.files.retain(|_, f| {
+            f.blaze = None;
+            f.named.retain(|_, n| recent(n));
+            now.saturating_duration_since(f.used) < idle
+        });
+        self.kernel_table = std::cell::OnceCell::new();
         if self.kernel_since.elapsed() >= KERNEL_NAMES_LIFETIME {
-            self.kernel_table = std::cell::OnceCell::new();
+            self.kernel_named.clear();
             self.kernel_since = now;
+        } else {
+            self.kernel_named.retain(|_, n| recent(n));
         }
     }
 
@@ -192,10 +212,11 @@ impl Symbolizer {
     }
 
     /// Names ahead, one file after another, every user address of
-    /// `stacks` in a file's code, and lets each file's parsed sections go
-    /// as soon as its addresses are named (the frames are kept for
-    /// [`Self::user`]): a capture that names all its stacks at once then
-    /// holds one parsed binary at a time, not every binary it saw.
+    /// `stacks` in a file's code not named yet, and lets each file's
+    /// parsed sections go as soon as its addresses are named (the frames
+    /// are kept for [`Self::user`]): naming a capture's (a window's)
+    /// stacks then holds one parsed binary at a time, not every binary
+    /// they came from.
     pub fn prefetch<'a>(
         &mut self,
         stacks: impl IntoIterator<Item = &'a RawStack>,
@@ -223,9 +244,8 @@ impl Symbolizer {
         }
         for (path, offsets) in by_file {
             let offsets: Vec<u64> = offsets.into_iter().collect();
-            let named = self.file(&path, &offsets);
+            self.file(&path, &offsets);
             if let Some(f) = self.files.get_mut(&path) {
-                f.named.extend(offsets.into_iter().zip(named));
                 f.blaze = None;
             }
         }
@@ -262,24 +282,30 @@ impl Symbolizer {
 
     /// Names kernel addresses (already adjusted to point into their call
     /// instruction). Every address gets an entry.
-    pub fn kernel(&self, addrs: &[u64]) -> HashMap<u64, Vec<Frame>> {
-        // blazesym reads all of /proc/kallsyms on first use (a tenth of
-        // an idle capture's CPU): not for nothing.
-        if addrs.is_empty() {
-            return HashMap::new();
-        }
+    pub fn kernel(&mut self, addrs: &[u64]) -> HashMap<u64, Vec<Frame>> {
         let kernel_frame = |addr: u64, name: Option<&str>| match name {
             Some(n) => Frame::new(strip_rust_hash(n), FrameKind::Kernel),
             None => unknown_kernel(addr, "no kernel function at this address"),
         };
+        let now = Instant::now();
         let mut out = HashMap::with_capacity(addrs.len());
-        let table = self.kernel_table.get_or_init(kallsyms::Table::load);
         for &addr in addrs {
-            let frame = match table {
-                Some(t) => kernel_frame(addr, t.name(addr)),
-                None => unknown_kernel(addr, KALLSYMS_HIDDEN),
-            };
-            out.insert(addr, vec![frame]);
+            let named = self.kernel_named.entry(addr).or_insert_with(|| {
+                // All of /proc/kallsyms is read (a tenth of an idle
+                // capture's CPU) only when an address not named yet asks.
+                let frame = match self.kernel_table.get_or_init(kallsyms::Table::load) {
+                    Some(t) => kernel_frame(addr, t.name(addr)),
+                    None => unknown_kernel(addr, KALLSYMS_HIDDEN),
+                };
+                Named {
+                    frames: Ok(vec![frame]),
+                    used: now,
+                }
+            });
+            named.used = now;
+            if let Ok(frames) = &named.frames {
+                out.insert(addr, frames.clone());
+            }
         }
         out
     }
@@ -379,7 +405,7 @@ impl Symbolizer {
         out
     }
 
-    /// The frames of `offsets` in the file at `path`: those named ahead,
+    /// The frames of `offsets` in the file at `path`: those named before,
     /// the others by the file's own symbolizer (made on first need).
     fn file(&mut self, path: &Path, offsets: &[u64]) -> Vec<Result<Vec<Frame>, Unknown>> {
         let round = self.round;
@@ -393,25 +419,27 @@ impl Symbolizer {
                 *f = FileSyms::new(path, round);
             }
         }
-        f.used = Instant::now();
+        let now = Instant::now();
+        f.used = now;
         let missing: Vec<u64> = offsets
             .iter()
             .copied()
             .filter(|o| !f.named.contains_key(o))
             .collect();
-        let mut found = if missing.is_empty() {
-            Vec::new()
-        } else {
-            resolve(f.blaze.get_or_insert_with(new_blaze), path, &missing)
+        if !missing.is_empty() {
+            let found = resolve(f.blaze.get_or_insert_with(new_blaze), path, &missing);
+            for (o, frames) in missing.into_iter().zip(found) {
+                f.named.insert(o, Named { frames, used: now });
+            }
         }
-        .into_iter();
         offsets
             .iter()
-            .map(|o| match f.named.get(o) {
-                Some(named) => named.clone(),
-                None => found.next().unwrap_or_else(|| {
-                    Err(Unknown::new(UnknownReason::FileUnreadable, Side::User))
-                }),
+            .map(|o| match f.named.get_mut(o) {
+                Some(n) => {
+                    n.used = now;
+                    n.frames.clone()
+                }
+                None => Err(Unknown::new(UnknownReason::FileUnreadable, Side::User)),
             })
             .collect()
     }
