@@ -58,7 +58,7 @@ const FLOORS: [(&str, &str, u64, &str); 2] = [
     ),
     (
         "one hash update per wakeup",
-        "tracepoint:sched:sched_wakeup { @[args.pid] = nsecs; }",
+        "tracepoint:sched:sched_wakeup { @[args->pid] = nsecs; }",
         5,
         "wakeup",
     ),

@@ -184,11 +184,12 @@ impl Symbolizer {
     }
 
     /// Lets go of every parsed file and of the kernel's symbol table (an
-    /// address not named yet parses its binary again), and of the frames
-    /// of addresses not asked for within `idle`, with the files none of
-    /// whose addresses were: a long-lived symbolizer holds the names of its
-    /// recent stacks' addresses, not the binaries they came from. Kernel
-    /// names are all asked of kallsyms again once a minute old.
+    /// address not named yet parses its binary, or reads kallsyms,
+    /// again), and of the frames of addresses not asked for within `idle`,
+    /// with the files none of whose addresses were: a long-lived
+    /// symbolizer holds the names of its recent stacks' addresses, not the
+    /// binaries they came from. Kernel names are all asked of kallsyms
+    /// again once a minute old.
     pub fn forget_unused(&mut self, idle: Duration) {
         let now = Instant::now();
         let recent = |n: &Named| now.saturating_duration_since(n.used) < idle;
