@@ -70,10 +70,23 @@ fn frames_of(sym: &blazesym::symbolize::Sym<'_>) -> Vec<Frame> {
 /// go); asked of kallsyms again after.
 const KERNEL_NAMES_LIFETIME: Duration = Duration::from_secs(60);
 
-/// An address's frames, and when they were last asked for.
-struct Named {
-    frames: Result<Vec<Frame>, Unknown>,
+/// What an address was named, and when it was last asked for.
+struct Named<T> {
+    frames: T,
     used: Instant,
+}
+
+/// The user addresses of `stacks` ([`adjusted`]), per process.
+fn user_addresses<'a>(
+    stacks: impl IntoIterator<Item = &'a RawStack>,
+) -> HashMap<u32, HashSet<u64>> {
+    let mut addrs: HashMap<u32, HashSet<u64>> = HashMap::new();
+    for s in stacks {
+        if let Ok(u) = &s.user {
+            addrs.entry(s.tgid).or_default().extend(adjusted(u));
+        }
+    }
+    addrs
 }
 
 /// A file as it was read: device, inode, size and modification time.
@@ -96,7 +109,7 @@ struct FileSyms {
     stamp: Option<FileStamp>,
     /// The frames found, by file offset: an address named once is not
     /// looked up in the file again while it keeps being asked for.
-    named: HashMap<u64, Named>,
+    named: HashMap<u64, Named<Result<Vec<Frame>, Unknown>>>,
     /// The round it was last compared with the disk in.
     checked_round: u64,
     /// When it last named an address.
@@ -156,7 +169,7 @@ pub struct Symbolizer {
     /// yet is asked for.
     kernel_table: std::cell::OnceCell<Option<kallsyms::Table>>,
     /// The kernel frames found, by address.
-    kernel_named: HashMap<u64, Named>,
+    kernel_named: HashMap<u64, Named<Frame>>,
     /// When the kernel's names were last all let go (or the symbolizer
     /// made).
     kernel_since: Instant,
@@ -192,24 +205,19 @@ impl Symbolizer {
     /// again once a minute old.
     pub fn forget_unused(&mut self, idle: Duration) {
         let now = Instant::now();
-        let recent = |n: &Named| now.saturating_duration_since(n.used) < idle;
+        let recent = |used: Instant| now.saturating_duration_since(used) < idle;
         self.files.retain(|_, f| {
             f.blaze = None;
-            f.named.retain(|_, n| recent(n));
-            now.saturating_duration_since(f.used) < idle
+            f.named.retain(|_, n| recent(n.used));
+            recent(f.used)
         });
         self.kernel_table = std::cell::OnceCell::new();
         if self.kernel_since.elapsed() >= KERNEL_NAMES_LIFETIME {
             self.kernel_named.clear();
             self.kernel_since = now;
         } else {
-            self.kernel_named.retain(|_, n| recent(n));
+            self.kernel_named.retain(|_, n| recent(n.used));
         }
-    }
-
-    /// How many files it holds parsed (or named ahead).
-    pub fn files_held(&self) -> usize {
-        self.files.len()
     }
 
     /// Names ahead, one file after another, every user address of
@@ -223,14 +231,8 @@ impl Symbolizer {
         stacks: impl IntoIterator<Item = &'a RawStack>,
         procs: &ProcessTable,
     ) {
-        let mut addrs: HashMap<u32, HashSet<u64>> = HashMap::new();
-        for s in stacks {
-            if let Ok(u) = &s.user {
-                addrs.entry(s.tgid).or_default().extend(adjusted(u));
-            }
-        }
         let mut by_file: HashMap<PathBuf, BTreeSet<u64>> = HashMap::new();
-        for (tgid, addrs) in addrs {
+        for (tgid, addrs) in user_addresses(stacks) {
             let Some(process) = procs.get(tgid) else {
                 continue;
             };
@@ -299,14 +301,12 @@ impl Symbolizer {
                     None => unknown_kernel(addr, KALLSYMS_HIDDEN),
                 };
                 Named {
-                    frames: Ok(vec![frame]),
+                    frames: frame,
                     used: now,
                 }
             });
             named.used = now;
-            if let Ok(frames) = &named.frames {
-                out.insert(addr, frames.clone());
-            }
+            out.insert(addr, vec![named.frames.clone()]);
         }
         out
     }
@@ -649,14 +649,8 @@ pub fn symbol_tables_with<'a>(
         .into_iter()
         .collect();
     let kernel = sym.kernel(&kernel_addrs);
-    let mut user_addrs: HashMap<u32, HashSet<u64>> = HashMap::new();
-    for s in stacks {
-        if let Ok(u) = &s.user {
-            user_addrs.entry(s.tgid).or_default().extend(adjusted(u));
-        }
-    }
     let mut user = HashMap::new();
-    for (tgid, addrs) in user_addrs {
+    for (tgid, addrs) in user_addresses(stacks) {
         let addrs: Vec<u64> = addrs.into_iter().collect();
         user.insert(tgid, sym.user(procs.get(tgid), &addrs));
     }

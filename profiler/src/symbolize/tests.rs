@@ -10,11 +10,17 @@ fn rust_hashes_are_stripped() {
     assert_eq!(strip_rust_hash("foo::h0123"), "foo::h0123");
 }
 
-#[test]
-fn names_a_function_of_this_test_binary() {
+/// A process table that has read this test process, and its pid.
+fn this_process() -> (crate::procs::ProcessTable, u32) {
     let mut table = crate::procs::ProcessTable::new();
     let me = std::process::id();
     table.observe(me);
+    (table, me)
+}
+
+#[test]
+fn names_a_function_of_this_test_binary() {
+    let (table, me) = this_process();
     let addr = names_a_function_of_this_test_binary as *const () as u64;
     let mut sym = Symbolizer::new();
     let frames = sym.user(table.get(me), &[addr]);
@@ -32,9 +38,7 @@ fn names_a_function_of_this_test_binary() {
 /// no parsed file is held afterwards. A daemon's idle files go too.
 #[test]
 fn prefetched_names_match_and_files_are_let_go() {
-    let mut table = crate::procs::ProcessTable::new();
-    let me = std::process::id();
-    table.observe(me);
+    let (table, me) = this_process();
     let a = names_a_function_of_this_test_binary as *const () as u64;
     let b = rust_hashes_are_stripped as *const () as u64;
     let stack = RawStack {
@@ -48,7 +52,7 @@ fn prefetched_names_match_and_files_are_let_go() {
     };
     let mut ahead = Symbolizer::new();
     ahead.prefetch([&stack], &table);
-    assert_eq!(ahead.files_held(), 1);
+    assert_eq!(ahead.files.len(), 1);
     assert!(
         ahead
             .files
@@ -72,9 +76,9 @@ fn prefetched_names_match_and_files_are_let_go() {
     );
 
     ahead.forget_unused(Duration::from_secs(3600));
-    assert_eq!(ahead.files_held(), 1, "used just now: kept");
+    assert_eq!(ahead.files.len(), 1, "used just now: kept");
     ahead.forget_unused(Duration::ZERO);
-    assert_eq!(ahead.files_held(), 0);
+    assert_eq!(ahead.files.len(), 0);
 }
 
 fn names_of(t: &HashMap<u64, Vec<Frame>>, addr: u64) -> Vec<String> {
