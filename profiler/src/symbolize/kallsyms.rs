@@ -80,6 +80,16 @@ impl Table {
         })
     }
 
+    /// Where function `name` starts (the first listed of that name).
+    #[cfg(test)]
+    pub fn address_of(&self, name: &str) -> Option<u64> {
+        let i = self
+            .spans
+            .iter()
+            .position(|&(s, e)| &self.names[s as usize..e as usize] == name)?;
+        Some(self.starts[i])
+    }
+
     /// The name of the function `addr` is in.
     pub fn name(&self, addr: u64) -> Option<&str> {
         let i = self.starts.partition_point(|&s| s <= addr);

@@ -66,8 +66,10 @@ fn frames_of(sym: &blazesym::symbolize::Sym<'_>) -> Vec<Frame> {
     out
 }
 
-/// How long kernel names are trusted (modules and BPF programs come and
-/// go); asked of kallsyms again after.
+/// How long kernel names, and the kallsyms table they come from, are
+/// trusted (modules and BPF programs come and go); read again after.
+/// Reading kallsyms costs 60 ms of CPU here (a third in the kernel), so a
+/// daemon with short windows reads it once a minute, not each window.
 const KERNEL_NAMES_LIFETIME: Duration = Duration::from_secs(60);
 
 /// What an address was named, and when it was last asked for.
@@ -196,13 +198,13 @@ impl Symbolizer {
         }
     }
 
-    /// Lets go of every parsed file and of the kernel's symbol table (an
-    /// address not named yet parses its binary, or reads kallsyms,
-    /// again), and of the frames of addresses not asked for within `idle`,
-    /// with the files none of whose addresses were: a long-lived
+    /// Lets go of every parsed file (an address not named yet parses its
+    /// binary again), and of the frames of addresses not asked for within
+    /// `idle`, with the files none of whose addresses were: a long-lived
     /// symbolizer holds the names of its recent stacks' addresses, not the
-    /// binaries they came from. Kernel names are all asked of kallsyms
-    /// again once a minute old.
+    /// binaries they came from. The kernel's names and its kallsyms table
+    /// (4 MB here) are let go together once [`KERNEL_NAMES_LIFETIME`]
+    /// old: with windows of a minute or more, at each call.
     pub fn forget_unused(&mut self, idle: Duration) {
         let now = Instant::now();
         let recent = |used: Instant| now.saturating_duration_since(used) < idle;
@@ -211,8 +213,8 @@ impl Symbolizer {
             f.named.retain(|_, n| recent(n.used));
             recent(f.used)
         });
-        self.kernel_table = std::cell::OnceCell::new();
         if self.kernel_since.elapsed() >= KERNEL_NAMES_LIFETIME {
+            self.kernel_table = std::cell::OnceCell::new();
             self.kernel_named.clear();
             self.kernel_since = now;
         } else {

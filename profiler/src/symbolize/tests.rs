@@ -81,6 +81,33 @@ fn prefetched_names_match_and_files_are_let_go() {
     assert_eq!(ahead.files.len(), 0);
 }
 
+/// kallsyms' table is read on the first kernel address asked for, kept
+/// across windows (a daemon with short windows read it each window, 45%
+/// of its CPU), and let go with the kernel names once they are a
+/// minute old. Needs kallsyms' addresses (root), like the captures.
+#[test]
+fn the_kallsyms_table_lives_as_long_as_the_kernel_names() {
+    let Some(table) = kallsyms::Table::load() else {
+        eprintln!("skipped: /proc/kallsyms shows no addresses (not root)");
+        return;
+    };
+    let addr = table
+        .address_of("schedule")
+        .expect("schedule is in kallsyms");
+    let mut sym = Symbolizer::new();
+    assert!(sym.kernel_table.get().is_none(), "read only when asked");
+    let named = sym.kernel(&[addr + 1]);
+    assert_eq!(&*named[&(addr + 1)][0].name, "schedule");
+    sym.forget_unused(Duration::ZERO);
+    assert!(
+        matches!(sym.kernel_table.get(), Some(Some(_))),
+        "kept while the kernel names are younger than a minute"
+    );
+    sym.kernel_since -= KERNEL_NAMES_LIFETIME;
+    sym.forget_unused(Duration::ZERO);
+    assert!(sym.kernel_table.get().is_none() && sym.kernel_named.is_empty());
+}
+
 fn names_of(t: &HashMap<u64, Vec<Frame>>, addr: u64) -> Vec<String> {
     t[&addr].iter().map(|f| f.name.to_string()).collect()
 }
