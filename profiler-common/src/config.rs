@@ -70,8 +70,10 @@ pub struct Config {
     /// Kernel stack size (THREAD_SIZE); the user registers (`pt_regs`) are
     /// at its top.
     pub thread_size: u32,
-    /// Padding, zero.
-    pub _pad3: u32,
+    /// Offset of `mm` in `task_struct` (0: unknown), with
+    /// [`Config::mm_start_stack`]: a main thread's stack copy stops at the
+    /// stack's start, below the arguments and environment.
+    pub task_mm: u32,
     /// tcp_retransmit_synack offsets, indexed as [`Config::retrans`]
     /// (no `state` field: a SYN-ACK is retransmitted in SYN_RECV).
     pub synack: [u32; 9],
@@ -107,8 +109,12 @@ pub struct Config {
     /// The profiler's own thread-group id: its event loop (tokio's
     /// epoll) is not the user's, and is not timed.
     pub own_tgid: u32,
-    /// Padding, zero.
-    pub _pad7: u32,
+    /// Offset of `start_stack` in `mm_struct` (0: unknown): where the
+    /// main thread's first frame is (`_start` runs with its sp there);
+    /// above it lie only argv, envp, the auxiliary vector and their
+    /// strings (6 KB of a 9 KB copy for the benches' Node.js; more in a
+    /// pod with many environment variables).
+    pub mm_start_stack: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 256);
 
@@ -141,7 +147,7 @@ impl Config {
         _pad2: 0,
         task_stack: 0,
         thread_size: 16384,
-        _pad3: 0,
+        task_mm: 0,
         synack: [NO_FIELD; 9],
         cgroup: [NO_FIELD; 7],
         offcpu: 0,
@@ -156,7 +162,7 @@ impl Config {
         _pad6: [0; 2],
         sk_err: 0,
         own_tgid: 0,
-        _pad7: 0,
+        mm_start_stack: 0,
     };
 }
 

@@ -283,6 +283,19 @@ fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32, in_turn
         Some(&[addr, until]) if addr > sp && now() < until => addr,
         _ => u64::MAX,
     };
+    // A main thread's frames end at the stack's start: what lies above
+    // (arguments, environment, auxiliary vector) is not copied.
+    let start = if tid == tgid {
+        stack_start(cfg)
+    } else {
+        u64::MAX
+    };
+    let limit = if start > sp && start < top {
+        start
+    } else {
+        top
+    };
+    let mut reached = false;
     let mut len = 0u32;
     let mut chunks = 0u32;
     // SAFETY: `out` is this CPU's scratch record; every write stays inside
@@ -312,9 +325,17 @@ fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32, in_turn
                 (first as usize + (i - 1) * STACK_PAGE, STACK_PAGE as u64)
             };
             let src = sp + off as u64;
-            if src >= top {
+            if src >= limit {
                 break;
             }
+            // The last chunk below the stack's start is cut there.
+            let room = limit - src;
+            let size = if room < STACK_PAGE as u64 && room < size {
+                reached = true;
+                room
+            } else {
+                size
+            };
             let rc = aya_ebpf::helpers::generated::bpf_probe_read_user(
                 dst.add(off).cast(),
                 size as u32,
@@ -332,7 +353,7 @@ fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32, in_turn
         }
     }
     // Stopped before the configured size: the stack's top was reached.
-    let at_top = (chunks as usize) < pages;
+    let at_top = reached || (chunks as usize) < pages;
     // SAFETY: as above.
     unsafe {
         (*out).len = len;
@@ -345,4 +366,28 @@ fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32, in_turn
     // A full ring is counted by send_scratch; the sample was taken.
     send_scratch(ctx, out, SAMPLE_HEADER_BYTES + len as usize, in_turn);
     true
+}
+
+/// Where the current process's main stack starts (`mm->start_stack`),
+/// or u64::MAX when unknown.
+#[inline(always)]
+fn stack_start(cfg: &Config) -> u64 {
+    if cfg.task_mm == 0 || cfg.mm_start_stack == 0 {
+        return u64::MAX;
+    }
+    // SAFETY: probe reads at offsets from BTF; a bad pointer fails the
+    // helper, it cannot fault.
+    unsafe {
+        let task = aya_ebpf::helpers::bpf_get_current_task() as *const u8;
+        let Ok(mm) = aya_ebpf::helpers::bpf_probe_read_kernel(
+            task.add(cfg.task_mm as usize) as *const *const u8
+        ) else {
+            return u64::MAX;
+        };
+        if mm.is_null() {
+            return u64::MAX;
+        }
+        aya_ebpf::helpers::bpf_probe_read_kernel(mm.add(cfg.mm_start_stack as usize) as *const u64)
+            .unwrap_or(u64::MAX)
+    }
 }

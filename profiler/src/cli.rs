@@ -196,7 +196,8 @@ pub struct CaptureOptions {
     /// Most bytes of user stack copied per sample for dwarf/auto
     /// unwinding: 4096 to 65536, a multiple of 4096, counted from the
     /// stack pointer (only what lies between it and the stack's top is
-    /// copied). Deeper stacks are cut, and counted as truncated.
+    /// copied; for a main thread, up to its first frame, below the
+    /// environment). Deeper stacks are cut, and counted as truncated.
     #[arg(long = "stack-bytes", value_name = "BYTES", default_value_t = profiler_common::stacks::STACK_COPY_MAX as u32, value_parser = parse_stack_bytes)]
     pub stack_bytes: u32,
 

@@ -163,6 +163,14 @@ impl Signal for Stacks {
         {
             c.task_stack = off;
         }
+        if c.copy_stacks != 0
+            && let Ok(btf) = setup.btf
+            && let Some((mm, _)) = crate::kbtf::member_offset(btf, "task_struct", "mm")
+            && let Some((start, _)) = crate::kbtf::member_offset(btf, "mm_struct", "start_stack")
+        {
+            c.task_mm = mm;
+            c.mm_start_stack = start;
+        }
         let (copy, collided) = (c.copy_stacks != 0, c.send_collided != 0);
         let cpus = setup.cpus.len();
         let host = setup.host();
