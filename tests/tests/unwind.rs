@@ -136,3 +136,63 @@ fn stripped_binary_frames_say_where_they_are() {
         "bare addresses in {folded:#?}"
     );
 }
+
+/// A main thread's stack copy stops at its first frame: the arguments,
+/// environment and auxiliary vector above it (here a 48 KB variable, as
+/// in a pod with many service variables) are not copied with each
+/// sample. Node.js's main thread, whose copies read up to the stack's
+/// top before (6 KB of environment and vectors with a small
+/// environment), runs a JS loop; its stacks still reach `_start`.
+#[test]
+fn main_thread_copies_leave_the_environment_out() {
+    if !require_root("main_thread_copies_leave_the_environment_out") {
+        return;
+    }
+    let dir = scratch("unwind-environ");
+    let out = dir.join("out");
+    let big = format!("BIG={}", "x".repeat(48 * 1024));
+    let run = record_ok(
+        &dir,
+        &[
+            "-v",
+            "-F",
+            "999",
+            "-o",
+            out.to_str().unwrap(),
+            "--",
+            "env",
+            &big,
+            "node",
+            "-e",
+            "const end = Date.now() + 2000; let x = 0; while (Date.now() < end) { x += Math.sqrt(x + 1); }",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let per_sample: u64 = stderr
+        .lines()
+        .find_map(|l| {
+            let (head, _) = l.split_once(" bytes of stack per sample")?;
+            head.rsplit(' ').next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no bytes per sample in:\n{stderr}"));
+    assert!(
+        per_sample < 16 * 1024,
+        "{per_sample} bytes of stack copied per sample: the environment was copied\n{stderr}"
+    );
+    let folded = read_folded(&out);
+    let node: u64 = folded
+        .iter()
+        .filter(|(l, _)| l.starts_with("node;"))
+        .map(|(_, n)| n)
+        .sum();
+    let whole: u64 = folded
+        .iter()
+        .filter(|(l, _)| l.starts_with("node;_start;"))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(node > 1000, "too few node samples: {node}\n{stderr}");
+    assert!(
+        pct(whole, node) > 95.0,
+        "{whole} of {node} node samples reach _start\n{stderr}"
+    );
+}
