@@ -158,10 +158,9 @@ impl Naming {
         self.sym.prefetch(raw.all_stacks(), procs);
     }
 
-    /// After a window: what was parsed (and kallsyms' table) is let go,
-    /// and the names of addresses no stack asked for lately. (Keeping
-    /// the table with 1 s windows saved a fifth of their CPU, and made the
-    /// RSS of 250 ms windows grow 13% over a thousand of them.)
+    /// After a window: what was parsed is let go, and the names of
+    /// addresses no stack asked for lately; kallsyms' table goes with the
+    /// kernel names, once a minute (see `Symbolizer::forget_unused`).
     fn after_window(&mut self) {
         self.sym
             .forget_unused(NAMES_KEPT_IDLE.max(self.window.saturating_mul(2)));
