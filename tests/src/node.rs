@@ -106,34 +106,76 @@ pub fn js_shares<'a>(stacks: impl Iterator<Item = (Vec<&'a str>, u64)>) -> HashM
 /// instead and calls an address inside a newer, longer range that starts
 /// before an older one `[unknown]`; judging its walks by its own look-ups
 /// would count that against perf.
-pub fn perf_map_names(path: &Path) -> BTreeMap<u64, (u64, String)> {
-    let mut m: BTreeMap<u64, (u64, String)> = BTreeMap::new();
-    for line in std::fs::read_to_string(path).unwrap().lines() {
-        let mut p = line.splitn(3, ' ');
-        let (Some(a), Some(s), Some(n)) = (p.next(), p.next(), p.next()) else {
-            continue;
-        };
-        let (Ok(a), Ok(s)) = (u64::from_str_radix(a, 16), u64::from_str_radix(s, 16)) else {
-            continue;
-        };
-        let end = a + s;
-        let over: Vec<u64> = m
-            .range(..end)
-            .rev()
-            .take_while(|(_, (e, _))| *e > a)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in over {
-            m.remove(&k);
+///
+/// A perf map has no times: where V8 put new code over freed code, an
+/// address has had two names and the map alone cannot say which one a
+/// sample saw. The lines a later one replaced are kept, so that such a
+/// frame can be judged by every name it may have had.
+pub struct PerfMap {
+    newest: BTreeMap<u64, (u64, String)>,
+    replaced: Vec<(u64, u64, String)>,
+}
+
+impl PerfMap {
+    pub fn read(path: &Path) -> PerfMap {
+        let mut newest: BTreeMap<u64, (u64, String)> = BTreeMap::new();
+        let mut replaced = Vec::new();
+        for line in std::fs::read_to_string(path).unwrap().lines() {
+            let mut p = line.splitn(3, ' ');
+            let (Some(a), Some(s), Some(n)) = (p.next(), p.next(), p.next()) else {
+                continue;
+            };
+            let (Ok(a), Ok(s)) = (u64::from_str_radix(a, 16), u64::from_str_radix(s, 16)) else {
+                continue;
+            };
+            let end = a + s;
+            let over: Vec<u64> = newest
+                .range(..end)
+                .rev()
+                .take_while(|(_, (e, _))| *e > a)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in over {
+                let (e, name) = newest.remove(&k).unwrap();
+                replaced.push((k, e, name));
+            }
+            newest.insert(a, (end, n.to_string()));
         }
-        m.insert(a, (end, n.to_string()));
+        PerfMap { newest, replaced }
     }
-    m
+
+    /// The newest name of the code at `a` (`[unknown]` if none), and the
+    /// other names older lines gave it.
+    fn names(&self, a: u64) -> PerfFrame {
+        let name = self
+            .newest
+            .range(..=a)
+            .next_back()
+            .filter(|(_, (end, _))| a < *end)
+            .map_or("[unknown]".to_string(), |(_, (_, n))| n.clone());
+        let mut also: Vec<String> = self
+            .replaced
+            .iter()
+            .filter(|(s, e, n)| (*s..*e).contains(&a) && *n != name)
+            .map(|(_, _, n)| n.clone())
+            .collect();
+        also.sort();
+        also.dedup();
+        PerfFrame { name, also }
+    }
+}
+
+/// One frame of perf's: its name, and for code in a perf map, the other
+/// names the map gave its address over the run.
+#[derive(Debug, Clone)]
+pub struct PerfFrame {
+    pub name: String,
+    pub also: Vec<String>,
 }
 
 /// perf script's stacks (leaf first), frames in perf maps named again
-/// from the map (see [`perf_map_names`]).
-pub fn perf_stacks(data: &Path, map: &BTreeMap<u64, (u64, String)>) -> Vec<Vec<String>> {
+/// from the map (see [`PerfMap`]).
+pub fn perf_stacks(data: &Path, map: &PerfMap) -> Vec<Vec<PerfFrame>> {
     let out = Command::new("perf")
         .args(["script", "-i"])
         .arg(data)
@@ -142,7 +184,7 @@ pub fn perf_stacks(data: &Path, map: &BTreeMap<u64, (u64, String)>) -> Vec<Vec<S
     assert!(out.status.success(), "perf script failed");
     let text = String::from_utf8_lossy(&out.stdout);
     let mut stacks = Vec::new();
-    let mut cur: Option<Vec<String>> = None;
+    let mut cur: Option<Vec<PerfFrame>> = None;
     for line in text.lines() {
         if line.trim().is_empty() {
             stacks.extend(cur.take());
@@ -163,16 +205,15 @@ pub fn perf_stacks(data: &Path, map: &BTreeMap<u64, (u64, String)>) -> Vec<Vec<S
             continue;
         };
         let (sym, dso) = rest.rsplit_once(" (").unwrap_or((rest, ""));
-        let name = if dso.contains("/perf-") && dso.ends_with(".map)") {
-            let a = if frames.is_empty() { addr } else { addr - 1 };
-            map.range(..=a)
-                .next_back()
-                .filter(|(_, (end, _))| a < *end)
-                .map_or("[unknown]".to_string(), |(_, (_, n))| n.clone())
+        let frame = if dso.contains("/perf-") && dso.ends_with(".map)") {
+            map.names(if frames.is_empty() { addr } else { addr - 1 })
         } else {
-            sym.rsplit_once("+0x").map_or(sym, |(s, _)| s).to_string()
+            PerfFrame {
+                name: sym.rsplit_once("+0x").map_or(sym, |(s, _)| s).to_string(),
+                also: Vec::new(),
+            }
         };
-        frames.push(name);
+        frames.push(frame);
     }
     stacks.extend(cur);
     stacks
@@ -230,6 +271,45 @@ pub fn cpu_profile_stacks(dir: &Path) -> Vec<(Vec<String>, u64)> {
         .collect()
 }
 
+/// The JS functions a perf frame may be.
+fn frame_functions(f: &PerfFrame) -> HashSet<String> {
+    std::iter::once(&f.name)
+        .chain(&f.also)
+        .filter_map(|n| js_function(n))
+        .collect()
+}
+
+/// One JS function of [`SameRun::against_perf`]: shares (0..1) of samples
+/// holding a JS frame.
+pub struct PerfRow {
+    pub function: String,
+    /// perf's, by the newest names of its map.
+    pub perf: f64,
+    /// perf's at least and at most: a frame of code the map gave two
+    /// functions' names counted for neither, then for both.
+    pub perf_least: f64,
+    pub perf_most: f64,
+    /// Ours, by frames of JIT code.
+    pub ours: f64,
+    /// Ours with inlined frames, and V8's own profile's.
+    pub ours_all: f64,
+    pub v8: f64,
+}
+
+impl PerfRow {
+    /// Whether ours agrees with perf's within `points` (0..1): with its
+    /// share by the newest names, or, where the map named the same code
+    /// twice, anywhere in perf's range if V8's own profile agrees with
+    /// ours too. A second witness, not a wider range: perf's map alone
+    /// cannot say which name a sample saw, V8's profile can.
+    pub fn agrees(&self, points: f64) -> bool {
+        let in_range =
+            self.ours >= self.perf_least - points && self.ours <= self.perf_most + points;
+        (self.ours - self.perf).abs() <= points
+            || (in_range && (self.ours_all - self.v8).abs() <= points)
+    }
+}
+
 pub fn is_unknown(frame: &str) -> bool {
     frame.starts_with("[unknown") || frame.contains("+0x")
 }
@@ -241,7 +321,7 @@ pub struct SameRun {
     /// Our stderr.
     pub stderr: String,
     /// perf -g's stacks (leaf first).
-    pub perf: Vec<Vec<String>>,
+    pub perf: Vec<Vec<PerfFrame>>,
     /// V8's own profile (outermost first, JS frames only).
     pub v8: Vec<(Vec<String>, u64)>,
 }
@@ -294,7 +374,7 @@ pub fn same_run(profiler: &Path, dir: &Path, secs: u32, extra: &[&str]) -> SameR
     // The load ends before the service, so that it exits idle.
     drop(load);
     sigterm_and_wait(node);
-    let map = perf_map_names(Path::new(&format!("/tmp/perf-{node_pid}.map")));
+    let map = PerfMap::read(Path::new(&format!("/tmp/perf-{node_pid}.map")));
     SameRun {
         folded: read_folded(&out_dir),
         stderr,
@@ -316,7 +396,7 @@ impl SameRun {
         let perf_unknown = self
             .perf
             .iter()
-            .filter(|s| s.iter().any(|f| is_unknown(f)))
+            .filter(|s| s.iter().any(|f| is_unknown(&f.name)))
             .count() as u64;
         (
             pct(unknown, total),
@@ -324,45 +404,106 @@ impl SameRun {
         )
     }
 
-    /// Per JS function: (perf's share, ours by frames of JIT code only),
-    /// for those perf puts on `min` of samples or more, most first.
-    pub fn against_perf(&self, min: f64) -> Vec<(String, f64, f64)> {
+    /// Per JS function perf puts on `min` of samples or more (newest name
+    /// first): perf's share and ours by frames of JIT code only, most first.
+    pub fn against_perf(&self, min: f64) -> Vec<PerfRow> {
         let ours = js_shares(
             self.folded
                 .iter()
                 .map(|(l, n)| (l.split(';').filter(|f| f.ends_with("_[j]")).collect(), *n)),
         );
-        let perf = self.perf_shares();
-        let mut rows: Vec<(String, f64, f64)> = perf
+        let ours_all = self.our_shares();
+        let v8 = self.v8_shares();
+        let [newest, least, most] = self.perf_bounds();
+        let share = |m: &HashMap<String, f64>, f: &str| m.get(f).copied().unwrap_or(0.0);
+        let mut rows: Vec<PerfRow> = newest
             .iter()
             .filter(|(_, p)| **p >= min)
-            .map(|(f, p)| (f.clone(), *p, ours.get(f).copied().unwrap_or(0.0)))
+            .map(|(f, p)| PerfRow {
+                function: f.clone(),
+                perf: *p,
+                perf_least: share(&least, f),
+                perf_most: share(&most, f),
+                ours: share(&ours, f),
+                ours_all: share(&ours_all, f),
+                v8: share(&v8, f),
+            })
             .collect();
-        rows.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        rows.sort_by(|a, b| b.perf.total_cmp(&a.perf).then(a.function.cmp(&b.function)));
         rows
     }
 
-    fn perf_shares(&self) -> HashMap<String, f64> {
+    /// perf's samples with a frame of JIT code that the perf map gave two
+    /// different JS functions' names.
+    pub fn perf_ambiguous(&self) -> usize {
+        self.perf
+            .iter()
+            .filter(|s| s.iter().any(|f| frame_functions(f).len() > 1))
+            .count()
+    }
+
+    /// V8's own shares per JS function (inlined ones included).
+    fn v8_shares(&self) -> HashMap<String, f64> {
         js_shares(
-            self.perf
+            self.v8
                 .iter()
-                .map(|s| (s.iter().map(String::as_str).collect(), 1)),
+                .map(|(f, n)| (f.iter().map(String::as_str).collect(), *n)),
         )
+    }
+
+    /// Our shares per JS function, inlined frames included.
+    fn our_shares(&self) -> HashMap<String, f64> {
+        js_shares(
+            self.folded
+                .iter()
+                .map(|(l, n)| (l.split(';').collect(), *n)),
+        )
+    }
+
+    fn perf_shares(&self) -> HashMap<String, f64> {
+        let [newest, _, _] = self.perf_bounds();
+        newest
+    }
+
+    /// Per JS function, the share (0..1) of perf's samples holding a JS
+    /// frame that hold it: by the newest names, and at least and at most,
+    /// a frame whose address had two functions' names counting for either.
+    fn perf_bounds(&self) -> [HashMap<String, f64>; 3] {
+        let mut total = 0u64;
+        let mut counts: [HashMap<String, u64>; 3] = Default::default();
+        for s in &self.perf {
+            let newest: HashSet<String> = s.iter().filter_map(|f| js_function(&f.name)).collect();
+            let mut least = HashSet::new();
+            let mut most = HashSet::new();
+            for f in s {
+                let fns = frame_functions(f);
+                if fns.len() == 1 {
+                    least.extend(fns.iter().cloned());
+                }
+                most.extend(fns);
+            }
+            if most.is_empty() {
+                continue;
+            }
+            total += 1;
+            for (c, set) in counts.iter_mut().zip([newest, least, most]) {
+                for f in set {
+                    *c.entry(f).or_default() += 1;
+                }
+            }
+        }
+        counts.map(|c| {
+            c.into_iter()
+                .map(|(k, v)| (k, v as f64 / total.max(1) as f64))
+                .collect()
+        })
     }
 
     /// Per JS function V8 puts on `min` or more: (V8's share, ours with
     /// inlined frames, perf's), most first.
     pub fn against_v8(&self, min: f64) -> Vec<(String, f64, f64, f64)> {
-        let v8 = js_shares(
-            self.v8
-                .iter()
-                .map(|(f, n)| (f.iter().map(String::as_str).collect(), *n)),
-        );
-        let ours = js_shares(
-            self.folded
-                .iter()
-                .map(|(l, n)| (l.split(';').collect(), *n)),
-        );
+        let v8 = self.v8_shares();
+        let ours = self.our_shares();
         let perf = self.perf_shares();
         let mut rows: Vec<(String, f64, f64, f64)> = v8
             .iter()

@@ -41,21 +41,46 @@ fn node_service_stacks_are_as_complete_as_perfs() {
 
     // Every JS function perf puts on 5% or more: within 5 points, by the
     // frames of JIT code (not the inlined ones, which perf cannot see).
+    // Where V8 laid new code over freed code, the perf map gave an address
+    // two functions' names and cannot say which a sample saw (perf once
+    // put 9.6% on `ErrnoException` where ours and V8's put `next`): there,
+    // ours may be anywhere in perf's range (such frames counted for
+    // neither function, then for both) if V8's own profile agrees with it.
+    let ambiguous = run.perf_ambiguous();
+    eprintln!(
+        "perf samples with a frame the perf map gave two functions' names: {ambiguous} of {}",
+        run.perf.len()
+    );
     let rows = run.against_perf(0.05);
-    for (f, p, o) in &rows {
-        eprintln!("perf {:5.1}%  ours {:5.1}%  {f}", 100.0 * p, 100.0 * o);
+    for r in &rows {
+        eprintln!(
+            "perf {:5.1}% [{:.1}, {:.1}]  ours {:5.1}%  (V8 {:.1}%, ours {:.1}% with inlined)  {}",
+            100.0 * r.perf,
+            100.0 * r.perf_least,
+            100.0 * r.perf_most,
+            100.0 * r.ours,
+            100.0 * r.v8,
+            100.0 * r.ours_all,
+            r.function
+        );
     }
     assert!(
         rows.len() >= 5,
         "perf put only {} JS functions on 5%",
         rows.len()
     );
-    for (f, p, o) in &rows {
+    for r in &rows {
         assert!(
-            (o - p).abs() <= 0.05,
-            "{f}: perf puts it on {:.1}% of samples, ours {:.1}%",
-            100.0 * p,
-            100.0 * o
+            r.agrees(0.05),
+            "{}: perf puts it on {:.1}% of samples ({:.1} to {:.1} by the names its \
+             map gave the same code), ours {:.1}%; V8 {:.1}%, ours with inlined {:.1}%",
+            r.function,
+            100.0 * r.perf,
+            100.0 * r.perf_least,
+            100.0 * r.perf_most,
+            100.0 * r.ours,
+            100.0 * r.v8,
+            100.0 * r.ours_all
         );
     }
 

@@ -127,19 +127,30 @@ pub fn bench(profiler: &Path, root: &Path) -> Result<()> {
         run.perf.len(),
         run.jit_cfi_frames()
     )?;
-    md.push_str("\n### JS functions perf puts on 5% or more (shares of samples with a JS frame; ours by JIT-code frames, as perf sees them)\n\n| function | perf | ours | difference |\n|---|---|---|---|\n");
+    md.push_str("\n### JS functions perf puts on 5% or more (shares of samples with a JS frame; ours by JIT-code frames, as perf sees them)\n\nperf's range: where V8 laid new code over freed code, its map gave an address two functions' names, and such a frame counts for neither, then for both; V8's own profile is the second witness there.\n\n| function | perf | perf's range | ours | difference | V8 | ours with inlined |\n|---|---|---|---|---|---|---|\n");
     let mut worst: f64 = 0.0;
-    for (f, p, o) in run.against_perf(0.05) {
-        worst = worst.max((o - p).abs());
+    for r in run.against_perf(0.05) {
+        worst = worst.max((r.ours - r.perf).abs());
         writeln!(
             md,
-            "| `{f}` | {:.1}% | {:.1}% | {:+.1} |",
-            100.0 * p,
-            100.0 * o,
-            100.0 * (o - p)
+            "| `{}` | {:.1}% | {:.1}-{:.1}% | {:.1}% | {:+.1} | {:.1}% | {:.1}% |",
+            r.function,
+            100.0 * r.perf,
+            100.0 * r.perf_least,
+            100.0 * r.perf_most,
+            100.0 * r.ours,
+            100.0 * (r.ours - r.perf),
+            100.0 * r.v8,
+            100.0 * r.ours_all
         )?;
     }
-    writeln!(md, "\nLargest difference: {:.1} points.", 100.0 * worst)?;
+    writeln!(
+        md,
+        "\nLargest difference: {:.1} points; perf samples with a frame its map named twice: {} of {}.",
+        100.0 * worst,
+        run.perf_ambiguous(),
+        run.perf.len()
+    )?;
     md.push_str("\n### Against V8's own profile (functions V8 puts on 5% or more; ours with inlined frames)\n\n| function | V8 | ours | perf |\n|---|---|---|---|\n");
     let (mut d_ours, mut d_perf) = (0.0, 0.0);
     let rows = run.against_v8(0.05);
@@ -164,7 +175,7 @@ pub fn bench(profiler: &Path, root: &Path) -> Result<()> {
         serde_json::json!({
             "ours_samples": ours_total, "ours_unknown_pct": ours,
             "perf_samples": run.perf.len(), "perf_unknown_pct": perf,
-            "largest_difference_vs_perf": worst,
+            "largest_difference_vs_perf": worst, "perf_ambiguous_samples": run.perf_ambiguous(),
             "distance_to_v8": {"ours": d_ours, "perf": d_perf, "functions": rows.len()},
             "jit_cfi_frames": run.jit_cfi_frames(),
         }),
