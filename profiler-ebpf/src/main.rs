@@ -79,6 +79,7 @@ const _: () = assert!(profiler_common::str_eq(
 map!(COUNTERS: PerCpuArray<u64> = with_max_entries(counters::COUNTERS));
 
 const EEXIST: i32 = 17;
+const EFAULT: i32 = 14;
 const ENOMEM: i32 = 12;
 const E2BIG: i32 = 7;
 

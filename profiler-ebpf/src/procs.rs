@@ -15,7 +15,7 @@ use profiler_common::{
 
 use aya_log_ebpf::warn;
 
-use crate::{bump, config, now, read};
+use crate::{bump, config, read};
 
 map!(PIDS: HashMap<u32, u8> = with_max_entries(procs::PIDS));
 map!(SEEN: HashMap<u32, u64> = with_max_entries(procs::SEEN));
@@ -32,8 +32,7 @@ pub fn profiled(tgid: u32) -> bool {
 /// again `reannounce_ns` after its last announcement while it keeps being
 /// sampled.
 #[inline(always)]
-pub fn announce(cfg: &Config, tgid: u32) {
-    let now = now();
+pub fn announce(cfg: &Config, tgid: u32, now: u64) {
     let kind = match SEEN.get_ptr_mut(&tgid) {
         None => {
             // BPF_NOEXIST: only the first CPU to insert announces it.

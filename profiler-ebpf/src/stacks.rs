@@ -25,7 +25,7 @@ use profiler_common::{
 
 use aya_log_ebpf::warn;
 
-use crate::{BPF_RB_NO_WAKEUP, EEXIST, bump, config, dropped, now};
+use crate::{BPF_RB_NO_WAKEUP, EEXIST, EFAULT, bump, config, dropped, now};
 
 map!(STACKS: StackTrace = with_max_entries(stacks::STACKS));
 map!(COUNTS: PerCpuHashMap<StackKey, u64> = with_max_entries(stacks::COUNTS));
@@ -78,21 +78,24 @@ fn try_sample(ctx: &PerfEventContext) {
         return;
     }
     bump(Counter::Samples);
+    // One clock read a sample, for its time, its slice and announcements.
+    let t = now();
 
     // A sample inside an event-loop turn is sent with its time (the
     // stalls keep theirs), whatever the unwinding.
     let in_turn = cfg.loops != 0 && tgid != 0 && crate::loops::turn_of(tid).is_some();
     if cfg.copy_stacks != 0 && tgid != 0 {
-        if copy_stack(ctx, cfg, tgid, tid, in_turn) {
-            crate::procs::announce(cfg, tgid);
+        if copy_stack(ctx, cfg, tgid, tid, in_turn, t) {
+            crate::procs::announce(cfg, tgid, t);
             return;
         }
         // No user registers (a kernel thread): count the kernel stack.
     }
 
     let kernel_stack_id = kernel_stack(ctx);
-    if in_turn && cfg.send_collided != 0 && send_user_ips(ctx, tgid, tid, kernel_stack_id, true) {
-        crate::procs::announce(cfg, tgid);
+    if in_turn && cfg.send_collided != 0 && send_user_ips(ctx, tgid, tid, kernel_stack_id, true, t)
+    {
+        crate::procs::announce(cfg, tgid, t);
         return;
     }
     let user_stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
@@ -103,10 +106,10 @@ fn try_sample(ctx: &PerfEventContext) {
             if e == -EEXIST
                 && cfg.send_collided != 0
                 && tgid != 0
-                && send_user_ips(ctx, tgid, tid, kernel_stack_id, false)
+                && send_user_ips(ctx, tgid, tid, kernel_stack_id, false, t)
             {
                 bump(Counter::UserStacksSentAside);
-                crate::procs::announce(cfg, tgid);
+                crate::procs::announce(cfg, tgid, t);
                 return;
             }
             if dropped(e) {
@@ -125,7 +128,7 @@ fn try_sample(ctx: &PerfEventContext) {
         user_stack_id,
         kernel_stack_id,
         comm,
-        slice: (now() / stacks::TIME_SLICE_NS) as u32,
+        slice: (t / stacks::TIME_SLICE_NS) as u32,
     };
     match COUNTS.get_ptr_mut(&key) {
         // SAFETY: per-CPU value of this CPU: no concurrent writer.
@@ -142,7 +145,7 @@ fn try_sample(ctx: &PerfEventContext) {
     // while it keeps being sampled, so that it reads the process's memory
     // maps while the process lives.
     if tgid != 0 {
-        crate::procs::announce(cfg, tgid);
+        crate::procs::announce(cfg, tgid, t);
     }
 }
 
@@ -179,6 +182,7 @@ fn send_user_ips(
     tid: u32,
     kernel_stack_id: i32,
     in_turn: bool,
+    t: u64,
 ) -> bool {
     let Some(out) = scratch() else {
         return false;
@@ -211,7 +215,7 @@ fn send_user_ips(
     if len > MAX_STACK_DEPTH * 8 {
         return false;
     }
-    send_scratch(ctx, out, SAMPLE_HEADER_BYTES + len, in_turn)
+    send_scratch(ctx, out, SAMPLE_HEADER_BYTES + len, in_turn, t)
 }
 
 /// Sends the first `size` bytes of this CPU's scratch record through the
@@ -219,13 +223,19 @@ fn send_user_ips(
 /// drains on a short timer, which saves a wakeup and two context switches
 /// a sample.
 #[inline(always)]
-fn send_scratch(ctx: &PerfEventContext, out: *mut StackSample, size: usize, in_turn: bool) -> bool {
+fn send_scratch(
+    ctx: &PerfEventContext,
+    out: *mut StackSample,
+    size: usize,
+    in_turn: bool,
+    t: u64,
+) -> bool {
     if size > core::mem::size_of::<StackSample>() {
         return false;
     }
     // SAFETY: `out` is this CPU's scratch record.
     unsafe {
-        (*out).time_ns = now();
+        (*out).time_ns = t;
         if in_turn {
             (*out).flags |= STACK_IN_TURN;
         }
@@ -251,12 +261,26 @@ fn send_scratch(ctx: &PerfEventContext, out: *mut StackSample, size: usize, in_t
 /// unwinding with the binaries' CFI. Returns false when the task has no
 /// user registers.
 #[inline(always)]
-fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32, in_turn: bool) -> bool {
-    let Some((ip, sp, bp)) = crate::arch::user_regs(ctx, cfg) else {
+fn copy_stack(
+    ctx: &PerfEventContext,
+    cfg: &Config,
+    tgid: u32,
+    tid: u32,
+    in_turn: bool,
+    t: u64,
+) -> bool {
+    let Some(regs) = crate::arch::user_regs(ctx, cfg) else {
         bump(Counter::UserRegsMissing);
         return false;
     };
-    let kernel_stack_id = kernel_stack(ctx);
+    let (ip, sp, bp) = (regs.ip, regs.sp, regs.bp);
+    // A sample taken in user mode has no kernel stack: no walk to ask
+    // for (the kernel's answer would be -EFAULT after its setup).
+    let kernel_stack_id = if regs.sampled_in_user {
+        -EFAULT
+    } else {
+        kernel_stack(ctx)
+    };
     // Built in a per-CPU scratch record, then sent with only the pages
     // copied: the ring buffer carries what the stack holds, not the most
     // it could hold.
@@ -278,11 +302,6 @@ fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32, in_turn
         return true;
     }
     let thread = ((tgid as u64) << 32) | tid as u64;
-    // SAFETY: a lookup in a hash of plain integers.
-    let top = match unsafe { STACK_TOPS.get(&thread) } {
-        Some(&[addr, until]) if addr > sp && now() < until => addr,
-        _ => u64::MAX,
-    };
     // A main thread's frames end at the stack's start: what lies above
     // (arguments, environment, auxiliary vector) is not copied.
     let start = if tid == tgid {
@@ -290,10 +309,24 @@ fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32, in_turn
     } else {
         u64::MAX
     };
-    let limit = if start > sp && start < top {
+    // When the copy would reach the start, sp is on the main stack, whose
+    // mapping runs past the start: no chunk can fault, there is no top to
+    // look up. (A main thread on another stack, Go's on a goroutine's, is
+    // far from it and looks its top up like any thread.)
+    let reaches_start = start > sp && start - sp <= (pages * STACK_PAGE) as u64;
+    let limit = if reaches_start {
         start
     } else {
-        top
+        // SAFETY: a lookup in a hash of plain integers.
+        let top = match unsafe { STACK_TOPS.get(&thread) } {
+            Some(&[addr, until]) if addr > sp && t < until => addr,
+            _ => u64::MAX,
+        };
+        if start > sp && start < top {
+            start
+        } else {
+            top
+        }
     };
     let mut reached = false;
     let mut len = 0u32;
@@ -344,7 +377,7 @@ fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32, in_turn
             if rc != 0 {
                 // A full LRU map evicts: the insert cannot fail for room,
                 // and a lost hint only costs the next copy one fault.
-                let _ = STACK_TOPS.insert(&thread, &[src, now() + STACK_TOP_TTL_NS], 0);
+                let _ = STACK_TOPS.insert(&thread, &[src, t + STACK_TOP_TTL_NS], 0);
                 break;
             }
             len = (off as u64 + size) as u32;
@@ -364,7 +397,7 @@ fn copy_stack(ctx: &PerfEventContext, cfg: &Config, tgid: u32, tid: u32, in_turn
         bump(Counter::StackCopiesShort);
     }
     // A full ring is counted by send_scratch; the sample was taken.
-    send_scratch(ctx, out, SAMPLE_HEADER_BYTES + len as usize, in_turn);
+    send_scratch(ctx, out, SAMPLE_HEADER_BYTES + len as usize, in_turn, t);
     true
 }
 
