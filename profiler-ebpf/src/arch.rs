@@ -24,6 +24,15 @@ pub struct UserRegs {
     pub sampled_in_user: bool,
 }
 
+/// Whether the sample interrupted user mode: then it has no kernel stack,
+/// and asking the kernel to walk one only costs its setup (-EFAULT).
+#[cfg(bpf_target_arch = "x86_64")]
+#[inline(always)]
+pub fn sampled_in_user(ctx: &PerfEventContext) -> bool {
+    // SAFETY: ctx points at the kernel's bpf_perf_event_data for this run.
+    unsafe { (*ctx.ctx).regs.cs & 3 == 3 }
+}
+
 /// User registers of the sampled task: the sample's own when it
 /// interrupted user mode, else the ones saved at the top of the task's
 /// kernel stack when it entered the kernel.
@@ -39,7 +48,7 @@ pub fn user_regs(ctx: &PerfEventContext, cfg: &Config) -> Option<UserRegs> {
     const RSP: usize = 19;
     // SAFETY: ctx points at the kernel's bpf_perf_event_data for this run.
     let regs = unsafe { &(*ctx.ctx).regs };
-    if regs.cs & 3 == 3 {
+    if sampled_in_user(ctx) {
         return Some(UserRegs {
             ip: regs.rip,
             sp: regs.rsp,

@@ -92,7 +92,11 @@ fn try_sample(ctx: &PerfEventContext) {
         // No user registers (a kernel thread): count the kernel stack.
     }
 
-    let kernel_stack_id = kernel_stack(ctx);
+    let kernel_stack_id = if crate::arch::sampled_in_user(ctx) {
+        -EFAULT
+    } else {
+        kernel_stack(ctx)
+    };
     if in_turn && cfg.send_collided != 0 && send_user_ips(ctx, tgid, tid, kernel_stack_id, true, t)
     {
         crate::procs::announce(cfg, tgid, t);
