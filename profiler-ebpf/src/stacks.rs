@@ -386,6 +386,12 @@ fn copy_stack(
             }
             len = (off as u64 + size) as u32;
             chunks += 1;
+            // A chunk cut at the limit is the last one. Leaving here, not
+            // at the next round's check, also spares the verifier a second
+            // line of states through every later round.
+            if reached {
+                break;
+            }
             i += 1;
         }
     }
