@@ -7,6 +7,7 @@
 pub mod doctor;
 pub mod downstream;
 pub mod http;
+pub mod sockdiag;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -130,16 +131,19 @@ pub struct Listen {
 }
 
 impl Listen {
-    /// Reads the listeners of /proc/net/tcp and tcp6 now, with the
-    /// counters' deltas.
+    /// Reads the listeners with connections waiting now (from sock_diag,
+    /// else /proc/net/tcp and tcp6), with the counters' deltas.
     pub fn now(overflows: i64, drops: i64) -> Self {
-        let mut waiting = Vec::new();
-        for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
-            if let Ok(text) = std::fs::read_to_string(f) {
-                waiting.extend(downstream::waiting_listeners(&text));
+        let waiting = sockdiag::waiting_listeners().unwrap_or_else(|_| {
+            let mut waiting = Vec::new();
+            for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+                if let Ok(text) = std::fs::read_to_string(f) {
+                    waiting.extend(downstream::waiting_listeners(&text));
+                }
             }
-        }
-        waiting.sort_by_key(|l| std::cmp::Reverse(l.queue));
+            waiting.sort_by_key(|l| std::cmp::Reverse(l.queue));
+            waiting
+        });
         Listen {
             overflows,
             drops,
