@@ -6,7 +6,7 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::tracepoint,
-    maps::{LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use profiler_common::{
@@ -20,7 +20,7 @@ use aya_log_ebpf::warn;
 
 use crate::{bump, config, now, read};
 
-map!(RETRANS: PerCpuHashMap<RetransKey, RetransValue> = with_max_entries(tcp::RETRANS));
+map!(RETRANS: HashMap<RetransKey, RetransValue> = with_max_entries(tcp::RETRANS));
 map!(SOCK_OWNERS: LruHashMap<u64, SockOwner> = with_max_entries(tcp::SOCK_OWNERS));
 map!(OWNER_EVENTS: RingBuf = with_byte_size(tcp::OWNER_EVENTS));
 map!(RETRANS_TIMES: PerCpuArray<SliceCount> = with_max_entries(tcp::RETRANS_TIMES));
@@ -113,17 +113,7 @@ fn count_retransmit(ctx: &TracePointContext, f: &[u32; 9], state: i32) -> u32 {
             (*c).count += 1;
         }
     }
-    if let Some(v) = RETRANS.get_ptr_mut(&key) {
-        // SAFETY: per-CPU value of this CPU: no concurrent writer.
-        unsafe {
-            // The key may have been made on another CPU: this CPU's value
-            // then starts at zero.
-            if (*v).count == 0 {
-                (*v).first_ns = now;
-            }
-            (*v).count += 1;
-            (*v).last_ns = now;
-        }
+    if add_retransmit(&key, now) {
         return 0;
     }
     let mut value = RetransValue {
@@ -140,7 +130,13 @@ fn count_retransmit(ctx: &TracePointContext, f: &[u32; 9], state: i32) -> u32 {
         value.owner_cgroup = owner.cgroup;
         value.owner_comm = owner.comm;
     }
-    if RETRANS.insert(&key, &value, 0).is_err() {
+    // BPF_NOEXIST: a SYN-ACK resent for a duplicate SYN in softirq while
+    // its timer resends it on another CPU (the one case without the
+    // socket's lock) is added to, not overwritten.
+    if RETRANS.insert(&key, &value, 1).is_err() {
+        if add_retransmit(&key, now) {
+            return 0;
+        }
         bump(Counter::RetransMapFull);
         warn!(
             ctx,
@@ -151,4 +147,20 @@ fn count_retransmit(ctx: &TracePointContext, f: &[u32; 9], state: i32) -> u32 {
         bump(Counter::EventsLost);
     }
     0
+}
+
+/// Adds a retransmit to `key`'s record if it has one.
+#[inline(always)]
+fn add_retransmit(key: &RetransKey, now: u64) -> bool {
+    let Some(v) = RETRANS.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: a pointer into the map's value. A connection's retransmits
+    // are made under its socket's lock, so no other CPU updates this
+    // record meanwhile (eBPF here has no atomic add).
+    unsafe {
+        (*v).count += 1;
+        (*v).last_ns = now;
+    }
+    true
 }

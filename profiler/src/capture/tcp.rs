@@ -1,6 +1,6 @@
 //! TCP retransmits, loader side: the retransmit and socket-owner
 //! tracepoints (layouts from tracefs), the owners' names and cgroups read
-//! while they live, and per-window connection counts summed over CPUs.
+//! while they live, and per-window connection counts.
 //! Kernel side: `profiler-ebpf/src/tcp.rs`; shared types:
 //! `profiler_common::tcp`.
 
@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use aya::{
     Ebpf,
-    maps::{MapData, PerCpuHashMap},
+    maps::{HashMap as BpfHashMap, MapData},
 };
 use profiler_common::tcp::{self, RetransKey, RetransValue, SliceCount, field};
 
@@ -35,7 +35,7 @@ const OWNERS: &str = "tcp_retransmit_owners";
 pub struct Tcp {
     tracepoints: Tracepoints,
     owner_events: Option<Ring>,
-    retrans: Option<PerCpuHashMap<MapData, RetransKey, RetransValue>>,
+    retrans: Option<BpfHashMap<MapData, RetransKey, RetransValue>>,
     /// Owners read since the last window.
     owners: HashMap<u32, OwnerInfo>,
     /// [`tcp::RETRANS_TIMES`], read at each tick.
@@ -166,28 +166,12 @@ impl Signal for Tcp {
         };
         let mut keys = Vec::new();
         for item in retrans.iter() {
-            let Ok((key, per_cpu)) = item else { continue };
+            let Ok((key, v)) = item else { continue };
             if drain {
                 keys.push(key);
             }
-            let mut total = RetransValue::default();
-            for v in per_cpu.iter() {
-                if v.count == 0 {
-                    continue;
-                }
-                if total.count == 0 || v.first_ns < total.first_ns {
-                    total.first_ns = v.first_ns;
-                }
-                total.last_ns = total.last_ns.max(v.last_ns);
-                total.count += v.count;
-                if total.owner_tgid == 0 {
-                    total.owner_tgid = v.owner_tgid;
-                    total.owner_cgroup = v.owner_cgroup;
-                    total.owner_comm = v.owner_comm;
-                }
-            }
-            if total.count > 0 {
-                out.retransmits.push((key, total));
+            if v.count > 0 {
+                out.retransmits.push((key, v));
             }
         }
         for key in keys {
