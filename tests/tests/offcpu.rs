@@ -10,6 +10,34 @@ struct Clocks {
     pid: u64,
     hogs_pid: u64,
     secs: BTreeMap<String, f64>,
+    /// Seconds the light CPU (where the waiting threads run) spent in
+    /// interrupts, softirqs and stolen by the hypervisor during the run
+    /// (/proc/stat). A thread's CPU clock leaves that time out while it
+    /// runs, so the program counts it as time off the CPU in its calls,
+    /// where a profiler sees the thread on the CPU: the disk thread, which
+    /// runs most in its calls (copying 64 KiB, the journal), is the one it
+    /// shows in (0.07-0.13 s of 1.8 here, with 0.1-0.35 s of it).
+    taken_s: f64,
+}
+
+/// Interrupt, softirq and steal seconds of the CPU the program's light
+/// threads are pinned to (1, or 0 on one CPU), from /proc/stat.
+fn taken_from_light_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu1 "))
+        .or_else(|| stat.lines().find(|l| l.starts_with("cpu0 ")))
+        .expect("a cpu line in /proc/stat");
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // user nice system idle iowait irq softirq steal, in USER_HZ ticks.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (f[5] + f[6] + f[7]) / hz
 }
 
 fn run_program(dir: &Path, extra: &[&str]) -> (Clocks, serde_json::Value, String) {
@@ -30,7 +58,9 @@ fn run_program(dir: &Path, extra: &[&str]) -> (Clocks, serde_json::Value, String
         result.to_str().unwrap(),
     );
     args.extend(["-o", o, "--", e, "3", d, r]);
+    let taken_before = taken_from_light_cpu();
     let out = record_ok(dir, &args);
+    let taken_s = taken_from_light_cpu() - taken_before;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
@@ -42,6 +72,7 @@ fn run_program(dir: &Path, extra: &[&str]) -> (Clocks, serde_json::Value, String
         pid: v["pid"].as_u64().unwrap(),
         hogs_pid: v["hogs_pid"].as_u64().unwrap(),
         secs,
+        taken_s,
     };
     (clocks, read_use(&out_dir), err)
 }
@@ -59,14 +90,33 @@ fn ours(u: &serde_json::Value, pid: u64, cause: &str) -> f64 {
 }
 
 fn assert_within(what: &str, ours: f64, theirs: f64, tolerance: f64, context: &str) {
+    assert_within_taken(what, ours, theirs, tolerance, 0.0, context);
+}
+
+/// As [`assert_within`], ours also allowed to be short of the program's
+/// by `taken` seconds that the program counted off the CPU and were not
+/// (see [`Clocks::taken_s`]).
+fn assert_within_taken(
+    what: &str,
+    ours: f64,
+    theirs: f64,
+    tolerance: f64,
+    taken: f64,
+    context: &str,
+) {
     assert!(
         theirs > 0.5,
         "{what}: the program measured only {theirs:.3} s: the workload did not run as meant\n{context}"
     );
+    let ours = if ours < theirs {
+        (ours + taken).min(theirs)
+    } else {
+        ours
+    };
     let off = (ours - theirs).abs() / theirs;
     assert!(
         off <= tolerance,
-        "{what}: ours {ours:.3} s, the program's own clocks {theirs:.3} s ({:.1}% apart, at most {:.0}%)\n{context}",
+        "{what}: ours {ours:.3} s (with up to {taken:.3} s the CPU gave to interrupts and the hypervisor), the program's own clocks {theirs:.3} s ({:.1}% apart, at most {:.0}%)\n{context}",
         off * 100.0,
         tolerance * 100.0
     );
@@ -84,11 +134,12 @@ fn off_cpu_causes_match_the_programs_own_clocks() {
     let (clocks, u, err) = run_program(&dir, &[]);
     let context = format!("{:#}\n{err}", u["offcpu"]);
     for cause in ["sleep", "lock", "pipe", "disk"] {
-        assert_within(
+        assert_within_taken(
             cause,
             ours(&u, clocks.pid, cause),
             clocks.secs[cause],
             0.10,
+            if cause == "disk" { clocks.taken_s } else { 0.0 },
             &context,
         );
     }
@@ -155,17 +206,18 @@ fn off_cpu_causes_match_the_programs_own_clocks() {
     let (clocks, u, err) = run_program(&dir, &["--off-cpu-min", "30ms"]);
     let context = format!("{:#}\n{err}", u["offcpu"]);
     for cause in ["sleep", "lock", "pipe", "disk"] {
-        assert_within(
+        assert_within_taken(
             cause,
             ours(&u, clocks.pid, cause),
             clocks.secs[cause],
             0.10,
+            if cause == "disk" { clocks.taken_s } else { 0.0 },
             &context,
         );
     }
     let short = u["offcpu"]["short_s"].as_f64().unwrap();
     assert!(
-        short >= 0.9 * clocks.secs["disk"],
+        short + clocks.taken_s >= 0.9 * clocks.secs["disk"],
         "short_s {short}: {context}"
     );
     assert_eq!(u["offcpu"]["min_ms"].as_f64(), Some(30.0));
