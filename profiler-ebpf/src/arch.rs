@@ -14,16 +14,6 @@ compile_error!(
      add this architecture's pt_regs layout in profiler-ebpf/src/arch.rs"
 );
 
-/// A sampled task's user registers.
-pub struct UserRegs {
-    pub ip: u64,
-    pub sp: u64,
-    /// The frame pointer.
-    pub bp: u64,
-    /// The sample interrupted user mode (it has no kernel stack).
-    pub sampled_in_user: bool,
-}
-
 /// Whether the sample interrupted user mode: then it has no kernel stack,
 /// and asking the kernel to walk one only costs its setup (-EFAULT).
 #[cfg(bpf_target_arch = "x86_64")]
@@ -33,12 +23,12 @@ pub fn sampled_in_user(ctx: &PerfEventContext) -> bool {
     unsafe { (*ctx.ctx).regs.cs & 3 == 3 }
 }
 
-/// User registers of the sampled task: the sample's own when it
-/// interrupted user mode, else the ones saved at the top of the task's
-/// kernel stack when it entered the kernel.
+/// User registers of the sampled task (ip, sp, frame pointer): the
+/// sample's own when it interrupted user mode, else the ones saved at the
+/// top of the task's kernel stack when it entered the kernel.
 #[cfg(bpf_target_arch = "x86_64")]
 #[inline(always)]
-pub fn user_regs(ctx: &PerfEventContext, cfg: &Config) -> Option<UserRegs> {
+pub fn user_regs(ctx: &PerfEventContext, cfg: &Config) -> Option<(u64, u64, u64)> {
     /// x86_64 `struct pt_regs`: 21 u64, at the top of the kernel stack.
     const PT_REGS_WORDS: usize = 21;
     /// Indexes of `rbp`, `rip`, `cs`, `rsp` in it.
@@ -49,12 +39,7 @@ pub fn user_regs(ctx: &PerfEventContext, cfg: &Config) -> Option<UserRegs> {
     // SAFETY: ctx points at the kernel's bpf_perf_event_data for this run.
     let regs = unsafe { &(*ctx.ctx).regs };
     if sampled_in_user(ctx) {
-        return Some(UserRegs {
-            ip: regs.rip,
-            sp: regs.rsp,
-            bp: regs.rbp,
-            sampled_in_user: true,
-        });
+        return Some((regs.rip, regs.rsp, regs.rbp));
     }
     if cfg.task_stack == 0 {
         return None;
@@ -73,12 +58,10 @@ pub fn user_regs(ctx: &PerfEventContext, cfg: &Config) -> Option<UserRegs> {
         if cs & 3 != 3 {
             return None; // a kernel thread, or the layout is not what we think
         }
-        Some(UserRegs {
-            ip: bpf_probe_read_kernel(pt.add(RIP)).ok()?,
-            sp: bpf_probe_read_kernel(pt.add(RSP)).ok()?,
-            bp: bpf_probe_read_kernel(pt.add(RBP)).ok()?,
-            sampled_in_user: false,
-        })
+        let ip = bpf_probe_read_kernel(pt.add(RIP)).ok()?;
+        let sp = bpf_probe_read_kernel(pt.add(RSP)).ok()?;
+        let bp = bpf_probe_read_kernel(pt.add(RBP)).ok()?;
+        Some((ip, sp, bp))
     }
 }
 

@@ -92,11 +92,7 @@ fn try_sample(ctx: &PerfEventContext) {
         // No user registers (a kernel thread): count the kernel stack.
     }
 
-    let kernel_stack_id = if crate::arch::sampled_in_user(ctx) {
-        -EFAULT
-    } else {
-        kernel_stack(ctx)
-    };
+    let kernel_stack_id = kernel_stack(ctx);
     if in_turn && cfg.send_collided != 0 && send_user_ips(ctx, tgid, tid, kernel_stack_id, true, t)
     {
         crate::procs::announce(cfg, tgid, t);
@@ -154,9 +150,14 @@ fn try_sample(ctx: &PerfEventContext) {
 }
 
 /// The kernel stack's id in [`STACKS`], or the walk's negative errno
-/// (counted when the stack was dropped for lack of room).
+/// (counted when the stack was dropped for lack of room). A sample that
+/// interrupted user mode has none: -EFAULT without asking, which would
+/// only cost the helper's setup.
 #[inline(always)]
 fn kernel_stack(ctx: &PerfEventContext) -> i32 {
+    if crate::arch::sampled_in_user(ctx) {
+        return -EFAULT;
+    }
     match ctx.get_stackid(&STACKS, 0) {
         Ok(id) => id as i32,
         Err(e) => {
@@ -273,18 +274,11 @@ fn copy_stack(
     in_turn: bool,
     t: u64,
 ) -> bool {
-    let Some(regs) = crate::arch::user_regs(ctx, cfg) else {
+    let Some((ip, sp, bp)) = crate::arch::user_regs(ctx, cfg) else {
         bump(Counter::UserRegsMissing);
         return false;
     };
-    let (ip, sp, bp) = (regs.ip, regs.sp, regs.bp);
-    // A sample taken in user mode has no kernel stack: no walk to ask
-    // for (the kernel's answer would be -EFAULT after its setup).
-    let kernel_stack_id = if regs.sampled_in_user {
-        -EFAULT
-    } else {
-        kernel_stack(ctx)
-    };
+    let kernel_stack_id = kernel_stack(ctx);
     // Built in a per-CPU scratch record, then sent with only the pages
     // copied: the ring buffer carries what the stack holds, not the most
     // it could hold.
