@@ -127,12 +127,22 @@ fn find_route<'a>(r: &'a serde_json::Value, want: &str) -> Option<&'a serde_json
         .map(|(_, x)| x)
 }
 
-fn histogram(route: &serde_json::Value) -> Vec<(f64, u64)> {
+/// A route's non-empty buckets as `(lower, upper, count)`. A capture
+/// written before buckets carried their lower bound gets the upper bound
+/// of the bucket listed before (lower than the real one: the bounds only
+/// widen, nothing is flagged that should not be).
+fn histogram(route: &serde_json::Value) -> Vec<(f64, f64, u64)> {
+    let mut below = 0.0;
     route["duration_ms"]["histogram"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|b| Some((b["le_ms"].as_f64()?, b["count"].as_u64()?)))
+        .filter_map(|b| {
+            let le = b["le_ms"].as_f64()?;
+            let ge = b["ge_ms"].as_f64().unwrap_or(below);
+            below = le;
+            Some((ge, le, b["count"].as_u64()?))
+        })
         .collect()
 }
 

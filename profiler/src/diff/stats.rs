@@ -61,11 +61,12 @@ pub fn erfc(x: f64) -> f64 {
 }
 
 /// The 95% confidence bounds of quantile `q` of the values a histogram
-/// counts (`(upper bound, count)` buckets in order), distribution-free:
-/// the order statistics at ranks n·q ∓ 1.96·√(n·q·(1−q)); the lower
-/// bound is the lower edge of its bucket, the upper one the upper edge.
-pub fn quantile_bounds(buckets: &[(f64, u64)], q: f64) -> Option<(f64, f64)> {
-    let n: u64 = buckets.iter().map(|b| b.1).sum();
+/// counts (`(lower bound, upper bound, count)` buckets in order, empty
+/// ones left out), distribution-free: the order statistics at ranks
+/// n·q ∓ 1.96·√(n·q·(1−q)); the lower bound is the lower edge of its
+/// bucket, the upper one the upper edge.
+pub fn quantile_bounds(buckets: &[(f64, f64, u64)], q: f64) -> Option<(f64, f64)> {
+    let n: u64 = buckets.iter().map(|b| b.2).sum();
     if n == 0 {
         return None;
     }
@@ -75,15 +76,13 @@ pub fn quantile_bounds(buckets: &[(f64, u64)], q: f64) -> Option<(f64, f64)> {
     let hi_rank = ((nf * q + half).ceil() as u64).clamp(1, n);
     let at = |rank: u64, upper: bool| {
         let mut seen = 0;
-        let mut lower_edge = 0.0;
-        for &(le, c) in buckets {
+        for &(ge, le, c) in buckets {
             seen += c;
             if seen >= rank {
-                return if upper { le } else { lower_edge };
+                return if upper { le } else { ge };
             }
-            lower_edge = le;
         }
-        buckets.last().map_or(0.0, |b| b.0)
+        buckets.last().map_or(0.0, |b| b.1)
     };
     Some((at(lo_rank, false), at(hi_rank, true)))
 }
@@ -127,13 +126,30 @@ mod tests {
     #[test]
     fn quantile_bounds_bracket_the_quantile() {
         // 100 values of 1 ms, then 1 of 50 ms: p50 is 1 ms both ways.
-        let b = [(1.0, 100), (50.0, 1)];
+        let b = [(0.0, 1.0, 100), (48.0, 50.0, 1)];
         assert_eq!(quantile_bounds(&b, 0.5), Some((0.0, 1.0)));
         // 1000 values spread evenly over 1..=10 ms: p99's bounds are in
         // the last bucket.
-        let even: Vec<(f64, u64)> = (1..=10).map(|i| (i as f64, 100)).collect();
+        let even: Vec<(f64, f64, u64)> =
+            (1..=10).map(|i| (i as f64 - 1.0, i as f64, 100)).collect();
         let (lo, hi) = quantile_bounds(&even, 0.99).unwrap();
         assert_eq!((lo, hi), (9.0, 10.0));
         assert_eq!(quantile_bounds(&[], 0.99), None);
+    }
+
+    #[test]
+    fn a_quantile_in_the_first_listed_bucket_is_bounded_by_its_own_edge() {
+        // A route made 30 ms slower (seen in CI): every "after" request
+        // in two buckets far above zero. The lower bound of p99 is the
+        // first one's lower edge, not zero (the listed bucket before it).
+        let before = [
+            (19.456, 20.48, 53),
+            (20.48, 21.504, 46),
+            (22.528, 23.552, 1),
+        ];
+        let after = [(49.152, 51.2, 97), (51.2, 53.248, 3)];
+        let (_, b_hi) = quantile_bounds(&before, 0.99).unwrap();
+        let (a_lo, _) = quantile_bounds(&after, 0.99).unwrap();
+        assert_eq!((b_hi, a_lo), (23.552, 49.152));
     }
 }

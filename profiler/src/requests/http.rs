@@ -208,7 +208,10 @@ pub fn add(
 /// A histogram bucket.
 #[derive(Clone, Debug, Serialize)]
 pub struct Bucket {
-    /// Upper bound, ms.
+    /// Lower bound (inclusive), ms: the buckets listed are the non-empty
+    /// ones, so the one before does not say where this one starts.
+    pub ge_ms: f64,
+    /// Upper bound (exclusive), ms.
     pub le_ms: f64,
     /// Requests.
     pub count: u64,
@@ -269,6 +272,7 @@ impl DurationMs {
                 .enumerate()
                 .filter(|(_, c)| **c > 0)
                 .map(|(i, c)| Bucket {
+                    ge_ms: if i == 0 { 0 } else { slot_upper_us(i - 1) } as f64 / 1000.0,
                     le_ms: slot_upper_us(i) as f64 / 1000.0,
                     count: *c,
                 })
