@@ -42,36 +42,27 @@ pub const LOOP_BLOCKS: MapDef = MapDef {
     entries: 256 * 1024,
 };
 
-/// LRU hash map [`KernelStackKey`] -> [kernel stack id, trusted until
-/// (ktime ns)]: a thread that blocks again in the same syscall on the same
-/// first argument (file descriptor, futex address) from the same user
-/// stack blocks at the same place in the kernel, so its kernel stack is
-/// walked again only once [`KSTACK_TTL_NS`] has passed. The kernel walk
-/// is most of the cost of a switch.
-pub const KSTACK_CACHE: MapDef = MapDef {
-    name: "KSTACK_CACHE",
+/// LRU hash map [`SleepSite`] -> [`CachedStacks`]: a thread that goes
+/// to sleep again in the same syscall on the same first argument
+/// (file descriptor, futex address) from the same instruction, stack
+/// pointer and frame pointer does so from the same user stack (two call
+/// chains would have to reach the same syscall at the same depth with
+/// the same frame pointer) and at the same place in the kernel, so its
+/// stacks (the user one deep in Node.js: several µs) are walked again
+/// only once [`STACK_TTL_NS`] has passed. One lookup finds both.
+pub const STACK_CACHE: MapDef = MapDef {
+    name: "STACK_CACHE",
     entries: 16 * 1024,
 };
 
-/// How long a cached kernel stack is reused.
-pub const KSTACK_TTL_NS: u64 = 1_000_000_000;
+/// How long cached stacks are reused.
+pub const STACK_TTL_NS: u64 = 1_000_000_000;
 
-/// LRU hash map [`UserStackKey`] -> [user stack id, trusted until (ktime
-/// ns)]: a thread that blocks again in the same syscall on the same first
-/// argument from the same instruction, stack pointer and frame pointer
-/// blocks from the same user stack (two call chains would have to reach
-/// the same syscall at the same depth with the same frame pointer), so
-/// the user stack (deep in Node.js: several µs) is walked again only once
-/// [`KSTACK_TTL_NS`] has passed.
-pub const USTACK_CACHE: MapDef = MapDef {
-    name: "USTACK_CACHE",
-    entries: 16 * 1024,
-};
-
-/// Key of [`USTACK_CACHE`]: where a sleeping thread entered the kernel.
+/// Key of [`STACK_CACHE`]: where and how a sleeping thread entered the
+/// kernel.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct UserStackKey {
+pub struct SleepSite {
     /// Thread id.
     pub tid: u32,
     /// The syscall.
@@ -85,26 +76,26 @@ pub struct UserStackKey {
     /// User frame pointer (or whatever the register holds in code built
     /// without them).
     pub bp: u64,
-}
-const _: () = assert!(core::mem::size_of::<UserStackKey>() == 40);
-
-/// Key of [`KSTACK_CACHE`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct KernelStackKey {
-    /// Thread id.
-    pub tid: u32,
-    /// The syscall.
-    pub syscall: i32,
-    /// Its first argument.
-    pub arg0: u64,
-    /// The user stack id.
-    pub user_stack_id: i32,
-    /// How it left the CPU ([`class`]): a sleep and a preemption in the
-    /// same call are at different places in the kernel.
+    /// [`class::SLEEPING`] or [`class::UNINTERRUPTIBLE`]: the two sleep
+    /// at different places in the kernel.
     pub class: u32,
+    /// Padding, zero.
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelStackKey>() == 24);
+const _: () = assert!(core::mem::size_of::<SleepSite>() == 48);
+
+/// Value of [`STACK_CACHE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CachedStacks {
+    /// User stack id in [`OFFCPU_STACKS`].
+    pub user_stack_id: i32,
+    /// Kernel stack id in [`OFFCPU_STACKS`].
+    pub kernel_stack_id: i32,
+    /// Trusted until (ktime ns).
+    pub until_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<CachedStacks>() == 16);
 
 /// How a thread left the CPU, and which part of its time away a key
 /// counts ([`OffKey::class`]).
@@ -235,6 +226,6 @@ crate::pod!(
     OffValue,
     OffStart,
     TurnBlock,
-    KernelStackKey,
-    UserStackKey
+    SleepSite,
+    CachedStacks
 );

@@ -33,7 +33,8 @@ pub const RUNQ_DEPTH: MapDef = MapDef {
     name: "RUNQ_DEPTH",
     entries: DEPTH_SLOTS,
 };
-/// Hash map tid -> time it became runnable.
+/// Hash map tid -> time it became runnable, 0 when it is not waiting:
+/// an entry stays from a thread's first wakeup to its exit.
 pub const RUNQ_START: MapDef = MapDef {
     name: "RUNQ_START",
     entries: 32768,

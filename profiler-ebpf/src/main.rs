@@ -104,6 +104,10 @@ fn add(map: &PerCpuArray<u64>, idx: u32, n: u64) {
     }
 }
 
+/// `EXIT_DEAD | EXIT_ZOMBIE` in sched_switch's `prev_state`: the task's
+/// last switch.
+const STATE_EXITING: i64 = 0x30;
+
 #[inline(always)]
 fn now() -> u64 {
     // SAFETY: no preconditions.

@@ -20,27 +20,24 @@ use profiler_common::{
     config::Config,
     counters::Counter,
     offcpu::{
-        self, KSTACK_TTL_NS, KernelStackKey, NO_SYSCALL, NOT_WALKED, OffKey, OffStart, OffSumKey,
-        OffValue, SHORT, TurnBlock, UserStackKey, class,
+        self, CachedStacks, NO_SYSCALL, NOT_WALKED, OffKey, OffStart, OffSumKey, OffValue, SHORT,
+        STACK_TTL_NS, SleepSite, TurnBlock, class,
     },
     stacks::slices_of,
 };
 
-use crate::{BPF_RB_NO_WAKEUP, COUNTERS, bump, config, dropped, now, read};
+use crate::{BPF_RB_NO_WAKEUP, COUNTERS, STATE_EXITING, bump, config, dropped, now, read};
 
 map!(OFFCPU_STACKS: StackTrace = with_max_entries(offcpu::OFFCPU_STACKS));
 map!(OFFCPU_START: HashMap<u32, OffStart> = with_max_entries(offcpu::OFFCPU_START));
 map!(OFFCPU_COUNTS: PerCpuHashMap<OffSumKey, OffValue> = with_max_entries(offcpu::OFFCPU_COUNTS));
 map!(LOOP_BLOCKS: RingBuf = with_byte_size(offcpu::LOOP_BLOCKS));
-map!(KSTACK_CACHE: LruHashMap<KernelStackKey, [i64; 2]> = with_max_entries(offcpu::KSTACK_CACHE));
-map!(USTACK_CACHE: LruHashMap<UserStackKey, [i64; 2]> = with_max_entries(offcpu::USTACK_CACHE));
+map!(STACK_CACHE: LruHashMap<SleepSite, CachedStacks> = with_max_entries(offcpu::STACK_CACHE));
 
 /// `TASK_UNINTERRUPTIBLE` in sched_switch's `prev_state`.
 const STATE_D: i64 = 2;
 /// futex(2) on x86_64.
 const SYS_FUTEX: i32 = 202;
-/// `EXIT_DEAD | EXIT_ZOMBIE` in sched_switch's `prev_state`.
-const STATE_EXITING: i64 = 0x30;
 
 /// Whether the current task's CFS group, or an ancestor, is throttled.
 #[inline(always)]
@@ -117,57 +114,41 @@ fn leaving(ctx: &TracePointContext, cfg: &Config, t: u64) {
         orig_ax as i32
     };
     // Only a thread that went to sleep blocks again where it did: one
-    // preempted or throttled was anywhere in the call (its stacks walked
-    // each time, and not cached for the sleeps after it).
+    // preempted or throttled was anywhere in the call, its user stack
+    // walked each time and its kernel stack not at all.
     let sleeping = class == class::SLEEPING || class == class::UNINTERRUPTIBLE;
-    let user_stack_id = if syscall != NO_SYSCALL && sleeping {
-        let uk = UserStackKey {
+    let (user_stack_id, kernel_stack_id) = if syscall != NO_SYSCALL && sleeping {
+        let site = SleepSite {
             tid,
             syscall,
             arg0,
             ip: entry.ip,
             sp: entry.sp,
             bp: entry.bp,
-        };
-        // SAFETY: a read of plain integers.
-        match unsafe { USTACK_CACHE.get(&uk) } {
-            Some(&[id, until]) if (t as i64) < until => id as i32,
-            _ => {
-                let id = stack_id(ctx, BPF_F_USER_STACK as u64);
-                if id >= 0 {
-                    let _ = USTACK_CACHE.insert(&uk, &[id as i64, (t + KSTACK_TTL_NS) as i64], 0);
-                }
-                id
-            }
-        }
-    } else {
-        // Preempted or throttled (or not in a syscall): anywhere, walked
-        // each time.
-        stack_id(ctx, BPF_F_USER_STACK as u64)
-    };
-    let kernel_stack_id = if syscall != NO_SYSCALL && user_stack_id >= 0 && sleeping {
-        let ck = KernelStackKey {
-            tid,
-            syscall,
-            arg0,
-            user_stack_id,
             class: u32::from(class),
+            _pad: 0,
         };
         // SAFETY: a read of plain integers.
-        match unsafe { KSTACK_CACHE.get(&ck) } {
-            Some(&[id, until]) if (t as i64) < until => id as i32,
+        match unsafe { STACK_CACHE.get(&site) } {
+            Some(c) if t < c.until_ns => (c.user_stack_id, c.kernel_stack_id),
             _ => {
-                let id = stack_id(ctx, 0);
-                if id >= 0 {
-                    let _ = KSTACK_CACHE.insert(&ck, &[id as i64, (t + KSTACK_TTL_NS) as i64], 0);
+                let user = stack_id(ctx, BPF_F_USER_STACK as u64);
+                let kernel = stack_id(ctx, 0);
+                if user >= 0 && kernel >= 0 {
+                    let c = CachedStacks {
+                        user_stack_id: user,
+                        kernel_stack_id: kernel,
+                        until_ns: t + STACK_TTL_NS,
+                    };
+                    let _ = STACK_CACHE.insert(&site, &c, 0);
                 }
-                id
+                (user, kernel)
             }
         }
     } else if sleeping {
-        stack_id(ctx, 0)
+        (stack_id(ctx, BPF_F_USER_STACK as u64), stack_id(ctx, 0))
     } else {
-        NOT_WALKED
+        (stack_id(ctx, BPF_F_USER_STACK as u64), NOT_WALKED)
     };
     let start = OffStart {
         start_ns: t,

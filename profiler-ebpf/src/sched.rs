@@ -17,7 +17,7 @@ use profiler_common::{
 
 use aya_log_ebpf::warn;
 
-use crate::{COUNTERS, add, bump, config, now, read};
+use crate::{COUNTERS, STATE_EXITING, add, bump, config, now, read};
 
 map!(RUNQ_LAT: PerCpuArray<u64> = with_max_entries(sched::RUNQ_LAT));
 map!(RUNQ_DEPTH: PerCpuArray<u64> = with_max_entries(sched::RUNQ_DEPTH));
@@ -77,12 +77,22 @@ pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Thread `pid` becomes runnable now. A thread's entry stays from its
+/// first wakeup to its exit, 0 while it is not waiting: a store into it
+/// costs a lookup, where an insert and a delete each cost a lookup, the
+/// bucket's lock and the free list.
 #[inline(always)]
 fn enqueued(ctx: &TracePointContext, pid: u32) {
     if pid == 0 {
         return;
     }
-    if RUNQ_START.insert(&pid, &now(), 0).is_err() {
+    let t = now();
+    if let Some(start) = RUNQ_START.get_ptr_mut(&pid) {
+        // SAFETY: a plain store into a live entry of plain integers.
+        unsafe { *start = t };
+        return;
+    }
+    if RUNQ_START.insert(&pid, &t, 0).is_err() {
         bump(Counter::RunqStartFull);
         warn!(ctx, "run-queue start map full: wakeup of {} not timed", pid);
     }
@@ -97,9 +107,13 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
     if let (Some(state), Some(prev)) = (
         read::<i64>(&ctx, cfg.switch_prev_state),
         read::<i32>(&ctx, cfg.switch_prev_pid),
-    ) && (state as u64) & cfg.switch_runnable_mask == 0
-    {
-        enqueued(&ctx, prev as u32);
+    ) {
+        if state & STATE_EXITING != 0 {
+            // Its last switch: its entry goes with it.
+            let _ = RUNQ_START.remove(&(prev as u32));
+        } else if (state as u64) & cfg.switch_runnable_mask == 0 {
+            enqueued(&ctx, prev as u32);
+        }
     }
     let Some(next) = read::<i32>(&ctx, cfg.switch_next_pid) else {
         return 0;
@@ -108,12 +122,16 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
     if next == 0 {
         return 0;
     }
-    // SAFETY: lookup in a hash map of plain integers.
-    let Some(&start) = (unsafe { RUNQ_START.get(&next) }) else {
+    let Some(entry) = RUNQ_START.get_ptr_mut(&next) else {
         return 0;
     };
-    // Only fails when another CPU removed it first.
-    let _ = RUNQ_START.remove(&next);
+    // SAFETY: a live entry of plain integers; a wakeup racing on another
+    // CPU stores a later time, which is then taken for this wait or the
+    // next.
+    let start = unsafe { core::mem::replace(&mut *entry, 0) };
+    if start == 0 {
+        return 0;
+    }
     let delta_us = now().saturating_sub(start) / 1000;
     let slot = log2(delta_us);
     let slot = if slot >= LATENCY_SLOTS {

@@ -12,9 +12,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, StackTraceMap},
 };
 use profiler_common::{
-    offcpu::{
-        self, KernelStackKey, OffKey, OffStart, OffSumKey, OffValue, SHORT, UserStackKey, class,
-    },
+    offcpu::{self, CachedStacks, OffKey, OffStart, OffSumKey, OffValue, SHORT, SleepSite, class},
     stacks::slices_of,
 };
 
@@ -99,8 +97,7 @@ struct Maps {
     counts: MapData,
     stacks: StackTraceMap<MapData>,
     start: BpfHashMap<MapData, u32, OffStart>,
-    kstacks: BpfHashMap<MapData, KernelStackKey, [i64; 2]>,
-    ustacks: BpfHashMap<MapData, UserStackKey, [i64; 2]>,
+    cache: BpfHashMap<MapData, SleepSite, CachedStacks>,
 }
 
 impl Signal for OffCpu {
@@ -120,8 +117,7 @@ impl Signal for OffCpu {
                 offcpu::OFFCPU_STACKS,
                 offcpu::OFFCPU_START,
                 offcpu::OFFCPU_COUNTS,
-                offcpu::KSTACK_CACHE,
-                offcpu::USTACK_CACHE,
+                offcpu::STACK_CACHE,
             ] {
                 setup.sizes.push((def, 1));
             }
@@ -212,8 +208,7 @@ impl Signal for OffCpu {
             counts: take_percpu_hash(ebpf, offcpu::OFFCPU_COUNTS)?,
             stacks: take_map(ebpf, offcpu::OFFCPU_STACKS)?,
             start: take_map(ebpf, offcpu::OFFCPU_START)?,
-            kstacks: take_map(ebpf, offcpu::KSTACK_CACHE)?,
-            ustacks: take_map(ebpf, offcpu::USTACK_CACHE)?,
+            cache: take_map(ebpf, offcpu::STACK_CACHE)?,
         });
         Ok(())
     }
@@ -414,11 +409,9 @@ impl Signal for OffCpu {
                 live.insert(s.key.kernel_stack_id);
             }
             // Stacks the caches still hand out.
-            for (_, [id, _]) in maps.kstacks.iter().filter_map(Result::ok) {
-                live.insert(id as i32);
-            }
-            for (_, [id, _]) in maps.ustacks.iter().filter_map(Result::ok) {
-                live.insert(id as i32);
+            for (_, c) in maps.cache.iter().filter_map(Result::ok) {
+                live.insert(c.user_stack_id);
+                live.insert(c.kernel_stack_id);
             }
             let ids: Vec<u32> = maps.stacks.stack_ids().filter_map(Result::ok).collect();
             for id in ids.into_iter().filter(|id| !live.contains(&(*id as i32))) {

@@ -171,18 +171,19 @@ impl Signal for Sched {
                 .collect(),
         );
         if drain {
-            // A task woken but never run again (it exited) leaves its
-            // wakeup time behind: older than a minute is stale.
+            // A thread's entry stays from its first wakeup to its last
+            // switch (0 while it is not waiting). A wakeup time older
+            // than a minute is stale: the thread went without a switch
+            // the program saw.
             let now = monotonic_ns();
             let stale: Vec<u32> = maps
                 .start
                 .iter()
                 .filter_map(Result::ok)
-                .filter(|(_, t)| now.saturating_sub(*t) > 60_000_000_000)
+                .filter(|(_, t)| *t != 0 && now.saturating_sub(*t) > 60_000_000_000)
                 .map(|(tid, _)| tid)
                 .collect();
             for tid in stale {
-                // Switched in meanwhile: removed by the program already.
                 let _ = maps.start.remove(&tid);
             }
         }

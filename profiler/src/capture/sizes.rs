@@ -96,7 +96,8 @@ impl Host {
     }
 
     /// Maps keyed by thread or process (`OFFCPU_START`: threads off the
-    /// CPU now, `RUNQ_START`: threads waiting for one, `SEEN`: processes
+    /// CPU now, `RUNQ_START`: threads woken since the start, until they
+    /// exit, `SEEN`: processes
     /// announced to userspace): four times the host's
     /// threads at start, between 8 K and 256 K entries (a full one counts
     /// what it could not time).
