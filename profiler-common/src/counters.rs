@@ -82,7 +82,7 @@ pub enum Counter {
     RequestEventsLost = 28,
     /// Threads that left the CPU and were timed (off-CPU).
     OffcpuSwitches = 29,
-    /// Of those, user stacks walked (not cached, not preempted).
+    /// Of those, user stacks walked (not found in the stack cache).
     OffcpuUserWalks = 30,
     /// Of those, kernel stacks walked.
     OffcpuKernelWalks = 31,

@@ -42,14 +42,17 @@ pub const LOOP_BLOCKS: MapDef = MapDef {
     entries: 256 * 1024,
 };
 
-/// LRU hash map [`SleepSite`] -> [`CachedStacks`]: a thread that goes
-/// to sleep again in the same syscall on the same first argument
-/// (file descriptor, futex address) from the same instruction, stack
-/// pointer and frame pointer does so from the same user stack (two call
-/// chains would have to reach the same syscall at the same depth with
-/// the same frame pointer) and at the same place in the kernel, so its
-/// stacks (the user one deep in Node.js: several µs) are walked again
-/// only once [`STACK_TTL_NS`] has passed. One lookup finds both.
+/// LRU hash map [`SwitchSite`] -> [`CachedStacks`]: a thread that
+/// leaves the CPU again from the same instruction, stack pointer and
+/// frame pointer does so from the same user stack (two call chains would
+/// have to reach the same instruction at the same depth with the same
+/// frame pointer), so its stacks (the user one deep in Node.js: several
+/// µs) are walked again only once [`STACK_TTL_NS`] has passed. One
+/// lookup finds both. A sleep is keyed by its syscall and first argument
+/// (file descriptor, futex address) too, and sleeps at the same place in
+/// the kernel; a preemption, anywhere in user code, by its caller's
+/// frame as well (its saved frame pointer and return address), which
+/// two callers of one function at the same depth do not share.
 pub const STACK_CACHE: MapDef = MapDef {
     name: "STACK_CACHE",
     entries: 16 * 1024,
@@ -58,16 +61,15 @@ pub const STACK_CACHE: MapDef = MapDef {
 /// How long cached stacks are reused.
 pub const STACK_TTL_NS: u64 = 1_000_000_000;
 
-/// Key of [`STACK_CACHE`]: where and how a sleeping thread entered the
-/// kernel.
+/// Key of [`STACK_CACHE`]: where and how a thread left the CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SleepSite {
+pub struct SwitchSite {
     /// Thread id.
     pub tid: u32,
-    /// The syscall.
+    /// The syscall ([`NO_SYSCALL`] when preempted in user code).
     pub syscall: i32,
-    /// Its first argument.
+    /// Its first argument (0 outside a syscall).
     pub arg0: u64,
     /// User instruction pointer (after the syscall instruction).
     pub ip: u64,
@@ -76,13 +78,17 @@ pub struct SleepSite {
     /// User frame pointer (or whatever the register holds in code built
     /// without them).
     pub bp: u64,
-    /// [`class::SLEEPING`] or [`class::UNINTERRUPTIBLE`]: the two sleep
-    /// at different places in the kernel.
+    /// Preempted: the two words the frame pointer points at (the
+    /// caller's frame pointer and the return address into it); 0 for a
+    /// sleep.
+    pub caller: [u64; 2],
+    /// Its [`class`]: a sleep, an uninterruptible one and a preemption
+    /// in the same place are at different places in the kernel.
     pub class: u32,
     /// Padding, zero.
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<SleepSite>() == 48);
+const _: () = assert!(core::mem::size_of::<SwitchSite>() == 64);
 
 /// Value of [`STACK_CACHE`].
 #[repr(C)]
@@ -226,6 +232,6 @@ crate::pod!(
     OffValue,
     OffStart,
     TurnBlock,
-    SleepSite,
+    SwitchSite,
     CachedStacks
 );

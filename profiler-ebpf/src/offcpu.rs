@@ -9,7 +9,8 @@ use aya_ebpf::programs::tracing::StackIdContext;
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_probe_read_kernel, bpf_probe_read_user,
     },
     macros::tracepoint,
     maps::{HashMap, LruHashMap, PerCpuHashMap, RingBuf, StackTrace},
@@ -21,7 +22,7 @@ use profiler_common::{
     counters::Counter,
     offcpu::{
         self, CachedStacks, NO_SYSCALL, NOT_WALKED, OffKey, OffStart, OffSumKey, OffValue, SHORT,
-        STACK_TTL_NS, SleepSite, TurnBlock, class,
+        STACK_TTL_NS, SwitchSite, TurnBlock, class,
     },
     stacks::slices_of,
 };
@@ -32,7 +33,7 @@ map!(OFFCPU_STACKS: StackTrace = with_max_entries(offcpu::OFFCPU_STACKS));
 map!(OFFCPU_START: HashMap<u32, OffStart> = with_max_entries(offcpu::OFFCPU_START));
 map!(OFFCPU_COUNTS: PerCpuHashMap<OffSumKey, OffValue> = with_max_entries(offcpu::OFFCPU_COUNTS));
 map!(LOOP_BLOCKS: RingBuf = with_byte_size(offcpu::LOOP_BLOCKS));
-map!(STACK_CACHE: LruHashMap<SleepSite, CachedStacks> = with_max_entries(offcpu::STACK_CACHE));
+map!(STACK_CACHE: LruHashMap<SwitchSite, CachedStacks> = with_max_entries(offcpu::STACK_CACHE));
 
 /// `TASK_UNINTERRUPTIBLE` in sched_switch's `prev_state`.
 const STATE_D: i64 = 2;
@@ -113,18 +114,25 @@ fn leaving(ctx: &TracePointContext, cfg: &Config, t: u64) {
     } else {
         orig_ax as i32
     };
-    // Only a thread that went to sleep blocks again where it did: one
-    // preempted or throttled was anywhere in the call, its user stack
-    // walked each time and its kernel stack not at all.
+    // A thread that leaves again from where it left before has the same
+    // stacks (see STACK_CACHE); one preempted has no kernel stack worth
+    // walking (it was preempted wherever it was).
     let sleeping = class == class::SLEEPING || class == class::UNINTERRUPTIBLE;
-    let (user_stack_id, kernel_stack_id) = if syscall != NO_SYSCALL && sleeping {
-        let site = SleepSite {
+    let (user_stack_id, kernel_stack_id) = if syscall != NO_SYSCALL || !sleeping {
+        let site = SwitchSite {
             tid,
             syscall,
-            arg0,
+            arg0: if syscall != NO_SYSCALL { arg0 } else { 0 },
             ip: entry.ip,
             sp: entry.sp,
             bp: entry.bp,
+            caller: if sleeping {
+                [0; 2]
+            } else {
+                // SAFETY: a probe read of the thread's own stack; it fails
+                // (zeros) rather than faults.
+                unsafe { bpf_probe_read_user(entry.bp as *const [u64; 2]) }.unwrap_or([0; 2])
+            },
             class: u32::from(class),
             _pad: 0,
         };
@@ -133,8 +141,12 @@ fn leaving(ctx: &TracePointContext, cfg: &Config, t: u64) {
             Some(c) if t < c.until_ns => (c.user_stack_id, c.kernel_stack_id),
             _ => {
                 let user = stack_id(ctx, BPF_F_USER_STACK as u64);
-                let kernel = stack_id(ctx, 0);
-                if user >= 0 && kernel >= 0 {
+                let kernel = if sleeping {
+                    stack_id(ctx, 0)
+                } else {
+                    NOT_WALKED
+                };
+                if user >= 0 && (kernel >= 0 || !sleeping) {
                     let c = CachedStacks {
                         user_stack_id: user,
                         kernel_stack_id: kernel,
@@ -145,10 +157,9 @@ fn leaving(ctx: &TracePointContext, cfg: &Config, t: u64) {
                 (user, kernel)
             }
         }
-    } else if sleeping {
-        (stack_id(ctx, BPF_F_USER_STACK as u64), stack_id(ctx, 0))
     } else {
-        (stack_id(ctx, BPF_F_USER_STACK as u64), NOT_WALKED)
+        // Asleep outside a syscall (a page fault): walked each time.
+        (stack_id(ctx, BPF_F_USER_STACK as u64), stack_id(ctx, 0))
     };
     let start = OffStart {
         start_ns: t,

@@ -12,7 +12,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, StackTraceMap},
 };
 use profiler_common::{
-    offcpu::{self, CachedStacks, OffKey, OffStart, OffSumKey, OffValue, SHORT, SleepSite, class},
+    offcpu::{self, CachedStacks, OffKey, OffStart, OffSumKey, OffValue, SHORT, SwitchSite, class},
     stacks::slices_of,
 };
 
@@ -97,7 +97,7 @@ struct Maps {
     counts: MapData,
     stacks: StackTraceMap<MapData>,
     start: BpfHashMap<MapData, u32, OffStart>,
-    cache: BpfHashMap<MapData, SleepSite, CachedStacks>,
+    cache: BpfHashMap<MapData, SwitchSite, CachedStacks>,
 }
 
 impl Signal for OffCpu {
