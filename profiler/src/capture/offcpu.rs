@@ -107,7 +107,9 @@ impl Signal for OffCpu {
         self.min_ns = cfg.offcpu_min_ns;
         // Sized for the host (shrunk to nothing just below when off).
         let host = setup.host();
-        setup.sizes.push((offcpu::OFFCPU_STACKS, host.stack_map()));
+        setup
+            .sizes
+            .push((offcpu::OFFCPU_STACKS, host.offcpu_stack_map()));
         setup
             .sizes
             .push((offcpu::OFFCPU_COUNTS, host.offcpu_counts()));
