@@ -72,7 +72,7 @@ prog_named!(sched_wakeup, sched::PROG_WAKEUP);
 #[tracepoint]
 pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
     if let Some(pid) = read::<i32>(&ctx, config().wakeup_pid) {
-        enqueued(&ctx, pid as u32);
+        enqueued(&ctx, pid as u32, now());
     }
     0
 }
@@ -82,11 +82,10 @@ pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
 /// costs a lookup, where an insert and a delete each cost a lookup, the
 /// bucket's lock and the free list.
 #[inline(always)]
-fn enqueued(ctx: &TracePointContext, pid: u32) {
+fn enqueued(ctx: &TracePointContext, pid: u32, t: u64) {
     if pid == 0 {
         return;
     }
-    let t = now();
     if let Some(start) = RUNQ_START.get_ptr_mut(&pid) {
         // SAFETY: a plain store into a live entry of plain integers.
         unsafe { *start = t };
@@ -104,6 +103,9 @@ prog_named!(sched_switch, sched::PROG_SWITCH);
 #[tracepoint]
 pub fn sched_switch(ctx: TracePointContext) -> u32 {
     let cfg = config();
+    // One clock read a switch: the preempted thread's wait starts when
+    // the next one's ends.
+    let t = now();
     if let (Some(state), Some(prev)) = (
         read::<i64>(&ctx, cfg.switch_prev_state),
         read::<i32>(&ctx, cfg.switch_prev_pid),
@@ -112,7 +114,7 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
             // Its last switch: its entry goes with it.
             let _ = RUNQ_START.remove(&(prev as u32));
         } else if (state as u64) & cfg.switch_runnable_mask == 0 {
-            enqueued(&ctx, prev as u32);
+            enqueued(&ctx, prev as u32, t);
         }
     }
     let Some(next) = read::<i32>(&ctx, cfg.switch_next_pid) else {
@@ -132,7 +134,7 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
     if start == 0 {
         return 0;
     }
-    let delta_us = now().saturating_sub(start) / 1000;
+    let delta_us = t.saturating_sub(start) / 1000;
     let slot = log2(delta_us);
     let slot = if slot >= LATENCY_SLOTS {
         LATENCY_SLOTS - 1

@@ -12,6 +12,37 @@ use std::{
 
 use crate::{pct, read_folded, workspace};
 
+/// `count` requests for `path` on 127.0.0.1:`port` at `rate` a second
+/// over `conns` connections, kept (`keepalive`), one per request
+/// (`close`) or kept and left idle (`linger`), by tests/node/load.js:
+/// the client's own figures (`statuses`, `p50_ms`, `p99_ms`, ...).
+pub fn load_js(
+    port: u16,
+    path: &str,
+    count: u32,
+    rate: u32,
+    conns: u32,
+    mode: &str,
+) -> serde_json::Value {
+    let out = Command::new("node")
+        .arg(workspace().join("tests/node/load.js"))
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .args([
+            &count.to_string(),
+            &rate.to_string(),
+            &conns.to_string(),
+            mode,
+        ])
+        .output()
+        .expect("node is needed (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "load.js: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// The service's npm modules, installed by .ci/run (`npm ci` from the
 /// lockfile; `cargo xtask test` does it too when they are missing).
 pub fn node_dir() -> PathBuf {

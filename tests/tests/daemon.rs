@@ -629,18 +629,8 @@ fn daemon_exports_requests_and_round_trips() {
     };
     let (_echo, echo_port) = node("echo.js", vec![]);
     let (_server, server_port) = node("red.js", vec![("DOWNSTREAM_PORT", echo_port.to_string())]);
-    let load = |path: &str, n: &str| {
-        let ok = Command::new("node")
-            .arg(tests::workspace().join("tests/node/load.js"))
-            .arg(format!("http://127.0.0.1:{server_port}{path}"))
-            .args([n, "50", "1", "keepalive"])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    };
-    load("/fanout/1", "20");
-    load("/flaky/2", "40");
+    tests::node::load_js(server_port, "/fanout/1", 20, 50, 1, "keepalive");
+    tests::node::load_js(server_port, "/flaky/2", 40, 50, 1, "keepalive");
     let route = |r: &str, code: &str| {
         format!(
             "profiler_http_requests_total{{container=\"host\",route=\"{r}\",method=\"GET\",code=\"{code}\"}}"

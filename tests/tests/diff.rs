@@ -198,18 +198,6 @@ fn start_node(script: &str, env: &[(&str, &str)]) -> (KillOnDrop, u16) {
     (KillOnDrop(vec![child]), line.trim().parse().unwrap())
 }
 
-/// `count` requests for `path` at `rate` a second on 4 kept connections.
-fn load(port: u16, path: &str, count: &str, rate: &str) {
-    let ok = Command::new("node")
-        .arg(workspace().join("tests/node/load.js"))
-        .arg(format!("http://127.0.0.1:{port}{path}"))
-        .args([count, rate, "4", "keepalive"])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
-
 /// The same server with /slow made 30 ms slower: `p99(GET /slow/:id)`
 /// fails (exit 3) and its p99 is side by side; `p99(/nope)` does not.
 /// Each server is warmed up before it is recorded: a fresh node's first
@@ -227,7 +215,7 @@ fn a_route_made_slower_is_flagged_by_its_p99() {
     for (name, extra) in [("before", "0"), ("after", "30")] {
         let (server, port) = start_node("red.js", &[("SLOW_EXTRA_MS", extra)]);
         for path in ["/slow/1", "/nope"] {
-            load(port, path, "200", "400");
+            tests::node::load_js(port, path, 200, 400, 4, "keepalive");
         }
         let out = dir.join(name);
         let rec = start_record(&[
@@ -237,7 +225,7 @@ fn a_route_made_slower_is_flagged_by_its_p99() {
             out.to_str().unwrap(),
         ]);
         for path in ["/slow/1", "/nope"] {
-            load(port, path, "100", "50");
+            tests::node::load_js(port, path, 100, 50, 4, "keepalive");
         }
         rec.stop();
         caps.push(out);

@@ -25,36 +25,6 @@ fn start_node(script: &str, env: &[(&str, String)]) -> (KillOnDrop, u16) {
     (KillOnDrop(vec![child]), port)
 }
 
-/// `COUNT` requests at `RATE`/s over `conns` connections, kept
-/// (`keepalive`) or one per request (`close`), by tests/node/load.js: the
-/// client's own figures.
-fn load_with(
-    port: u16,
-    path: &str,
-    count: u32,
-    rate: u32,
-    conns: u32,
-    mode: &str,
-) -> serde_json::Value {
-    let out = Command::new("node")
-        .arg(workspace().join("tests/node/load.js"))
-        .arg(format!("http://127.0.0.1:{port}{path}"))
-        .args([
-            &count.to_string(),
-            &rate.to_string(),
-            &conns.to_string(),
-            mode,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// A load generator with blocking sockets, one thread per connection:
 /// `count` GETs of `path` at `rate` per second in all over `conns` kept
 /// connections, each timed from its write to the first bytes of its
@@ -237,9 +207,9 @@ fn round_trips_per_request_and_keepalive_findings() {
     let (server, port) = start_node("red.js", &[("DOWNSTREAM_PORT", echo_port.to_string())]);
     let server_pid = u64::from(server.0[0].id());
     // One connection: the requests one after another.
-    load_with(port, "/fanout/1", 50, 50, 1, "keepalive");
-    let closing = load_with(port, "/fast", 60, 100, 2, "close");
-    let keeping = load_with(port, "/fast", 60, 100, 2, "keepalive");
+    tests::node::load_js(port, "/fanout/1", 50, 50, 1, "keepalive");
+    let closing = tests::node::load_js(port, "/fast", 60, 100, 2, "close");
+    let keeping = tests::node::load_js(port, "/fast", 60, 100, 2, "keepalive");
     let err = rec.stop();
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("requests.json")).unwrap())
@@ -321,7 +291,7 @@ fn a_five_second_keepalive_is_shorter_than_the_balancers() {
     let (server, port) = start_node("red.js", &[("KEEPALIVE_MS", "5000".into())]);
     let server_pid = u64::from(server.0[0].id());
     // Kept connections (one or more), left idle for 7 s.
-    load_with(port, "/fast", 30, 50, 3, "linger");
+    tests::node::load_js(port, "/fast", 30, 50, 3, "linger");
     let err = rec.stop();
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("requests.json")).unwrap())
@@ -603,8 +573,8 @@ fn a_pool_at_its_limit_is_told_from_one_with_room() {
     };
     let (small, small_port) = pooled("2");
     let (roomy, roomy_port) = pooled("8");
-    let busy = load_with(small_port, "/pooled/1", 300, 400, 8, "keepalive");
-    let calm = load_with(roomy_port, "/pooled/2", 150, 100, 2, "keepalive");
+    let busy = tests::node::load_js(small_port, "/pooled/1", 300, 400, 8, "keepalive");
+    let calm = tests::node::load_js(roomy_port, "/pooled/2", 150, 100, 2, "keepalive");
     let err = rec.stop();
     assert_eq!(busy["statuses"]["200"], 300, "{busy}");
     assert_eq!(calm["statuses"]["200"], 150, "{calm}");

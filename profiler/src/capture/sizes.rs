@@ -76,11 +76,18 @@ impl Host {
     /// and 32 K entries, and never more than twice the samples a capture
     /// of known length can take.
     pub fn stack_map(&self) -> u32 {
-        let by_cpus = pow2_clamped(u64::from(self.cpus) * 2048, 8192, 32 * 1024);
+        self.stack_map_of(8192, 1024, |secs| 2 * self.samples(secs))
+    }
+
+    /// A stack-trace map of 2048 entries per CPU between `least` and 32 K,
+    /// and for a capture of known length no more than `wanted(seconds)`
+    /// (at least `least_short`).
+    fn stack_map_of(&self, least: u32, least_short: u32, wanted: impl Fn(f64) -> u64) -> u32 {
+        let by_cpus = pow2_clamped(u64::from(self.cpus) * 2048, least, 32 * 1024);
         match self.duration {
             Some(d) => by_cpus.min(pow2_clamped(
-                2 * self.samples(d.as_secs_f64()),
-                1024,
+                wanted(d.as_secs_f64()),
+                least_short,
                 32 * 1024,
             )),
             None => by_cpus,
@@ -96,15 +103,7 @@ impl Host {
     /// 1,650 user stacks (preemptions anywhere in its code), and lost
     /// 6.5% of them to taken buckets with 8 K entries, 2-3.4% with 16 K.
     pub fn offcpu_stack_map(&self) -> u32 {
-        let by_cpus = pow2_clamped(u64::from(self.cpus) * 2048, 16384, 32 * 1024);
-        match self.duration {
-            Some(d) => by_cpus.min(pow2_clamped(
-                (4096.0 * d.as_secs_f64()).ceil() as u64,
-                4096,
-                32 * 1024,
-            )),
-            None => by_cpus,
-        }
+        self.stack_map_of(16384, 4096, |secs| (4096.0 * secs).ceil() as u64)
     }
 
     /// The off-CPU sums (`OFFCPU_COUNTS`, one key per stack and span of

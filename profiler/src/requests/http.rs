@@ -101,6 +101,15 @@ pub fn slot_upper_us(slot: usize) -> u64 {
     (SUB + slot % SUB + 1) << (log - 4)
 }
 
+/// Lower bound (inclusive, us) of bucket `slot`.
+pub fn slot_lower_us(slot: usize) -> u64 {
+    if slot == 0 {
+        0
+    } else {
+        slot_upper_us(slot - 1)
+    }
+}
+
 /// What the first bytes a server read on an idle connection were.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Head {
@@ -247,7 +256,7 @@ fn quantile_ms(hist: &[u64], q: f64, max_ms: f64) -> f64 {
         if seen >= target {
             // Linear within the bucket: its lower bound plus the share of
             // its width the quantile reaches into it.
-            let lo = if i == 0 { 0 } else { slot_upper_us(i - 1) } as f64;
+            let lo = slot_lower_us(i) as f64;
             let hi = slot_upper_us(i) as f64;
             let into = (target - (seen - c)) as f64 / c as f64;
             return ((lo + (hi - lo) * into) / 1000.0).min(max_ms);
@@ -272,7 +281,7 @@ impl DurationMs {
                 .enumerate()
                 .filter(|(_, c)| **c > 0)
                 .map(|(i, c)| Bucket {
-                    ge_ms: if i == 0 { 0 } else { slot_upper_us(i - 1) } as f64 / 1000.0,
+                    ge_ms: slot_lower_us(i) as f64 / 1000.0,
                     le_ms: slot_upper_us(i) as f64 / 1000.0,
                     count: *c,
                 })
